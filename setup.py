@@ -1,0 +1,93 @@
+"""Builds shvit_kernels' compiled backends.
+
+* CPU: one CppExtension per instruction set (``shvit_kernels._C_cpu_{default,avx2,avx512}``) from the same
+  ``csrc/cpu`` sources compiled with ATen's ``CPU_CAPABILITY`` macros, so ``at::vec`` uses AVX-512 or AVX2
+  where the processor has them; the loader picks the best one at run time. ``SHVIT_CPU_CAPABILITIES``
+  (comma-separated, e.g. ``AVX512``) limits which are built; ``SHVIT_NO_EXTENSIONS=1`` builds none.
+* CUDA: ``shvit_kernels._C_cuda`` from ``csrc/cuda`` when torch has CUDA and nvcc is found, or when
+  ``FORCE_CUDA=1``; architectures from ``TORCH_CUDA_ARCH_LIST`` (default 8.0;9.0).
+
+Build with torch already installed: ``pip install --no-build-isolation -e .``
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def cpu_extensions(CppExtension):
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    if not sources:
+        return []
+    wanted = os.environ.get("SHVIT_CPU_CAPABILITIES", "DEFAULT,AVX2,AVX512")
+    caps = [c.strip().upper() for c in wanted.split(",") if c.strip()]
+    unknown = [c for c in caps if c not in CPU_CAPABILITY_FLAGS]
+    if unknown:
+        raise SystemExit(f"SHVIT_CPU_CAPABILITIES: unknown {unknown}; expected some of {list(CPU_CAPABILITY_FLAGS)}")
+    exts = []
+    for cap in caps:
+        exts.append(
+            CppExtension(
+                name=f"shvit_kernels._C_cpu_{cap.lower()}",
+                sources=sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                define_macros=[("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)],
+                extra_compile_args=["-O3", "-fopenmp", "-std=c++17", *CPU_CAPABILITY_FLAGS[cap]],
+                extra_link_args=["-fopenmp"],
+            )
+        )
+    return exts
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def cuda_extensions(CUDAExtension):
+    kernels = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    bindings = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    if not kernels or not _want_cuda():
+        return []
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return [
+        CUDAExtension(
+            name="shvit_kernels._C_cuda",
+            sources=bindings + kernels,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    ]
+
+
+def extensions():
+    if os.environ.get("SHVIT_NO_EXTENSIONS", "0") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("shvit-kernels: torch is not importable at build time; building without compiled backends")
+        return [], {}
+    exts = cpu_extensions(CppExtension) + cuda_extensions(CUDAExtension)
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,32 @@
+"""shvit_kernels: fused SHViT ops as PyTorch custom ops, with per-call backend dispatch.
+
+Functional API (all differentiable, torch.compile-able, autocast-aware):
+    conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, fold_bn, fold_shsa
+Backend control:
+    use_backend(name) (context manager), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+"""
+
+from ._dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, set_backend, use_backend
+from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
+from .ops.ffn import ffn, ffn_fused
+from .ops.shsa import fold_shsa, shsa, shsa_fused
+from . import backends as _backends  # registers the compiled / Triton kernels that are present
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "backend_table",
+    "chosen_backend",
+    "conv_bias_act",
+    "conv_bn",
+    "ffn",
+    "ffn_fused",
+    "fold_bn",
+    "fold_shsa",
+    "forced_backend",
+    "set_backend",
+    "shsa",
+    "shsa_fused",
+    "use_backend",
+]

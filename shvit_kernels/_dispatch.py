@@ -1,0 +1,184 @@
+"""Per-call backend choice for the fused ops.
+
+Every op has a pure-PyTorch ``reference`` kernel (its spec) and may have faster kernels from other
+backends. A backend kernel is registered with a ``not_supported_reasons`` function that returns why it
+cannot take a given call (empty list: it can). At run time the first backend in the device's preference
+order that has no reasons wins. Users can force a backend with :func:`use_backend` (context manager),
+:func:`set_backend` (global) or the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that
+cannot take a call raises an error listing its reasons instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+ENV_VAR = "SHVIT_KERNELS_BACKEND"
+
+# Preference when nothing is forced. On CUDA the per-op order can be overridden by measured tables
+# (see ``set_preference``); the default puts Triton first because it covers every op.
+_DEFAULT_PREFERENCE: Dict[str, Sequence[str]] = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+
+Reasons = Callable[..., List[str]]
+
+
+def _always_ok(*args, **kwargs) -> List[str]:
+    return []
+
+
+@dataclass
+class Backend:
+    """A named group of kernels with a global availability check (extension built, package present)."""
+
+    name: str
+    availability: Callable[[], List[str]] = lambda: []
+    kernels: Dict[str, Callable] = field(default_factory=dict)
+    checks: Dict[str, Reasons] = field(default_factory=dict)
+
+    def unavailable_reasons(self) -> List[str]:
+        return list(self.availability())
+
+    def not_supported_reasons(self, op: str, *args, **kwargs) -> List[str]:
+        reasons = self.unavailable_reasons()
+        if reasons:
+            return reasons
+        if op not in self.kernels:
+            return [f"backend '{self.name}' has no kernel for op '{op}'"]
+        return list(self.checks[op](*args, **kwargs))
+
+
+_backends: Dict[str, Backend] = {name: Backend(name) for name in BACKENDS}
+_op_preference: Dict[tuple, Sequence[str]] = {}
+_state = threading.local()
+_global_forced: Optional[str] = None
+
+
+def backend(name: str) -> Backend:
+    if name not in _backends:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return _backends[name]
+
+
+def set_availability(name: str, check: Callable[[], List[str]]) -> None:
+    backend(name).availability = check
+
+
+def register_kernel(op: str, backend_name: str, fn: Callable, not_supported_reasons: Reasons = _always_ok):
+    """Register ``fn`` as ``backend_name``'s kernel for ``op``.
+
+    ``not_supported_reasons`` receives the same arguments as ``fn`` and returns a list of strings.
+    """
+    b = backend(backend_name)
+    b.kernels[op] = fn
+    b.checks[op] = not_supported_reasons
+
+
+def set_preference(op: str, device_type: str, order: Sequence[str]) -> None:
+    """Override the backend order for one op on one device type (used by measured dispatch tables)."""
+    for name in order:
+        backend(name)
+    _op_preference[(op, device_type)] = tuple(order)
+
+
+def _validate_forced(name: Optional[str]) -> Optional[str]:
+    if name is None or name == "" or name == "auto":
+        return None
+    backend(name)
+    return name
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by context manager, then by set_backend, then by the environment."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global_forced is not None:
+        return _global_forced
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return _validate_forced(env.strip().lower())
+        except ValueError as e:
+            raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
+    return None
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force one backend for every op in this process (``None`` or ``"auto"`` restores automatic choice)."""
+    global _global_forced
+    _global_forced = _validate_forced(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (thread-local; ``None``/``"auto"`` means automatic)."""
+    name = _validate_forced(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def preference(op: str, device_type: str) -> Sequence[str]:
+    return _op_preference.get((op, device_type), _DEFAULT_PREFERENCE.get(device_type, ("reference",)))
+
+
+def select(op: str, device_type: str, *args, **kwargs) -> Callable:
+    """Return the kernel that will run ``op`` for these arguments."""
+    forced = forced_backend()
+    if forced is not None:
+        reasons = backend(forced).not_supported_reasons(op, *args, **kwargs)
+        if reasons:
+            raise RuntimeError(
+                f"shvit_kernels: backend '{forced}' was forced but cannot run op '{op}': " + "; ".join(reasons)
+            )
+        return backend(forced).kernels[op]
+    for name in preference(op, device_type):
+        b = _backends[name]
+        if not b.not_supported_reasons(op, *args, **kwargs):
+            return b.kernels[op]
+    raise RuntimeError(f"shvit_kernels: no backend can run op '{op}' on {device_type}")
+
+
+def chosen_backend(op: str, device_type: str, *args, **kwargs) -> str:
+    """Name of the backend :func:`select` would use (for tests, info and benchmarks)."""
+    fn = select(op, device_type, *args, **kwargs)
+    for name, b in _backends.items():
+        if b.kernels.get(op) is fn:
+            return name
+    raise AssertionError("selected kernel is not registered")
+
+
+def ops() -> List[str]:
+    return sorted(_backends["reference"].kernels)
+
+
+def backend_table(device_type: Optional[str] = None) -> List[dict]:
+    """One row per (backend, op): whether it is registered and available, and why not."""
+    rows = []
+    for name in BACKENDS:
+        b = _backends[name]
+        unavailable = b.unavailable_reasons()
+        for op in ops():
+            if op not in b.kernels:
+                rows.append(dict(backend=name, op=op, usable=False, why=f"no '{op}' kernel"))
+            else:
+                rows.append(dict(backend=name, op=op, usable=not unavailable, why="; ".join(unavailable)))
+    return rows
+
+
+def tensor_device_type(t: torch.Tensor) -> str:
+    return t.device.type

@@ -1,0 +1,1 @@
+"""cpp backend: registration pending."""

@@ -1,0 +1,192 @@
+"""Machinery shared by the op families: op definition with per-call dispatch, argument checks, autocast."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import _dispatch
+
+NAMESPACE = "shvit"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory format: every 4-D output of every op (and its fake) follows the same rule, so fake and real agree.
+# ---------------------------------------------------------------------------------------------------------
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _output_format(shape, tensor_args: Sequence[torch.Tensor]) -> torch.memory_format:
+    """A 4-D output takes the format of the first 4-D input of the same shape, else of the first 4-D input."""
+    four_d = [t for t in tensor_args if t.dim() == 4]
+    for t in four_d:
+        if tuple(t.shape) == tuple(shape):
+            return memory_format_of(t)
+    return memory_format_of(four_d[0]) if four_d else torch.contiguous_format
+
+
+def _tensor_args(args) -> list:
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def _normalize_outputs(result, args):
+    tensors = _tensor_args(args)
+
+    def fix(t):
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            return t.contiguous(memory_format=_output_format(t.shape, tensors))
+        return t
+
+    if isinstance(result, tuple):
+        return tuple(fix(t) for t in result)
+    return fix(result)
+
+
+def new_output(shape, dtype, like_args, device) -> torch.Tensor:
+    """Allocate an output (used by fake kernels) with the format rule above."""
+    fmt = _output_format(shape, _tensor_args(like_args)) if len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Op definition
+# ---------------------------------------------------------------------------------------------------------
+def define_op(name: str, schema: str, reference: Callable, fake: Callable):
+    """Define ``shvit::name`` from a schema; each call runs the kernel the dispatcher picks for its arguments.
+
+    Kernels run with autocast disabled (the functional wrappers already cast), and their 4-D outputs are
+    laid out by the shared memory-format rule.
+    """
+    _dispatch.register_kernel(name, "reference", reference)
+
+    def impl(*args):
+        device_type = _tensor_args(args)[0].device.type
+        kernel = _dispatch.select(name, device_type, *args)
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                result = kernel(*args)
+        else:
+            result = kernel(*args)
+        return _normalize_outputs(result, args)
+
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks: clear errors naming the argument and what was expected.
+# ---------------------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    like: Optional[torch.Tensor] = None,
+    same_dtype: bool = False,
+    what: str = "",
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: '{name}' must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: '{name}' must be a {ndim}-D tensor{' ' + what if what else ''}, got shape {tuple(t.shape)}")
+    if shape is not None:
+        ok = len(shape) == t.dim() and all(s is None or s == d for s, d in zip(shape, t.shape))
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{op}: '{name}' must have shape {want}{' ' + what if what else ''}, got {tuple(t.shape)}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{op}: '{name}' is on {t.device} but 'x' is on {like.device}; all tensors must be on one device")
+        if same_dtype and t.dtype != like.dtype:
+            raise TypeError(f"{op}: '{name}' has dtype {t.dtype} but 'x' has {like.dtype}; they must match")
+
+
+def check_activation(op: str, x) -> None:
+    check_tensor(op, "x", x, ndim=4, what="(N, C, H, W)")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: 'x' must not be empty, got shape {tuple(x.shape)}")
+
+
+def check_param_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """Normalisation parameters may be fp32 (mixed precision) or x's dtype."""
+    if t.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{op}: '{name}' must be float32 or the dtype of 'x' ({x.dtype}), got {t.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autocast: custom ops are opaque to autocast, so the functional wrappers cast like conv2d would.
+# ---------------------------------------------------------------------------------------------------------
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_for_autocast(x: torch.Tensor, *tensors):
+    """Cast the activation and the conv weights to the autocast dtype (normalisation parameters stay as they are)."""
+    dtype = autocast_dtype(x)
+    if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
+        return (x, *tensors)
+    return tuple(t if t is None else t.to(dtype) for t in (x, *tensors))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference backward helpers. Autograd does not record inside a custom op's implementation, so the
+# reference backwards are written out; tests check them against autograd of the reference forwards.
+# ---------------------------------------------------------------------------------------------------------
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the reference backwards: fp32 for half types, else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(acc_dtype(t.dtype))
+
+
+def conv_input_grad(x_shape, weight, grad, stride, padding, groups):
+    return torch.nn.grad.conv2d_input(x_shape, weight, grad, stride, padding, 1, groups)
+
+
+def conv_weight_grad(x, weight_shape, grad, stride, padding, groups):
+    return torch.nn.grad.conv2d_weight(x, weight_shape, grad, stride, padding, 1, groups)
+
+
+def batch_norm_backward(g, x_hat, weight, invstd, dims):
+    """BatchNorm backward through batch statistics: returns (grad_input, grad_weight, grad_bias).
+
+    ``g`` and ``x_hat`` in the accumulation dtype; the statistics are over ``dims``; weight, invstd broadcastable.
+    """
+    count = 1
+    for d in dims:
+        count *= g.shape[d]
+    grad_bias = g.sum(dim=dims)
+    grad_weight = (g * x_hat).sum(dim=dims)
+    shape = [1] * g.dim()
+    shape[1] = -1
+    grad_input = (weight * invstd).reshape(shape) * (
+        g - grad_bias.reshape(shape) / count - x_hat * (grad_weight.reshape(shape) / count)
+    )
+    return grad_input, grad_weight, grad_bias
+
+
+def bn_update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """In-place running-statistics update exactly as nn.BatchNorm does it (unbiased variance)."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

@@ -1,0 +1,327 @@
+"""Conv + BatchNorm family: every convolution SHViT has (3x3 dense stride 2 stem, 3x3 depthwise stride 1/2, 1x1).
+
+Two custom ops carry the work, each with a backward that is itself a custom op:
+
+* ``shvit::conv_bias_act``  inference form, BN folded into (weight, bias):
+  ``out = act(conv2d(x, weight, bias, stride, padding, groups) + residual)``
+* ``shvit::conv_bn_train``  training form with batch statistics over (N, H, W), returned as fp32
+  (mean, biased var) so the caller can update running statistics:
+  ``out = act(bn_weight * (y - mean) / sqrt(var + eps) + bn_bias + residual)``, ``y = conv2d(x, weight)``
+
+The residual is added before the (optional) ReLU, as in ResNet blocks, so the ReLU mask is ``out > 0``.
+SHViT itself never uses both at once. Eval-mode Conv+BN folds the running statistics on the fly (a few
+differentiable elementwise ops on the weights) and calls the inference op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _common
+from ._common import (
+    acc_dtype,
+    upcast,
+    batch_norm_backward,
+    check_activation,
+    check_param_dtype,
+    check_tensor,
+    conv_input_grad,
+    conv_weight_grad,
+    define_op,
+    new_output,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference kernels (the spec)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def conv_bias_act_reference(x, weight, bias, stride, padding, groups, relu, residual):
+    out = F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+def batch_norm_train_reference(y, bn_weight, bn_bias, eps):
+    """Batch-statistics BN in fp32 on top of a conv output in any dtype; returns (out, mean, var)."""
+    yf = upcast(y)
+    mean = yf.mean(dim=(0, 2, 3))
+    var = yf.var(dim=(0, 2, 3), unbiased=False)
+    scale = upcast(bn_weight) * torch.rsqrt(var + eps)
+    shift = upcast(bn_bias) - mean * scale
+    out = (yf * scale[None, :, None, None] + shift[None, :, None, None]).to(y.dtype)
+    return out, mean, var
+
+
+def conv_bn_train_reference(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
+    y = F.conv2d(x, weight, None, stride, padding, 1, groups)
+    out, mean, var = batch_norm_train_reference(y, bn_weight, bn_bias, eps)
+    if residual is not None:
+        out = out + residual
+    if relu:
+        out = torch.relu(out)
+    return out, mean.detach(), var.detach()
+
+
+def conv_bias_act_backward_reference(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
+    acc = acc_dtype(x.dtype)
+    g = (grad_out * (out > 0)) if relu else grad_out.clone()
+    ga = g.to(acc)
+    grad_x = conv_input_grad(x.shape, weight.to(acc), ga, stride, padding, groups)
+    grad_w = conv_weight_grad(x.to(acc), weight.shape, ga, stride, padding, groups)
+    grad_b = ga.sum(dim=(0, 2, 3))
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype if bias is not None else weight.dtype), g
+
+
+def conv_bn_train_backward_reference(
+    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
+):
+    # The conv output is recomputed rather than saved; the residual is additive, so it only shapes the ReLU
+    # mask, which ``out`` already holds.
+    acc = acc_dtype(x.dtype)
+    g = (grad_out * (out > 0)) if relu else grad_out.clone()
+    y = F.conv2d(x, weight, None, stride, padding, 1, groups).to(acc)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    x_hat = (y - mean.to(acc)[None, :, None, None]) * invstd[None, :, None, None]
+    grad_y, grad_gamma, grad_beta = batch_norm_backward(g.to(acc), x_hat, bn_weight.to(acc), invstd, (0, 2, 3))
+    grad_x = conv_input_grad(x.shape, weight.to(acc), grad_y, stride, padding, groups)
+    grad_w = conv_weight_grad(x.to(acc), weight.shape, grad_y, stride, padding, groups)
+    return (
+        grad_x.to(x.dtype),
+        grad_w.to(weight.dtype),
+        grad_gamma.to(bn_weight.dtype),
+        grad_beta.to(bn_bias.dtype),
+        g,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------------
+
+
+def conv_output_shape(x, weight, stride, padding):
+    n, _, h, w = x.shape
+    k_h, k_w = weight.shape[-2:]
+    return (n, weight.shape[0], (h + 2 * padding - k_h) // stride + 1, (w + 2 * padding - k_w) // stride + 1)
+
+
+def _conv_bias_act_fake(x, weight, bias, stride, padding, groups, relu, residual):
+    return new_output(conv_output_shape(x, weight, stride, padding), x.dtype, (x, residual) if residual is not None else (x,), x.device)
+
+
+def _conv_bias_act_backward_fake(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
+    args = (grad_out, x, weight)
+    return (
+        new_output(x.shape, x.dtype, args, x.device),
+        new_output(weight.shape, weight.dtype, args, x.device),
+        x.new_empty((weight.shape[0],), dtype=bias.dtype if bias is not None else weight.dtype),
+        new_output(grad_out.shape, grad_out.dtype, args, x.device),
+    )
+
+
+def _conv_bn_train_fake(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
+    shape = conv_output_shape(x, weight, stride, padding)
+    c = weight.shape[0]
+    out = new_output(shape, x.dtype, (x, residual) if residual is not None else (x,), x.device)
+    return out, x.new_empty((c,), dtype=acc_dtype(x.dtype)), x.new_empty((c,), dtype=acc_dtype(x.dtype))
+
+
+def _conv_bn_train_backward_fake(
+    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
+):
+    args = (grad_out, x, weight)
+    return (
+        new_output(x.shape, x.dtype, args, x.device),
+        new_output(weight.shape, weight.dtype, args, x.device),
+        torch.empty_like(bn_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(bn_bias, memory_format=torch.contiguous_format),
+        new_output(grad_out.shape, grad_out.dtype, args, x.device),
+    )
+
+
+conv_bias_act_op = define_op(
+    "conv_bias_act",
+    "(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int groups, bool relu, Tensor? residual) -> Tensor",
+    conv_bias_act_reference,
+    _conv_bias_act_fake,
+)
+conv_bias_act_backward_op = define_op(
+    "conv_bias_act_backward",
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int groups, bool relu, "
+    "Tensor? residual, Tensor out) -> (Tensor, Tensor, Tensor, Tensor)",
+    conv_bias_act_backward_reference,
+    _conv_bias_act_backward_fake,
+)
+conv_bn_train_op = define_op(
+    "conv_bn_train",
+    "(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, int stride, int padding, int groups, float eps, "
+    "bool relu, Tensor? residual) -> (Tensor, Tensor, Tensor)",
+    conv_bn_train_reference,
+    _conv_bn_train_fake,
+)
+conv_bn_train_backward_op = define_op(
+    "conv_bn_train_backward",
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
+    "Tensor out, int stride, int padding, int groups, float eps, bool relu, bool has_residual) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    conv_bn_train_backward_reference,
+    _conv_bn_train_backward_fake,
+)
+
+
+def _conv_bias_act_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, groups, relu, residual = inputs
+    ctx.save_for_backward(x, weight, bias, residual, output)
+    ctx.conv = (stride, padding, groups, relu)
+
+
+def _conv_bias_act_backward(ctx, grad_out):
+    x, weight, bias, residual, out = ctx.saved_tensors
+    stride, padding, groups, relu = ctx.conv
+    gx, gw, gb, gr = conv_bias_act_backward_op(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out)
+    return gx, gw, (gb if bias is not None else None), None, None, None, None, (gr if residual is not None else None)
+
+
+def _conv_bn_train_setup(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual = inputs
+    out, mean, var = output
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var, out)
+    ctx.conv = (stride, padding, groups, eps, relu, residual is not None)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weight, bn_weight, bn_bias, mean, var, out = ctx.saved_tensors
+    stride, padding, groups, eps, relu, has_residual = ctx.conv
+    gx, gw, gg, gb, gr = conv_bn_train_backward_op(
+        grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
+    )
+    return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
+
+
+conv_bias_act_op.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
+conv_bn_train_op.register_autograd(_conv_bn_train_backward, setup_context=_conv_bn_train_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_conv_args(op, x, weight, stride, padding, groups, residual=None, bias=None):
+    check_activation(op, x)
+    check_tensor(op, "weight", weight, ndim=4, like=x, what="(C_out, C_in / groups, kH, kW)")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: 'groups' must be a positive int, got {groups!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{op}: 'stride' must be a positive int, got {stride!r}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"{op}: 'padding' must be a non-negative int, got {padding!r}")
+    c_in = x.shape[1]
+    if c_in % groups or weight.shape[0] % groups:
+        raise ValueError(
+            f"{op}: 'groups'={groups} must divide the input channels ({c_in}) and output channels ({weight.shape[0]})"
+        )
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(
+            f"{op}: 'x' has {c_in} channels but 'weight' {tuple(weight.shape)} with groups={groups} expects "
+            f"{weight.shape[1] * groups}"
+        )
+    out_shape = conv_output_shape(x, weight, stride, padding)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(
+            f"{op}: input spatial size {tuple(x.shape[2:])} is smaller than the kernel {tuple(weight.shape[2:])} "
+            f"with padding {padding}"
+        )
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(weight.shape[0],), like=x)
+    if residual is not None:
+        check_tensor(op, "residual", residual, shape=out_shape, like=x, same_dtype=True, what="(the conv output's shape)")
+    return out_shape
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    relu: bool = False,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``act(conv2d(x, weight, bias) + residual)``: a Conv+BN with the BN folded into weight and bias."""
+    op = "shvit_kernels.conv_bias_act"
+    x, weight, bias, residual = _common.cast_for_autocast(x, weight, bias, residual)
+    check_conv_args(op, x, weight, stride, padding, groups, residual, bias)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: 'weight' has dtype {weight.dtype} but 'x' has {x.dtype}; they must match")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return conv_bias_act_op(x, weight, bias, stride, padding, groups, relu, residual)
+
+
+def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias=None):
+    """Fold an eval-mode BatchNorm into the preceding conv: returns (weight', bias'). Differentiable."""
+    scale = upcast(bn_weight) * torch.rsqrt(upcast(running_var) + eps)
+    shift = upcast(bn_bias) - upcast(running_mean) * scale
+    if conv_bias is not None:
+        shift = shift + upcast(conv_bias) * scale
+    w = (upcast(weight) * scale.reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+    return w, shift.to(weight.dtype)
+
+
+def conv_bn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = False,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Conv2d (no bias) + BatchNorm2d (+ residual) (+ ReLU) in one op.
+
+    ``training=True`` normalises with batch statistics and updates ``running_mean``/``running_var`` in place
+    (momentum, unbiased variance, as ``nn.BatchNorm2d``); ``training=False`` uses the running statistics.
+    """
+    op = "shvit_kernels.conv_bn"
+    x, weight, residual = _common.cast_for_autocast(x, weight, residual)
+    out_shape = check_conv_args(op, x, weight, stride, padding, groups, residual)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: 'weight' has dtype {weight.dtype} but 'x' has {x.dtype}; they must match")
+    c_out = weight.shape[0]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        check_tensor(op, name, t, shape=(c_out,), like=x)
+        check_param_dtype(op, name, t, x)
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise ValueError(f"{op}: '{name}' is required when training=False")
+            check_tensor(op, name, t, shape=(c_out,), like=x)
+        w, b = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+        return conv_bias_act_op(x, w, b, stride, padding, groups, relu, residual)
+    count = out_shape[0] * out_shape[2] * out_shape[3]
+    if count < 2:
+        raise ValueError(
+            f"{op}: training BatchNorm needs more than one value per channel, got output shape {out_shape}"
+        )
+    if bn_weight.dtype != bn_bias.dtype:
+        bn_bias = bn_bias.to(bn_weight.dtype)
+    out, mean, var = conv_bn_train_op(x, weight, bn_weight, bn_bias, stride, padding, groups, float(eps), relu, residual)
+    _common.bn_update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return out

@@ -1,0 +1,128 @@
+"""FFN family: ``x + pw2(relu(pw1(x)))`` with pw1 = 1x1 Conv+BN C -> H and pw2 = 1x1 Conv+BN H -> C.
+
+* ``shvit::ffn_fused`` (inference, BN folded): one op, so a kernel can keep the hidden activation on chip.
+  Weights keep the conv layout: w1 (H, C, 1, 1), b1 (H,), w2 (C, H, 1, 1), b2 (C,).
+* Training uses two ``conv_bn`` calls (pw1 with ReLU, pw2 with the residual), since the second BatchNorm
+  needs batch statistics of the whole hidden activation before it can normalise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _common
+from ._common import acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output
+from .conv_bn import conv_bn, fold_bn
+
+
+def ffn_fused_reference(x, w1, b1, w2, b2):
+    hidden = torch.relu(F.conv2d(x, w1, b1))
+    return x + F.conv2d(hidden, w2, b2)
+
+
+def ffn_fused_backward_reference(grad_out, x, w1, b1, w2, b2):
+    acc = acc_dtype(x.dtype)
+    xa, w1a, w2a, g = x.to(acc), w1.to(acc), w2.to(acc), grad_out.to(acc)
+    hidden = torch.relu(F.conv2d(x, w1, b1)).to(acc)  # recomputed in x's dtype, as the forward made it
+    grad_w2 = conv_weight_grad(hidden, w2.shape, g, 1, 0, 1)
+    grad_hidden = conv_input_grad(hidden.shape, w2a, g, 1, 0, 1) * (hidden > 0)
+    grad_w1 = conv_weight_grad(xa, w1.shape, grad_hidden, 1, 0, 1)
+    grad_x = g + conv_input_grad(x.shape, w1a, grad_hidden, 1, 0, 1)
+    return (
+        grad_x.to(x.dtype),
+        grad_w1.to(w1.dtype),
+        grad_hidden.sum(dim=(0, 2, 3)).to(b1.dtype),
+        grad_w2.to(w2.dtype),
+        g.sum(dim=(0, 2, 3)).to(b2.dtype),
+    )
+
+
+def _ffn_fused_fake(x, w1, b1, w2, b2):
+    return new_output(x.shape, x.dtype, (x,), x.device)
+
+
+def _ffn_fused_backward_fake(grad_out, x, w1, b1, w2, b2):
+    return (
+        new_output(x.shape, x.dtype, (grad_out, x), x.device),
+        torch.empty_like(w1, memory_format=torch.contiguous_format),
+        torch.empty_like(b1),
+        torch.empty_like(w2, memory_format=torch.contiguous_format),
+        torch.empty_like(b2),
+    )
+
+
+ffn_fused_op = define_op(
+    "ffn_fused",
+    "(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
+    ffn_fused_reference,
+    _ffn_fused_fake,
+)
+ffn_fused_backward_op = define_op(
+    "ffn_fused_backward",
+    "(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ffn_fused_backward_reference,
+    _ffn_fused_backward_fake,
+)
+
+
+def _ffn_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _ffn_backward(ctx, grad_out):
+    return ffn_fused_backward_op(grad_out, *ctx.saved_tensors)
+
+
+ffn_fused_op.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+
+
+def check_ffn_args(op, x, w1, b1, w2, b2):
+    check_activation(op, x)
+    c = x.shape[1]
+    check_tensor(op, "w1", w1, ndim=4, like=x, same_dtype=True, what="(hidden, C, 1, 1)")
+    hidden = w1.shape[0]
+    check_tensor(op, "w1", w1, shape=(hidden, c, 1, 1), what=f"(hidden, C={c}, 1, 1)")
+    check_tensor(op, "w2", w2, shape=(c, hidden, 1, 1), like=x, same_dtype=True, what=f"(C={c}, hidden={hidden}, 1, 1)")
+    if b1 is not None:
+        check_tensor(op, "b1", b1, shape=(hidden,), like=x)
+    if b2 is not None:
+        check_tensor(op, "b2", b2, shape=(c,), like=x)
+
+
+def ffn_fused(x, w1, b1, w2, b2) -> torch.Tensor:
+    """``x + conv1x1(relu(conv1x1(x, w1, b1)), w2, b2)`` (BN already folded into w/b)."""
+    op = "shvit_kernels.ffn_fused"
+    x, w1, w2 = _common.cast_for_autocast(x, w1, w2)
+    check_ffn_args(op, x, w1, b1, w2, b2)
+    b1 = b1.to(x.dtype) if b1 is not None else x.new_zeros(w1.shape[0])
+    b2 = b2.to(x.dtype) if b2 is not None else x.new_zeros(w2.shape[0])
+    return ffn_fused_op(x, w1, b1, w2, b2)
+
+
+def ffn(
+    x: torch.Tensor,
+    pw1: tuple,
+    pw2: tuple,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``x + pw2(relu(pw1(x)))`` where pw1/pw2 are (weight, bn_weight, bn_bias, running_mean, running_var).
+
+    In eval mode both BatchNorms are folded and the fused op runs; in training two Conv+BN ops run with batch
+    statistics and update the running statistics.
+    """
+    op = "shvit_kernels.ffn"
+    for name, p in (("pw1", pw1), ("pw2", pw2)):
+        if not isinstance(p, (tuple, list)) or len(p) != 5:
+            raise TypeError(f"{op}: '{name}' must be (weight, bn_weight, bn_bias, running_mean, running_var)")
+    if training:
+        hidden = conv_bn(x, *pw1, training=True, momentum=momentum, eps=eps, relu=True)
+        return conv_bn(hidden, *pw2, training=True, momentum=momentum, eps=eps, residual=x)
+    w1, b1 = fold_bn(pw1[0], pw1[1], pw1[2], pw1[3], pw1[4], eps)
+    w2, b2 = fold_bn(pw2[0], pw2[1], pw2[2], pw2[3], pw2[4], eps)
+    return ffn_fused(x, w1, b1, w2, b2)
