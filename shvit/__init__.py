@@ -1,0 +1,45 @@
+"""shvit: SHViT models (CVPR 2024) built on the fused ``shvit_kernels`` ops, with the authors' parameter names.
+
+    model = shvit.create_model("shvit_s1", pretrained=True)   # or a path / URL
+    fast = shvit.fuse(model)                                   # BatchNorms folded, for inference
+"""
+
+from .model import (
+    BN_Linear,
+    BasicBlock,
+    Conv2d_BN,
+    FFN,
+    MODEL_CONFIGS,
+    PRETRAINED_CFGS,
+    PatchMerging,
+    Residual,
+    SHSA,
+    SHViT,
+    SqueezeExcite,
+    create_model,
+    list_models,
+    shvit_s1,
+    shvit_s2,
+    shvit_s3,
+    shvit_s4,
+)
+
+__all__ = [
+    "BN_Linear",
+    "BasicBlock",
+    "Conv2d_BN",
+    "FFN",
+    "MODEL_CONFIGS",
+    "PRETRAINED_CFGS",
+    "PatchMerging",
+    "Residual",
+    "SHSA",
+    "SHViT",
+    "SqueezeExcite",
+    "create_model",
+    "list_models",
+    "shvit_s1",
+    "shvit_s2",
+    "shvit_s3",
+    "shvit_s4",
+]

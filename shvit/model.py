@@ -1,0 +1,485 @@
+"""SHViT (Single-Head Vision Transformer, Yun & Ro, CVPR 2024) on top of the ``shvit_kernels`` ops.
+
+Module names, tree and initialisation follow the authors' implementation, so their released checkpoints load
+as they are. The forwards differ: every compute step goes through a ``shvit_kernels`` op, with the ReLUs and
+residual adds that follow a Conv+BN folded into the same op call, so faster backends slot in unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import shvit_kernels
+
+__all__ = [
+    "BN_Linear",
+    "BasicBlock",
+    "Conv2d_BN",
+    "FFN",
+    "PatchMerging",
+    "Residual",
+    "SHSA",
+    "SHViT",
+    "SqueezeExcite",
+    "Stem",
+    "create_model",
+    "list_models",
+    "shvit_s1",
+    "shvit_s2",
+    "shvit_s3",
+    "shvit_s4",
+]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+MIN_INPUT_SIZE = 64  # three stride-2 stages after the stride-16 stem: the last grid is at least 1x1
+INPUT_MULTIPLE = 16
+
+
+def bn_step(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> Tuple[bool, float]:
+    """(use batch statistics, momentum) for one forward of ``bn``, counting the step as nn.BatchNorm does.
+
+    ``momentum=None`` means a cumulative moving average, i.e. momentum 1 / num_batches_tracked.
+    """
+    use_batch_stats = training or bn.running_mean is None
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return use_batch_stats, momentum
+
+
+class ResidualInForward:
+    """Mixin for modules whose forward takes ``residual=``: the residual add happens inside their last op."""
+
+    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x, residual=x)
+
+
+class Conv2d_BN(ResidualInForward, nn.Module):
+    """Conv2d (no bias) + BatchNorm2d, run as one ``shvit_kernels.conv_bn`` call (optionally + residual, ReLU)."""
+
+    def __init__(self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_weight_init: float = 1.0):
+        super().__init__()
+        self.c = nn.Conv2d(a, b, ks, stride, pad, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(b)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    def conv_bn_params(self) -> tuple:
+        """(conv weight, bn weight, bn bias, running mean, running var), the parameter tuple of the ops."""
+        bn = self.bn
+        return self.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        use_batch_stats, momentum = bn_step(self.bn, self.training)
+        return shvit_kernels.conv_bn(
+            x,
+            *self.conv_bn_params(),
+            stride=self.c.stride[0],
+            padding=self.c.padding[0],
+            groups=self.c.groups,
+            training=use_batch_stats,
+            momentum=momentum,
+            eps=self.bn.eps,
+            relu=relu,
+            residual=residual,
+        )
+
+
+class BN_Linear(nn.Module):
+    """BatchNorm1d then Linear: the classifier head."""
+
+    def __init__(self, a: int, b: int, std: float = 0.02):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(a)
+        self.l = nn.Linear(a, b)
+        nn.init.trunc_normal_(self.l.weight, std=std, a=-2.0, b=2.0)
+        nn.init.zeros_(self.l.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(self.bn(x))
+
+
+class Residual(nn.Module):
+    """``x + m(x)``; when ``m`` can add the residual inside its own last op it is asked to."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = getattr(self.m, "forward_residual", None)
+        if fused is not None:
+            return fused(x)
+        return x + self.m(x)
+
+
+class FFN(nn.Module):
+    """1x1 Conv+BN C -> H, ReLU, 1x1 Conv+BN H -> C (the second BN starts at zero)."""
+
+    def __init__(self, ed: int, h: int):
+        super().__init__()
+        self.pw1 = Conv2d_BN(ed, h)
+        self.act = nn.ReLU()
+        self.pw2 = Conv2d_BN(h, ed, bn_weight_init=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.pw1(x, relu=True))
+
+    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
+        bn1, bn2 = self.pw1.bn, self.pw2.bn
+        # shvit_kernels.ffn takes one momentum and one eps for both BatchNorms; otherwise run the two convs.
+        one_setting = (
+            bn1.eps == bn2.eps
+            and bn1.momentum is not None
+            and bn1.momentum == bn2.momentum
+            and bn1.running_mean is not None
+            and bn2.running_mean is not None
+        )
+        if not one_setting:
+            return self.pw2(self.pw1(x, relu=True), residual=x)
+        _, momentum = bn_step(bn1, self.training)
+        bn_step(bn2, self.training)
+        return shvit_kernels.ffn(
+            x, self.pw1.conv_bn_params(), self.pw2.conv_bn_params(), training=self.training, momentum=momentum, eps=bn1.eps
+        )
+
+
+class SHSA(ResidualInForward, nn.Module):
+    """Single-head self-attention on the first ``pdim`` channels; the other channels pass through.
+
+    ``shvit_kernels.shsa`` does GroupNorm, qkv Conv+BN, attention, the concatenation and the ReLU of
+    ``proj.0``; ``proj.1`` then runs as a Conv+BN with the block's residual.
+    """
+
+    def __init__(self, dim: int, qk_dim: int, pdim: int):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.pdim = pdim
+        self.scale = qk_dim ** -0.5
+        self.pre_norm = nn.GroupNorm(1, pdim)
+        self.qkv = Conv2d_BN(pdim, 2 * qk_dim + pdim)
+        self.proj = nn.Sequential(nn.ReLU(), Conv2d_BN(dim, dim, bn_weight_init=0.0))
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bn = self.qkv.bn
+        use_batch_stats, momentum = bn_step(bn, self.training)
+        attended = shvit_kernels.shsa(
+            x,
+            self.pre_norm.weight,
+            self.pre_norm.bias,
+            self.qkv.c.weight,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            qk_dim=self.qk_dim,
+            training=use_batch_stats,
+            momentum=momentum,
+            gn_eps=self.pre_norm.eps,
+            bn_eps=bn.eps,
+        )
+        return self.proj[1](attended, residual=residual)
+
+
+def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Round to the nearest multiple of ``divisor`` (ties up), never more than 10% below ``v`` (timm's rule)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate: spatial mean -> fc1 -> ReLU -> fc2 -> sigmoid -> scale the input."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25, rd_divisor: int = 8):
+        super().__init__()
+        rd_channels = make_divisible(channels * rd_ratio, rd_divisor)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=True)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = x.mean((2, 3), keepdim=True)
+        gate = self.fc2(self.act(self.fc1(gate)))
+        return x * gate.sigmoid()
+
+
+class PatchMerging(nn.Module):
+    """Stride-2 downsampler: 1x1 expand (4x), ReLU, 3x3 depthwise stride 2, ReLU, squeeze-excite, 1x1 project."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hid_dim = int(dim * 4)
+        self.conv1 = Conv2d_BN(dim, hid_dim, 1, 1, 0)
+        self.act = nn.ReLU()
+        self.conv2 = Conv2d_BN(hid_dim, hid_dim, 3, 2, 1, groups=hid_dim)
+        self.se = SqueezeExcite(hid_dim, 0.25)
+        self.conv3 = Conv2d_BN(hid_dim, out_dim, 1, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x, relu=True)
+        x = self.conv2(x, relu=True)
+        return self.conv3(self.se(x))
+
+
+class BasicBlock(nn.Module):
+    """Residual depthwise 3x3 conv, residual SHSA (type "s") or nothing (type "i"), residual FFN."""
+
+    def __init__(self, dim: int, qk_dim: int, pdim: int, type: str):
+        super().__init__()
+        if type not in ("s", "i"):
+            raise ValueError(f"BasicBlock type must be 's' (attention) or 'i' (no mixer), got {type!r}")
+        self.conv = Residual(Conv2d_BN(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0))
+        self.mixer = Residual(SHSA(dim, qk_dim, pdim)) if type == "s" else nn.Identity()
+        self.ffn = Residual(FFN(dim, int(dim * 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.mixer(self.conv(x)))
+
+
+class Stem(nn.Sequential):
+    """Four 3x3 stride-2 Conv+BN (indices 0, 2, 4, 6) with ReLUs between (indices 1, 3, 5).
+
+    Kept as a Sequential for the authors' state_dict names; each ReLU runs inside the preceding conv op.
+    """
+
+    def __init__(self, in_chans: int, dim: int):
+        widths = (in_chans, dim // 8, dim // 4, dim // 2, dim)
+        layers: List[nn.Module] = []
+        for i in range(4):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(Conv2d_BN(widths[i], widths[i + 1], 3, 2, 1))
+        super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in (0, 2, 4):
+            x = self[i](x, relu=True)
+        return self[6](x)
+
+
+def conv_ffn(dim: int) -> nn.Sequential:
+    """The residual depthwise conv + residual FFN pair on each side of a PatchMerging."""
+    return nn.Sequential(Residual(Conv2d_BN(dim, dim, 3, 1, 1, groups=dim)), Residual(FFN(dim, int(dim * 2))))
+
+
+class SHViT(nn.Module):
+    """SHViT: stem (stride 16), three stages (strides 16, 32, 64), pooled BN+Linear head(s)."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: Sequence[int] = (128, 256, 384),
+        partial_dim: Sequence[int] = (32, 64, 96),
+        qk_dim: Sequence[int] = (16, 16, 16),
+        depth: Sequence[int] = (1, 2, 3),
+        types: Sequence[str] = ("s", "s", "s"),
+        distillation: bool = False,
+    ):
+        super().__init__()
+        if not (len(embed_dim) == len(partial_dim) == len(qk_dim) == len(depth) == len(types) == 3):
+            raise ValueError("SHViT has three stages: embed_dim, partial_dim, qk_dim, depth and types need 3 entries each")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.distillation = distillation
+        self.num_features = self.head_hidden_size = embed_dim[-1]
+        self.variant: Optional[str] = None  # set by create_model; checked when loading checkpoints
+        self.is_fused = False
+
+        self.patch_embed = Stem(in_chans, embed_dim[0])
+        for i in range(3):
+            blocks: List[nn.Module] = []
+            if i > 0:
+                blocks += [conv_ffn(embed_dim[i - 1]), PatchMerging(embed_dim[i - 1], embed_dim[i]), conv_ffn(embed_dim[i])]
+            blocks += [BasicBlock(embed_dim[i], qk_dim[i], partial_dim[i], types[i]) for _ in range(depth[i])]
+            self.add_module(f"blocks{i + 1}", nn.Sequential(*blocks))
+        self.feature_info = [
+            dict(num_chs=embed_dim[i], reduction=16 * 2 ** i, module=f"blocks{i + 1}") for i in range(3)
+        ]
+        self.reset_classifier(num_classes)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Classifier
+    # ----------------------------------------------------------------------------------------------------
+    def _new_head(self, num_classes: int) -> nn.Module:
+        return BN_Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head (and head_dist) by freshly initialised ones for ``num_classes`` (0: no head)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"SHViT only supports average pooling, got global_pool={global_pool!r}")
+        old = getattr(self, "head", None)
+        self.num_classes = num_classes
+        self.head = self._new_head(num_classes)
+        if self.distillation:
+            self.head_dist = self._new_head(num_classes)
+        reference = next(old.parameters(), None) if old is not None else None
+        if reference is not None:  # keep the device and dtype of a model that was moved
+            self.head.to(reference.device, reference.dtype)
+            if self.distillation:
+                self.head_dist.to(reference.device, reference.dtype)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------
+    def check_input(self, x) -> None:
+        """Raise a ValueError unless ``x`` is (B, in_chans, H, W) with H, W >= 64 and multiples of 16."""
+        expected = (
+            f"(B, {self.in_chans}, H, W) with B >= 1 and H, W multiples of {INPUT_MULTIPLE} and at least {MIN_INPUT_SIZE}"
+        )
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SHViT expects a torch.Tensor of shape {expected}, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"SHViT expects a 4-D input {expected}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"SHViT expects {self.in_chans} input channels {expected}, got shape {tuple(x.shape)}")
+        if b < 1:
+            raise ValueError(f"SHViT expects a batch of at least one image {expected}, got shape {tuple(x.shape)}")
+        if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE or h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
+            raise ValueError(f"SHViT expects an input {expected}, got spatial size {h}x{w}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.patch_embed(x)
+        x = self.blocks1(x)
+        x = self.blocks2(x)
+        return self.blocks3(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs (strides 16, 32, 64), timm-style.
+
+        ``indices``: None for all three stages, an int n for the last n, or a list of stage indices (0..2).
+        Returns ``(final_features, [stage outputs])``, or only the list when ``intermediates_only``.
+        """
+        if indices is None:
+            take = [0, 1, 2]
+        elif isinstance(indices, int):
+            if not 1 <= indices <= 3:
+                raise ValueError(f"indices as an int is the number of last stages to return (1..3), got {indices}")
+            take = list(range(3 - indices, 3))
+        else:
+            indices = [int(i) for i in indices]
+            if any(not -3 <= i < 3 for i in indices):
+                raise ValueError(f"stage indices must be in 0..2 (or -3..-1), got {indices}")
+            take = sorted({i % 3 for i in indices})
+        self.check_input(x)
+        x = self.patch_embed(x)
+        intermediates = []
+        for i, stage in enumerate((self.blocks1, self.blocks2, self.blocks3)):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if pre_logits:
+            return x
+        if not self.distillation:
+            return self.head(x)
+        logits, logits_dist = self.head(x), self.head_dist(x)
+        if self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+    def fuse(self) -> "SHViT":
+        """A new eval-mode model with every BatchNorm folded (see ``shvit.fuse``); this model is untouched."""
+        from .fuse import fuse
+
+        return fuse(self)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Variants and factory
+# --------------------------------------------------------------------------------------------------------
+RELEASE_URL = "https://github.com/ysj9909/SHViT/releases/download/v1.0/{name}.pth"
+
+# Stage-1 partial dims are the authors' values; stage 1 has no attention, so they are unused.
+MODEL_CONFIGS: Dict[str, dict] = {
+    "shvit_s1": dict(embed_dim=(128, 224, 320), depth=(2, 4, 5), partial_dim=(32, 48, 68), types=("i", "s", "s")),
+    "shvit_s2": dict(embed_dim=(128, 308, 448), depth=(2, 4, 5), partial_dim=(32, 66, 96), types=("i", "s", "s")),
+    "shvit_s3": dict(embed_dim=(192, 352, 448), depth=(3, 5, 5), partial_dim=(48, 75, 96), types=("i", "s", "s")),
+    "shvit_s4": dict(embed_dim=(224, 336, 448), depth=(4, 7, 6), partial_dim=(48, 72, 96), types=("i", "s", "s")),
+}
+
+PRETRAINED_CFGS: Dict[str, dict] = {
+    name: dict(
+        url=RELEASE_URL.format(name=name),
+        num_classes=1000,
+        input_size=(3, 256, 256) if name == "shvit_s4" else (3, 224, 224),
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
+    for name in MODEL_CONFIGS
+}
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """Names of the available variants, optionally filtered by a shell-style pattern (``"*s1*"``)."""
+    return sorted(name for name in MODEL_CONFIGS if fnmatch.fnmatch(name, pattern))
+
+
+def create_model(
+    model_name: str,
+    pretrained: Union[None, bool, str] = None,
+    num_classes: int = 1000,
+    distillation: bool = False,
+    **kwargs,
+) -> SHViT:
+    """Build a variant by name, timm-style.
+
+    ``pretrained``: None/False for random weights; True for the authors' release; a local path or a URL
+    (http(s):// or file://; downloads are cached under $TORCH_HOME/hub/checkpoints). When ``num_classes``
+    differs from the checkpoint's, the checkpoint's head is dropped and the new head keeps its initialisation.
+    Other keyword arguments go to :class:`SHViT` (for example ``in_chans``).
+    """
+    if model_name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown SHViT model {model_name!r}; valid names: {', '.join(list_models())}")
+    config = {**MODEL_CONFIGS[model_name], **kwargs}
+    model = SHViT(num_classes=num_classes, distillation=distillation, **config)
+    model.variant = model_name
+    model.pretrained_cfg = dict(PRETRAINED_CFGS[model_name])
+    if pretrained:
+        from .checkpoint import load_pretrained
+
+        source = PRETRAINED_CFGS[model_name]["url"] if pretrained is True else pretrained
+        load_pretrained(model, source)
+    return model
+
+
+def _variant_constructor(name: str):
+    def constructor(pretrained: Union[None, bool, str] = None, **kwargs) -> SHViT:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = f"{name}: {MODEL_CONFIGS[name]}. See :func:`create_model` for the arguments."
+    return constructor
+
+
+shvit_s1 = _variant_constructor("shvit_s1")
+shvit_s2 = _variant_constructor("shvit_s2")
+shvit_s3 = _variant_constructor("shvit_s3")
+shvit_s4 = _variant_constructor("shvit_s4")
