@@ -246,7 +246,7 @@ def check_shsa_args(op, x, qkv_weight, qk_dim):
     c = x.shape[1]
     if p > c:
         raise ValueError(f"{op}: partial dim P={p} (qkv_weight.shape[1]) exceeds the channels of 'x' ({c})")
-    check_tensor(op, "qkv_weight", qkv_weight, shape=(2 * qk_dim + p, p, 1, 1), what=f"(2*qk_dim + P = {2 * qk_dim + p}, P = {p}, 1, 1)")
+    check_tensor(op, "qkv_weight", qkv_weight, shape=(2 * qk_dim + p, p, 1, 1), what=f"= (2*qk_dim + P, P, 1, 1) with qk_dim={qk_dim}, P={p}")
     return p
 
 

@@ -1,0 +1,92 @@
+"""Helpers shared by the Triton kernels: layout strides, block-size choice, dots with fp32 accumulation.
+
+Kernels address every 4-D activation through its (N, C, H, W) strides, so NCHW and channels_last inputs are
+read in place; only layouts that are neither are copied (once). Everything here also runs on CPU tensors
+under ``TRITON_INTERPRET=1`` so the kernels can be tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def as_nchw_or_cl(t):
+    """``t`` itself when it is NCHW- or channels_last-contiguous, else an NCHW copy."""
+    if t is None or t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def strides4(t):
+    """(sN, sC, sH, sW) of a 4-D tensor, or zeros for a missing optional tensor."""
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def token_stride(t):
+    """Stride between consecutive tokens h*W+w; valid because both supported layouts have sH == W*sW."""
+    return t.stride(3)
+
+
+def empty_like_format(shape, dtype, like):
+    fmt = torch.channels_last if (like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
+
+
+def cl_strides(n, c, h, w):
+    """Strides of a channels-last (N, H, W, C)-contiguous scratch buffer seen as (N, C, H, W)."""
+    return (h * w * c, 1, w * c, c)
+
+
+def num_splits(m_blocks: int, tiles: int, target: int = 264) -> int:
+    """How many slices a reduction over M is cut into so the grid fills the GPU (~2 programs per SM)."""
+    return max(1, min(m_blocks, triton.cdiv(target, max(tiles, 1)), 64))
+
+
+def check_dtype(op: str, name: str, t) -> None:
+    if t is not None and t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op} (triton): '{name}' must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def chan_combine(psum, pm2, pcnt, count):
+    """Chan's parallel merge of per-tile (sum, centred sum of squares, count) into (mean, biased var).
+
+    Per-tile centring keeps the variance accurate when |mean| >> std, where sum/sum-of-squares would cancel.
+    """
+    mean = psum.sum(0) / count
+    tile_mean = psum / pcnt[:, None]
+    var = (pm2.sum(0) + (pcnt[:, None] * (tile_mean - mean) ** 2).sum(0)) / count
+    return mean, var
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation; fp32 operands use exact fp32 products (no TF32)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def pix_offsets(offs_m, OH, OW, s_n, s_h, s_w):
+    """Memory offsets of flattened output pixels m = (n, oh, ow) for a tensor with strides (s_n, s_h, s_w)."""
+    n = offs_m // (OH * OW)
+    r = offs_m % (OH * OW)
+    return n * s_n + (r // OW) * s_h + (r % OW) * s_w
+
+
+@triton.jit
+def tile_stats(v, valid, cnt):
+    """Per-column (sum, sum of squares about the tile mean) over the valid rows of a tile (fp32)."""
+    v = tl.where(valid, v, 0.0)
+    s = tl.sum(v, axis=0)
+    d = tl.where(valid, v - (s / tl.maximum(cnt, 1.0))[None, :], 0.0)
+    return s, tl.sum(d * d, axis=0)

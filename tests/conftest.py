@@ -1,0 +1,27 @@
+import os
+
+import torch
+
+# Triton kernels are tested in interpreter mode when no GPU is present; this must precede any triton import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_backend():
+    """Fresh random inputs per test (seeded for reproducibility) and no forced backend leaking between tests."""
+    import shvit_kernels
+
+    torch.manual_seed(0)
+    shvit_kernels.set_backend(None)
+    yield
+    shvit_kernels.set_backend(None)
+
+
+def pytest_report_header(config):
+    import shvit_kernels
+
+    usable = sorted({r["backend"] for r in shvit_kernels.backend_table() if r["usable"]})
+    return f"shvit_kernels backends usable here: {', '.join(usable)}; torch {torch.__version__}"

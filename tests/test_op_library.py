@@ -1,0 +1,230 @@
+"""The ops as PyTorch ops: opcheck, torch.compile, autocast, layouts, dispatch control and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shvit_kernels as K
+from helpers import usable_backends
+from op_cases import CASES, conv_case, ffn_case, shsa_case
+from shvit_kernels import _dispatch
+from test_ops import NOT_DIFFERENTIABLE, run
+
+SMALL_CASES = [
+    ("conv-infer-stem", conv_case(2, 3, 8, 8, 8, 3, 2, 1, True, False, None)),
+    ("conv-infer-dw-residual", conv_case(2, 8, 8, 5, 4, 3, 1, 8, False, True, None)),
+    ("conv-train-1x1-relu", conv_case(2, 8, 12, 3, 3, 1, 1, 1, True, False, True)),
+    ("conv-train-dw-s2-residual", conv_case(2, 8, 8, 6, 6, 3, 2, 8, False, True, True)),
+    ("ffn", ffn_case(2, 8, 3, 3)),
+    ("shsa-infer", shsa_case(2, 12, 7, 3, 3, None)),
+    ("shsa-train", shsa_case(2, 12, 7, 3, 3, True)),
+]
+
+
+def record_op_calls(monkeypatch, fn, tensors, backend):
+    """Run forward + backward and return every (op, args) the custom ops received."""
+    calls = []
+    real_select = _dispatch.select
+
+    def recording_select(op, device_type, *args, **kwargs):
+        calls.append((op, args))
+        return real_select(op, device_type, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "select", recording_select)
+    run(fn, tensors, backend)
+    monkeypatch.setattr(_dispatch, "select", real_select)
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+@pytest.mark.parametrize("backend", usable_backends("cpu", include_reference=True))
+def test_opcheck_every_op(monkeypatch, backend, name, build, channels_last):
+    fn, tensors = build(torch.float32, "cpu", channels_last)
+    calls = record_op_calls(monkeypatch, fn, tensors, backend)
+    assert {op.endswith("_backward") for op, _ in calls} == {True, False}, "forward and backward ops must both run"
+    for op, args in calls:
+        is_forward = not op.endswith("_backward")
+        args = tuple(
+            a.detach().clone().requires_grad_(is_forward and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        with K.use_backend(backend):
+            torch.library.opcheck(getattr(torch.ops.shvit, op).default, args)
+
+
+@pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+def test_compile_fullgraph_each_op(name, build):
+    """Fake kernels and autograd registrations let each op trace into one graph (forward and backward)."""
+    torch._dynamo.reset()
+    fn, tensors = build(torch.float32, "cpu", False)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out_e, grads_e, _, grad_out = run(fn, tensors, None)
+    out_c, grads_c, _, _ = run(compiled, tensors, None, grad_out)
+    torch.testing.assert_close(out_c, out_e)
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k])
+
+
+def test_compile_inductor_shsa():
+    torch._dynamo.reset()
+    fn, tensors = shsa_case(2, 24, 10, 4, 4, None)(torch.float32, "cpu", False)
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(**tensors), fn(**tensors))
+
+
+@pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+def test_autocast_bf16(name, build):
+    """Under autocast the activation and conv weights run in bf16 and the result is close to fp32."""
+    fn, tensors = build(torch.float32, "cpu", False)
+    ref, *_ = run(fn, tensors, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads, _, _ = run(fn, tensors, None, torch.randn(ref.shape).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    for k, g in grads.items():
+        assert g.dtype == tensors[k].dtype, f"grad {k} must come back in its parameter's dtype"
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+def test_channels_last_in_channels_last_out(name, build):
+    fn, tensors = build(torch.float32, "cpu", True)
+    out = fn(**{k: v.clone() for k, v in tensors.items()})
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    same_nchw = fn(**{k: v.contiguous() for k, v in tensors.items()})
+    assert same_nchw.is_contiguous()
+    torch.testing.assert_close(out, same_nchw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch control
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _shsa_args():
+    fn, t = shsa_case(1, 12, 7, 3, 3, None)(torch.float32, "cpu", False)
+    return fn, t
+
+
+def test_use_backend_forces_and_restores():
+    fn, t = _shsa_args()
+    args = (t["x"], t["qkv_weight"], t["qkv_bias"], 16, 1e-5)
+    with K.use_backend("reference"):
+        assert K.forced_backend() == "reference"
+        assert K.chosen_backend("shsa_fused", "cpu", *args) == "reference"
+    assert K.forced_backend() is None
+
+
+def test_forced_backend_that_cannot_run_raises_with_reasons():
+    fn, t = _shsa_args()
+    with K.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' was forced but cannot run op 'shsa_fused'"):
+            fn(**t)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        K.set_backend("fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with K.use_backend("fast"):
+            pass
+
+
+def test_environment_variable_forces_backend():
+    code = (
+        "import shvit_kernels as K; print(K.forced_backend()); "
+        "import torch; x = torch.randn(1, 4, 4, 4); w = torch.randn(4, 1, 3, 3); "
+        "print(K.chosen_backend('conv_bias_act', 'cpu', x, w, None, 1, 1, 4, False, None))"
+    )
+    env = dict(os.environ, SHVIT_KERNELS_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["reference", "reference"]
+    env["SHVIT_KERNELS_BACKEND"] = "nope"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "SHVIT_KERNELS_BACKEND='nope'" in res.stderr
+
+
+def test_backend_table_explains_every_unusable_backend():
+    rows = K.backend_table()
+    assert {r["op"] for r in rows} >= {"conv_bias_act", "conv_bn_train", "ffn_fused", "shsa_fused", "shsa_train"}
+    for r in rows:
+        assert r["usable"] or r["why"], f"{r} is unusable without a reason"
+    assert all(r["usable"] for r in rows if r["backend"] == "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_conv_inputs():
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.randn(8, 1, 3, 3)
+    with pytest.raises(ValueError, match="'x' must be a 4-D tensor"):
+        K.conv_bias_act(x[0], w, padding=1, groups=8)
+    with pytest.raises(ValueError, match="'x' has 8 channels but 'weight'"):
+        K.conv_bias_act(x, torch.randn(8, 2, 3, 3), padding=1, groups=8)
+    with pytest.raises(TypeError, match="'x' must be a floating-point tensor"):
+        K.conv_bias_act(x.long(), w, padding=1, groups=8)
+    with pytest.raises(TypeError, match="'weight' has dtype torch.float64"):
+        K.conv_bias_act(x, w.double(), padding=1, groups=8)
+    with pytest.raises(ValueError, match="'residual' must have shape"):
+        K.conv_bias_act(x, w, padding=1, groups=8, residual=torch.randn(2, 8, 3, 3))
+    with pytest.raises(ValueError, match="'groups'=3 must divide"):
+        K.conv_bias_act(x, torch.randn(8, 8, 1, 1), groups=3)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        K.conv_bias_act(torch.randn(1, 8, 1, 1), torch.randn(8, 8, 3, 3))
+    with pytest.raises(ValueError, match="'bias' must have shape"):
+        K.conv_bias_act(x, w, torch.randn(7), padding=1, groups=8)
+    g, b = torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="'running_mean' is required when training=False"):
+        K.conv_bn(x, w, g, b, None, None, padding=1, groups=8, training=False)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        K.conv_bn(torch.randn(1, 8, 1, 1), torch.randn(8, 8, 1, 1), g, b, None, None, training=True)
+    with pytest.raises(TypeError, match="'bn_weight' must be float32 or the dtype of 'x'"):
+        K.conv_bn(x.bfloat16(), w.bfloat16(), g.double(), b, None, None, padding=1, groups=8, training=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device type")
+def test_device_mismatch():
+    x = torch.randn(2, 8, 6, 6, device="cuda")
+    with pytest.raises(ValueError, match="'weight' is on cpu but 'x' is on cuda"):
+        K.conv_bias_act(x, torch.randn(8, 1, 3, 3), padding=1, groups=8)
+
+
+def test_bad_shsa_inputs():
+    x = torch.randn(2, 12, 3, 3)
+    w = torch.randn(2 * 16 + 7, 7, 1, 1)
+    b = torch.randn(39)
+    with pytest.raises(ValueError, match="partial dim P=20 .* exceeds the channels of 'x' \\(12\\)"):
+        K.shsa_fused(x, torch.randn(52, 20, 1, 1), torch.randn(52))
+    with pytest.raises(ValueError, match="'qkv_weight' must have shape \\(39, 7, 1, 1\\) = \\(2\\*qk_dim \\+ P, P, 1, 1\\) with qk_dim=16, P=7"):
+        K.shsa_fused(x, torch.randn(40, 7, 1, 1), b)
+    with pytest.raises(ValueError, match="'qkv_bias' must have shape"):
+        K.shsa_fused(x, w, torch.randn(38))
+    with pytest.raises(ValueError, match="'qk_dim' must be a positive int"):
+        K.shsa_fused(x, w, b, qk_dim=0)
+    with pytest.raises(ValueError, match="'gn_weight' must have shape \\(7\\)"):
+        K.shsa(x, torch.ones(6), torch.zeros(7), w, torch.ones(39), torch.zeros(39), None, None, training=True)
+
+
+def test_bad_ffn_inputs():
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(ValueError, match="'w1' must have shape \\(16, 8, 1, 1\\) \\(hidden, C=8, 1, 1\\), got \\(16, 7, 1, 1\\)"):
+        K.ffn_fused(x, torch.randn(16, 7, 1, 1), torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8))
+    with pytest.raises(ValueError, match="'w2' must have shape \\(8, 16, 1, 1\\)"):
+        K.ffn_fused(x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8))
+
+
+def test_large_magnitude_low_precision_attention_stays_finite():
+    for dtype in (torch.bfloat16, torch.float16):
+        fn, t = shsa_case(2, 24, 10, 4, 4, None)(torch.float32, "cpu", False)
+        t = {k: v.to(dtype) for k, v in t.items()}
+        t["x"] = t["x"] * 1e4
+        out = fn(**t)
+        assert torch.isfinite(out).all(), f"{dtype}: non-finite output for |x| ~ 1e4"

@@ -1,0 +1,208 @@
+"""Every op on every backend usable here, against the fp64 reference: forward, every gradient, running stats.
+
+The tolerance is the project's rule (tests/helpers.py): a backend's error against fp64 may be at most about
+twice the error of PyTorch's own eager result (the reference backend) in the same dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import shvit_kernels as K
+from helpers import DEVICE, assert_close_to_fp64, usable_backends
+from op_cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, shsa_case
+
+NOT_DIFFERENTIABLE = ("running_mean", "running_var")
+
+
+def run(fn, tensors, backend, grad_out=None):
+    """Forward + backward of ``fn(**tensors)`` on ``backend``; returns (out, grads dict, running stats, grad_out)."""
+    leaves = {k: v.detach().clone().requires_grad_(k not in NOT_DIFFERENTIABLE) for k, v in tensors.items()}
+    with K.use_backend(backend):
+        out = fn(**leaves)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+        diff = [k for k in leaves if leaves[k].requires_grad]
+        grads = torch.autograd.grad(out, [leaves[k] for k in diff], grad_out)
+    stats = {k: leaves[k] for k in NOT_DIFFERENTIABLE if k in leaves}
+    return out, dict(zip(diff, grads)), stats, grad_out
+
+
+def compare_backend(build, dtype, device, channels_last, backend):
+    fn, tensors = build(dtype, device, channels_last)
+    eager_out, eager_grads, eager_stats, grad_out = run(fn, tensors, "reference")
+    got_out, got_grads, got_stats, _ = run(fn, tensors, backend, grad_out)
+    tensors64 = {k: v.double() for k, v in tensors.items()}
+    ref_out, ref_grads, ref_stats, _ = run(fn, tensors64, "reference", grad_out.double())
+
+    assert_close_to_fp64(got_out, eager_out, ref_out, name="forward")
+    if channels_last:
+        assert got_out.is_contiguous(memory_format=torch.channels_last), "output lost the channels_last layout"
+    for k in ref_grads:
+        assert_close_to_fp64(got_grads[k], eager_grads[k], ref_grads[k], name=f"grad {k}")
+    for k in ref_stats:
+        assert_close_to_fp64(got_stats[k], eager_stats[k], ref_stats[k], name=k)
+
+
+def _backend_params():
+    """(backend, device) pairs whose kernels can run in this process."""
+    pairs = [(b, "cpu") for b in usable_backends("cpu") if b == "cpp"]
+    if torch.cuda.is_available():
+        pairs += [(b, "cuda") for b in usable_backends("cuda") if b in ("triton", "cuda")]
+    return pairs or [pytest.param(None, None, marks=pytest.mark.skip(reason="no compiled or GPU backend is usable here"))]
+
+
+def _dtypes(device):
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name,build", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend,device", _backend_params())
+def test_backend_matches_fp64_reference(backend, device, name, build, dtype, channels_last):
+    if dtype not in _dtypes(device):
+        pytest.skip(f"{dtype} is not a {device} dtype of this project")
+    compare_backend(build, dtype, device, channels_last, backend)
+
+
+@pytest.mark.parametrize("backend,device", _backend_params())
+def test_backend_long_sequence_attention(backend, device):
+    compare_backend(LONG_SHSA_CASE[1], torch.float32, device, False, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference ops against plain PyTorch modules (the authors' formulation), fp64 and fp32.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _module_conv_bn(c_in, c_out, k, stride, groups, tensors):
+    conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False).double()
+    bn = nn.BatchNorm2d(c_out).double()
+    with torch.no_grad():
+        conv.weight.copy_(tensors["weight"])
+        bn.weight.copy_(tensors["bn_weight"])
+        bn.bias.copy_(tensors["bn_bias"])
+        bn.running_mean.copy_(tensors["running_mean"])
+        bn.running_var.copy_(tensors["running_var"])
+    return conv, bn
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("k,stride,groups,relu,residual", [(3, 2, 1, True, False), (3, 1, 8, False, True), (1, 1, 1, True, False)])
+def test_reference_conv_bn_matches_modules(training, k, stride, groups, relu, residual):
+    c = 8
+    fn, t = conv_case(2, c, c, 9, 7, k, stride, groups, relu, residual, training)(torch.float64, "cpu", False)
+    conv, bn = _module_conv_bn(c, c, k, stride, groups, t)
+    bn.train(training)
+    expected = bn(conv(t["x"]))
+    if residual:
+        expected = expected + t["residual"]
+    if relu:
+        expected = torch.relu(expected)
+    got = fn(**t)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t["running_mean"], bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t["running_var"], bn.running_var, rtol=1e-12, atol=1e-12)
+
+
+def _authors_shsa(x, p, t, training):
+    """SHSA as the authors write it (nn.GroupNorm, Conv2d+BN, softmax), up to the projection's ReLU."""
+    b, c, h, w = x.shape
+    n = 2 * 16 + p
+    gn = nn.GroupNorm(1, p).double()
+    conv, bn = _module_conv_bn(p, n, 1, 1, 1, t)
+    with torch.no_grad():
+        gn.weight.copy_(t["gn_weight"])
+        gn.bias.copy_(t["gn_bias"])
+    bn.train(training)
+    x1, x2 = torch.split(x, [p, c - p], dim=1)
+    qkv = bn(conv(gn(x1)))
+    q, k, v = qkv.split([16, 16, p], dim=1)
+    q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+    attn = (q.transpose(-2, -1) @ k) * 16 ** -0.5
+    attn = attn.softmax(dim=-1)
+    x1 = (v @ attn.transpose(-2, -1)).reshape(b, p, h, w)
+    return torch.relu(torch.cat([x1, x2], dim=1)), bn
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_shsa_matches_authors_formulation(training):
+    p = 12
+    fn, t = shsa_case(2, 20, p, 5, 3, training)(torch.float64, "cpu", False)
+    expected, bn = _authors_shsa(t["x"], p, dict(t, weight=t["qkv_weight"]), training)
+    torch.testing.assert_close(fn(**t), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(t["running_mean"], bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t["running_var"], bn.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_ffn_matches_modules():
+    fn, t = ffn_case(2, 8, 5, 3)(torch.float64, "cpu", False)
+    expected = t["x"] + F.conv2d(torch.relu(F.conv2d(t["x"], t["w1"], t["b1"])), t["w2"], t["b2"])
+    torch.testing.assert_close(fn(**t), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fp64 gradcheck of the autograd glue and the written-out backwards, on every CPU backend that takes fp64.
+# ---------------------------------------------------------------------------------------------------------
+
+GRADCHECK_CASES = [
+    ("conv-train-3x3s2", conv_case(2, 3, 4, 5, 5, 3, 2, 1, True, False, True)),
+    ("conv-train-dw-residual", conv_case(2, 4, 4, 4, 3, 3, 1, 4, False, True, True)),
+    ("conv-eval-1x1", conv_case(2, 4, 6, 3, 3, 1, 1, 1, True, False, False)),
+    ("conv-infer-dw-s2", conv_case(1, 4, 4, 5, 4, 3, 2, 4, True, False, None)),
+    ("ffn", ffn_case(2, 3, 3, 2)),
+    ("shsa-infer", shsa_case(2, 7, 5, 3, 2, None)),
+    ("shsa-train", shsa_case(2, 7, 5, 3, 2, True)),
+    ("shsa-eval", shsa_case(1, 6, 5, 2, 2, False)),
+]
+
+
+@pytest.mark.parametrize("name,build", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("backend", usable_backends("cpu", include_reference=True))
+def test_gradcheck_fp64(backend, name, build):
+    fn, t = build(torch.float64, "cpu", False)
+    keys = [k for k in t if k not in NOT_DIFFERENTIABLE]
+
+    def f(*args):
+        # Training mode mutates running stats; give each evaluation fresh copies so calls are pure.
+        kw = {k: v.clone() for k, v in t.items() if k in NOT_DIFFERENTIABLE}
+        kw.update(zip(keys, args))
+        return fn(**kw)
+
+    inputs = tuple(t[k].detach().clone().requires_grad_() for k in keys)
+    with K.use_backend(backend):
+        try:
+            f(*inputs)
+        except RuntimeError as e:
+            if "was forced but cannot run" not in str(e):
+                raise
+            pytest.skip(f"{backend} declines this fp64 call: {e}")
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The harness itself must be able to fail: a kernel that is off by a little is caught, forward and backward.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_harness_rejects_a_slightly_wrong_kernel(monkeypatch, where):
+    from shvit_kernels import _dispatch
+    from shvit_kernels.ops import shsa as shsa_ops
+
+    fake = _dispatch.Backend("cpp")
+    monkeypatch.setitem(_dispatch._backends, "cpp", fake)
+    if where == "forward":
+        _dispatch.register_kernel("shsa_fused", "cpp", lambda *a: shsa_ops.shsa_fused_reference(*a) * (1 + 1e-4))
+        _dispatch.register_kernel("shsa_fused_backward", "cpp", shsa_ops.shsa_fused_backward_reference)
+    else:
+        _dispatch.register_kernel("shsa_fused", "cpp", shsa_ops.shsa_fused_reference)
+        _dispatch.register_kernel(
+            "shsa_fused_backward", "cpp", lambda *a: tuple(g * (1 + 1e-4) for g in shsa_ops.shsa_fused_backward_reference(*a))
+        )
+    with pytest.raises(AssertionError, match="exceeds"):
+        compare_backend(shsa_case(2, 64, 48, 7, 7, None), torch.float32, "cpu", False, "cpp")
