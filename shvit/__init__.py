@@ -4,6 +4,7 @@
     fast = shvit.fuse(model)                                   # BatchNorms folded, for inference
 """
 
+from .fuse import FusedConv2d, FusedFFN, FusedSHSA, fuse
 from .model import (
     BN_Linear,
     BasicBlock,
@@ -25,6 +26,10 @@ from .model import (
 )
 
 __all__ = [
+    "FusedConv2d",
+    "FusedFFN",
+    "FusedSHSA",
+    "fuse",
     "BN_Linear",
     "BasicBlock",
     "Conv2d_BN",

@@ -1,0 +1,181 @@
+"""Inference fusion: fold every BatchNorm (and the GroupNorm affine) into the weights, in a copy of the model.
+
+After ``fuse``:
+* each ``Conv2d_BN`` is a :class:`FusedConv2d` (conv with bias, ``shvit_kernels.conv_bias_act``);
+* ``Residual(depthwise 3x3 Conv2d_BN)`` is one depthwise :class:`FusedConv2d` with 1.0 added to the centre tap;
+* ``Residual(FFN)`` runs one ``shvit_kernels.ffn_fused`` call;
+* ``SHSA`` folds GroupNorm's affine and the qkv BatchNorm into ``shvit_kernels.shsa_fused`` weights, and its
+  projection conv takes the block's residual;
+* ``BN_Linear`` is an ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import shvit_kernels
+
+from .model import BN_Linear, Conv2d_BN, FFN, Residual, ResidualInForward, SHSA, SHViT
+
+__all__ = ["FusedConv2d", "FusedFFN", "FusedSHSA", "fuse", "fuse_bn_linear", "fuse_conv_bn"]
+
+
+class FusedConv2d(ResidualInForward, nn.Conv2d):
+    """Conv2d with bias run through ``shvit_kernels.conv_bias_act`` (optionally + residual, ReLU)."""
+
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return shvit_kernels.conv_bias_act(
+            x,
+            self.weight,
+            self.bias,
+            stride=self.stride[0],
+            padding=self.padding[0],
+            groups=self.groups,
+            relu=relu,
+            residual=residual,
+        )
+
+
+class FusedFFN(nn.Module):
+    """FFN with folded BatchNorms; inside a Residual the whole block is one ``ffn_fused`` call."""
+
+    def __init__(self, pw1: FusedConv2d, pw2: FusedConv2d):
+        super().__init__()
+        self.pw1 = pw1
+        self.act = nn.ReLU()
+        self.pw2 = pw2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.pw1(x, relu=True))
+
+    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return shvit_kernels.ffn_fused(x, self.pw1.weight, self.pw1.bias, self.pw2.weight, self.pw2.bias)
+
+
+class FusedSHSA(ResidualInForward, nn.Module):
+    """SHSA with GroupNorm's affine and the qkv BatchNorm folded into ``qkv`` (for ``shsa_fused``)."""
+
+    def __init__(self, dim: int, qk_dim: int, pdim: int, qkv: FusedConv2d, proj: nn.Sequential, gn_eps: float):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.pdim = pdim
+        self.gn_eps = gn_eps
+        self.qkv = qkv
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attended = shvit_kernels.shsa_fused(x, self.qkv.weight, self.qkv.bias, qk_dim=self.qk_dim, gn_eps=self.gn_eps)
+        return self.proj[1](attended, residual=residual)
+
+
+def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> FusedConv2d:
+    """A FusedConv2d with ``template``'s geometry holding ``weight`` and ``bias``."""
+    conv = FusedConv2d(
+        weight.shape[1] * template.groups,
+        weight.shape[0],
+        template.kernel_size,
+        template.stride,
+        template.padding,
+        groups=template.groups,
+        bias=True,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    conv.weight.copy_(weight)
+    conv.bias.copy_(bias)
+    return conv
+
+
+@torch.no_grad()
+def fuse_conv_bn(m: Conv2d_BN, add_identity: bool = False) -> FusedConv2d:
+    """Fold ``m.bn`` into ``m.c``. ``add_identity`` also folds ``x + m(x)`` (a same-shape depthwise conv with
+    centred padding) by adding 1.0 to each channel's centre tap."""
+    bn = m.bn
+    weight, bias = shvit_kernels.fold_bn(m.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    if add_identity:
+        if not _is_same_shape_depthwise(m):
+            raise ValueError("only a depthwise, stride-1, centred-padding Conv2d_BN can absorb its residual")
+        k_h, k_w = weight.shape[-2:]
+        weight = weight.clone()
+        weight[:, 0, k_h // 2, k_w // 2] += 1.0
+    return _conv_with(m.c, weight, bias)
+
+
+def _is_same_shape_depthwise(m: Conv2d_BN) -> bool:
+    c = m.c
+    k_h, k_w = c.kernel_size
+    return (
+        c.groups == c.in_channels == c.out_channels
+        and c.stride == (1, 1)
+        and c.dilation == (1, 1)
+        and k_h % 2 == 1
+        and k_w % 2 == 1
+        and c.padding == (k_h // 2, k_w // 2)
+    )
+
+
+@torch.no_grad()
+def fuse_bn_linear(m: BN_Linear) -> nn.Linear:
+    """Fold the BatchNorm1d before the Linear: W' = W * s[None, :], b' = W @ t + b."""
+    bn, linear = m.bn, m.l
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
+    fused.weight.copy_(linear.weight * scale[None, :])
+    fused.bias.copy_(linear.weight @ shift + linear.bias)
+    return fused
+
+
+@torch.no_grad()
+def _fuse_shsa(m: SHSA) -> FusedSHSA:
+    bn = m.qkv.bn
+    weight, bias = shvit_kernels.fold_shsa(
+        m.pre_norm.weight, m.pre_norm.bias, m.qkv.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    )
+    proj = nn.Sequential(nn.ReLU(), fuse_conv_bn(m.proj[1]))
+    return FusedSHSA(m.dim, m.qk_dim, m.pdim, _conv_with(m.qkv.c, weight, bias), proj, m.pre_norm.eps)
+
+
+def _fused_replacement(module: nn.Module) -> Optional[nn.Module]:
+    """The fused stand-in for ``module``, or None to recurse into its children."""
+    if isinstance(module, Conv2d_BN):
+        return fuse_conv_bn(module)
+    if isinstance(module, Residual) and isinstance(module.m, Conv2d_BN) and _is_same_shape_depthwise(module.m):
+        return fuse_conv_bn(module.m, add_identity=True)
+    if isinstance(module, FFN):
+        return FusedFFN(fuse_conv_bn(module.pw1), fuse_conv_bn(module.pw2))
+    if isinstance(module, SHSA):
+        return _fuse_shsa(module)
+    if isinstance(module, BN_Linear):
+        return fuse_bn_linear(module)
+    return None
+
+
+def _fuse_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        replacement = _fused_replacement(child)
+        if replacement is None:
+            _fuse_children(child)
+        else:
+            setattr(module, name, replacement)
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Return a new eval-mode model with all normalisation folded into weights; ``model`` is left untouched.
+
+    Works on a whole :class:`SHViT` or any of its submodules. The result computes the same function as
+    ``model.eval()`` (to fp32 rounding), with fewer and fused op calls.
+    """
+    fused = copy.deepcopy(model).eval()
+    replacement = _fused_replacement(fused)
+    if replacement is not None:
+        return replacement.eval()
+    _fuse_children(fused)
+    if isinstance(fused, SHViT):
+        fused.is_fused = True
+    return fused
