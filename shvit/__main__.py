@@ -1,0 +1,112 @@
+"""Command line: ``python -m shvit info`` and ``python -m shvit bench`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def cmd_info(args) -> int:
+    import shvit
+    import shvit_kernels
+    from shvit_kernels import _dispatch
+
+    print(f"shvit-kernels {shvit_kernels.__version__}, torch {torch.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    forced = shvit_kernels.forced_backend()
+    print(f"forced backend: {forced or 'none (automatic per call)'}")
+    print(f"models: {', '.join(shvit.list_models())}")
+    rows = shvit_kernels.backend_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for name in _dispatch.BACKENDS:
+        mine = [r for r in rows if r["backend"] == name]
+        usable = [r["op"] for r in mine if r["usable"]]
+        unavailable = _dispatch.backend(name).unavailable_reasons()
+        status = "usable" if usable else "not usable: " + ("; ".join(unavailable) or "no kernels registered")
+        print(f"\n{name}: {status}")
+        if usable:
+            print(f"  ops: {', '.join(usable)}")
+            missing = [r["op"] for r in mine if not r["usable"]]
+            if missing:
+                print(f"  no kernel (falls back): {', '.join(missing)}")
+    for device_type in ("cpu", "cuda"):
+        orders = sorted({" > ".join(_dispatch.preference(op, device_type)) for op in _dispatch.ops()})
+        print(f"\npreference on {device_type}: {' | '.join(orders)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_model_bench
+
+    if args.suite == "paper":
+        try:
+            from benchmarks.paper_protocol import run_paper_suite
+        except ImportError as e:
+            print(f"the paper suite lives in benchmarks/ (run from the repository root): {e}", file=sys.stderr)
+            return 2
+        return run_paper_suite(args)
+    report = run_model_bench(
+        model=args.model,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        channels_last=not args.nchw,
+        warmup_s=args.warmup,
+        window_s=args.window,
+        rounds=args.rounds,
+    )
+    print(report.to_json() if args.json else report.table())
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(report.to_json() + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shvit", description="SHViT with fused kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, and which backends are built and usable (and why not)")
+    info.add_argument("--json", action="store_true", help="print the backend table as JSON")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="img/s of the reference model against the fused model on the best backends")
+    bench.add_argument("--model", default="shvit_s1")
+    bench.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU (the paper's)")
+    bench.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
+    bench.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    bench.add_argument("--nchw", action="store_true", help="keep NCHW instead of channels_last")
+    bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per variant")
+    bench.add_argument("--window", type=float, default=0.5, help="seconds per timed window")
+    bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
+    bench.add_argument("--suite", default=None, choices=["paper"], help="run the paper's protocol against every peer")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument("--output", default=None, help="also write the JSON report to this file")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 0) is None:
+        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.batch_size = 256 if on_gpu else 16
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

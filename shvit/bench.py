@@ -1,0 +1,236 @@
+"""Model throughput: the reference model against the fused model on the best backends, measured side by side.
+
+Variants run interleaved in one process (one timed window of each per round, rounds repeated), so drift in
+clock speed or machine load hits them alike; medians and the spread over rounds are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import shvit_kernels
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Resolution each variant was measured at in the paper (spec table).
+PAPER_IMG_SIZE = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256}
+
+
+@dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    backend: Optional[str] = None  # forced backend, or None for the dispatcher's choice
+    autocast: bool = False
+
+
+@dataclass
+class Result:
+    name: str
+    img_per_s: float
+    ms_per_batch_median: float
+    ms_per_batch_min: float
+    ms_per_batch_max: float
+    rounds: int
+    max_rel_diff_vs_first: float = 0.0
+
+
+@dataclass
+class Report:
+    model: str
+    batch_size: int
+    img_size: int
+    device: str
+    dtype: str
+    threads: int
+    results: List[Result] = field(default_factory=list)
+    environment: Dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def table(self) -> str:
+        base = self.results[0].img_per_s if self.results else 1.0
+        lines = [
+            f"{self.model} batch {self.batch_size} {self.img_size}px {self.device} {self.dtype} threads {self.threads}",
+            f"{'variant':<28}{'img/s':>12}{'ms/batch (median)':>20}{'min..max':>20}{'speed-up':>10}{'max rel diff':>14}",
+        ]
+        for r in self.results:
+            spread = f"{r.ms_per_batch_min:.2f}..{r.ms_per_batch_max:.2f}"
+            lines.append(
+                f"{r.name:<28}{r.img_per_s:>12.1f}{r.ms_per_batch_median:>20.2f}{spread:>20}"
+                f"{r.img_per_s / base:>9.2f}x{r.max_rel_diff_vs_first:>14.2e}"
+            )
+        return "\n".join(lines)
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "shvit_kernels": shvit_kernels.__version__,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = str(torch.version.cuda)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _context(v: Variant, device: torch.device, dtype: torch.dtype):
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    stack.enter_context(shvit_kernels.use_backend(v.backend))
+    if v.autocast:
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+    return stack
+
+
+def measure(
+    variants: List[Variant],
+    inputs: List[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup_s: float = 1.0,
+    window_s: float = 0.5,
+    rounds: int = 7,
+) -> List[Result]:
+    """Warm each variant up, then alternate timed windows of ``window_s`` per variant for ``rounds`` rounds.
+
+    ``inputs`` rotate between calls so no variant is flattered by a cache holding its one input.
+    """
+    outputs = []
+    for v in variants:
+        with _context(v, device, dtype):
+            outputs.append(v.model(inputs[0]).float())
+            deadline = time.perf_counter() + warmup_s
+            while time.perf_counter() < deadline:
+                v.model(inputs[0])
+            _sync(device)
+    samples: Dict[str, List[float]] = {v.name: [] for v in variants}
+    counter = 0
+    for _ in range(rounds):
+        for v in variants:
+            with _context(v, device, dtype):
+                _sync(device)
+                start = time.perf_counter()
+                calls = 0
+                while True:
+                    v.model(inputs[counter % len(inputs)])
+                    counter += 1
+                    calls += 1
+                    if calls % 2 == 0 or device.type != "cuda":
+                        _sync(device)
+                        if time.perf_counter() - start >= window_s:
+                            break
+                samples[v.name].append((time.perf_counter() - start) / calls)
+    first = outputs[0]
+    results = []
+    for v, out in zip(variants, outputs):
+        s = samples[v.name]
+        med = statistics.median(s)
+        diff = ((out - first).abs().max() / first.abs().max().clamp_min(1e-30)).item()
+        results.append(Result(v.name, inputs[0].shape[0] / med, med * 1e3, min(s) * 1e3, max(s) * 1e3, rounds, diff))
+    return results
+
+
+def model_variants(model_name: str, device: torch.device, dtype: torch.dtype, channels_last: bool) -> List[Variant]:
+    """Reference (unfused, reference ops), fused on reference ops, and fused on the best available backends."""
+    import shvit
+
+    model = shvit.create_model(model_name).to(device).eval()
+    _randomize_bn(model)
+    fused = shvit.fuse(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    low = dtype != torch.float32
+    models = {}
+    for name, m in (("unfused", model), ("fused", fused)):
+        m = m.to(memory_format=fmt)
+        models[name] = m.to(dtype) if low else m
+    return [
+        Variant("reference (unfused)", models["unfused"], backend="reference"),
+        Variant("fused, reference ops", models["fused"], backend="reference"),
+        Variant("fused, best backends", models["fused"], backend=None),
+    ]
+
+
+def _randomize_bn(model: torch.nn.Module) -> None:
+    """Fresh models have identity BNs and zero-init residual branches; random statistics make outputs meaningful."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def run_model_bench(
+    model: str = "shvit_s1",
+    batch_size: int = 16,
+    img_size: Optional[int] = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    threads: Optional[int] = None,
+    channels_last: bool = True,
+    warmup_s: float = 1.0,
+    window_s: float = 0.5,
+    rounds: int = 7,
+    variants_fn: Callable = model_variants,
+) -> Report:
+    import shvit
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if threads:
+        torch.set_num_threads(threads)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if model not in shvit.list_models():
+        raise ValueError(f"--model must be one of {shvit.list_models()}, got {model!r}")
+    size = img_size or PAPER_IMG_SIZE[model]
+    variants = variants_fn(model, dev, torch_dtype, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(1)
+    inputs = [
+        torch.randn(batch_size, 3, size, size, generator=g).to(dev, torch_dtype).contiguous(memory_format=fmt)
+        for _ in range(3)
+    ]
+    report = Report(model, batch_size, size, str(dev), dtype, torch.get_num_threads(), environment=environment(dev))
+    report.results = measure(variants, inputs, dev, torch_dtype, warmup_s, window_s, rounds)
+    return report
