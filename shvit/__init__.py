@@ -4,6 +4,7 @@
     fast = shvit.fuse(model)                                   # BatchNorms folded, for inference
 """
 
+from .checkpoint import CheckpointError, LoadResult, load_checkpoint, save_checkpoint, timm_to_authors
 from .fuse import FusedConv2d, FusedFFN, FusedSHSA, fuse
 from .model import (
     BN_Linear,
@@ -26,6 +27,11 @@ from .model import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "LoadResult",
+    "load_checkpoint",
+    "save_checkpoint",
+    "timm_to_authors",
     "FusedConv2d",
     "FusedFFN",
     "FusedSHSA",
