@@ -1,0 +1,143 @@
+"""Triton kernels for ``ffn_fused`` (C -> 2C -> ReLU -> C, residual) and its backward.
+
+Forward: one program per tile of tokens keeps its (tokens x C) input tile and a (tokens x C) fp32 output
+accumulator on chip and walks the hidden dimension in chunks, so the hidden activation never reaches memory.
+Backward: one pass recomputes the hidden chunks, accumulates grad_x on chip and writes the hidden activation
+and its gradient (fp32 scratch) for the two weight-gradient reductions, which reuse the conv kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import as_nchw_or_cl, check_dtype, empty_like_format, mma, pix_offsets, pow2
+from .conv_bn import launch_wgrad
+
+
+@triton.jit
+def _ffn_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, o_ptr, M, C, HID, H, W,
+                    sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
+                    BM: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_c = tl.arange(0, CP)
+    m_mask = offs_m < M
+    c_mask = offs_c < C
+    mask = m_mask[:, None] & c_mask[None, :]
+    xo = pix_offsets(offs_m, H, W, sx_n, sx_h, sx_w)
+    x = tl.load(x_ptr + xo[:, None] + offs_c[None, :] * sx_c, mask=mask, other=0.0)
+    acc = tl.zeros((BM, CP), dtype=tl.float32)
+    for h0 in range(0, HID, BH):
+        offs_h = h0 + tl.arange(0, BH)
+        h_mask = offs_h < HID
+        w1c = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None], mask=c_mask[:, None] & h_mask[None, :], other=0.0)
+        hid = mma(x, w1c, tl.zeros((BM, BH), dtype=tl.float32))
+        hid += tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
+        hid = tl.maximum(hid, 0.0).to(x.dtype)  # the hidden activation in x's dtype, as the reference has it
+        w2c = tl.load(w2_ptr + offs_c[None, :] * HID + offs_h[:, None], mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = mma(hid, w2c, acc)
+    acc += tl.load(b2_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc += x.to(tl.float32)
+    oo = pix_offsets(offs_m, H, W, so_n, so_h, so_w)
+    tl.store(o_ptr + oo[:, None] + offs_c[None, :] * so_c, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ffn_bwd_kernel(x_ptr, g_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, gh_ptr, gx_ptr, pb1_ptr, pb2_ptr,
+                    M, C, HID, H, W, sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, so_n, so_c, so_h, so_w,
+                    BM: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_c = tl.arange(0, CP)
+    m_mask = offs_m < M
+    c_mask = offs_c < C
+    mask = m_mask[:, None] & c_mask[None, :]
+    x = tl.load(x_ptr + pix_offsets(offs_m, H, W, sx_n, sx_h, sx_w)[:, None] + offs_c[None, :] * sx_c,
+                mask=mask, other=0.0)
+    g = tl.load(g_ptr + pix_offsets(offs_m, H, W, sg_n, sg_h, sg_w)[:, None] + offs_c[None, :] * sg_c,
+                mask=mask, other=0.0).to(tl.float32)
+    acc = g  # the residual path
+    for h0 in range(0, HID, BH):
+        offs_h = h0 + tl.arange(0, BH)
+        h_mask = offs_h < HID
+        hm = m_mask[:, None] & h_mask[None, :]
+        w1c = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None], mask=c_mask[:, None] & h_mask[None, :], other=0.0)
+        hid = mma(x, w1c, tl.zeros((BM, BH), dtype=tl.float32))
+        hid += tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
+        hid = tl.maximum(hid, 0.0).to(x.dtype).to(tl.float32)
+        w2c = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=c_mask[:, None] & h_mask[None, :],
+                      other=0.0).to(tl.float32)
+        gh = mma(g, w2c, tl.zeros((BM, BH), dtype=tl.float32))
+        gh = tl.where((hid > 0) & hm, gh, 0.0)
+        so = offs_m[:, None] * HID + offs_h[None, :]
+        tl.store(h_ptr + so, hid, mask=hm)
+        tl.store(gh_ptr + so, gh, mask=hm)
+        tl.store(pb1_ptr + pid * HID + offs_h, tl.sum(gh, axis=0), mask=h_mask)
+        w1r = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=h_mask[:, None] & c_mask[None, :],
+                      other=0.0).to(tl.float32)
+        acc = mma(gh, w1r, acc)
+    tl.store(pb2_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=c_mask)
+    oo = pix_offsets(offs_m, H, W, so_n, so_h, so_w)
+    tl.store(gx_ptr + oo[:, None] + offs_c[None, :] * so_c, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(op, x, w1, b1, w2, b2, grad_out=None):
+    for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("grad_out", grad_out)):
+        check_dtype(op, name, t)
+    if x.dim() != 4 or w1.dim() != 4 or w2.dim() != 4:
+        raise ValueError(f"{op} (triton): 'x', 'w1' and 'w2' must be 4-D")
+    c, hid = x.shape[1], w1.shape[0]
+    if tuple(w1.shape) != (hid, c, 1, 1) or tuple(w2.shape) != (c, hid, 1, 1):
+        raise ValueError(f"{op} (triton): 'w1' must be (hidden, {c}, 1, 1) and 'w2' ({c}, hidden, 1, 1), got "
+                         f"{tuple(w1.shape)} and {tuple(w2.shape)}")
+    if c > MAX_C:
+        raise ValueError(f"{op} (triton): 'x' has {c} channels; the on-chip tile holds at most {MAX_C}")
+
+
+MAX_C = 1024
+
+
+def _blocks(c, backward):
+    cp = pow2(c)
+    bm = 32 if cp <= 256 else 16
+    return (bm // 2 if backward and cp > 128 else bm), cp, 32
+
+
+def ffn_fused(x, w1, b1, w2, b2):
+    _check("ffn_fused", x, w1, b1, w2, b2)
+    x = as_nchw_or_cl(x)
+    nb, c, h, w = x.shape
+    hid = w1.shape[0]
+    m = nb * h * w
+    bm, cp, bh = _blocks(c, False)
+    out = empty_like_format(x.shape, x.dtype, x)
+    wd = x.dtype
+    _ffn_fwd_kernel[(triton.cdiv(m, bm),)](
+        x, w1.reshape(hid, c).to(wd).contiguous(), b1.contiguous(), w2.reshape(c, hid).to(wd).contiguous(),
+        b2.contiguous(), out, m, c, hid, h, w, *x.stride(), *out.stride(), BM=bm, CP=cp, BH=bh,
+        num_warps=4 if cp <= 128 else 8)
+    return out
+
+
+def ffn_fused_backward(grad_out, x, w1, b1, w2, b2):
+    _check("ffn_fused_backward", x, w1, b1, w2, b2, grad_out)
+    grad_out, x = as_nchw_or_cl(grad_out), as_nchw_or_cl(x)
+    nb, c, h, w = x.shape
+    hid = w1.shape[0]
+    m = nb * h * w
+    bm, cp, bh = _blocks(c, True)
+    grid = triton.cdiv(m, bm)
+    # fp32 channels-last scratch for the hidden activation and its gradient
+    hbuf = torch.empty((nb, hid, h, w), dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+    ghbuf = torch.empty_like(hbuf)
+    pb1 = torch.empty((grid, hid), dtype=torch.float32, device=x.device)
+    pb2 = torch.empty((grid, c), dtype=torch.float32, device=x.device)
+    grad_x = empty_like_format(x.shape, x.dtype, x)
+    _ffn_bwd_kernel[(grid,)](
+        x, grad_out, w1.reshape(hid, c).to(x.dtype).contiguous(), b1.contiguous(), w2.reshape(c, hid).contiguous(),
+        hbuf, ghbuf, grad_x, pb1, pb2, m, c, hid, h, w, *x.stride(), *grad_out.stride(), *grad_x.stride(),
+        BM=bm, CP=cp, BH=bh, num_warps=4 if cp <= 128 else 8)
+    grad_w1 = launch_wgrad(x, ghbuf, w1.shape, stride=1, pad=0, depthwise=False)
+    grad_w2 = launch_wgrad(hbuf, grad_out, w2.shape, stride=1, pad=0, depthwise=False)
+    return grad_x, grad_w1.to(w1.dtype), pb1.sum(0).to(b1.dtype), grad_w2.to(w2.dtype), pb2.sum(0).to(b2.dtype)
