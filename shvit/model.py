@@ -328,10 +328,10 @@ class SHViT(nn.Module):
         if self.distillation:
             self.head_dist = self._new_head(num_classes)
         reference = next(old.parameters(), None) if old is not None else None
-        if reference is not None:  # keep the device and dtype of a model that was moved
-            self.head.to(reference.device, reference.dtype)
-            if self.distillation:
-                self.head_dist.to(reference.device, reference.dtype)
+        for head in (self.head, getattr(self, "head_dist", None)) if self.distillation else (self.head,):
+            head.train(self.training)
+            if reference is not None:  # keep the device and dtype of a model that was moved
+                head.to(reference.device, reference.dtype)
 
     # ----------------------------------------------------------------------------------------------------
     # Forward
