@@ -1,1 +1,147 @@
-"""cpp backend: registration pending."""
+"""cpp backend: vectorized C++ CPU kernels (``csrc/cpu``), built once per instruction set.
+
+``setup.py`` builds ``shvit_kernels._C_cpu_{avx512,avx2,default}`` from the same sources; this module loads the
+best one the processor supports (``torch.backends.cpu.get_cpu_capability()``), falling back to lower ones. If
+none loads, the backend stays registered but unavailable, with the reason, and the reference ops run instead.
+Kernels take fp32 or bf16 (fp32 accumulation) in NCHW or channels_last; other dtypes and shapes are declined
+through each op's ``not_supported_reasons``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import _dispatch
+
+BACKEND = "cpp"
+# Best first; a processor that has a capability can run every one after it.
+CAPABILITIES = ("AVX512", "AVX2", "DEFAULT")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+_module: Optional[ModuleType] = None
+_load_errors: Dict[str, str] = {}
+
+
+def _module_name(capability: str) -> str:
+    return f"shvit_kernels._C_cpu_{capability.lower()}"
+
+
+def runnable_capabilities() -> List[str]:
+    """The builds this processor can run, best first."""
+    cpu = torch.backends.cpu.get_cpu_capability().upper()
+    for i, cap in enumerate(CAPABILITIES):
+        if cpu.startswith(cap):
+            return list(CAPABILITIES[i:])
+    return ["DEFAULT"]
+
+
+def load_variant(capability: str) -> ModuleType:
+    """Import one build (raises ImportError if it is missing or cannot load)."""
+    capability = capability.upper()
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown CPU capability {capability!r}; expected one of {CAPABILITIES}")
+    if capability not in runnable_capabilities():
+        raise ImportError(f"this processor ({torch.backends.cpu.get_cpu_capability()}) cannot run the {capability} build")
+    return importlib.import_module(_module_name(capability))
+
+
+def _load_best() -> Optional[ModuleType]:
+    for cap in runnable_capabilities():
+        try:
+            return load_variant(cap)
+        except ImportError as e:  # not built, or built against another torch
+            _load_errors[cap] = str(e)
+    return None
+
+
+def variant() -> Optional[str]:
+    """The capability of the build in use (None when the backend is unavailable)."""
+    return None if _module is None else _module.CPU_CAPABILITY
+
+
+def set_variant(capability: Optional[str]) -> Optional[str]:
+    """Switch the build the kernels call (None: the best one); returns the previous capability. For tests."""
+    global _module
+    previous = variant()
+    _module = _load_best() if capability is None else load_variant(capability)
+    return previous
+
+
+def _availability() -> List[str]:
+    if _module is not None:
+        return []
+    tried = "; ".join(f"{_module_name(c)}: {msg}" for c, msg in _load_errors.items()) or "nothing to load"
+    return [f"the C++ CPU extension is not built or failed to load ({tried})"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-call support checks: the same arguments as the kernels.
+# ---------------------------------------------------------------------------------------------------------------
+def _common_reasons(x: torch.Tensor, *same_dtype: Optional[torch.Tensor]) -> List[str]:
+    reasons = []
+    if x.device.type != "cpu":
+        reasons.append(f"the cpp backend runs on CPU tensors only, got {x.device}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"the cpp backend implements float32 and bfloat16 only, got {x.dtype}")
+    for t in same_dtype:
+        if t is not None and t.dtype != x.dtype:
+            reasons.append(f"the cpp backend needs every activation/weight in x's dtype {x.dtype}, got {t.dtype}")
+            break
+    return reasons
+
+
+def conv_support_reasons(x, weight, stride, padding, groups) -> List[str]:
+    if groups == 1:
+        return []
+    depthwise = groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
+    if depthwise and tuple(weight.shape[2:]) == (3, 3) and padding == 1 and stride in (1, 2):
+        return []
+    return [
+        "the cpp backend implements dense convolutions (groups=1) and depthwise 3x3 with padding 1 and stride 1 or 2; "
+        f"got groups={groups}, weight {tuple(weight.shape)}, stride {stride}, padding {padding}"
+    ]
+
+
+def _conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, residual):
+    return _common_reasons(x, weight, residual) + conv_support_reasons(x, weight, stride, padding, groups)
+
+
+def _ffn_fused_reasons(x, w1, b1, w2, b2):
+    return _common_reasons(x, w1, w2)
+
+
+def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
+    return _common_reasons(x, qkv_weight)
+
+
+def _kernel(name: str):
+    def run(*args):
+        return getattr(_module, name)(*args)
+
+    run.__name__ = f"cpp_{name}"
+    return run
+
+
+_KERNELS = {
+    "conv_bias_act": _conv_bias_act_reasons,
+    "ffn_fused": _ffn_fused_reasons,
+    "shsa_fused": _shsa_fused_reasons,
+}
+
+_module = _load_best()
+_dispatch.set_availability(BACKEND, _availability)
+for _op, _reasons in _KERNELS.items():
+    _dispatch.register_kernel(_op, BACKEND, _kernel(_op), _reasons)
+
+if _module is None:
+    warnings.warn(
+        "shvit_kernels: the C++ CPU backend is unavailable, so CPU ops run the PyTorch reference kernels: "
+        + "; ".join(_availability()),
+        RuntimeWarning,
+        stacklevel=2,
+    )

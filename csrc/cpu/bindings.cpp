@@ -1,0 +1,15 @@
+// Python bindings of one CPU-capability build (no TORCH_LIBRARY registrations, so the DEFAULT / AVX2 / AVX512
+// modules can be imported side by side; shvit_kernels.backends.cpp picks one).
+#include "ops.h"
+
+#define SHVIT_STRINGIFY_(x) #x
+#define SHVIT_STRINGIFY(x) SHVIT_STRINGIFY_(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace k = shvit_cpu;
+  m.attr("CPU_CAPABILITY") = SHVIT_STRINGIFY(CPU_CAPABILITY);
+  m.def("gemm_provider", &k::gemm_provider, "Which GEMM the kernels call: 'mkl' or 'aten'");
+  m.def("conv_bias_act", &k::conv_bias_act, "shvit::conv_bias_act forward");
+  m.def("ffn_fused", &k::ffn_fused, "shvit::ffn_fused forward");
+  m.def("shsa_fused", &k::shsa_fused, "shvit::shsa_fused forward");
+}

@@ -1,0 +1,110 @@
+#include "common.h"
+
+extern "C" {
+// MKL (LP64) entry points exported by libtorch_cpu when torch is built with MKL; weak so the extension still
+// loads, and uses at::mm, when they are absent.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace shvit_cpu {
+inline namespace CPU_CAPABILITY {
+
+void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t ndim) {
+  TORCH_CHECK(t.defined(), op, ": '", name, "' must be a tensor, got None");
+  TORCH_CHECK(t.device().is_cpu(), op, ": '", name, "' must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": '", name,
+              "' must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(ndim < 0 || t.dim() == ndim, op, ": '", name, "' must be ", ndim, "-D, got shape ", t.sizes());
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": '", name, "' has dtype ", t.scalar_type(), " but 'x' has ",
+              x.scalar_type(), "; they must match");
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, op, ": '", name, "' must have shape ", shape, ", got ", t.sizes());
+}
+
+at::MemoryFormat activation_format(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like) {
+  if (!bias.has_value() || !bias->defined()) return at::zeros({n}, like.options().dtype(at::kFloat));
+  return bias->to(at::kFloat).contiguous();
+}
+
+namespace {
+
+at::Tensor operand_view(const void* p, at::ScalarType dtype, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+  // op(X) is rows x cols; X itself is stored row-major with leading dimension ld.
+  auto opts = at::TensorOptions().dtype(dtype);
+  if (!trans) return at::from_blob(const_cast<void*>(p), {rows, cols}, {ld, 1}, opts);
+  return at::from_blob(const_cast<void*>(p), {cols, rows}, {ld, 1}, opts).t();
+}
+
+void gemm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const void* a, int64_t lda,
+               const void* b, int64_t ldb, float beta, float* c, int64_t ldc, at::ScalarType dtype) {
+  auto prod = at::mm(operand_view(a, dtype, ta, m, k, lda).to(at::kFloat),
+                     operand_view(b, dtype, tb, k, n, ldb).to(at::kFloat));
+  auto cv = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
+  if (beta == 0.f) {
+    cv.copy_(prod.mul_(alpha));
+  } else {
+    cv.mul_(beta).add_(prod, alpha);
+  }
+}
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK(v <= INT32_MAX, "shvit cpp gemm: ", what, " = ", v, " exceeds the 32-bit BLAS interface");
+  return static_cast<int>(v);
+}
+
+}  // namespace
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (!sgemm_) return gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kFloat);
+  // Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
+  const char opb = tb ? 'T' : 'N', opa = ta ? 'T' : 'N';
+  const int mi = as_int(n, "n"), ni = as_int(m, "m"), ki = as_int(k, "k");
+  const int ldbi = as_int(ldb, "ldb"), ldai = as_int(lda, "lda"), ldci = as_int(ldc, "ldc");
+  sgemm_(&opb, &opa, &mi, &ni, &ki, &alpha, b, &ldbi, a, &ldai, &beta, c, &ldci);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
+          const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (!cblas_gemm_bf16bf16f32) return gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kBFloat16);
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
+  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, as_int(m, "m"), as_int(n, "n"),
+                         as_int(k, "k"), alpha, reinterpret_cast<const uint16_t*>(a), as_int(lda, "lda"),
+                         reinterpret_cast<const uint16_t*>(b), as_int(ldb, "ldb"), beta, c, as_int(ldc, "ldc"));
+}
+
+std::string gemm_provider() { return (sgemm_ && cblas_gemm_bf16bf16f32) ? "mkl" : "aten"; }
+
+int64_t rows_per_tile(int64_t total_rows, int64_t row_floats, int64_t multiple) {
+  constexpr int64_t kTargetFloats = 128 * 1024;  // 512 KiB of fp32 working set per tile
+  int64_t rows = std::max<int64_t>(multiple, kTargetFloats / std::max<int64_t>(row_floats, 1));
+  rows = std::min<int64_t>(rows, 1024);
+  const int64_t spread = ceil_div(total_rows, 2 * at::get_num_threads());
+  if (spread >= 4 * multiple) rows = std::min(rows, spread);
+  rows = std::max<int64_t>(multiple, rows / multiple * multiple);
+  return std::min(rows, total_rows);
+}
+
+int64_t pixels_per_tile(int64_t pixels, int64_t row_floats) {
+  return std::min<int64_t>(pixels, std::max<int64_t>(64, rows_per_tile(pixels, row_floats)));
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace shvit_cpu

@@ -1,0 +1,116 @@
+// Shared pieces of the CPU kernels: argument checks, fp32 <-> storage-dtype vector loads and stores, the fused
+// bias / residual / ReLU epilogue, a row-major GEMM with fp32 accumulation, and tiling helpers.
+//
+// Everything sits in an inline namespace named after CPU_CAPABILITY so the DEFAULT / AVX2 / AVX512 builds of
+// these sources can be loaded into one process side by side.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+// The dtypes every kernel here implements (float64 / float16 are declined by the Python side).
+#define SHVIT_DISPATCH_FLOAT_BF16(dtype, name, ...) \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace shvit_cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::BFloat16;
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = fVec::size();
+
+// ------------------------------------------------------------------------------------------------------------
+// Argument checks (clear messages naming the op, the argument and what was expected)
+// ------------------------------------------------------------------------------------------------------------
+void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t ndim);
+void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name);
+void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name);
+
+// The layout a kernel computes in: channels_last when x is channels_last (and not also plain contiguous), as the
+// op wrapper's memory-format rule decides; outputs are allocated in it so the wrapper needs no copy.
+at::MemoryFormat activation_format(const at::Tensor& x);
+
+// Bias (or zeros when absent) as a contiguous fp32 vector of length n.
+at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like);
+
+// ------------------------------------------------------------------------------------------------------------
+// Vector loads/stores that widen to / round from fp32 (bf16 rounding is round-to-nearest-even, as PyTorch's).
+// ------------------------------------------------------------------------------------------------------------
+inline fVec load_f(const float* p) { return fVec::loadu(p); }
+inline fVec load_f(const float* p, int64_t n) { return fVec::loadu(p, n); }
+inline fVec load_f(const BFloat16* p) {
+  fVec v;
+  at::vec::load_to_float<BFloat16>(p, v);
+  return v;
+}
+inline fVec load_f(const BFloat16* p, int64_t n) {
+  auto wide = at::vec::convert_to_float<BFloat16>(at::vec::Vectorized<BFloat16>::loadu(p, n));
+  return std::get<0>(wide);
+}
+inline void store_f(const fVec& v, float* p) { v.store(p); }
+inline void store_f(const fVec& v, float* p, int64_t n) { v.store(p, n); }
+inline void store_f(const fVec& v, BFloat16* p) { at::vec::convert_from_float<BFloat16>(v, v).store(p, kVec); }
+inline void store_f(const fVec& v, BFloat16* p, int64_t n) { at::vec::convert_from_float<BFloat16>(v, v).store(p, n); }
+
+// out[i] = act(acc[i] + bias + residual[i]) for a contiguous run of n values. The bias either varies along the
+// run (bias_run, channels_last rows) or is one value for the run (bias_const, NCHW rows). acc may alias out.
+template <typename T>
+inline void epilogue_run(const float* acc, const float* bias_run, float bias_const, const T* residual, bool relu, T* out,
+                         int64_t n) {
+  const fVec zero(0.f), bias_splat(bias_const);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    fVec v = load_f(acc + i) + (bias_run ? load_f(bias_run + i) : bias_splat);
+    if (residual) v = v + load_f(residual + i);
+    if (relu) v = at::vec::maximum(v, zero);
+    store_f(v, out + i);
+  }
+  if (i < n) {
+    const int64_t r = n - i;
+    fVec v = load_f(acc + i, r) + (bias_run ? load_f(bias_run + i, r) : bias_splat);
+    if (residual) v = v + load_f(residual + i, r);
+    if (relu) v = at::vec::maximum(v, zero);
+    store_f(v, out + i, r);
+  }
+}
+
+// out[i] = max(in[i], 0) for a contiguous run (exact in any dtype).
+template <typename T>
+inline void relu_copy(const T* in, T* out, int64_t n) {
+  const fVec zero(0.f);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) store_f(at::vec::maximum(load_f(in + i), zero), out + i);
+  if (i < n) store_f(at::vec::maximum(load_f(in + i, n - i), zero), out + i, n - i);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Row-major GEMM, C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, accumulating and writing fp32.
+// Uses MKL's single-call routines when torch's MKL exports them (sequential inside at::parallel_for workers),
+// else falls back to at::mm on views.
+// ------------------------------------------------------------------------------------------------------------
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
+          const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+// "mkl" or "aten": which GEMM the calls above use (for tests and reports).
+std::string gemm_provider();
+
+// Rows per tile so that a tile's fp32 working set (row_floats per row) stays around L2 size, while leaving at
+// least two tiles per thread when the problem is big enough.
+int64_t rows_per_tile(int64_t total_rows, int64_t row_floats, int64_t multiple = 16);
+
+// Pixel tile for NCHW kernels: as rows_per_tile, but never under 64 columns (narrower GEMMs waste the vector width).
+int64_t pixels_per_tile(int64_t pixels, int64_t row_floats);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace shvit_cpu

@@ -1,0 +1,267 @@
+// conv_bias_act forward: out = act(conv2d(x, weight, bias) + residual), BN already folded into weight/bias.
+//
+// * 1x1 and dense kxk (groups 1): a GEMM per tile of output pixels (im2col into a per-tile buffer for kxk), the
+//   bias / residual / ReLU applied to the tile while it is still in cache.
+// * depthwise 3x3 pad 1, stride 1 or 2: a direct stencil, fp32 accumulation, same fused epilogue.
+// Both layouts are computed natively (NCHW and channels_last); the output keeps the input's layout.
+#include "ops.h"
+
+namespace shvit_cpu {
+inline namespace CPU_CAPABILITY {
+
+namespace {
+
+constexpr const char* kOp = "shvit cpp conv_bias_act";
+
+struct ConvShape {
+  int64_t batch, c_in, h, w, c_out, kh, kw, out_h, out_w, stride, pad;
+  int64_t k_gemm() const { return c_in * kh * kw; }
+  bool pointwise() const { return kh == 1 && kw == 1 && stride == 1 && pad == 0; }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMM convolutions (groups == 1)
+// ---------------------------------------------------------------------------------------------------------------
+
+// One row of the channels_last im2col matrix: for output pixel (n, oh, ow), the (kh, kw, c_in) patch.
+template <typename T>
+void im2col_row_channels_last(const T* x, const ConvShape& s, int64_t pixel, T* row) {
+  const int64_t ow = pixel % s.out_w, oh = (pixel / s.out_w) % s.out_h, n = pixel / (s.out_w * s.out_h);
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t ih = oh * s.stride - s.pad + i;
+    for (int64_t j = 0; j < s.kw; ++j, row += s.c_in) {
+      const int64_t iw = ow * s.stride - s.pad + j;
+      if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) {
+        std::fill(row, row + s.c_in, T(0));
+      } else {
+        std::copy_n(x + ((n * s.h + ih) * s.w + iw) * s.c_in, s.c_in, row);
+      }
+    }
+  }
+}
+
+// weight_rows: (c_out, kh, kw, c_in) contiguous.
+template <typename T>
+void gemm_conv_channels_last(const T* x, const T* weight_rows, const float* bias, const T* residual, bool relu, T* out,
+                             const ConvShape& s) {
+  const int64_t rows = s.batch * s.out_h * s.out_w, k = s.k_gemm(), c_out = s.c_out;
+  const bool direct = s.pointwise();
+  const int64_t tile = rows_per_tile(rows, (direct ? 0 : k) + c_out);
+  at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> col(direct ? 0 : tile * k);
+    std::vector<float> acc_buf(std::is_same<T, float>::value ? 0 : tile * c_out);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
+      const T* a = x + r0 * k;
+      if (!direct) {
+        for (int64_t r = 0; r < nr; ++r) im2col_row_channels_last(x, s, r0 + r, col.data() + r * k);
+        a = col.data();
+      }
+      T* out_tile = out + r0 * c_out;
+      float* acc = acc_buf.empty() ? reinterpret_cast<float*>(out_tile) : acc_buf.data();
+      gemm(false, true, nr, c_out, k, 1.f, a, k, weight_rows, k, 0.f, acc, c_out);
+      for (int64_t r = 0; r < nr; ++r)
+        epilogue_run(acc + r * c_out, bias, 0.f, residual ? residual + (r0 + r) * c_out : nullptr, relu,
+                     out_tile + r * c_out, c_out);
+    }
+  });
+}
+
+// NCHW: per image and tile of output pixels, out[n][:, tile] = W (c_out x K) @ col (K x tile).
+template <typename T>
+void gemm_conv_nchw(const T* x, const T* weight, const float* bias, const T* residual, bool relu, T* out,
+                    const ConvShape& s) {
+  const int64_t pixels = s.out_h * s.out_w, k = s.k_gemm(), c_out = s.c_out, in_plane = s.h * s.w;
+  const bool direct = s.pointwise();
+  const int64_t tile = pixels_per_tile(pixels, (direct ? 0 : k) + c_out);
+  const int64_t tiles_per_image = ceil_div(pixels, tile);
+  at::parallel_for(0, s.batch * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> col(direct ? 0 : k * tile);
+    std::vector<float> acc_buf(std::is_same<T, float>::value ? 0 : c_out * tile);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, np = std::min(tile, pixels - p0);
+      const T* x_n = x + n * s.c_in * in_plane;
+      const T* b = x_n + p0;
+      int64_t ldb = in_plane;
+      if (!direct) {
+        for (int64_t c = 0; c < s.c_in; ++c)
+          for (int64_t i = 0; i < s.kh; ++i)
+            for (int64_t j = 0; j < s.kw; ++j) {
+              T* row = col.data() + ((c * s.kh + i) * s.kw + j) * np;
+              for (int64_t p = 0; p < np; ++p) {
+                const int64_t oh = (p0 + p) / s.out_w, ow = (p0 + p) % s.out_w;
+                const int64_t ih = oh * s.stride - s.pad + i, iw = ow * s.stride - s.pad + j;
+                row[p] = (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) ? T(0) : x_n[(c * s.h + ih) * s.w + iw];
+              }
+            }
+        b = col.data();
+        ldb = np;
+      }
+      T* out_n = out + n * c_out * pixels + p0;
+      float* acc = acc_buf.empty() ? reinterpret_cast<float*>(out_n) : acc_buf.data();
+      const int64_t ldc = acc_buf.empty() ? pixels : np;
+      gemm(false, false, c_out, np, k, 1.f, weight, k, b, ldb, 0.f, acc, ldc);
+      for (int64_t c = 0; c < c_out; ++c)
+        epilogue_run(acc + c * ldc, nullptr, bias[c], residual ? residual + (n * c_out + c) * pixels + p0 : nullptr,
+                     relu, out_n + c * pixels, np);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Depthwise 3x3, padding 1
+// ---------------------------------------------------------------------------------------------------------------
+
+// taps: (9, C) fp32, so one tap's weights for a block of channels are one vector load.
+template <typename T>
+void depthwise_channels_last(const T* x, const float* taps, const float* bias, const T* residual, bool relu, T* out,
+                             const ConvShape& s) {
+  const int64_t c = s.c_in;
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h;
+      const int64_t i_lo = std::max<int64_t>(0, 1 - oh * s.stride), i_hi = std::min<int64_t>(3, s.h + 1 - oh * s.stride);
+      const T* x_n = x + n * s.h * s.w * c;
+      const int64_t out_row = (n * s.out_h + oh) * s.out_w * c;
+      for (int64_t c0 = 0; c0 < c; c0 += kVec) {
+        const int64_t cn = std::min(kVec, c - c0);
+        const bool full = cn == kVec;
+        fVec wt[9];
+        for (int t = 0; t < 9; ++t) wt[t] = full ? load_f(taps + t * c + c0) : load_f(taps + t * c + c0, cn);
+        const fVec b = full ? load_f(bias + c0) : load_f(bias + c0, cn);
+        const fVec zero(0.f);
+        for (int64_t ow = 0; ow < s.out_w; ++ow) {
+          const int64_t j_lo = std::max<int64_t>(0, 1 - ow * s.stride), j_hi = std::min<int64_t>(3, s.w + 1 - ow * s.stride);
+          fVec acc = b;
+          for (int64_t i = i_lo; i < i_hi; ++i) {
+            const T* x_row = x_n + ((oh * s.stride - 1 + i) * s.w + (ow * s.stride - 1)) * c + c0;
+            for (int64_t j = j_lo; j < j_hi; ++j)
+              acc = at::vec::fmadd(full ? load_f(x_row + j * c) : load_f(x_row + j * c, cn), wt[i * 3 + j], acc);
+          }
+          const int64_t o = out_row + ow * c + c0;
+          if (residual) acc = acc + (full ? load_f(residual + o) : load_f(residual + o, cn));
+          if (relu) acc = at::vec::maximum(acc, zero);
+          if (full) store_f(acc, out + o); else store_f(acc, out + o, cn);
+        }
+      }
+    }
+  });
+}
+
+// NCHW: each (image, channel) plane is widened into a zero-bordered fp32 copy, so the stencil needs no bounds
+// checks; stride 1 vectorises along the row.
+template <typename T>
+void depthwise_nchw(const T* x, const float* taps, const float* bias, const T* residual, bool relu, T* out,
+                    const ConvShape& s) {
+  const int64_t pw = s.w + 2, ph = s.h + 2, c = s.c_in, out_plane = s.out_h * s.out_w;
+  at::parallel_for(0, s.batch * c, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<float> padded(ph * pw + kVec, 0.f), row(s.out_w);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t ch = q % c;
+      const T* plane = x + q * s.h * s.w;
+      for (int64_t i = 0; i < s.h; ++i)
+        for (int64_t j = 0; j < s.w; ++j) padded[(i + 1) * pw + j + 1] = static_cast<float>(plane[i * s.w + j]);
+      float w9[9];
+      for (int t = 0; t < 9; ++t) w9[t] = taps[t * c + ch];
+      for (int64_t oh = 0; oh < s.out_h; ++oh) {
+        const float* top = padded.data() + oh * s.stride * pw;
+        if (s.stride == 1) {
+          for (int64_t ow = 0; ow < s.out_w; ow += kVec) {
+            const int64_t m = std::min(kVec, s.out_w - ow);
+            fVec acc(0.f);
+            for (int i = 0; i < 3; ++i)
+              for (int j = 0; j < 3; ++j) acc = at::vec::fmadd(fVec::loadu(top + i * pw + ow + j, m), fVec(w9[i * 3 + j]), acc);
+            acc.store(row.data() + ow, m);
+          }
+        } else {
+          for (int64_t ow = 0; ow < s.out_w; ++ow) {
+            const float* p = top + ow * s.stride;
+            float acc = 0.f;
+            for (int i = 0; i < 3; ++i)
+              for (int j = 0; j < 3; ++j) acc += p[i * pw + j] * w9[i * 3 + j];
+            row[ow] = acc;
+          }
+        }
+        const int64_t o = q * out_plane + oh * s.out_w;
+        epilogue_run(row.data(), nullptr, bias[ch], residual ? residual + o : nullptr, relu, out + o, s.out_w);
+      }
+    }
+  });
+}
+
+enum class ConvKind { kGemm, kDepthwise3x3 };
+
+ConvKind conv_kind(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  const int64_t c_in = x.size(1), c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(stride >= 1, kOp, ": 'stride' must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, kOp, ": 'padding' must be >= 0, got ", padding);
+  if (groups == 1) {
+    TORCH_CHECK(weight.size(1) == c_in, kOp, ": 'weight' ", weight.sizes(), " expects ", weight.size(1),
+                " input channels but 'x' has ", c_in);
+    return ConvKind::kGemm;
+  }
+  TORCH_CHECK(groups == c_in && c_out == c_in && weight.size(1) == 1 && kh == 3 && kw == 3 && padding == 1 &&
+                  (stride == 1 || stride == 2),
+              kOp, ": grouped convolutions are supported only as depthwise 3x3 with padding 1 and stride 1 or 2 ",
+              "(groups == channels, weight (C, 1, 3, 3)); got groups=", groups, ", x channels ", c_in, ", weight ",
+              weight.sizes(), ", stride ", stride, ", padding ", padding);
+  return ConvKind::kDepthwise3x3;
+}
+
+}  // namespace
+
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         int64_t stride, int64_t padding, int64_t groups, bool relu,
+                         const std::optional<at::Tensor>& residual) {
+  check_float_tensor(x, kOp, "x", 4);
+  check_float_tensor(weight, kOp, "weight", 4);
+  check_same_dtype(weight, x, kOp, "weight");
+  TORCH_CHECK(x.numel() > 0, kOp, ": 'x' must not be empty, got shape ", x.sizes());
+  TORCH_CHECK(groups >= 1, kOp, ": 'groups' must be >= 1, got ", groups);
+  const ConvKind kind = conv_kind(x, weight, stride, padding, groups);
+  ConvShape s{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3), 0, 0,
+              stride, padding};
+  s.out_h = (s.h + 2 * padding - s.kh) / stride + 1;
+  s.out_w = (s.w + 2 * padding - s.kw) / stride + 1;
+  TORCH_CHECK(s.h + 2 * padding >= s.kh && s.w + 2 * padding >= s.kw, kOp, ": input spatial size ", x.sizes().slice(2),
+              " is smaller than the kernel ", weight.sizes().slice(2), " with padding ", padding);
+  if (bias.has_value() && bias->defined()) {
+    check_float_tensor(*bias, kOp, "bias", 1);
+    check_shape(*bias, {s.c_out}, kOp, "bias");
+  }
+  const auto fmt = activation_format(x);
+  const std::vector<int64_t> out_shape{s.batch, s.c_out, s.out_h, s.out_w};
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    check_float_tensor(*residual, kOp, "residual", 4);
+    check_same_dtype(*residual, x, kOp, "residual");
+    check_shape(*residual, out_shape, kOp, "residual");
+    res = residual->contiguous(fmt);
+  }
+  const at::Tensor xc = x.contiguous(fmt), bias_f = bias_as_float(bias, s.c_out, x);
+  at::Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+
+  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bias_act", [&] {
+    using T = scalar_t;
+    const T* x_ptr = xc.data_ptr<T>();
+    const T* res_ptr = res.defined() ? res.data_ptr<T>() : nullptr;
+    const float* bias_ptr = bias_f.data_ptr<float>();
+    T* out_ptr = out.data_ptr<T>();
+    if (kind == ConvKind::kDepthwise3x3) {
+      const at::Tensor taps = weight.reshape({s.c_in, 9}).t().to(at::kFloat).contiguous();
+      auto kernel = channels_last ? depthwise_channels_last<T> : depthwise_nchw<T>;
+      kernel(x_ptr, taps.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
+    } else if (channels_last) {
+      const at::Tensor weight_rows = weight.permute({0, 2, 3, 1}).contiguous();
+      gemm_conv_channels_last<T>(x_ptr, weight_rows.data_ptr<T>(), bias_ptr, res_ptr, relu, out_ptr, s);
+    } else {
+      const at::Tensor w = weight.contiguous();
+      gemm_conv_nchw<T>(x_ptr, w.data_ptr<T>(), bias_ptr, res_ptr, relu, out_ptr, s);
+    }
+  });
+  return out;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace shvit_cpu
