@@ -110,19 +110,21 @@ def ffn(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    process_group=None,
 ) -> torch.Tensor:
     """``x + pw2(relu(pw1(x)))`` where pw1/pw2 are (weight, bn_weight, bn_bias, running_mean, running_var).
 
     In eval mode both BatchNorms are folded and the fused op runs; in training two Conv+BN ops run with batch
-    statistics and update the running statistics.
+    statistics and update the running statistics (over every process of ``process_group`` when it is set).
     """
     op = "shvit_kernels.ffn"
     for name, p in (("pw1", pw1), ("pw2", pw2)):
         if not isinstance(p, (tuple, list)) or len(p) != 5:
             raise TypeError(f"{op}: '{name}' must be (weight, bn_weight, bn_bias, running_mean, running_var)")
     if training:
-        hidden = conv_bn(x, *pw1, training=True, momentum=momentum, eps=eps, relu=True)
-        return conv_bn(hidden, *pw2, training=True, momentum=momentum, eps=eps, residual=x)
+        bn_args = dict(training=True, momentum=momentum, eps=eps, process_group=process_group)
+        hidden = conv_bn(x, *pw1, relu=True, **bn_args)
+        return conv_bn(hidden, *pw2, residual=x, **bn_args)
     w1, b1 = fold_bn(pw1[0], pw1[1], pw1[2], pw1[3], pw1[4], eps)
     w2, b2 = fold_bn(pw2[0], pw2[1], pw2[2], pw2[3], pw2[4], eps)
     return ffn_fused(x, w1, b1, w2, b2)

@@ -24,7 +24,7 @@ import torch
 
 from . import _common
 from ._common import acc_dtype, upcast, batch_norm_backward, check_activation, check_param_dtype, check_tensor, define_op, new_output
-from .conv_bn import fold_bn
+from .conv_bn import conv_bn, fold_bn
 
 QK_DIM = 16
 
@@ -56,11 +56,16 @@ def shsa_fused_reference(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
     return attend(qkv, x, qk_dim)
 
 
-def shsa_train_reference(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
+def group_norm_affine(x, p, gn_weight, gn_bias, gn_eps):
+    """GroupNorm(1) with its affine on the first ``p`` channels of x (B, C, H, W): returns (B, P, N), x's dtype."""
     b, c, h, w = x.shape
-    p = qkv_weight.shape[1]
     xn = group_norm_1(x[:, :p].reshape(b, p, h * w), gn_eps)
-    xn = (upcast(xn) * upcast(gn_weight)[None, :, None] + upcast(gn_bias)[None, :, None]).to(x.dtype)
+    return (upcast(xn) * upcast(gn_weight)[None, :, None] + upcast(gn_bias)[None, :, None]).to(x.dtype)
+
+
+def shsa_train_reference(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
+    p = qkv_weight.shape[1]
+    xn = group_norm_affine(x, p, gn_weight, gn_bias, gn_eps)
     raw = qkv_weight.reshape(qkv_weight.shape[0], p) @ xn  # (B, 2Q+P, N)
     rf = upcast(raw)
     mean = rf.mean(dim=(0, 2))
@@ -283,10 +288,13 @@ def shsa(
     momentum: float = 0.1,
     gn_eps: float = 1e-5,
     bn_eps: float = 1e-5,
+    process_group=None,
 ) -> torch.Tensor:
     """SHSA mixer up to (and including) the projection's ReLU, from the unfused parameters.
 
     ``training=True`` uses batch statistics for the qkv BatchNorm and updates its running statistics.
+    With ``process_group`` (training only) those statistics cover every process of the group: GroupNorm,
+    a synchronised ``conv_bn`` for qkv and :func:`attend` then run as separate steps instead of ``shsa_train``.
     """
     op = "shvit_kernels.shsa"
     x, qkv_weight = _common.cast_for_autocast(x, qkv_weight)
@@ -307,6 +315,14 @@ def shsa(
         raise ValueError(f"{op}: training BatchNorm needs more than one value per channel, got input shape {tuple(x.shape)}")
     gn_bias = gn_bias.to(gn_weight.dtype)
     bn_bias = bn_bias.to(bn_weight.dtype)
+    if process_group is not None:
+        b, c, h, w = x.shape
+        xn = group_norm_affine(x, p, gn_weight, gn_bias, gn_eps).reshape(b, p, h, w)
+        qkv = conv_bn(
+            xn, qkv_weight, bn_weight, bn_bias, running_mean, running_var,
+            training=True, momentum=momentum, eps=bn_eps, process_group=process_group,
+        )
+        return attend(qkv.reshape(b, n_qkv, h * w), x, qk_dim)
     out, mean, var = shsa_train_op(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, float(gn_eps), float(bn_eps))
     _common.bn_update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out
