@@ -65,6 +65,9 @@ class ResidualInForward:
 class Conv2d_BN(ResidualInForward, nn.Module):
     """Conv2d (no bias) + BatchNorm2d, run as one ``shvit_kernels.conv_bn`` call (optionally + residual, ReLU)."""
 
+    # Synchronised BatchNorm: a torch.distributed process group passed to the op (set by shvit.convert_sync_batchnorm).
+    process_group = None
+
     def __init__(self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_weight_init: float = 1.0):
         super().__init__()
         self.c = nn.Conv2d(a, b, ks, stride, pad, groups=groups, bias=False)
@@ -90,6 +93,7 @@ class Conv2d_BN(ResidualInForward, nn.Module):
             eps=self.bn.eps,
             relu=relu,
             residual=residual,
+            process_group=self.process_group,
         )
 
 
@@ -124,6 +128,9 @@ class Residual(nn.Module):
 class FFN(nn.Module):
     """1x1 Conv+BN C -> H, ReLU, 1x1 Conv+BN H -> C (the second BN starts at zero)."""
 
+    # Synchronised BatchNorm: a torch.distributed process group passed to the op (set by shvit.convert_sync_batchnorm).
+    process_group = None
+
     def __init__(self, ed: int, h: int):
         super().__init__()
         self.pw1 = Conv2d_BN(ed, h)
@@ -148,7 +155,8 @@ class FFN(nn.Module):
         _, momentum = bn_step(bn1, self.training)
         bn_step(bn2, self.training)
         return shvit_kernels.ffn(
-            x, self.pw1.conv_bn_params(), self.pw2.conv_bn_params(), training=self.training, momentum=momentum, eps=bn1.eps
+            x, self.pw1.conv_bn_params(), self.pw2.conv_bn_params(), training=self.training, momentum=momentum, eps=bn1.eps,
+            process_group=self.process_group,
         )
 
 
@@ -158,6 +166,9 @@ class SHSA(ResidualInForward, nn.Module):
     ``shvit_kernels.shsa`` does GroupNorm, qkv Conv+BN, attention, the concatenation and the ReLU of
     ``proj.0``; ``proj.1`` then runs as a Conv+BN with the block's residual.
     """
+
+    # Synchronised BatchNorm: a torch.distributed process group passed to the op (set by shvit.convert_sync_batchnorm).
+    process_group = None
 
     def __init__(self, dim: int, qk_dim: int, pdim: int):
         super().__init__()
@@ -186,6 +197,7 @@ class SHSA(ResidualInForward, nn.Module):
             momentum=momentum,
             gn_eps=self.pre_norm.eps,
             bn_eps=bn.eps,
+            process_group=self.process_group,
         )
         return self.proj[1](attended, residual=residual)
 
