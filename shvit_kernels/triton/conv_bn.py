@@ -370,7 +370,7 @@ def launch_wgrad(x, g, weight_shape, *, stride, pad, depthwise):
         _wgrad_dw_kernel[(c_blocks, split)](
             x, g, part, m, co, h, w, oh, ow, *x.stride(), *g.stride(), per,
             KH=kh, KW=kw, STRIDE=stride, PAD=pad, TAPS=pow2(kh * kw, 1), BM=bm, BC=bc, num_warps=4)
-        return part.sum(0).t().reshape(weight_shape)
+        return part.sum(0).t().reshape(weight_shape).contiguous()
     bm, bci, bco = 64, min(32, pow2(ci)), min(64, pow2(co))
     tiles = kh * kw * triton.cdiv(ci, bci) * triton.cdiv(co, bco)
     split = num_splits(triton.cdiv(m, bm), tiles)
@@ -380,7 +380,7 @@ def launch_wgrad(x, g, weight_shape, *, stride, pad, depthwise):
     _wgrad_gemm_kernel[(kh * kw * triton.cdiv(ci, bci), triton.cdiv(co, bco), split)](
         x, g, part, m, ci, h, w, co, oh, ow, *x.stride(), *g.stride(), per,
         KH=kh, KW=kw, STRIDE=stride, PAD=pad, BM=bm, BCI=bci, BCO=bco, num_warps=4)
-    return part.sum(0).reshape(kh, kw, ci, co).permute(3, 2, 0, 1)
+    return part.sum(0).reshape(kh, kw, ci, co).permute(3, 2, 0, 1).contiguous()
 
 
 def _ew_grid(m, c):

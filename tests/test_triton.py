@@ -1,0 +1,209 @@
+"""Triton kernels called directly, against the reference ops (forward and every backward output).
+
+Without a GPU they run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
+triton is imported). The interpreter mis-computes bf16 ``tl.dot``, so GEMM kernels are checked in fp32 and
+fp16; bf16 is covered on the depthwise (dot-free) path. Tolerance: the error against an fp64 reference may be
+at most twice the error of the reference run in the same dtype, plus a tiny floor.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed; the Triton kernels cannot be tested")
+
+from shvit_kernels import _dispatch  # noqa: E402
+from shvit_kernels.ops import conv_bn as R_conv, ffn as R_ffn, shsa as R_shsa  # noqa: E402
+from shvit_kernels.ops._common import _output_format  # noqa: E402
+from shvit_kernels.triton import conv_bn as T_conv, ffn as T_ffn, shsa as T_shsa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CL = torch.channels_last
+
+
+def _d64(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def check_outputs(got, args, ref_fn):
+    """Compare every output of a kernel with ``ref_fn`` run in fp64 and in the inputs' dtype."""
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref_fn(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    ref64 = ref_fn(*_d64(args))
+    ref64 = ref64 if isinstance(ref64, tuple) else (ref64,)
+    assert len(got) == len(ref)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    for i, (g, r, r64) in enumerate(zip(got, ref, ref64)):
+        assert g.shape == r.shape, f"output {i}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        assert g.dtype == r.dtype, f"output {i}: dtype {g.dtype} != {r.dtype}"
+        if g.dim() == 4:
+            fmt = _output_format(g.shape, tensors)
+            assert g.is_contiguous(memory_format=fmt), f"output {i}: not in {fmt}"
+        assert torch.isfinite(g).all(), f"output {i}: non-finite values"
+        err = (g.double() - r64).abs().max().item()
+        ref_err = (r.double() - r64).abs().max().item()
+        floor = 1e-6 * (r64.abs().max().item() + 1.0)
+        assert err <= 2 * ref_err + floor, f"output {i}: error {err:.3g} vs reference-in-dtype error {ref_err:.3g}"
+
+
+def rand(*shape, dtype=torch.float32, fmt=None, scale=1.0):
+    t = (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
+    return t.contiguous(memory_format=fmt) if fmt is not None else t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conv + BN
+# ---------------------------------------------------------------------------------------------------------
+# (N, C_in, C_out, H, W, k, stride, pad, groups, relu, residual, format, dtype)
+CONV_CASES = [
+    pytest.param(2, 3, 8, 7, 9, 3, 2, 1, 1, True, False, None, torch.float32, id="stem3x3s2"),
+    pytest.param(1, 6, 6, 7, 5, 3, 1, 1, 6, False, True, CL, torch.float32, id="dw3x3s1-res-cl-odd"),
+    pytest.param(2, 8, 8, 5, 7, 3, 2, 1, 8, True, False, None, torch.float32, id="dw3x3s2-odd"),
+    pytest.param(2, 12, 20, 3, 5, 1, 1, 0, 1, True, True, CL, torch.float32, id="pw1x1-res-relu-cl"),
+    pytest.param(1, 16, 24, 3, 3, 1, 1, 0, 1, True, False, CL, torch.float16, id="pw1x1-fp16"),
+    pytest.param(2, 8, 8, 5, 4, 3, 1, 1, 8, True, True, None, torch.float16, id="dw3x3-fp16"),
+]
+
+
+def _conv_inputs(n, ci, co, h, w, k, stride, pad, groups, residual, fmt, dtype):
+    x = rand(n, ci, h, w, dtype=dtype, fmt=fmt)
+    weight = rand(co, ci // groups, k, k, dtype=dtype, scale=(ci // groups * k * k) ** -0.5)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    res = rand(n, co, oh, ow, dtype=dtype, fmt=fmt) if residual else None
+    return x, weight, res
+
+
+@pytest.mark.parametrize("n,ci,co,h,w,k,stride,pad,groups,relu,residual,fmt,dtype", CONV_CASES)
+def test_conv_bias_act(n, ci, co, h, w, k, stride, pad, groups, relu, residual, fmt, dtype):
+    x, weight, res = _conv_inputs(n, ci, co, h, w, k, stride, pad, groups, residual, fmt, dtype)
+    bias = rand(co, dtype=dtype)
+    args = (x, weight, bias, stride, pad, groups, relu, res)
+    out = T_conv.conv_bias_act(*args)
+    check_outputs(out, args, R_conv.conv_bias_act_reference)
+    grad = rand(*out.shape, dtype=dtype, fmt=fmt)
+    bargs = (grad, *args, out)
+    check_outputs(T_conv.conv_bias_act_backward(*bargs), bargs, R_conv.conv_bias_act_backward_reference)
+
+
+@pytest.mark.parametrize("n,ci,co,h,w,k,stride,pad,groups,relu,residual,fmt,dtype", CONV_CASES)
+def test_conv_bn_train(n, ci, co, h, w, k, stride, pad, groups, relu, residual, fmt, dtype):
+    x, weight, res = _conv_inputs(n, ci, co, h, w, k, stride, pad, groups, residual, fmt, dtype)
+    x = x + 3.0  # a mean well away from zero exercises the centred variance
+    bn_w, bn_b = torch.rand(co, device=DEVICE) + 0.5, rand(co)
+    args = (x, weight, bn_w, bn_b, stride, pad, groups, 1e-5, relu, res)
+    out, mean, var = T_conv.conv_bn_train(*args)
+    check_outputs((out, mean, var), args, R_conv.conv_bn_train_reference)
+    grad = rand(*out.shape, dtype=dtype, fmt=fmt)
+    bargs = (grad, x, weight, bn_w, bn_b, mean, var, out, stride, pad, groups, 1e-5, relu, residual)
+    check_outputs(T_conv.conv_bn_train_backward(*bargs), bargs, R_conv.conv_bn_train_backward_reference)
+
+
+def test_conv_depthwise_bf16_forward():
+    x, weight, res = _conv_inputs(2, 8, 8, 5, 6, 3, 1, 1, 8, True, CL, torch.bfloat16)
+    args = (x, weight, rand(8, dtype=torch.bfloat16), 1, 1, 8, True, res)
+    check_outputs(T_conv.conv_bias_act(*args), args, R_conv.conv_bias_act_reference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FFN
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,c,h,w,fmt,dtype", [
+    pytest.param(2, 12, 3, 5, None, torch.float32, id="nchw-odd"),
+    pytest.param(1, 20, 5, 3, CL, torch.float32, id="cl-batch1"),
+    pytest.param(2, 16, 3, 3, CL, torch.float16, id="cl-fp16"),
+])
+def test_ffn_fused(n, c, h, w, fmt, dtype):
+    x = rand(n, c, h, w, dtype=dtype, fmt=fmt)
+    args = (x, rand(2 * c, c, 1, 1, dtype=dtype, scale=c ** -0.5), rand(2 * c, dtype=dtype),
+            rand(c, 2 * c, 1, 1, dtype=dtype, scale=(2 * c) ** -0.5), rand(c, dtype=dtype))
+    out = T_ffn.ffn_fused(*args)
+    check_outputs(out, args, R_ffn.ffn_fused_reference)
+    bargs = (rand(*out.shape, dtype=dtype, fmt=fmt), *args)
+    check_outputs(T_ffn.ffn_fused_backward(*bargs), bargs, R_ffn.ffn_fused_backward_reference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SHSA
+# ---------------------------------------------------------------------------------------------------------
+Q = 16
+# (B, C, P, H, W, format, dtype, input scale)
+SHSA_CASES = [
+    pytest.param(2, 24, 20, 3, 5, None, torch.float32, 1.0, id="nchw-odd"),
+    pytest.param(1, 80, 75, 2, 3, CL, torch.float32, 1.0, id="P75-cl-batch1"),
+    pytest.param(2, 20, 20, 1, 1, None, torch.float32, 1.0, id="N1"),
+    pytest.param(1, 20, 16, 17, 17, CL, torch.float32, 1.0, id="N289-online-softmax"),
+    pytest.param(2, 40, 32, 3, 3, CL, torch.float16, 1e4, id="fp16-magnitude-1e4"),
+]
+
+
+def _shsa_inputs(b, c, p, h, w, fmt, dtype, scale):
+    x = rand(b, c, h, w, dtype=dtype, fmt=fmt, scale=scale)
+    weight = rand(2 * Q + p, p, 1, 1, dtype=dtype, scale=p ** -0.5)
+    return x, weight
+
+
+@pytest.mark.parametrize("b,c,p,h,w,fmt,dtype,scale", SHSA_CASES)
+def test_shsa_fused(b, c, p, h, w, fmt, dtype, scale):
+    x, weight = _shsa_inputs(b, c, p, h, w, fmt, dtype, scale)
+    args = (x, weight, rand(2 * Q + p, dtype=dtype), Q, 1e-5)
+    out = T_shsa.shsa_fused(*args)
+    check_outputs(out, args, R_shsa.shsa_fused_reference)
+    bargs = (rand(*out.shape, dtype=dtype, fmt=fmt), x, weight, args[2], out, Q, 1e-5)
+    check_outputs(T_shsa.shsa_fused_backward(*bargs), bargs, R_shsa.shsa_fused_backward_reference)
+
+
+@pytest.mark.parametrize("b,c,p,h,w,fmt,dtype,scale", SHSA_CASES)
+def test_shsa_train(b, c, p, h, w, fmt, dtype, scale):
+    x, weight = _shsa_inputs(b, c, p, h, w, fmt, dtype, scale)
+    r = 2 * Q + p
+    params = (torch.rand(p, device=DEVICE) + 0.5, rand(p, scale=0.1), weight,
+              torch.rand(r, device=DEVICE) + 0.5, rand(r, scale=0.1))
+    args = (x, *params, Q, 1e-5, 1e-5)
+    out, mean, var = T_shsa.shsa_train(*args)
+    check_outputs((out, mean, var), args, R_shsa.shsa_train_reference)
+    bargs = (rand(*out.shape, dtype=dtype, fmt=fmt), x, *params, mean, var, out, Q, 1e-5, 1e-5)
+    check_outputs(T_shsa.shsa_train_backward(*bargs), bargs, R_shsa.shsa_train_backward_reference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tolerance check itself, bad input, registration
+# ---------------------------------------------------------------------------------------------------------
+def test_check_outputs_can_fail():
+    x, weight = _shsa_inputs(1, 20, 16, 2, 2, None, torch.float32, 1.0)
+    args = (x, weight, rand(2 * Q + 16), Q, 1e-5)
+    wrong = T_shsa.shsa_fused(*args)
+    wrong.view(-1)[3] += 1e-3
+    with pytest.raises(AssertionError, match="error"):
+        check_outputs(wrong, args, R_shsa.shsa_fused_reference)
+
+
+def test_bad_inputs_name_the_argument():
+    x = rand(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="groups"):
+        T_conv.conv_bias_act(x, rand(8, 4, 3, 3), None, 1, 1, 2, False, None)
+    with pytest.raises(TypeError, match="'x'"):
+        T_conv.conv_bias_act(x.double(), rand(8, 8, 1, 1).double(), None, 1, 0, 1, False, None)
+    with pytest.raises(ValueError, match="P=130"):
+        T_shsa.shsa_fused(rand(1, 130, 2, 2), rand(2 * Q + 130, 130, 1, 1), rand(2 * Q + 130), Q, 1e-5)
+    with pytest.raises(ValueError, match="'w1'"):
+        T_ffn.ffn_fused(x, rand(16, 4, 1, 1), rand(16), rand(8, 16, 1, 1), rand(8))
+
+
+def test_backend_registration_and_reasons():
+    b = _dispatch.backend("triton")
+    assert set(b.kernels) == set(_dispatch.ops())
+    if not torch.cuda.is_available():
+        assert b.unavailable_reasons() == ["no CUDA device"]
+    from shvit_kernels.backends import triton as backend
+
+    x = torch.randn(1, 8, 4, 4)
+    assert any("CUDA tensors only" in r for r in backend._conv_bias_act_reasons(x, torch.randn(8, 8, 1, 1), None, 1, 0, 1, False, None))
+    assert any("groups" in r for r in backend._conv_bias_act_reasons(x, torch.randn(8, 4, 3, 3), None, 1, 1, 2, False, None))
+    assert any("float64" in r for r in backend._ffn_fused_reasons(x.double(), *(torch.randn(1).double(),) * 4))
+    assert any("P=130" in r for r in backend._shsa_fused_reasons(torch.randn(1, 130, 2, 2), torch.randn(162, 130, 1, 1), torch.randn(162), Q, 1e-5))
