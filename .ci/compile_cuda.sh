@@ -26,4 +26,27 @@ for arch in "${archs[@]}"; do
     fi
   done
 done
+
+# The torch binding is built only on GPU machines; here we syntax-check it against whatever torch headers are
+# installed (a CPU build lacks one generated CUDA header, stubbed below). Skip with SHVIT_CHECK_BINDINGS=0.
+if [ "${SHVIT_CHECK_BINDINGS:-1}" = 1 ]; then
+  if tinc=$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__) + '/include')" 2>/dev/null) &&
+     pinc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])") && command -v g++ >/dev/null; then
+    cinc=$(dirname "$(dirname "$(command -v "$NVCC")")")/include
+    [ -f "$cinc/cuda_runtime.h" ] || cinc=$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include
+    [ -f "$cinc/cuda_runtime.h" ] || cinc=${CUDA_HOME:-/usr/local/cuda}/include
+    mkdir -p "$out/stub/c10/cuda/impl"
+    [ -f "$tinc/c10/cuda/impl/cuda_cmake_macros.h" ] || : >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+    if g++ -std=c++17 -fsyntax-only -Wall -Wextra -Werror -DTORCH_EXTENSION_NAME=_C_cuda -Icsrc \
+        -isystem "$tinc" -isystem "$tinc/torch/csrc/api/include" -isystem "$out/stub" -isystem "$pinc" \
+        -isystem "$cinc" csrc/cuda/bindings.cpp; then
+      echo "ok   g++ -fsyntax-only csrc/cuda/bindings.cpp"
+    else
+      echo "FAIL g++ -fsyntax-only csrc/cuda/bindings.cpp" >&2
+      status=1
+    fi
+  else
+    echo "skip bindings.cpp syntax check (no torch headers or g++)"
+  fi
+fi
 exit $status
