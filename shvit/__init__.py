@@ -25,6 +25,7 @@ from .model import (
     shvit_s3,
     shvit_s4,
 )
+from .train import convert_sync_batchnorm
 
 __all__ = [
     "CheckpointError",
@@ -32,6 +33,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "timm_to_authors",
+    "convert_sync_batchnorm",
     "FusedConv2d",
     "FusedFFN",
     "FusedSHSA",

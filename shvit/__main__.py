@@ -1,4 +1,4 @@
-"""Command line: ``python -m shvit info`` and ``python -m shvit bench`` (see ``--help``)."""
+"""Command line: ``python -m shvit info``, ``python -m shvit bench`` and ``python -m shvit train`` (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import main as train_main
+
+    return train_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shvit", description="SHViT with fused kernels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--output", default=None, help="also write the JSON report to this file")
     bench.set_defaults(func=cmd_bench)
+
+    from .train import add_train_arguments
+
+    train = sub.add_parser("train", help="train a variant on an ImageFolder or synthetic data (torchrun for several processes)")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
     return p
 
 
