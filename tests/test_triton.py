@@ -2,8 +2,8 @@
 
 Without a GPU they run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
 triton is imported). The interpreter mis-computes bf16 ``tl.dot``, so GEMM kernels are checked in fp32 and
-fp16; bf16 is covered on the depthwise (dot-free) path. Tolerance: the error against an fp64 reference may be
-at most twice the error of the reference run in the same dtype, plus a tiny floor.
+fp16; bf16 is covered on the depthwise (dot-free) path. Tolerance: the project's rule (helpers.assert_close_to_fp64):
+error against an fp64 reference at most twice the error of the reference run in the same dtype, plus a tiny floor.
 """
 
 import os
@@ -17,12 +17,12 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton kernels cannot be tested")
 
+from helpers import DEVICE, assert_close_to_fp64  # noqa: E402
 from shvit_kernels import _dispatch  # noqa: E402
 from shvit_kernels.ops import conv_bn as R_conv, ffn as R_ffn, shsa as R_shsa  # noqa: E402
 from shvit_kernels.ops._common import _output_format  # noqa: E402
 from shvit_kernels.triton import conv_bn as T_conv, ffn as T_ffn, shsa as T_shsa  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last
 
 
@@ -40,16 +40,10 @@ def check_outputs(got, args, ref_fn):
     assert len(got) == len(ref)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     for i, (g, r, r64) in enumerate(zip(got, ref, ref64)):
-        assert g.shape == r.shape, f"output {i}: shape {tuple(g.shape)} != {tuple(r.shape)}"
-        assert g.dtype == r.dtype, f"output {i}: dtype {g.dtype} != {r.dtype}"
         if g.dim() == 4:
             fmt = _output_format(g.shape, tensors)
             assert g.is_contiguous(memory_format=fmt), f"output {i}: not in {fmt}"
-        assert torch.isfinite(g).all(), f"output {i}: non-finite values"
-        err = (g.double() - r64).abs().max().item()
-        ref_err = (r.double() - r64).abs().max().item()
-        floor = 1e-6 * (r64.abs().max().item() + 1.0)
-        assert err <= 2 * ref_err + floor, f"output {i}: error {err:.3g} vs reference-in-dtype error {ref_err:.3g}"
+        assert_close_to_fp64(g, r, r64, name=f"output {i}")
 
 
 def rand(*shape, dtype=torch.float32, fmt=None, scale=1.0):
@@ -179,7 +173,7 @@ def test_check_outputs_can_fail():
     args = (x, weight, rand(2 * Q + 16), Q, 1e-5)
     wrong = T_shsa.shsa_fused(*args)
     wrong.view(-1)[3] += 1e-3
-    with pytest.raises(AssertionError, match="error"):
+    with pytest.raises(AssertionError, match="max error"):
         check_outputs(wrong, args, R_shsa.shsa_fused_reference)
 
 

@@ -76,13 +76,21 @@ def _conv_epilogue(acc, pid_m, offs_m, m_mask, offs_n, n_mask, OH, OW, CO,
         tl.store(pm_ptr + pid_m * CO + offs_n, m2, mask=n_mask)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    _residual_act_store(acc, offs_m, offs_n, mask, OH, OW, r_ptr, o_ptr, sr_n, sr_c, sr_h, sr_w,
+                        so_n, so_c, so_h, so_w, HAS_RES, RELU)
+
+
+@triton.jit
+def _residual_act_store(v, offs_m, offs_c, mask, OH, OW, r_ptr, o_ptr, sr_n, sr_c, sr_h, sr_w,
+                        so_n, so_c, so_h, so_w, HAS_RES: tl.constexpr, RELU: tl.constexpr):
+    """out = act(v + residual), stored in out's dtype and layout."""
     if HAS_RES:
         ro = pix_offsets(offs_m, OH, OW, sr_n, sr_h, sr_w)
-        acc += tl.load(r_ptr + ro[:, None] + offs_n[None, :] * sr_c, mask=mask, other=0.0).to(tl.float32)
+        v += tl.load(r_ptr + ro[:, None] + offs_c[None, :] * sr_c, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        v = tl.maximum(v, 0.0)
     oo = pix_offsets(offs_m, OH, OW, so_n, so_h, so_w)
-    tl.store(o_ptr + oo[:, None] + offs_n[None, :] * so_c, acc.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + oo[:, None] + offs_c[None, :] * so_c, v.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -213,15 +221,10 @@ def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, M, C, OH, OW,
     scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
     v = y * scale[None, :] + shift[None, :]
-    if HAS_RES:
-        # the reference rounds the normalised value to the output dtype before adding the residual
+    if HAS_RES:  # the reference rounds the normalised value to the output dtype before adding the residual
         v = v.to(o_ptr.dtype.element_ty).to(tl.float32)
-        ro = pix_offsets(offs_m, OH, OW, sr_n, sr_h, sr_w)
-        v += tl.load(r_ptr + ro[:, None] + offs_c[None, :] * sr_c, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        v = tl.maximum(v, 0.0)
-    oo = pix_offsets(offs_m, OH, OW, so_n, so_h, so_w)
-    tl.store(o_ptr + oo[:, None] + offs_c[None, :] * so_c, v.to(o_ptr.dtype.element_ty), mask=mask)
+    _residual_act_store(v, offs_m, offs_c, mask, OH, OW, r_ptr, o_ptr, sr_n, sr_c, sr_h, sr_w,
+                        so_n, so_c, so_h, so_w, HAS_RES, RELU)
 
 
 @triton.jit

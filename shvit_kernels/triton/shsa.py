@@ -244,16 +244,27 @@ def _shsa_proj_kernel(x_ptr, w_ptr, gw_ptr, gb_ptr, pre_ptr, xn_ptr, rstd_ptr, p
 
 
 @triton.jit
+def _bwd_block(pre_ptr, R, N, P, PP: tl.constexpr, BLK: tl.constexpr):
+    """(image, its qkv scratch, channel offsets/mask, this program's token block offsets/mask)."""
+    b = tl.program_id(0)
+    offs_p = tl.arange(0, PP)
+    offs = tl.program_id(1) * BLK + tl.arange(0, BLK)
+    return b, pre_ptr + b * R * N, offs_p, offs_p < P, offs, offs < N
+
+
+@triton.jit
+def _scratch_kv(pre_b, offs_k, k_mask, N, offs_p, p_mask, cs_ptr, csh_ptr, P, QK, QP: tl.constexpr, PP: tl.constexpr):
+    """Exact fp32 k and v for a key block, from the backward's pre-affine qkv scratch."""
+    return _keys_values(offs_k, k_mask, N, pre_b, offs_p, p_mask, 0, 0, 0.0, 1.0, cs_ptr, cs_ptr, cs_ptr, P, QK,
+                        pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP)
+
+
+@triton.jit
 def _shsa_bwd_q_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse_ptr, dd_ptr,
                        P, N, QK, R, sg_b, sg_c, sg_t, so_b, so_c, so_t, qk_scale, sm_scale,
                        QP: tl.constexpr, PP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     """dq for one query block; also stores its log2-sum-exp and D = sum_c g * ya for the dk/dv pass."""
-    b = tl.program_id(0)
-    pre_b = pre_ptr + b * R * N
-    offs_p = tl.arange(0, PP)
-    p_mask = offs_p < P
-    offs_q = tl.program_id(1) * BQ + tl.arange(0, BQ)
-    q_mask = offs_q < N
+    b, pre_b, offs_p, p_mask, offs_q, q_mask = _bwd_block(pre_ptr, R, N, P, PP, BQ)
     q = _row_affine(_load_rows(pre_b, 0, QK, N, offs_q, q_mask, QP), cs_ptr, csh_ptr, 0, QK, QP)
     g = _masked_grad(go_ptr + b * sg_b, out_ptr + b * so_b, offs_p, p_mask, offs_q, q_mask, sg_c, sg_t, so_c, so_t)
     ya, lse = _online_attention(q, 0, N, BK, qk_scale, pre_b, offs_p, p_mask, 0, 0, 0.0, 1.0, cs_ptr, cs_ptr,
@@ -263,8 +274,7 @@ def _shsa_bwd_q_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse_
     for k0 in range(0, N, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < N
-        k, v = _keys_values(offs_k, k_mask, N, pre_b, offs_p, p_mask, 0, 0, 0.0, 1.0, cs_ptr, cs_ptr, cs_ptr, P, QK,
-                            pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP)
+        k, v = _scratch_kv(pre_b, offs_k, k_mask, N, offs_p, p_mask, cs_ptr, csh_ptr, P, QK, QP, PP)
         s = mma(tl.trans(q), k, tl.zeros((BQ, BK), dtype=tl.float32)) * qk_scale
         p = tl.where(k_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
         g_attn = mma(tl.trans(g), v, tl.zeros((BQ, BK), dtype=tl.float32))
@@ -279,14 +289,8 @@ def _shsa_bwd_kv_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse
                         P, N, QK, R, sg_b, sg_c, sg_t, so_b, so_c, so_t, qk_scale, sm_scale,
                         QP: tl.constexpr, PP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     """dk and dv for one key block, looping over all query blocks."""
-    b = tl.program_id(0)
-    pre_b = pre_ptr + b * R * N
-    offs_p = tl.arange(0, PP)
-    p_mask = offs_p < P
-    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    k_mask = offs_k < N
-    k, v = _keys_values(offs_k, k_mask, N, pre_b, offs_p, p_mask, 0, 0, 0.0, 1.0, cs_ptr, cs_ptr, cs_ptr, P, QK,
-                        pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP)
+    b, pre_b, offs_p, p_mask, offs_k, k_mask = _bwd_block(pre_ptr, R, N, P, PP, BK)
+    k, v = _scratch_kv(pre_b, offs_k, k_mask, N, offs_p, p_mask, cs_ptr, csh_ptr, P, QK, QP, PP)
     dk = tl.zeros((QP, BK), dtype=tl.float32)
     dv = tl.zeros((PP, BK), dtype=tl.float32)
     for q0 in range(0, N, BQ):
