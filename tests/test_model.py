@@ -315,8 +315,9 @@ def test_training_step_gives_gradients_everywhere():
 # --------------------------------------------------------------------------------------------------------
 # Fusion
 # --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", VARIANTS)
-@pytest.mark.parametrize("shape", [(2, 3, 96, 160), (1, 3, 64, 64)])
+@pytest.mark.parametrize(
+    "name, shape", [(name, (2, 3, 96, 160)) for name in VARIANTS] + [("shvit_s1", (1, 3, 64, 64))]
+)
 def test_fused_model_matches_the_unfused_eval_model(name, shape):
     model = randomize_norms(shvit.create_model(name)).eval()
     fused = shvit.fuse(model)
