@@ -1,0 +1,107 @@
+"""Device facts for the benchmarks: measured memory-bandwidth and matmul ceilings (the roofline), cache and
+memory sizes for input rotation, and GPU timing with CUDA events."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    for index in (3, 2):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+            return int(text.rstrip("KM")) * scale
+        except (OSError, ValueError):
+            continue
+    return 32 << 20
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def cuda_event_times(run: Callable, setup: Callable, reps: int) -> List[float]:
+    """Seconds per call of ``run(*setup())`` timed by CUDA events around the call alone (setup excluded)."""
+    times = []
+    for _ in range(reps):
+        args = setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def _median_time(fn: Callable, device: torch.device, reps: int) -> float:
+    fn()
+    sync(device)
+    if device.type == "cuda":
+        return statistics.median(cuda_event_times(lambda: fn(), lambda: (), reps))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) -> Dict:
+    """Measured ceilings at the current thread count: copy bandwidth (read + write) and dense matmul rate.
+
+    Sizes are chosen to run from memory (copy: 8x the last-level cache, at least 256 MiB) and to be
+    compute-bound (square matmuls); each number is a median of a few repetitions.
+    """
+    cache = last_level_cache_bytes(device)
+    copy_bytes = max(8 * cache, 256 << 20) if not quick else 16 << 20
+    n = copy_bytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    reps = 3 if quick else 10
+    t = _median_time(lambda: dst.copy_(src), device, reps)
+    result = {
+        "bandwidth_GBps": 2 * copy_bytes / t / 1e9,
+        "copy_bytes": copy_bytes,
+        "matmul_TFLOPs": {},
+        "threads": torch.get_num_threads(),
+    }
+    del src, dst
+    size = 8192 if device.type == "cuda" else 2048
+    if quick:
+        size = 256
+    for dtype in dtypes:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        t = _median_time(lambda: a @ b, device, 3 if device.type == "cpu" else 20)
+        result["matmul_TFLOPs"][DTYPE_NAMES.get(dtype, str(dtype))] = 2 * size**3 / t / 1e12
+    result["matmul_size"] = size
+    return result
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
