@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--window", type=float, default=0.5, help="seconds per timed window")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
     bench.add_argument("--suite", default=None, choices=["paper"], help="run the paper's protocol against every peer")
+    bench.add_argument("--peers", default=None,
+                       help="paper suite: comma list of peers (eager, eager-cl, compile, compile-max-autotune, "
+                            "cuda-graph, onnxruntime, fused, train), 'all' or 'default' (see benchmarks/paper_protocol.py)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--output", default=None, help="also write the JSON report to this file")
     bench.set_defaults(func=cmd_bench)

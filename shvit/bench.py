@@ -30,6 +30,8 @@ class Variant:
     model: torch.nn.Module
     backend: Optional[str] = None  # forced backend, or None for the dispatcher's choice
     autocast: bool = False
+    inference: bool = True  # run under torch.inference_mode (False for training steps)
+    input_format: Optional[torch.memory_format] = None  # convert the inputs once, before timing
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Result:
     ms_per_batch_max: float
     rounds: int
     max_rel_diff_vs_first: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)  # e.g. peak memory of a training step
 
 
 @dataclass
@@ -59,14 +62,15 @@ class Report:
 
     def table(self) -> str:
         base = self.results[0].img_per_s if self.results else 1.0
+        width = max([28] + [len(r.name) + 2 for r in self.results])
         lines = [
             f"{self.model} batch {self.batch_size} {self.img_size}px {self.device} {self.dtype} threads {self.threads}",
-            f"{'variant':<28}{'img/s':>12}{'ms/batch (median)':>20}{'min..max':>20}{'speed-up':>10}{'max rel diff':>14}",
+            f"{'variant':<{width}}{'img/s':>12}{'ms/batch (median)':>20}{'min..max':>20}{'speed-up':>10}{'max rel diff':>14}",
         ]
         for r in self.results:
             spread = f"{r.ms_per_batch_min:.2f}..{r.ms_per_batch_max:.2f}"
             lines.append(
-                f"{r.name:<28}{r.img_per_s:>12.1f}{r.ms_per_batch_median:>20.2f}{spread:>20}"
+                f"{r.name:<{width}}{r.img_per_s:>12.1f}{r.ms_per_batch_median:>20.2f}{spread:>20}"
                 f"{r.img_per_s / base:>9.2f}x{r.max_rel_diff_vs_first:>14.2e}"
             )
         return "\n".join(lines)
@@ -112,7 +116,8 @@ def _sync(device: torch.device) -> None:
 
 def _context(v: Variant, device: torch.device, dtype: torch.dtype):
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode())
+    if v.inference:
+        stack.enter_context(torch.inference_mode())
     stack.enter_context(shvit_kernels.use_backend(v.backend))
     if v.autocast:
         stack.enter_context(torch.autocast(device.type, dtype=dtype))
@@ -132,13 +137,18 @@ def measure(
 
     ``inputs`` rotate between calls so no variant is flattered by a cache holding its one input.
     """
+    per_variant = {
+        v.name: [x.contiguous(memory_format=v.input_format) for x in inputs] if v.input_format else inputs
+        for v in variants
+    }
     outputs = []
     for v in variants:
+        first_input = per_variant[v.name][0]
         with _context(v, device, dtype):
-            outputs.append(v.model(inputs[0]).float())
+            outputs.append(v.model(first_input).detach().float())
             deadline = time.perf_counter() + warmup_s
             while time.perf_counter() < deadline:
-                v.model(inputs[0])
+                v.model(first_input)
             _sync(device)
     samples: Dict[str, List[float]] = {v.name: [] for v in variants}
     counter = 0
@@ -148,8 +158,9 @@ def measure(
                 _sync(device)
                 start = time.perf_counter()
                 calls = 0
+                mine = per_variant[v.name]
                 while True:
-                    v.model(inputs[counter % len(inputs)])
+                    v.model(mine[counter % len(mine)])
                     counter += 1
                     calls += 1
                     if calls % 2 == 0 or device.type != "cuda":
