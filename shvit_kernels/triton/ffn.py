@@ -99,9 +99,10 @@ MAX_C = 1024
 
 
 def _blocks(c, backward):
+    """(token tile, padded C, hidden chunk); wide C gets shorter token tiles (tl.dot needs >= 16 rows)."""
     cp = pow2(c)
-    bm = 32 if cp <= 256 else 16
-    return (bm // 2 if backward and cp > 128 else bm), cp, 32
+    bm = 32 if cp <= (128 if backward else 256) else 16
+    return bm, cp, 32
 
 
 def ffn_fused(x, w1, b1, w2, b2):

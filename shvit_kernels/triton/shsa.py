@@ -43,7 +43,7 @@ def _gn_stats(xb, P, N, s_c, s_t, eps, PP: tl.constexpr, BN: tl.constexpr):
         mask = p_mask[:, None] & (offs_n < N)[None, :]
         v = tl.load(xb + offs_p[:, None] * s_c + offs_n[None, :] * s_t, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(v, axis=1)
-    count = (P * N).to(tl.float32)
+    count = P * N * 1.0  # (works whether P, N arrive as tensors or specialised constants)
     mean = tl.sum(acc, axis=0) / count
     acc = tl.zeros((PP,), dtype=tl.float32)
     for n0 in range(0, N, BN):
@@ -397,7 +397,7 @@ def _shsa_bwd_in_kernel(gqkv_ptr, pre_ptr, xn_ptr, rstd_ptr, w_ptr, gw_ptr, gb_p
         gxn = gxg * gw[:, None]
         s1 += tl.sum(gxn, axis=1)
         s2 += tl.sum(gxn * xn, axis=1)
-    count = (P * N).to(tl.float32)
+    count = P * N * 1.0
     m1 = tl.sum(s1, axis=0) / count
     m2 = tl.sum(s2, axis=0) / count
     rstd = tl.load(rstd_ptr + b)
