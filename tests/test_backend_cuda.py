@@ -199,6 +199,24 @@ def test_kernel_without_extension_raises_clearly(monkeypatch):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def gpu_grid(cases, case_id):
+    """GPU-only test over dtypes x layouts x cases."""
+    marks = [
+        gpu,
+        pytest.mark.gpu,
+        pytest.mark.parametrize("dtype", DTYPES),
+        pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"]),
+        pytest.mark.parametrize("case", cases, ids=case_id),
+    ]
+
+    def apply(fn):
+        for mark in reversed(marks):
+            fn = mark(fn)
+        return fn
+
+    return apply
+
+
 def _to64(args):
     return tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -229,11 +247,11 @@ DW_CASES = [
 ]
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: f"s{c['stride']}-{c['h']}x{c['w']}-c{c['c']}")
+def dw_id(c):
+    return f"s{c['stride']}-{c['h']}x{c['w']}-c{c['c']}"
+
+
+@gpu_grid(DW_CASES, dw_id)
 def test_gpu_conv_bias_act(dtype, cl, case):
     args = conv_bias_act_args(device="cuda", dtype=dtype, cl=cl, **case)
     (out,) = _check("conv_bias_act", args, conv_ops.conv_bias_act_reference, ["out"])
@@ -243,11 +261,7 @@ def test_gpu_conv_bias_act(dtype, cl, case):
            ["grad_x", "grad_weight", "grad_bias", "grad_residual"])
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: f"s{c['stride']}-{c['h']}x{c['w']}-c{c['c']}")
+@gpu_grid(DW_CASES, dw_id)
 def test_gpu_conv_bn_train(dtype, cl, case):
     args = conv_bn_train_args(device="cuda", dtype=dtype, cl=cl, **case)
     out, mean, var = _check("conv_bn_train", args, conv_ops.conv_bn_train_reference, ["out", "mean", "var"])
@@ -266,11 +280,11 @@ SHSA_CASES = [
 ]
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", SHSA_CASES, ids=lambda c: f"p{c['p']}-n{c['h'] * c['w']}")
+def shsa_id(c):
+    return f"p{c['p']}-n{c['h'] * c['w']}"
+
+
+@gpu_grid(SHSA_CASES, shsa_id)
 def test_gpu_shsa_fused(dtype, cl, case):
     args = shsa_fused_args(device="cuda", dtype=dtype, cl=cl, **case)
     (out,) = _check("shsa_fused", args, shsa_ops.shsa_fused_reference, ["out"])
@@ -279,11 +293,7 @@ def test_gpu_shsa_fused(dtype, cl, case):
     _check("shsa_fused_backward", bargs, shsa_ops.shsa_fused_backward_reference, ["grad_x", "grad_weight", "grad_bias"])
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", SHSA_CASES, ids=lambda c: f"p{c['p']}-n{c['h'] * c['w']}")
+@gpu_grid(SHSA_CASES, shsa_id)
 def test_gpu_shsa_train(dtype, cl, case):
     args = shsa_train_args(device="cuda", dtype=dtype, cl=cl, **case)
     out, mean, var = _check("shsa_train", args, shsa_ops.shsa_train_reference, ["out", "mean", "var"])

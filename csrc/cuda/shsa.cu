@@ -262,13 +262,32 @@ __device__ __forceinline__ void load_dya(const Params& p, int b, int t0, float (
   }
 }
 
+// For this thread's rows i = warp + 8 r and key `lane`: probabilities a = exp2(s - lse_i) and
+// dscores a (dya_i . v_j - D_i). Writes ds, and the probabilities too when `as` is given.
+__device__ __forceinline__ void probs_and_dscores(const AttnSmem& sm, const float (*dya)[TQ], const float* lse,
+                                                  const float* dsum, int key, int n, int nch, float (*as)[TK + 1],
+                                                  float (*ds)[TK + 1]) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  float s[kRows];
+  tile_scores(sm.qs, sm.ks, key, n, s);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = warp + r * kWarps;
+    const float a = exp2f(s[r] - lse[i]);
+    float da = 0.f;
+    for (int ch = 0; ch < nch; ++ch) da = fmaf(dya[ch][i], sm.vs[ch][lane], da);
+    if (as) as[i][lane] = a;
+    ds[i][lane] = a * (da - dsum[i]);
+  }
+}
+
 // Backward for a query tile: recomputes the forward (row statistics and the output, for
 // D_i = sum_c dya[c, i] ya[c, i]), then dq. Also writes the pass-through channels' input gradient.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_backward_q_kernel(Params p) {
   __shared__ AttnSmem sm;
   __shared__ float dya[MAXP][TQ];
-  __shared__ float dsum[TQ];
+  __shared__ float dsum[TQ], lse_s[TQ];
   const int b = blockIdx.x, q0 = blockIdx.y * TQ;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const float scale = rsqrtf(static_cast<float>(Q));
@@ -294,7 +313,10 @@ __global__ void __launch_bounds__(kThreads) attn_backward_q_kernel(Params p) {
   atomicAdd(&dsum[lane], d);
   float lse[kRows];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) lse[r] = m[r] + log2f(l[r]);
+  for (int r = 0; r < kRows; ++r) {
+    lse[r] = m[r] + log2f(l[r]);
+    if (lane == 0) lse_s[warp + r * kWarps] = lse[r];
+  }
   __syncthreads();
 
   float dq[2] = {0.f, 0.f};  // d = warp + 8 r, query = lane
@@ -302,16 +324,7 @@ __global__ void __launch_bounds__(kThreads) attn_backward_q_kernel(Params p) {
     load_rows(p, b, Q, Q, k0, 1.f, &sm.ks[0][0]);
     load_rows(p, b, 2 * Q, p.p, k0, 1.f, &sm.vs[0][0]);
     __syncthreads();
-    float s[kRows];
-    tile_scores(sm.qs, sm.ks, k0 + lane, p.n, s);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp + r * kWarps;
-      const float a = exp2f(s[r] - lse[r]);
-      float da = 0.f;
-      for (int ch = 0; ch < p.p; ++ch) da = fmaf(dya[ch][i], sm.vs[ch][lane], da);
-      sm.as[i][lane] = a * (da - dsum[i]);
-    }
+    probs_and_dscores(sm, dya, lse_s, dsum, k0 + lane, p.n, p.p, nullptr, sm.as);  // as <- dscores
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -363,17 +376,7 @@ __global__ void __launch_bounds__(kThreads) attn_backward_kv_kernel(Params p) {
       dsum_s[threadIdx.x] = t < p.n ? p.dsum[idx] : 0.f;
     }
     __syncthreads();
-    float s[kRows];
-    tile_scores(sm.qs, sm.ks, k0 + lane, p.n, s);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp + r * kWarps;
-      const float a = exp2f(s[r] - lse_s[i]);
-      float da = 0.f;
-      for (int ch = 0; ch < p.p; ++ch) da = fmaf(dya[ch][i], sm.vs[ch][lane], da);
-      sm.as[i][lane] = a;
-      ds[i][lane] = a * (da - dsum_s[i]);
-    }
+    probs_and_dscores(sm, dya, lse_s, dsum_s, k0 + lane, p.n, p.p, sm.as, ds);
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kVRows; ++r) {
