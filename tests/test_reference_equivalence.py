@@ -1,7 +1,7 @@
 """Equivalence with the authors' implementation: stored logits of their S1 and their state_dict layout.
 
 The data files live beside the spec (``SHVIT_SPEC_DIR``, else ``shared/spec`` in the checkout, else
-``/work/shared/spec``). They are required: a missing file fails these tests rather than skipping them.
+``../shared/spec`` beside the checkout, where CI and developers have it). They are required: a missing file fails these tests rather than skipping them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ TOLERANCE = 1e-5  # max |logit error| / max |logit|, fp32
 
 def spec_file(name: str) -> Path:
     candidates = [Path(os.environ["SHVIT_SPEC_DIR"])] if os.environ.get("SHVIT_SPEC_DIR") else []
-    candidates += [REPO / "shared" / "spec", Path("/work/shared/spec")]
+    candidates += [REPO / "shared" / "spec", REPO.parent / "shared" / "spec"]
     for directory in candidates:
         if (directory / name).is_file():
             return directory / name
