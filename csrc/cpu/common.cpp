@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include <ATen/native/CPUBlas.h>
+
 extern "C" {
 // MKL (LP64) entry points exported by libtorch_cpu when torch is built with MKL; weak so the extension still
 // loads, and uses at::mm, when they are absent.
@@ -91,6 +93,54 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 }
 
 std::string gemm_provider() { return (sgemm_ && cblas_gemm_bf16bf16f32) ? "mkl" : "aten"; }
+
+template <>
+void MatB<float>::assign(const float* b, int64_t rows, int64_t cols, int64_t ldb) {
+  data = b, k = rows, n = cols, ld = ldb, vnni = false;
+}
+
+template <>
+void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64_t ldb) {
+  k = rows, n = cols;
+  vnni = rows % 2 == 0;
+  if (!vnni) {
+    data = b, ld = ldb;
+    return;
+  }
+  storage.resize(rows * cols);
+  for (int64_t kk = 0; kk < rows; kk += 2) {
+    const BFloat16 *even = b + kk * ldb, *odd = even + ldb;
+    BFloat16* dst = storage.data() + kk * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      dst[2 * j] = even[j];
+      dst[2 * j + 1] = odd[j];
+    }
+  }
+  data = storage.data(), ld = cols;
+}
+
+namespace {
+// Column panel per micro-kernel call, so the panel of B stays in L2 while every row of A streams past it.
+constexpr int64_t kPanelCols = 128;
+}  // namespace
+
+template <typename T>
+void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc) {
+  if (m == 0 || b.n == 0) return;
+  const bool fp32 = std::is_same<T, float>::value;
+  if (!fp32 && !b.vnni) return gemm(false, false, m, b.n, b.k, 1.f, a, lda, b.data, b.ld, 0.f, c, ldc);
+  for (int64_t j0 = 0; j0 < b.n; j0 += kPanelCols) {
+    const int64_t nc = std::min(kPanelCols, b.n - j0);
+    at::native::cpublas::brgemm(m, nc, b.k, lda, b.ld, ldc, false, a, b.data + j0 * (fp32 ? 1 : 2), c + j0, !fp32);
+  }
+}
+template void matmul<float>(int64_t, const float*, int64_t, const MatB<float>&, float*, int64_t);
+template void matmul<BFloat16>(int64_t, const BFloat16*, int64_t, const MatB<BFloat16>&, float*, int64_t);
+
+MatmulThreadGuard::~MatmulThreadGuard() {
+  at::native::cpublas::brgemm_release(false);
+  at::native::cpublas::brgemm_release(true);
+}
 
 int64_t rows_per_tile(int64_t total_rows, int64_t row_floats, int64_t multiple) {
   constexpr int64_t kTargetFloats = 128 * 1024;  // 512 KiB of fp32 working set per tile

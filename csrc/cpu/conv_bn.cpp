@@ -40,26 +40,30 @@ void im2col_row_channels_last(const T* x, const ConvShape& s, int64_t pixel, T* 
   }
 }
 
-// weight_rows: (c_out, kh, kw, c_in) contiguous.
+// weight_kn: (k_col, c_out), rows in (kh, kw, c_in) order; k_col may exceed the patch size by one zero row (bf16
+// needs an even K), the matching im2col column staying zero.
 template <typename T>
-void gemm_conv_channels_last(const T* x, const T* weight_rows, const float* bias, const T* residual, bool relu, T* out,
-                             const ConvShape& s) {
-  const int64_t rows = s.batch * s.out_h * s.out_w, k = s.k_gemm(), c_out = s.c_out;
+void gemm_conv_channels_last(const T* x, const T* weight_kn, int64_t k_col, const float* bias, const T* residual,
+                             bool relu, T* out, const ConvShape& s) {
+  const int64_t rows = s.batch * s.out_h * s.out_w, c_out = s.c_out;
   const bool direct = s.pointwise();
-  const int64_t tile = rows_per_tile(rows, (direct ? 0 : k) + c_out);
+  const int64_t tile = rows_per_tile(rows, (direct ? 0 : k_col) + c_out);
+  MatB<T> weights;
+  weights.assign(weight_kn, k_col, c_out, c_out);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> col(direct ? 0 : tile * k);
+    MatmulThreadGuard guard;
+    std::vector<T> col(direct ? 0 : tile * k_col, T(0));
     std::vector<float> acc_buf(std::is_same<T, float>::value ? 0 : tile * c_out);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
-      const T* a = x + r0 * k;
+      const T* a = x + r0 * k_col;
       if (!direct) {
-        for (int64_t r = 0; r < nr; ++r) im2col_row_channels_last(x, s, r0 + r, col.data() + r * k);
+        for (int64_t r = 0; r < nr; ++r) im2col_row_channels_last(x, s, r0 + r, col.data() + r * k_col);
         a = col.data();
       }
       T* out_tile = out + r0 * c_out;
       float* acc = acc_buf.empty() ? reinterpret_cast<float*>(out_tile) : acc_buf.data();
-      gemm(false, true, nr, c_out, k, 1.f, a, k, weight_rows, k, 0.f, acc, c_out);
+      matmul(nr, a, k_col, weights, acc, c_out);
       for (int64_t r = 0; r < nr; ++r)
         epilogue_run(acc + r * c_out, bias, 0.f, residual ? residual + (r0 + r) * c_out : nullptr, relu,
                      out_tile + r * c_out, c_out);
@@ -67,23 +71,26 @@ void gemm_conv_channels_last(const T* x, const T* weight_rows, const float* bias
   });
 }
 
-// NCHW: per image and tile of output pixels, out[n][:, tile] = W (c_out x K) @ col (K x tile).
+// NCHW: per image and tile of output pixels, out[n][:, tile] = W (c_out x k_col) @ col (k_col x tile); as above,
+// k_col may carry one zero row of padding.
 template <typename T>
-void gemm_conv_nchw(const T* x, const T* weight, const float* bias, const T* residual, bool relu, T* out,
+void gemm_conv_nchw(const T* x, const T* weight, int64_t k_col, const float* bias, const T* residual, bool relu, T* out,
                     const ConvShape& s) {
   const int64_t pixels = s.out_h * s.out_w, k = s.k_gemm(), c_out = s.c_out, in_plane = s.h * s.w;
   const bool direct = s.pointwise();
-  const int64_t tile = pixels_per_tile(pixels, (direct ? 0 : k) + c_out);
+  const int64_t tile = pixels_per_tile(pixels, (direct ? 0 : k_col) + c_out);
   const int64_t tiles_per_image = ceil_div(pixels, tile);
   at::parallel_for(0, s.batch * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> col(direct ? 0 : k * tile);
+    MatmulThreadGuard guard;
+    MatB<T> b_tile;
+    std::vector<T> col(direct ? 0 : k_col * tile);
     std::vector<float> acc_buf(std::is_same<T, float>::value ? 0 : c_out * tile);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, np = std::min(tile, pixels - p0);
       const T* x_n = x + n * s.c_in * in_plane;
-      const T* b = x_n + p0;
-      int64_t ldb = in_plane;
-      if (!direct) {
+      if (direct) {
+        b_tile.assign(x_n + p0, k, np, in_plane);
+      } else {
         for (int64_t c = 0; c < s.c_in; ++c)
           for (int64_t i = 0; i < s.kh; ++i)
             for (int64_t j = 0; j < s.kw; ++j) {
@@ -94,13 +101,13 @@ void gemm_conv_nchw(const T* x, const T* weight, const float* bias, const T* res
                 row[p] = (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) ? T(0) : x_n[(c * s.h + ih) * s.w + iw];
               }
             }
-        b = col.data();
-        ldb = np;
+        std::fill(col.begin() + k * np, col.begin() + k_col * np, T(0));
+        b_tile.assign(col.data(), k_col, np, np);
       }
       T* out_n = out + n * c_out * pixels + p0;
       float* acc = acc_buf.empty() ? reinterpret_cast<float*>(out_n) : acc_buf.data();
       const int64_t ldc = acc_buf.empty() ? pixels : np;
-      gemm(false, false, c_out, np, k, 1.f, weight, k, b, ldb, 0.f, acc, ldc);
+      matmul(c_out, weight, k_col, b_tile, acc, ldc);
       for (int64_t c = 0; c < c_out; ++c)
         epilogue_run(acc + c * ldc, nullptr, bias[c], residual ? residual + (n * c_out + c) * pixels + p0 : nullptr,
                      relu, out_n + c * pixels, np);
@@ -252,12 +259,16 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       const at::Tensor taps = weight.reshape({s.c_in, 9}).t().to(at::kFloat).contiguous();
       auto kernel = channels_last ? depthwise_channels_last<T> : depthwise_nchw<T>;
       kernel(x_ptr, taps.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
-    } else if (channels_last) {
-      const at::Tensor weight_rows = weight.permute({0, 2, 3, 1}).contiguous();
-      gemm_conv_channels_last<T>(x_ptr, weight_rows.data_ptr<T>(), bias_ptr, res_ptr, relu, out_ptr, s);
     } else {
-      const at::Tensor w = weight.contiguous();
-      gemm_conv_nchw<T>(x_ptr, w.data_ptr<T>(), bias_ptr, res_ptr, relu, out_ptr, s);
+      // bf16 im2col needs an even K (VNNI pairs): pad with one zero tap row.
+      const int64_t k = s.k_gemm(), k_col = (!s.pointwise() && std::is_same<T, BFloat16>::value) ? k + k % 2 : k;
+      if (channels_last) {
+        const at::Tensor w_kn = at::constant_pad_nd(weight.permute({2, 3, 1, 0}).reshape({k, s.c_out}), {0, 0, 0, k_col - k}).contiguous();
+        gemm_conv_channels_last<T>(x_ptr, w_kn.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);
+      } else {
+        const at::Tensor w_mk = at::constant_pad_nd(weight.reshape({s.c_out, k}), {0, k_col - k}).contiguous();
+        gemm_conv_nchw<T>(x_ptr, w_mk.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);
+      }
     }
   });
   return out;
