@@ -1,0 +1,118 @@
+"""The benchmark machinery (benchmarks/): counters, plain baselines, the paper suite on a tiny setting, rendering.
+
+These check that the machinery works, not how fast anything is; they stay short for CI.
+"""
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import shvit
+from shvit_kernels.ops.conv_bn import conv_bias_act_reference
+from shvit_kernels.ops.shsa import shsa_fused_reference
+
+from benchmarks import paper_protocol, render, shapes
+from benchmarks.plain import to_plain
+
+
+def test_traffic_and_flops_of_a_known_conv():
+    # 1x1 conv, 8 -> 4 channels, 2x3 pixels, batch 2, fp32, with residual: every tensor once.
+    layer = shapes.Layer("conv_bias_act", 8, 4, 2, 3, k=1, residual=True)
+    x, w, b, out = 2 * 8 * 6, 4 * 8, 4, 2 * 4 * 6
+    assert shapes.traffic_bytes(layer, 2, torch.float32, "forward") == 4 * (x + w + b + out + out)
+    assert shapes.traffic_bytes(layer, 2, torch.bfloat16, "forward") == 2 * (x + w + b + out + out)
+    assert shapes.flops(layer, 2, "forward") == 2 * 2 * 6 * 4 * 8
+    assert shapes.flops(layer, 2, "both") == 3 * shapes.flops(layer, 2, "forward")
+
+
+@pytest.mark.parametrize("layer", [
+    shapes.Layer("conv_bias_act", 16, 32, 14, 14, k=3, stride=2, relu=True),
+    shapes.Layer("conv_bias_act", 24, 24, 7, 7, k=3, groups=24),
+])
+def test_conv_flops_match_torch_flop_counter(layer):
+    fn, t = layer.case(2)(torch.float32, "cpu", False)
+    with FlopCounterMode(display=False) as counter:
+        conv_bias_act_reference(t["x"], t["weight"], t["bias"], layer.stride, layer.k // 2, layer.groups, layer.relu, None)
+    assert counter.get_total_flops() == shapes.flops(layer, 2, "forward")
+
+
+def test_shsa_flops_match_torch_flop_counter():
+    layer = shapes.Layer("shsa_fused", 64, 64, 4, 4, p=24)
+    _, t = layer.case(3)(torch.float32, "cpu", False)
+    with FlopCounterMode(display=False) as counter:
+        shsa_fused_reference(t["x"], t["qkv_weight"], t["qkv_bias"], shapes.QK, 1e-5)
+    assert counter.get_total_flops() == shapes.flops(layer, 3, "forward")
+
+
+def test_layers_follow_the_model():
+    layers = dict(shapes.model_layers("shvit_s1"))
+    ops = {layer.op for layer in layers}
+    assert ops == set(shapes.FORWARD_OPS)
+    stem = shapes.Layer("conv_bias_act", 3, 16, 224, 224, k=3, stride=2, relu=True)
+    assert layers[stem] == 1
+    assert sum(c for layer, c in layers.items() if layer.op == "shsa_fused") == 4 + 5  # S1 depths (s-blocks)
+
+
+def test_plain_baseline_uses_no_custom_ops_and_matches():
+    model = shvit.create_model("shvit_s1").eval()
+    fused = shvit.fuse(model)
+    plain = to_plain(fused)
+    x = torch.randn(1, 3, 64, 64)
+    seen = []
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with Spy():
+            y = plain(x)
+        ref = fused(x)
+    assert "shvit" not in seen
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def _suite_args(tmp_path, peers):
+    return argparse.Namespace(
+        model="shvit_s1", batch_size=2, img_size=64, device="cpu", dtype="fp32", threads=1, nchw=False,
+        warmup=0.0, window=0.01, rounds=1, output=str(tmp_path / "paper.json"), json=False, peers=peers,
+    )
+
+
+def test_paper_suite_tiny_run_and_render(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper_protocol, "probe", lambda device, dtypes: {
+        "bandwidth_GBps": 10.0, "copy_bytes": 1, "matmul_TFLOPs": {"fp32": 0.1}, "threads": 1, "matmul_size": 1})
+    assert paper_protocol.run_paper_suite(_suite_args(tmp_path, "eager,eager-cl,cuda-graph,fused,train")) == 0
+    data = json.loads((tmp_path / "paper.json").read_text())
+    names = [r["name"] for r in data["inference"]]
+    assert names[0].startswith("eager") and "shvit_kernels fused (auto)" in names
+    assert all(r["img_per_s"] > 0 for r in data["inference"] + data["training"])
+    assert any(s["peer"] == "cuda-graph" for s in data["skipped"])  # no GPU on the CI machine: skipped with a reason
+    assert data["training"] and "saved_for_backward_MiB" in data["training"][0]["extra"]
+    assert data["environment"]["torch"] and data["probe"]["bandwidth_GBps"] == 10.0
+
+    ops_json = tmp_path / "ops.json"
+    layer = shapes.Layer("ffn_fused", 32, 32, 4, 4)
+    extra = dict(model="shvit_s1", op="ffn_fused", layer=layer.label(), batch=2, mode="forward", backend="reference",
+                 dtype="float32", device="cpu", seconds=1e-4, bytes=shapes.traffic_bytes(layer, 2, torch.float32, "forward"),
+                 flops=shapes.flops(layer, 2, "forward"))
+    extra.update(GBps=extra["bytes"] / 1e-4 / 1e9, TFLOPs=extra["flops"] / 1e-4 / 1e12, intensity=extra["flops"] / extra["bytes"])
+    ops_json.write_text(json.dumps({"benchmarks": [{"extra_info": extra}], "shvit": {
+        "device": "cpu", "dtype": "fp32", "grid": "small", "threads": 1, "environment": {"torch": "x"}, "command": "pytest",
+        "probe": data["probe"]}}))
+    written = render.render([str(tmp_path / "paper.json"), str(ops_json)], str(tmp_path / "out"))
+    md = (tmp_path / "out" / "README.md").read_text()
+    assert "| eager (plain torch, NCHW) |" in md and "ffn 32->64->32 4x4" in md
+    for key, path in written.items():
+        assert (tmp_path / "out" / path.split("/")[-1]).stat().st_size > 0, key
+
+
+def test_unknown_peer_is_an_error():
+    with pytest.raises(ValueError, match="unknown"):
+        paper_protocol.parse_peers("eager,warp-drive", torch.device("cpu"))
