@@ -96,13 +96,21 @@ def _common_reasons(x: torch.Tensor, *same_dtype: Optional[torch.Tensor]) -> Lis
 
 
 def conv_support_reasons(x, weight, stride, padding, groups) -> List[str]:
+    kernel = tuple(weight.shape[2:])
     if groups == 1:
-        return []
+        if kernel == (1, 1) and stride == 1 and padding == 0:
+            return []
+        # The C++ im2col + GEMM kernel exists (and is tested) but was not faster than ATen's oneDNN convolution.
+        return [
+            "the cpp backend declines dense (groups=1) convolutions other than 1x1 stride 1 pad 0: its im2col + GEMM "
+            f"kernel is slower than ATen's oneDNN convolution; got weight {tuple(weight.shape)}, stride {stride}, "
+            f"padding {padding}"
+        ]
     depthwise = groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
-    if depthwise and tuple(weight.shape[2:]) == (3, 3) and padding == 1 and stride in (1, 2):
+    if depthwise and kernel == (3, 3) and padding == 1 and stride in (1, 2):
         return []
     return [
-        "the cpp backend implements dense convolutions (groups=1) and depthwise 3x3 with padding 1 and stride 1 or 2; "
+        "the cpp backend implements grouped convolutions only as depthwise 3x3 with padding 1 and stride 1 or 2; "
         f"got groups={groups}, weight {tuple(weight.shape)}, stride {stride}, padding {padding}"
     ]
 

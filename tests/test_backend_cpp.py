@@ -1,0 +1,271 @@
+"""cpp-backend specific tests: every built CPU-capability variant, both layouts, thread counts, bad input to the
+C++ functions, the per-call not_supported_reasons, and the loader's unavailable path.
+
+The shared cross-backend grid (tests/test_ops.py) runs the ops through the dispatcher; here the C++ functions are
+also called directly so each variant is checked, including kernels the dispatcher declines (dense kxk).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import shvit_kernels
+from shvit_kernels import _dispatch
+from shvit_kernels.backends import cpp
+from shvit_kernels.ops.conv_bn import conv_bias_act_reference
+from shvit_kernels.ops.ffn import ffn_fused_reference
+from shvit_kernels.ops.shsa import shsa_fused_reference
+
+from helpers import assert_close_to_fp64
+
+requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(cpp._availability()) or "cpp unavailable")
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _built_variants():
+    found = []
+    for cap in cpp.runnable_capabilities():
+        try:
+            cpp.load_variant(cap)
+            found.append(cap)
+        except ImportError:
+            pass
+    return found
+
+
+VARIANTS = _built_variants()
+
+
+def _layout(t, channels_last):
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+def _check_against_reference(fn, reference, args, dtype, *, channels_last, name):
+    """Run fn on args cast to dtype (4-D tensors in the given layout) and hold it to the fp64 tolerance rule."""
+
+    def cast(a, dt):
+        if not isinstance(a, torch.Tensor):
+            return a
+        a = a.to(dt)
+        return _layout(a, channels_last) if a.dim() == 4 and a.shape[0] > 0 and a.shape[2] * a.shape[3] > 0 else a
+
+    low = [cast(a, dtype) for a in args]
+    got = fn(*low)
+    eager = reference(*low)
+    ref64 = reference(*[cast(a, torch.float64) if isinstance(a, torch.Tensor) else a for a in low])
+    assert_close_to_fp64(got, eager, ref64, name=name)
+    if channels_last and low[0].dim() == 4 and not low[0].is_contiguous():
+        assert got.is_contiguous(memory_format=torch.channels_last), f"{name}: output is not channels_last like x"
+    elif not channels_last:
+        assert got.is_contiguous(), f"{name}: output is not contiguous like x"
+    return got
+
+
+def conv_cases():
+    """(label, args) in conv_bias_act's positional order; odd sizes, batch 1, residual/ReLU combinations."""
+    cases = []
+    for stride in (1, 2):
+        for hw in ((9, 7), (1, 1), (2, 5)):
+            c = 37
+            oh, ow = [(s + 2 - 3) // stride + 1 for s in hw]
+            cases.append(
+                (
+                    f"dw3x3 s{stride} {hw}",
+                    (torch.randn(2, c, *hw), torch.randn(c, 1, 3, 3) / 3, torch.randn(c), stride, 1, c, True,
+                     torch.randn(2, c, oh, ow)),
+                )
+            )
+    cases.append(("pw relu", (torch.randn(3, 40, 7, 5), torch.randn(24, 40, 1, 1) / 6, torch.randn(24), 1, 0, 1, True, None)))
+    cases.append(("pw residual no bias", (torch.randn(1, 33, 3, 1), torch.randn(20, 33, 1, 1) / 6, None, 1, 0, 1, False,
+                                          torch.randn(1, 20, 3, 1))))
+    cases.append(("stem 3x3 s2 c_in 3", (torch.randn(2, 3, 11, 13), torch.randn(16, 3, 3, 3) / 3, torch.randn(16), 2, 1, 1,
+                                         True, None)))
+    cases.append(("dense 3x3 s2 c_in 20", (torch.randn(1, 20, 8, 7), torch.randn(33, 20, 3, 3) / 9, torch.randn(33), 2, 1, 1,
+                                           False, None)))
+    return cases
+
+
+def ffn_cases():
+    return [
+        ("ffn 24->48 5x7", (torch.randn(3, 24, 5, 7), torch.randn(48, 24, 1, 1) / 5, torch.randn(48), torch.randn(24, 48, 1, 1) / 7, torch.randn(24))),
+        ("ffn odd C 15->30 1x1", (torch.randn(1, 15, 1, 1), torch.randn(30, 15, 1, 1) / 4, torch.randn(30), torch.randn(15, 30, 1, 1) / 5, torch.randn(15))),
+        ("ffn 16->32 9x9 many tiles", (torch.randn(4, 16, 9, 9), torch.randn(32, 16, 1, 1) / 4, torch.randn(32), torch.randn(16, 32, 1, 1) / 6, torch.randn(16))),
+    ]
+
+
+def shsa_cases():
+    out = []
+    for c, p, hw in ((40, 21, (5, 7)), (20, 20, (1, 1)), (30, 7, (4, 4)), (80, 75, (3, 5))):
+        x = torch.randn(3, c, *hw) * 2 + 1
+        out.append((f"shsa C{c} P{p} {hw}", (x, torch.randn(32 + p, p, 1, 1) / 3, torch.randn(32 + p), 16, 1e-5)))
+    x = torch.randn(1, 12, 3, 3)
+    out.append(("shsa qk 4 batch 1", (x, torch.randn(8 + 5, 5, 1, 1), torch.randn(13), 4, 1e-5)))
+    return out
+
+
+OP_CASES = (
+    [("conv_bias_act", conv_bias_act_reference, label, args) for label, args in conv_cases()]
+    + [("ffn_fused", ffn_fused_reference, label, args) for label, args in ffn_cases()]
+    + [("shsa_fused", shsa_fused_reference, label, args) for label, args in shsa_cases()]
+)
+
+
+@requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("op,reference,label,args", OP_CASES, ids=[f"{c[0]}-{c[2]}" for c in OP_CASES])
+def test_variant_matches_reference(variant, dtype, channels_last, op, reference, label, args):
+    module = cpp.load_variant(variant)
+    _check_against_reference(getattr(module, op), reference, args, dtype, channels_last=channels_last,
+                             name=f"{variant} {op} {label}")
+
+
+@requires_cpp
+def test_best_variant_is_loaded():
+    assert cpp.variant() == cpp.runnable_capabilities()[0] or cpp.variant() in VARIANTS
+    assert cpp.variant() == VARIANTS[0], "the loader must pick the best built variant the processor runs"
+
+
+@requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ops_dispatch_to_each_variant(variant):
+    """Through the public API (autograd off) with the variant switched in."""
+    x = _layout(torch.randn(2, 32, 7, 7), True)
+    w1, b1, w2, b2 = torch.randn(64, 32, 1, 1) / 6, torch.randn(64), torch.randn(32, 64, 1, 1) / 8, torch.randn(32)
+    previous = cpp.set_variant(variant)
+    try:
+        with torch.no_grad(), shvit_kernels.use_backend("cpp"):
+            got = shvit_kernels.ffn_fused(x, w1, b1, w2, b2)
+    finally:
+        cpp.set_variant(previous)
+    assert_close_to_fp64(got, ffn_fused_reference(x, w1, b1, w2, b2), ffn_fused_reference(*(t.double() for t in (x, w1, b1, w2, b2))))
+
+
+@requires_cpp
+@pytest.mark.parametrize("threads", (1, 2))
+def test_thread_counts_agree(threads):
+    """Tiling depends on the thread count; every count must give the reference's answer."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for op, reference, label, args in OP_CASES:
+            for channels_last in (False, True):
+                _check_against_reference(getattr(cpp._module, op), reference, args, torch.float32,
+                                         channels_last=channels_last, name=f"{threads} threads {op} {label}")
+    finally:
+        torch.set_num_threads(previous)
+
+
+@requires_cpp
+def test_large_batch_many_tiles_bf16():
+    """SHViT-like widths with enough pixels for several tiles per thread, bf16 and channels_last."""
+    x = torch.randn(4, 128, 14, 14)
+    args = (x, torch.randn(256, 128, 1, 1) / 11, torch.randn(256), torch.randn(128, 256, 1, 1) / 16, torch.randn(128))
+    _check_against_reference(cpp._module.ffn_fused, ffn_fused_reference, args, torch.bfloat16, channels_last=True,
+                             name="ffn 128 bf16")
+    xs = torch.randn(5, 224, 8, 8)
+    sargs = (xs, torch.randn(32 + 48, 48, 1, 1) / 7, torch.randn(80), 16, 1e-5)
+    _check_against_reference(cpp._module.shsa_fused, shsa_fused_reference, sargs, torch.bfloat16, channels_last=False,
+                             name="shsa 224 bf16")
+
+
+@requires_cpp
+def test_shsa_large_mean_stays_accurate():
+    """GroupNorm statistics subtract the mean before squaring: inputs with |mean| >> std keep their precision."""
+    x = torch.randn(2, 24, 4, 4) * 0.1 + 1e3
+    args = (x, torch.randn(32 + 16, 16, 1, 1) / 4, torch.randn(48), 16, 1e-5)
+    _check_against_reference(cpp._module.shsa_fused, shsa_fused_reference, args, torch.float32, channels_last=False,
+                             name="shsa large mean")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input to the C++ functions: clear errors naming the argument, never a crash.
+# ---------------------------------------------------------------------------------------------------------------
+def _bad_calls():
+    x = torch.randn(2, 8, 5, 5)
+    w = torch.randn(16, 8, 1, 1)
+    return [
+        ("conv_bias_act", (x.double(), w.double(), None, 1, 0, 1, False, None), "'x' must be float32 or bfloat16"),
+        ("conv_bias_act", (x, w.bfloat16(), None, 1, 0, 1, False, None), "'weight' has dtype"),
+        ("conv_bias_act", (x[0], w, None, 1, 0, 1, False, None), "'x' must be 4-D"),
+        ("conv_bias_act", (x, torch.randn(16, 7, 1, 1), None, 1, 0, 1, False, None), "input channels but 'x' has 8"),
+        ("conv_bias_act", (x, w, torch.randn(15), 1, 0, 1, False, None), "'bias' must have shape [16]"),
+        ("conv_bias_act", (x, w, None, 1, 0, 1, False, torch.randn(2, 16, 4, 5)), "'residual' must have shape"),
+        ("conv_bias_act", (x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None), "depthwise 3x3"),
+        ("conv_bias_act", (x, w, None, 0, 0, 1, False, None), "'stride' must be >= 1"),
+        ("conv_bias_act", (x, torch.randn(4, 8, 9, 9), None, 1, 0, 1, False, None), "smaller than the kernel"),
+        ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),
+        ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(3), torch.randn(8, 16, 1, 1), torch.randn(8)), "'b1' must have shape"),
+        ("ffn_fused", (torch.randn(0, 8, 5, 5), w, torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8)), "must not be empty"),
+        ("shsa_fused", (x, torch.randn(35, 4, 1, 1), torch.randn(35), 16, 1e-5), "'qkv_weight' must have shape"),
+        ("shsa_fused", (x, torch.randn(41, 9, 1, 1), torch.randn(41), 16, 1e-5), "partial dim P"),
+        ("shsa_fused", (x, torch.randn(36, 4, 1, 1), torch.randn(35), 16, 1e-5), "'qkv_bias' must have shape"),
+        ("shsa_fused", (x, torch.randn(36, 4, 1, 1), torch.randn(36), 0, 1e-5), "'qk_dim' must be >= 1"),
+        ("shsa_fused", (x, torch.randn(40, 8, 1, 1), torch.randn(39), 16, 1e-5), "'qkv_bias' must have shape"),
+        ("shsa_fused", (x, torch.randn(40, 8, 1, 1).half(), torch.randn(40), 16, 1e-5), "'qkv_weight' must be float32 or bfloat16"),
+    ]
+
+
+@requires_cpp
+@pytest.mark.parametrize("op,args,message", _bad_calls(), ids=[f"{c[0]}-{c[2][:30]}" for c in _bad_calls()])
+def test_bad_input_gives_clear_error(op, args, message):
+    with pytest.raises(RuntimeError, match=None) as info:
+        getattr(cpp._module, op)(*args)
+    assert message in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch: what the backend declines, and why.
+# ---------------------------------------------------------------------------------------------------------------
+def test_not_supported_reasons():
+    x = torch.randn(2, 8, 6, 6)
+    pw = torch.randn(16, 8, 1, 1)
+    assert cpp._conv_bias_act_reasons(x, pw, None, 1, 0, 1, True, None) == []
+    assert cpp._conv_bias_act_reasons(x, torch.randn(8, 1, 3, 3), None, 2, 1, 8, False, None) == []
+    for dtype in (torch.float64, torch.float16):
+        reasons = cpp._conv_bias_act_reasons(x.to(dtype), pw.to(dtype), None, 1, 0, 1, False, None)
+        assert any("float32 and bfloat16 only" in r and str(dtype) in r for r in reasons), reasons
+    assert "x's dtype" in " ".join(cpp._conv_bias_act_reasons(x, pw.bfloat16(), None, 1, 0, 1, False, None))
+    grouped = cpp._conv_bias_act_reasons(x, torch.randn(8, 2, 3, 3), None, 1, 1, 4, False, None)
+    assert grouped and "groups=4" in grouped[0]
+    dw5 = cpp._conv_bias_act_reasons(x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None)
+    assert dw5 and "depthwise 3x3" in dw5[0]
+    dense = cpp._conv_bias_act_reasons(x, torch.randn(16, 8, 3, 3), None, 2, 1, 1, True, None)
+    assert dense and "dense" in dense[0]
+    assert cpp._ffn_fused_reasons(x.double(), pw.double(), None, None, None)
+    assert cpp._shsa_fused_reasons(x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)
+
+
+@requires_cpp
+def test_forced_cpp_backend_reports_reasons():
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with shvit_kernels.use_backend("cpp"), pytest.raises(RuntimeError, match="float32 and bfloat16 only"):
+        shvit_kernels.conv_bias_act(x, torch.randn(8, 4, 1, 1, dtype=torch.float64))
+
+
+@requires_cpp
+def test_declined_call_falls_back_to_reference():
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    w = torch.randn(8, 4, 1, 1, dtype=torch.float64)
+    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
+    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x.float(), w.float(), None, 1, 0, 1, False, None) == "cpp"
+
+
+def test_unavailable_backend_reports_reason(monkeypatch):
+    """With no loadable build the backend is registered, unusable with a reason, and the reference runs."""
+    monkeypatch.setattr(cpp, "_module", None)
+    monkeypatch.setitem(cpp._load_errors, "AVX512", "No module named 'shvit_kernels._C_cpu_avx512'")
+    reasons = _dispatch.backend("cpp").unavailable_reasons()
+    assert reasons and "not built or failed to load" in reasons[0] and "_C_cpu_avx512" in reasons[0]
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1)
+    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
+
+
+def test_load_variant_rejects_unknown_capability():
+    with pytest.raises(ValueError, match="unknown CPU capability"):
+        cpp.load_variant("SSE9")
