@@ -14,6 +14,7 @@ Without ``--data-dir`` the built-in synthetic dataset is used, so the command ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import shvit_kernels
+from shvit_kernels import _dispatch
 from shvit_kernels.ops.conv_bn import sync_batch_norm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, read_checkpoint, save_checkpoint
@@ -273,7 +275,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="auto: bf16 on CUDA, none on CPU")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--backend", default=None, help=f"force a shvit_kernels backend ({', '.join(shvit_kernels.BACKENDS)})")
+    s.add_argument("--backend", default=None, help=f"prefer this shvit_kernels backend ({', '.join(shvit_kernels.BACKENDS)}); ops it lacks run on the reference")
     s.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (DDP)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads per process")
@@ -357,6 +359,27 @@ def resolve_defaults(args) -> None:
         args.amp = "bf16" if args.device != "cpu" and torch.cuda.is_available() else "none"
 
 
+@contextlib.contextmanager
+def prefer_backend(name: Optional[str], device_type: str):
+    """Run every op on backend ``name`` where it has a kernel for the call, on the reference elsewhere.
+
+    Unlike ``shvit_kernels.use_backend`` this does not fail for ops the backend lacks (a CPU backend may
+    have inference kernels only). None: the automatic choice.
+    """
+    if name is None:
+        yield
+        return
+    ops = _dispatch.ops()
+    saved = {op: _dispatch.preference(op, device_type) for op in ops}
+    for op in ops:
+        _dispatch.set_preference(op, device_type, (name, "reference") if name != "reference" else ("reference",))
+    try:
+        yield
+    finally:
+        for op, order in saved.items():
+            _dispatch.set_preference(op, device_type, order)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Loops
 # --------------------------------------------------------------------------------------------------------
@@ -426,12 +449,10 @@ def train(args) -> dict:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
     main_process = rank == 0
-    forced = shvit_kernels.use_backend(args.backend)
-    forced.__enter__()
     try:
-        return _train(args, rank, world, device, main_process)
+        with prefer_backend(args.backend, device.type):
+            return _train(args, rank, world, device, main_process)
     finally:
-        forced.__exit__(None, None, None)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
