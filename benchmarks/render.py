@@ -194,12 +194,12 @@ def plot_throughput(paper: List[dict], path: str) -> None:
         hi = [batch / (x["ms_per_batch_min"] / 1e3) - m for m, x in zip(med, res[::-1])]
         colors = ["tab:orange" if "shvit_kernels" in n else "tab:blue" for n in names]
         ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
-        for y, m in enumerate(med):
-            ax.text(m, y, f" {_fmt(m)}", va="center", fontsize=8)
+        for y, (m, h) in enumerate(zip(med, hi)):
+            ax.text(m + h, y, f"  {_fmt(m)}", va="center", fontsize=8)
         ax.set_title(f"{setting(r)} - {key}", fontsize=10)
         ax.set_xlabel("img/s (median, whiskers min..max)")
         ax.tick_params(axis="y", labelsize=8)
-        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.2)
+        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.25)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
@@ -218,31 +218,36 @@ def plot_roofline(run: dict, path: str) -> None:
     points = [b["extra_info"] for b in run["benchmarks"] if "op" in b.get("extra_info", {})]
     if not probe or not points:
         return
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    backends = sorted({p["backend"] for p in points})
+    fig, axes = plt.subplots(1, len(backends), figsize=(7 * len(backends), 5.5), sharex=True, sharey=True, squeeze=False)
     xs = [p["intensity"] for p in points]
+    ys = [p["TFLOPs"] * 1e3 for p in points]
     lo, hi = min(xs) / 2, max(xs) * 4
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     dtype = points[0]["dtype"]
-    ax.plot(grid, [roof_at(probe, x, dtype) / 1e9 for x in grid], "k-", lw=2,
-            label=f"measured roof: copy {probe['bandwidth_GBps']:.0f} GB/s, "
-                  f"matmul {max(probe['matmul_TFLOPs'].values()) * 1e3:.0f} GFLOP/s")
+    roof = [roof_at(probe, x, dtype) / 1e9 for x in grid]
     ops = sorted({p["op"] for p in points})
     markers = {"forward": "o", "backward": "s", "both": "^"}
     cmap = plt.get_cmap("tab10")
-    for i, op in enumerate(ops):
-        for mode, mk in markers.items():
-            sel = [p for p in points if p["op"] == op and p["mode"] == mode]
-            if sel:
-                ax.scatter([p["intensity"] for p in sel], [p["TFLOPs"] * 1e3 for p in sel], marker=mk,
-                           color=cmap(i), label=f"{op} ({mode})", alpha=0.8, edgecolors="k", linewidths=0.4)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP per byte of minimum traffic)")
-    ax.set_ylabel("achieved GFLOP/s")
-    backends = ", ".join(sorted({p["backend"] for p in points}))
-    ax.set_title(f"Op roofline: {s['device']} {s['dtype']}, {s['threads']} thread(s), backends {backends}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    for ax, backend in zip(axes.flat, backends):
+        ax.plot(grid, roof, "k-", lw=2, label=f"measured roof: copy {probe['bandwidth_GBps']:.0f} GB/s, "
+                f"matmul {max(probe['matmul_TFLOPs'].values()) * 1e3:.0f} GFLOP/s")
+        for i, op in enumerate(ops):
+            for mode, mk in markers.items():
+                sel = [p for p in points if p["op"] == op and p["mode"] == mode and p["backend"] == backend]
+                if sel:
+                    ax.scatter([p["intensity"] for p in sel], [p["TFLOPs"] * 1e3 for p in sel], marker=mk, s=40,
+                               color=cmap(i), label=f"{op} ({mode})", alpha=0.85, edgecolors="k", linewidths=0.4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(min(ys + roof) / 2, max(ys + roof) * 2)
+        ax.set_xlabel("arithmetic intensity (FLOP per byte of minimum traffic)")
+        ax.set_title(f"backend {backend}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes.flat[0].set_ylabel("achieved GFLOP/s")
+    fig.suptitle(f"Op roofline: {s['device']} {s['dtype']}, {s['threads']} thread(s), grid {s['grid']} "
+                 "(points above the roof ran from cache)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
