@@ -14,7 +14,6 @@ Without ``--data-dir`` the built-in synthetic dataset is used, so the command ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import shvit_kernels
-from shvit_kernels import _dispatch
 from shvit_kernels.ops.conv_bn import sync_batch_norm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, read_checkpoint, save_checkpoint
@@ -359,27 +357,6 @@ def resolve_defaults(args) -> None:
         args.amp = "bf16" if args.device != "cpu" and torch.cuda.is_available() else "none"
 
 
-@contextlib.contextmanager
-def prefer_backend(name: Optional[str], device_type: str):
-    """Run every op on backend ``name`` where it has a kernel for the call, on the reference elsewhere.
-
-    Unlike ``shvit_kernels.use_backend`` this does not fail for ops the backend lacks (a CPU backend may
-    have inference kernels only). None: the automatic choice.
-    """
-    if name is None:
-        yield
-        return
-    ops = _dispatch.ops()
-    saved = {op: _dispatch.preference(op, device_type) for op in ops}
-    for op in ops:
-        _dispatch.set_preference(op, device_type, (name, "reference") if name != "reference" else ("reference",))
-    try:
-        yield
-    finally:
-        for op, order in saved.items():
-            _dispatch.set_preference(op, device_type, order)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Loops
 # --------------------------------------------------------------------------------------------------------
@@ -450,7 +427,7 @@ def train(args) -> dict:
     rank, world, device = setup_distributed(args.device)
     main_process = rank == 0
     try:
-        with prefer_backend(args.backend, device.type):
+        with shvit_kernels.prefer_backend(args.backend):
             return _train(args, rank, world, device, main_process)
     finally:
         if world > 1 and dist.is_initialized():

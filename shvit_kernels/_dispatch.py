@@ -6,6 +6,7 @@ cannot take a given call (empty list: it can). At run time the first backend in 
 order that has no reasons wins. Users can force a backend with :func:`use_backend` (context manager),
 :func:`set_backend` (global) or the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that
 cannot take a call raises an error listing its reasons instead of silently falling back.
+:func:`prefer_backend` is the lenient form: the backend runs what it can and the usual order the rest.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -96,20 +97,27 @@ def _validate_forced(name: Optional[str]) -> Optional[str]:
     return name
 
 
-def forced_backend() -> Optional[str]:
-    """The backend forced by context manager, then by set_backend, then by the environment."""
+def _forced() -> Optional[Tuple[str, bool]]:
+    """(backend, strict) from the innermost context manager, else set_backend, else the environment."""
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1]
     if _global_forced is not None:
-        return _global_forced
+        return _global_forced, True
     env = os.environ.get(ENV_VAR)
     if env:
         try:
-            return _validate_forced(env.strip().lower())
+            name = _validate_forced(env.strip().lower())
         except ValueError as e:
             raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
+        return (name, True) if name else None
     return None
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced (or preferred) by context manager, then by set_backend, then by the environment."""
+    forced = _forced()
+    return forced[0] if forced and forced[0] else None
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -119,17 +127,25 @@ def set_backend(name: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force a backend inside a ``with`` block (thread-local; ``None``/``"auto"`` means automatic)."""
+def use_backend(name: Optional[str], strict: bool = True) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (thread-local; ``None``/``"auto"`` means automatic).
+
+    ``strict=False`` only prefers it: calls it cannot take go to the usual order instead of raising.
+    """
     name = _validate_forced(name)
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
-    stack.append(name)
+    stack.append((name, strict) if name else (None, True))
     try:
         yield
     finally:
         stack.pop()
+
+
+def prefer_backend(name: Optional[str]):
+    """Run each op on ``name`` where it has a kernel for the call, elsewhere on the usual order."""
+    return use_backend(name, strict=False)
 
 
 def preference(op: str, device_type: str) -> Sequence[str]:
@@ -138,14 +154,16 @@ def preference(op: str, device_type: str) -> Sequence[str]:
 
 def select(op: str, device_type: str, *args, **kwargs) -> Callable:
     """Return the kernel that will run ``op`` for these arguments."""
-    forced = forced_backend()
-    if forced is not None:
-        reasons = backend(forced).not_supported_reasons(op, *args, **kwargs)
-        if reasons:
+    forced = _forced()
+    if forced is not None and forced[0] is not None:
+        name, strict = forced
+        reasons = backend(name).not_supported_reasons(op, *args, **kwargs)
+        if not reasons:
+            return backend(name).kernels[op]
+        if strict:
             raise RuntimeError(
-                f"shvit_kernels: backend '{forced}' was forced but cannot run op '{op}': " + "; ".join(reasons)
+                f"shvit_kernels: backend '{name}' was forced but cannot run op '{op}': " + "; ".join(reasons)
             )
-        return backend(forced).kernels[op]
     for name in preference(op, device_type):
         b = _backends[name]
         if not b.not_supported_reasons(op, *args, **kwargs):

@@ -236,3 +236,12 @@ def test_large_magnitude_low_precision_attention_stays_finite():
         t["x"] = t["x"] * 1e4
         out = fn(**t)
         assert torch.isfinite(out).all(), f"{dtype}: non-finite output for |x| ~ 1e4"
+
+
+def test_prefer_backend_falls_back_where_the_backend_cannot_run():
+    fn, t = _shsa_args()
+    with K.prefer_backend("cuda"):  # never takes CPU tensors
+        assert K.forced_backend() == "cuda"
+        out = fn(**t)
+    with K.use_backend("reference"):
+        torch.testing.assert_close(out, fn(**t))

@@ -14,7 +14,7 @@ import shvit
 from shvit import train as shvit_train
 from shvit.__main__ import build_parser
 from shvit.data import SyntheticDataset, collate
-from shvit.train import prefer_backend
+from shvit_kernels import prefer_backend
 from shvit_kernels import _dispatch
 
 from helpers import DEVICE, assert_close_to_fp64, usable_backends
@@ -95,7 +95,7 @@ TRAINING_OPS = {"conv_bn_train", "conv_bn_train_backward", "shsa_train", "shsa_t
 def lockstep_step(model, x, labels, backend, dtype):
     """Loss, gradients and BatchNorm statistics of one training step of a copy of ``model`` on ``backend``."""
     m = copy.deepcopy(model).to(dtype)
-    with prefer_backend(backend, x.device.type):
+    with prefer_backend(backend):
         loss = F.cross_entropy(m(x.to(dtype)).float(), labels, label_smoothing=0.1)
         loss.backward()
     grads = {n: p.grad for n, p in m.named_parameters()}
