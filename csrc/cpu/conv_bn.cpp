@@ -119,6 +119,52 @@ void gemm_conv_nchw(const T* x, const T* weight, int64_t k_col, const float* bia
 // Depthwise 3x3, padding 1
 // ---------------------------------------------------------------------------------------------------------------
 
+template <bool kFull, typename T>
+inline fVec load_channels(const T* p, int64_t count) {
+  return kFull ? load_f(p) : load_f(p, count);
+}
+
+// One output pixel for one block of channels: the taps [i_lo, i_hi) x [j_lo, j_hi) that fall inside the image.
+// kInterior (all nine inside) unrolls completely so the nine weight vectors stay in registers.
+template <bool kFull, bool kInterior, typename T>
+inline fVec depthwise_pixel(const T* top_left, int64_t row_stride, int64_t col_stride, const fVec* wt, fVec acc,
+                            int64_t i_lo, int64_t i_hi, int64_t j_lo, int64_t j_hi, int64_t count) {
+  if (kInterior) {
+    i_lo = j_lo = 0;
+    i_hi = j_hi = 3;
+  }
+#pragma GCC unroll 3
+  for (int64_t i = i_lo; i < i_hi; ++i)
+#pragma GCC unroll 3
+    for (int64_t j = j_lo; j < j_hi; ++j)
+      acc = at::vec::fmadd(load_channels<kFull>(top_left + i * row_stride + j * col_stride, count), wt[i * 3 + j], acc);
+  return acc;
+}
+
+// One output row, one block of channels (kFull: a whole vector of them).
+template <bool kFull, typename T>
+void depthwise_row_block(const T* x_n, const float* taps, const float* bias, const T* residual, bool relu, T* out,
+                         const ConvShape& s, int64_t oh, int64_t c0, int64_t count) {
+  const int64_t c = s.c_in, row_stride = s.w * c;
+  fVec wt[9];
+  for (int t = 0; t < 9; ++t) wt[t] = load_channels<kFull>(taps + t * c + c0, count);
+  const fVec b = load_channels<kFull>(bias + c0, count), zero(0.f);
+  const int64_t i_lo = std::max<int64_t>(0, 1 - oh * s.stride), i_hi = std::min<int64_t>(3, s.h + 1 - oh * s.stride);
+  const bool rows_inside = i_lo == 0 && i_hi == 3;
+  for (int64_t ow = 0; ow < s.out_w; ++ow) {
+    const int64_t j_lo = std::max<int64_t>(0, 1 - ow * s.stride), j_hi = std::min<int64_t>(3, s.w + 1 - ow * s.stride);
+    // Pointer to tap (0, 0), which may lie in the padding; only in-image taps are read.
+    const T* top_left = x_n + (oh * s.stride - 1) * row_stride + (ow * s.stride - 1) * c + c0;
+    fVec acc = (rows_inside && j_lo == 0 && j_hi == 3)
+                   ? depthwise_pixel<kFull, true>(top_left, row_stride, c, wt, b, 0, 3, 0, 3, count)
+                   : depthwise_pixel<kFull, false>(top_left, row_stride, c, wt, b, i_lo, i_hi, j_lo, j_hi, count);
+    const int64_t o = ow * c + c0;
+    if (residual) acc = acc + load_channels<kFull>(residual + o, count);
+    if (relu) acc = at::vec::maximum(acc, zero);
+    if (kFull) store_f(acc, out + o); else store_f(acc, out + o, count);
+  }
+}
+
 // taps: (9, C) fp32, so one tap's weights for a block of channels are one vector load.
 template <typename T>
 void depthwise_channels_last(const T* x, const float* taps, const float* bias, const T* residual, bool relu, T* out,
@@ -127,30 +173,13 @@ void depthwise_channels_last(const T* x, const float* taps, const float* bias, c
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.out_h, oh = r % s.out_h;
-      const int64_t i_lo = std::max<int64_t>(0, 1 - oh * s.stride), i_hi = std::min<int64_t>(3, s.h + 1 - oh * s.stride);
       const T* x_n = x + n * s.h * s.w * c;
-      const int64_t out_row = (n * s.out_h + oh) * s.out_w * c;
-      for (int64_t c0 = 0; c0 < c; c0 += kVec) {
-        const int64_t cn = std::min(kVec, c - c0);
-        const bool full = cn == kVec;
-        fVec wt[9];
-        for (int t = 0; t < 9; ++t) wt[t] = full ? load_f(taps + t * c + c0) : load_f(taps + t * c + c0, cn);
-        const fVec b = full ? load_f(bias + c0) : load_f(bias + c0, cn);
-        const fVec zero(0.f);
-        for (int64_t ow = 0; ow < s.out_w; ++ow) {
-          const int64_t j_lo = std::max<int64_t>(0, 1 - ow * s.stride), j_hi = std::min<int64_t>(3, s.w + 1 - ow * s.stride);
-          fVec acc = b;
-          for (int64_t i = i_lo; i < i_hi; ++i) {
-            const T* x_row = x_n + ((oh * s.stride - 1 + i) * s.w + (ow * s.stride - 1)) * c + c0;
-            for (int64_t j = j_lo; j < j_hi; ++j)
-              acc = at::vec::fmadd(full ? load_f(x_row + j * c) : load_f(x_row + j * c, cn), wt[i * 3 + j], acc);
-          }
-          const int64_t o = out_row + ow * c + c0;
-          if (residual) acc = acc + (full ? load_f(residual + o) : load_f(residual + o, cn));
-          if (relu) acc = at::vec::maximum(acc, zero);
-          if (full) store_f(acc, out + o); else store_f(acc, out + o, cn);
-        }
-      }
+      const int64_t out_row = r * s.out_w * c;
+      const T* res_row = residual ? residual + out_row : nullptr;
+      int64_t c0 = 0;
+      for (; c0 + kVec <= c; c0 += kVec)
+        depthwise_row_block<true>(x_n, taps, bias, res_row, relu, out + out_row, s, oh, c0, kVec);
+      if (c0 < c) depthwise_row_block<false>(x_n, taps, bias, res_row, relu, out + out_row, s, oh, c0, c - c0);
     }
   });
 }
