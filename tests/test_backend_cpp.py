@@ -226,7 +226,9 @@ def test_not_supported_reasons():
     x = torch.randn(2, 8, 6, 6)
     pw = torch.randn(16, 8, 1, 1)
     assert cpp._conv_bias_act_reasons(x, pw, None, 1, 0, 1, True, None) == []
-    assert cpp._conv_bias_act_reasons(x, torch.randn(8, 1, 3, 3), None, 2, 1, 8, False, None) == []
+    dw = torch.randn(8, 1, 3, 3)
+    assert cpp._conv_bias_act_reasons(_layout(x, True), dw, None, 2, 1, 8, False, None) == []
+    assert "channels_last" in " ".join(cpp._conv_bias_act_reasons(x, dw, None, 2, 1, 8, False, None))
     for dtype in (torch.float64, torch.float16):
         reasons = cpp._conv_bias_act_reasons(x.to(dtype), pw.to(dtype), None, 1, 0, 1, False, None)
         assert any("float32 and bfloat16 only" in r and str(dtype) in r for r in reasons), reasons
