@@ -216,7 +216,7 @@ def inference_variants(peers, fused, fused_fmt, plain, x, device, dtype, threads
         if device.type != "cpu" or dtype != torch.float32:
             skipped.append(dict(peer="onnxruntime", reason="run on CPU in fp32 only (ONNX Runtime's CPU provider)"))
         else:
-            add("onnxruntime", f"ONNX Runtime CPU ({threads} thread{'s' if threads > 1 else ''})",
+            add("onnxruntime", "ONNX Runtime CPU",
                 lambda: OnnxRuntimeModel(plain_nchw, x, threads))
     if "fused" in peers:
         xin = x.contiguous(memory_format=fused_fmt) if fused_fmt else x

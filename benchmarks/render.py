@@ -16,6 +16,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Tuple
 
@@ -40,7 +41,8 @@ def load(paths: List[str]) -> Tuple[List[dict], List[dict]]:
             paper.append(data)
         elif "benchmarks" in data and isinstance(data.get("shvit"), dict):
             ops.append(data)
-    paper.sort(key=lambda r: (r["model"], r["device"], r["dtype"], r["threads"]))
+    order = {"fp32": 0, "bf16": 1, "fp16": 2}
+    paper.sort(key=lambda r: (r["model"], r["device"], order.get(r["dtype"], 3), r["threads"]))
     return paper, ops
 
 
@@ -58,6 +60,11 @@ def _spread(res: dict) -> str:
     return f"{_fmt(b / res['ms_per_batch_max'] * 1e3)}..{_fmt(b / res['ms_per_batch_min'] * 1e3)}"
 
 
+def method(res: dict) -> str:
+    # The thread count is part of the setting (column), not of the method (row).
+    return re.sub(r"ONNX Runtime CPU \(\d+ threads?\)", "ONNX Runtime CPU", res["name"])
+
+
 def summary_table(paper: List[dict], key: str = "inference") -> str:
     """Methods as rows, settings as columns, median img/s (min..max) in the cells."""
     cols = [r for r in paper if r.get(key)]
@@ -66,13 +73,13 @@ def summary_table(paper: List[dict], key: str = "inference") -> str:
     methods: List[str] = []
     for r in cols:
         for res in r[key]:
-            if res["name"] not in methods:
-                methods.append(res["name"])
+            if method(res) not in methods:
+                methods.append(method(res))
     lines = ["| method | " + " | ".join(setting(r) for r in cols) + " |", "|---|" + "---:|" * len(cols)]
     for m in methods:
         cells = []
         for r in cols:
-            res = next((x for x in r[key] if x["name"] == m), None)
+            res = next((x for x in r[key] if method(x) == m), None)
             cells.append(f"{_fmt(res['img_per_s'])} ({_spread(res)})" if res else "n/a")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -151,10 +158,16 @@ def markdown(paper: List[dict], ops: List[dict]) -> str:
              "interleaved rounds, with min..max over rounds in parentheses; every number was measured on the machine "
              "and date listed below.", ""]
     if paper:
-        parts += ["## Inference throughput (img/s, paper protocol: BN folded, peers interleaved)", "", summary_table(paper), ""]
-        train = summary_table(paper, "training")
-        if train:
-            parts += ["## Training-step throughput (img/s: forward, loss, backward, SGD step)", "", train, ""]
+        groups: Dict[tuple, List[dict]] = {}
+        for r in paper:
+            groups.setdefault((r["model"], r["img_size"], r["batch_size"], r["device"]), []).append(r)
+        parts += ["## Inference throughput (img/s, paper protocol: BN folded, peers interleaved)", ""]
+        for g in groups.values():
+            parts += [summary_table(g), ""]
+        if any(r.get("training") for r in paper):
+            parts += ["## Training-step throughput (img/s: forward, loss, backward, SGD step)", ""]
+            for g in groups.values():
+                parts += [summary_table(g, "training"), ""]
         parts += ["## Details per setting", ""]
         for r in paper:
             parts += [f"### {setting(r)}", "", detail_table(r, "inference"), ""]
