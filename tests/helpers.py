@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import shvit_kernels
@@ -45,3 +47,22 @@ def usable_backends(device_type: str, include_reference: bool = False):
 
 def supports(backend_name: str, op: str, *args) -> list:
     return _dispatch.backend(backend_name).not_supported_reasons(op, *args)
+
+
+@contextlib.contextmanager
+def record_dispatch():
+    """Collect (op, backend that ran it, args) for every custom-op call inside the block."""
+    calls = []
+    real_select = _dispatch.select
+
+    def recording_select(op, device_type, *args, **kwargs):
+        kernel = real_select(op, device_type, *args, **kwargs)
+        name = next(n for n in _dispatch.BACKENDS if _dispatch.backend(n).kernels.get(op) is kernel)
+        calls.append((op, name, args))
+        return kernel
+
+    _dispatch.select = recording_select
+    try:
+        yield calls
+    finally:
+        _dispatch.select = real_select

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shvit_kernels as K
-from helpers import usable_backends
+from helpers import record_dispatch, usable_backends
 from op_cases import CASES, conv_case, ffn_case, shsa_case
 from shvit_kernels import _dispatch
 from test_ops import NOT_DIFFERENTIABLE, run
@@ -26,28 +26,15 @@ SMALL_CASES = [
 ]
 
 
-def record_op_calls(monkeypatch, fn, tensors):
-    """Run forward + backward and return every (op, args) the custom ops received."""
-    calls = []
-    real_select = _dispatch.select
-
-    def recording_select(op, device_type, *args, **kwargs):
-        calls.append((op, args))
-        return real_select(op, device_type, *args, **kwargs)
-
-    monkeypatch.setattr(_dispatch, "select", recording_select)
-    run(fn, tensors, None)
-    monkeypatch.setattr(_dispatch, "select", real_select)
-    return calls
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
 @pytest.mark.parametrize("backend", usable_backends("cpu", include_reference=True))
-def test_opcheck_every_op(monkeypatch, backend, name, build, channels_last):
+def test_opcheck_every_op(backend, name, build, channels_last):
     """opcheck each custom op this case runs, with the backend's kernel (ops it has no kernel for are skipped)."""
     fn, tensors = build(torch.float32, "cpu", channels_last)
-    calls = record_op_calls(monkeypatch, fn, tensors)
+    with record_dispatch() as recorded:
+        run(fn, tensors, None)
+    calls = [(op, args) for op, _, args in recorded]
     assert {op.endswith("_backward") for op, _ in calls} == {True, False}, "forward and backward ops must both run"
     checked = []
     for op, args in calls:
