@@ -111,7 +111,7 @@ def bench_env(request):
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     from shvit.bench import environment
 
-    from benchmarks.device import load_average
+    from benchmarks.device import git_revision, load_average
 
     device = _session.get("device", bench_device(config))
     output_json["shvit"] = dict(
@@ -123,5 +123,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         environment=environment(device),
         command=" ".join(["pytest"] + sys.argv[1:]),
         load_average_end=load_average(),
+        git=git_revision(),
         probe=_session.get("probe"),
     )

@@ -100,6 +100,20 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
     return result
 
 
+def git_revision() -> Optional[str]:
+    """HEAD of the checkout, with '+dirty' when tracked files differ (kernels change while people work)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
 def load_average() -> Optional[List[float]]:
     try:
         return [round(v, 2) for v in os.getloadavg()]

@@ -37,7 +37,7 @@ import shvit_kernels
 from shvit import bench
 from shvit_kernels import _dispatch
 
-from benchmarks.device import load_average, probe
+from benchmarks.device import git_revision, load_average, probe
 from benchmarks.plain import to_plain
 
 ALL_PEERS = ("eager", "eager-cl", "compile", "compile-max-autotune", "cuda-graph", "onnxruntime", "fused", "train")
@@ -321,7 +321,7 @@ def run_paper_suite(args) -> int:
     env = dict(report.environment)
     via_cli = sys.argv[0].endswith("__main__.py") or sys.argv[0].endswith("shvit")
     env.update(command=("python -m shvit " + " ".join(sys.argv[1:])) if via_cli else " ".join(sys.argv),
-               load_average_start=load_start, load_average_end=load_average())
+               load_average_start=load_start, load_average_end=load_average(), git=git_revision())
     result = dict(
         suite="paper",
         model=args.model,

@@ -147,7 +147,8 @@ def environment_lines(runs: List[dict]) -> List[str]:
         if probe:
             tf = ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in probe.get("matmul_TFLOPs", {}).items())
             ceil = f"; measured ceilings at {probe.get('threads')} thread(s): copy {probe['bandwidth_GBps']:.1f} GB/s, matmul {tf}"
-        out.append(f"- {name}: {env.get('date', '?')}, load average (1/5/15 min) at start {load[0]}, end {load[1]}{ceil}; "
+        rev = env.get("git") or r.get("shvit", {}).get("git")
+        out.append(f"- {name}: {env.get('date', '?')}{f', git {rev}' if rev else ''}, load average (1/5/15 min) at start {load[0]}, end {load[1]}{ceil}; "
                    f"`{env.get('command') or r.get('shvit', {}).get('command', '')}`")
     return out
 
