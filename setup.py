@@ -45,7 +45,7 @@ def cpu_extensions(CppExtension):
                 sources=sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 define_macros=[("CPU_CAPABILITY", cap), (f"CPU_CAPABILITY_{cap}", None)],
-                extra_compile_args=["-O3", "-fopenmp", "-std=c++17", *CPU_CAPABILITY_FLAGS[cap]],
+                extra_compile_args=["-O3", "-g0", "-fopenmp", "-std=c++17", *CPU_CAPABILITY_FLAGS[cap]],
                 extra_link_args=["-fopenmp"],
             )
         )
@@ -72,7 +72,7 @@ def cuda_extensions(CUDAExtension):
             name="shvit_kernels._C_cuda",
             sources=bindings + kernels,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": ["-O3", "-g0", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
         )
     ]
 
