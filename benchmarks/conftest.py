@@ -92,7 +92,7 @@ _session = {}
 @pytest.fixture(scope="session")
 def bench_env(request):
     """Device, dtype and the measured ceilings, computed once per session (and saved in the JSON)."""
-    from benchmarks.device import probe
+    from benchmarks.device import load_average, probe
 
     config = request.config
     device = bench_device(config)
@@ -101,7 +101,7 @@ def bench_env(request):
     if config.getoption("--shvit-threads"):
         torch.set_num_threads(config.getoption("--shvit-threads"))
     dtype = DTYPES[config.getoption("--shvit-dtype")]
-    env = dict(device=device, dtype=dtype, time=config.getoption("--shvit-time"))
+    env = dict(device=device, dtype=dtype, time=config.getoption("--shvit-time"), load_start=load_average())
     if not config.getoption("benchmark_disable", False):
         env["probe"] = probe(device, dtypes=sorted({torch.float32, dtype}, key=str))
     _session.update(env)
@@ -122,6 +122,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         threads=torch.get_num_threads(),
         environment=environment(device),
         command=" ".join(["pytest"] + sys.argv[1:]),
+        load_average_start=_session.get("load_start"),
         load_average_end=load_average(),
         git=git_revision(),
         probe=_session.get("probe"),

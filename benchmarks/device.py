@@ -72,14 +72,15 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
     """Measured ceilings at the current thread count: copy bandwidth (read + write) and dense matmul rate.
 
     Sizes are chosen to run from memory (copy: 8x the last-level cache, at least 256 MiB) and to be
-    compute-bound (square matmuls); each number is the best of a few repetitions.
+    compute-bound (square matmuls). Each number is the best of many short repetitions: on a shared machine a
+    long repetition is always sliced with other processes' work, a short one often runs whole.
     """
     cache = last_level_cache_bytes(device)
     copy_bytes = max(8 * cache, 256 << 20) if not quick else 16 << 20
     n = copy_bytes // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    reps = 3 if quick else 10
+    reps = 3 if quick else 20
     t = _best_time(lambda: dst.copy_(src), device, reps)
     result = {
         "bandwidth_GBps": 2 * copy_bytes / t / 1e9,
@@ -88,14 +89,23 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
         "threads": torch.get_num_threads(),
     }
     del src, dst
-    size = 8192 if device.type == "cuda" else 2048
+    size = 8192 if device.type == "cuda" else 1024
     if quick:
         size = 256
+    # Two GEMM routes: torch.mm and a channels_last 1x1 convolution (on CPU, oneDNN's convolution can be much
+    # faster than the mm path of the build). The ceiling is the faster one; both are recorded.
+    result["gemm_candidates_TFLOPs"] = {}
     for dtype in dtypes:
+        name = DTYPE_NAMES.get(dtype, str(dtype))
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
-        t = _best_time(lambda: a @ b, device, 5 if device.type == "cpu" else 20)
-        result["matmul_TFLOPs"][DTYPE_NAMES.get(dtype, str(dtype))] = 2 * size**3 / t / 1e12
+        mm = 2 * size**3 / _best_time(lambda: a @ b, device, reps) / 1e12
+        c, hw = (512, 32) if not quick else (64, 8)
+        x = torch.randn(4, c, hw, hw, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 1, 1, device=device).to(dtype)
+        conv = 2 * 4 * hw * hw * c * c / _best_time(lambda: torch.nn.functional.conv2d(x, w), device, reps) / 1e12
+        result["gemm_candidates_TFLOPs"][name] = {"mm": mm, "conv1x1": conv}
+        result["matmul_TFLOPs"][name] = max(mm, conv)
     result["matmul_size"] = size
     return result
 

@@ -141,13 +141,14 @@ def environment_lines(runs: List[dict]) -> List[str]:
             dev = env.get("gpu") or env.get("cpu", "?")
             out.append(f"- machine: {dev} ({env.get('cpu_capability', '')}), torch {env.get('torch')}, "
                        f"python {env.get('python')}" + (f", triton {env['triton']}" if "triton" in env else ""))
-        load = (env.get("load_average_start"), env.get("load_average_end") or r.get("shvit", {}).get("load_average_end"))
+        s = r.get("shvit", {})
+        load = (env.get("load_average_start") or s.get("load_average_start"), env.get("load_average_end") or s.get("load_average_end"))
         name = setting(r) if r.get("suite") == "paper" else f"op benchmarks ({r['shvit']['device']}, {r['shvit']['dtype']})"
         ceil = ""
-        if probe:
+        if probe and r.get("suite") != "paper":  # the roofline's ceilings; paper runs keep theirs in the JSON
             tf = ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in probe.get("matmul_TFLOPs", {}).items())
             ceil = f"; measured ceilings at {probe.get('threads')} thread(s): copy {probe['bandwidth_GBps']:.1f} GB/s, matmul {tf}"
-        rev = env.get("git") or r.get("shvit", {}).get("git")
+        rev = env.get("git") or s.get("git")
         out.append(f"- {name}: {env.get('date', '?')}{f', git {rev}' if rev else ''}, load average (1/5/15 min) at start {load[0]}, end {load[1]}{ceil}; "
                    f"`{env.get('command') or r.get('shvit', {}).get('command', '')}`")
     return out
