@@ -15,7 +15,12 @@ import torch
 import shvit_kernels
 from shvit_kernels import _dispatch
 from shvit_kernels.backends import cpp
-from shvit_kernels.ops.conv_bn import conv_bias_act_reference
+from shvit_kernels.ops.conv_bn import (
+    conv_bias_act_backward_reference,
+    conv_bias_act_reference,
+    conv_bn_train_backward_reference,
+    conv_bn_train_reference,
+)
 from shvit_kernels.ops.ffn import ffn_fused_reference
 from shvit_kernels.ops.shsa import shsa_fused_reference
 
@@ -184,6 +189,72 @@ def test_shsa_large_mean_stays_accurate():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Training kernels, called directly: every output (forward and backward) against the fp64 rule.
+# ---------------------------------------------------------------------------------------------------------------
+def _check_outputs(fn, reference, args, dtype, channels_last, name):
+    def cast(a, dt):
+        if not isinstance(a, torch.Tensor):
+            return a
+        a = a.to(dt if a.dtype != torch.float32 or dt == torch.float64 or a.dim() == 4 else torch.float32)
+        return _layout(a, channels_last) if a.dim() == 4 and a.shape[2] * a.shape[3] > 1 else a
+
+    low = [cast(a, dtype) for a in args]
+    got, eager = fn(*low), reference(*low)
+    ref64 = reference(*[cast(a, torch.float64) for a in low])
+    for i, (g, e, r) in enumerate(zip(got, eager, ref64)):
+        assert_close_to_fp64(g, e, r, name=f"{name} output {i}")
+        if i == 0 and channels_last and g.shape[2] * g.shape[3] > 1:  # out / grad_x follow x's layout
+            assert g.is_contiguous(memory_format=torch.channels_last), f"{name} output {i} is not channels_last"
+
+
+def conv_train_cases():
+    """(label, conv_bn_train args); BN params fp32 as under mixed precision."""
+    out = []
+    for label, (x, w, _, stride, pad, groups, relu, res) in conv_cases():
+        c = w.shape[0]
+        if x.shape[0] * ((x.shape[2] + 2 * pad - w.shape[2]) // stride + 1) * ((x.shape[3] + 2 * pad - w.shape[3]) // stride + 1) < 2:
+            continue
+        out.append((label, (x, w, torch.rand(c) + 0.5, torch.randn(c) * 0.3, stride, pad, groups, 1e-5, relu, res)))
+    # Channels whose mean is far above their spread: the statistics must not cancel.
+    out.append(("pw large mean", (torch.randn(2, 16, 6, 6) * 0.01 + 300, torch.randn(8, 16, 1, 1) / 4, torch.rand(8) + 0.5,
+                                  torch.randn(8), 1, 0, 1, 1e-5, True, None)))
+    return out
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("label,args", conv_train_cases(), ids=[c[0] for c in conv_train_cases()])
+def test_conv_training_kernels_match_reference(dtype, channels_last, label, args):
+    m = cpp._module
+    _check_outputs(m.conv_bn_train, conv_bn_train_reference, args, dtype, channels_last, f"conv_bn_train {label}")
+    x, w, gamma, beta, stride, pad, groups, eps, relu, res = args
+    out, mean, var = conv_bn_train_reference(*args)
+    grad = torch.randn_like(out)
+    bwd = (grad, x, w, gamma, beta, mean, var, out, stride, pad, groups, eps, relu, res is not None)
+    _check_outputs(m.conv_bn_train_backward, conv_bn_train_backward_reference, bwd, dtype, channels_last,
+                   f"conv_bn_train_backward {label}")
+    bias = torch.randn(w.shape[0])
+    out = conv_bias_act_reference(x, w, bias, stride, pad, groups, relu, res)
+    bwd = (grad, x, w, bias, stride, pad, groups, relu, res, out)
+    _check_outputs(m.conv_bias_act_backward, conv_bias_act_backward_reference, bwd, dtype, channels_last,
+                   f"conv_bias_act_backward {label}")
+
+
+@requires_cpp
+def test_conv_bn_train_statistics_do_not_cancel():
+    """|mean| / std = 1e5: a naive fp32 sum of squares would lose the variance entirely."""
+    x = torch.randn(4, 8, 16, 16) * 1e-3
+    w = torch.eye(8).reshape(8, 8, 1, 1)
+    for channels_last in (False, True):
+        xx = _layout(x + 100.0, channels_last)
+        _, mean, var = cpp._module.conv_bn_train(xx, w, torch.ones(8), torch.zeros(8), 1, 0, 1, 1e-5, False, None)
+        ref = xx.double().var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(var.double(), ref, rtol=1e-3, atol=0)
+        torch.testing.assert_close(mean.double(), xx.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input to the C++ functions: clear errors naming the argument, never a crash.
 # ---------------------------------------------------------------------------------------------------------------
 def _bad_calls():
@@ -199,6 +270,19 @@ def _bad_calls():
         ("conv_bias_act", (x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None), "depthwise 3x3"),
         ("conv_bias_act", (x, w, None, 0, 0, 1, False, None), "'stride' must be >= 1"),
         ("conv_bias_act", (x, torch.randn(4, 8, 9, 9), None, 1, 0, 1, False, None), "smaller than the kernel"),
+        ("conv_bn_train", (x, w, torch.ones(15), torch.zeros(16), 1, 0, 1, 1e-5, False, None), "'bn_weight' must have shape [16]"),
+        ("conv_bn_train", (x, torch.randn(16, 3, 3, 3), torch.ones(16), torch.zeros(16), 1, 1, 1, 1e-5, False, None),
+         "expects 3 input channels but 'x' has 8"),
+        ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 1, -1.0, False, None), "'eps' must be >= 0"),
+        ("conv_bn_train", (x[:1, :, :1, :1], w, torch.ones(16), torch.zeros(16), 1, 0, 1, 1e-5, False, None),
+         "more than one value per channel"),
+        ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 3, 1e-5, False, None), "'groups' = 3"),
+        ("conv_bn_train_backward", (torch.randn(2, 16, 5, 4), x, w, torch.ones(16), torch.zeros(16), torch.zeros(16),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False), "'grad_out' must have shape"),
+        ("conv_bn_train_backward", (torch.randn(2, 16, 5, 5), x, w, torch.ones(16), torch.zeros(16), torch.zeros(15),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False), "'mean' must have shape"),
+        ("conv_bias_act_backward", (torch.randn(2, 16, 5, 5), x, w, None, 1, 0, 1, True, None, torch.randn(2, 16, 5, 5).bfloat16()),
+         "'out' has dtype"),
         ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),
         ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(3), torch.randn(8, 16, 1, 1), torch.randn(8)), "'b1' must have shape"),
         ("ffn_fused", (torch.randn(0, 8, 5, 5), w, torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8)), "must not be empty"),

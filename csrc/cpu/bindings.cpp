@@ -10,6 +10,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CPU_CAPABILITY") = SHVIT_STRINGIFY(CPU_CAPABILITY);
   m.def("gemm_provider", &k::gemm_provider, "Which GEMM the kernels call: 'mkl' or 'aten'");
   m.def("conv_bias_act", &k::conv_bias_act, "shvit::conv_bias_act forward");
+  m.def("conv_bias_act_backward", &k::conv_bias_act_backward, "shvit::conv_bias_act_backward");
+  m.def("conv_bn_train", &k::conv_bn_train, "shvit::conv_bn_train forward");
+  m.def("conv_bn_train_backward", &k::conv_bn_train_backward, "shvit::conv_bn_train_backward");
   m.def("ffn_fused", &k::ffn_fused, "shvit::ffn_fused forward");
   m.def("shsa_fused", &k::shsa_fused, "shvit::shsa_fused forward");
 }

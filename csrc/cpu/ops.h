@@ -16,5 +16,21 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
 at::Tensor shsa_fused(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias, int64_t qk_dim,
                       double gn_eps);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,
+    const at::Tensor& out);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x, const at::Tensor& weight,
+                                                             const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                                             int64_t stride, int64_t padding, int64_t groups,
+                                                             double eps, bool relu,
+                                                             const std::optional<at::Tensor>& residual);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
+    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual);
+
 }  // namespace CPU_CAPABILITY
 }  // namespace shvit_cpu

@@ -1,0 +1,363 @@
+// Training Conv+BN and the conv backwards.
+//
+// conv_bn_train: the raw conv y (ATen's convolution, bit-identical to the reference's), ONE pass for the
+// per-channel sums of d = y - shift and d^2 (shift: a cheap estimate of the channel mean, so nothing cancels; fp32
+// within short blocks, fp64 across them), ONE pass normalise + residual + ReLU.
+// conv_bn_train_backward recomputes y (as the reference does), one pass for sum(g) and sum(g (y - mean)) with the
+// ReLU mask taken from `out`, one pass writing dy (fp32) and g, then ATen's convolution_backward in fp32.
+#include "ops.h"
+
+#include <array>
+#include <cmath>
+
+// The elementwise passes round step by step like the reference's eager ops (no fused multiply-add), so a ReLU mask
+// or a batch-of-8 BatchNorm backward does not drift from the reference's rounding in lock-step training.
+#pragma GCC optimize("fp-contract=off")
+
+namespace shvit_cpu {
+inline namespace CPU_CAPABILITY {
+
+namespace {
+
+// A (N, C, plane) activation in either layout: NCHW runs are one channel's plane, channels_last runs are rows of C.
+struct ChannelLayout {
+  bool channels_last;
+  int64_t batch, c, plane;
+  int64_t count() const { return batch * plane; }
+};
+
+// Per-channel parameters as vectors: splats of channel ch (NCHW), or channels [c0, c0 + kVec) (channels_last).
+template <int P>
+struct ChannelParams {
+  std::array<const float*, P> ptr;
+  void splat(int64_t ch, fVec* v) const {
+    for (int i = 0; i < P; ++i) v[i] = fVec(ptr[i][ch]);
+  }
+  void load(int64_t c0, int64_t n, fVec* v) const {
+    for (int i = 0; i < P; ++i) v[i] = load_f(ptr[i] + c0, n);
+  }
+};
+
+// Per-channel sums of K quantities: contrib(offset, count, params) returns K vectors for the `count` values at
+// `offset`; lanes past `count` are masked here. Two levels: fp32 over short blocks (256 values of one channel in
+// NCHW, 16 rows in channels_last), fp64 across blocks, so long reductions keep about fp32 pairwise accuracy.
+template <int K, int P, typename F>
+void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F contrib, double* out /* K x C */) {
+  const fVec zero(0.f);
+  auto add = [](const fVec& a, const fVec& b) { return a + b; };
+  if (!l.channels_last) {
+    constexpr int64_t kBlock = 16 * kVec;
+    at::parallel_for(0, l.c, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        fVec pv[P > 0 ? P : 1];
+        params.splat(ch, pv);
+        double total[K] = {};
+        for (int64_t n = 0; n < l.batch; ++n) {
+          const int64_t base = (n * l.c + ch) * l.plane;
+          for (int64_t b0 = 0; b0 < l.plane; b0 += kBlock) {
+            fVec acc[K];
+            for (int k = 0; k < K; ++k) acc[k] = zero;
+            for (int64_t i = b0; i < std::min(l.plane, b0 + kBlock); i += kVec) {
+              const int64_t m = std::min(kVec, l.plane - i);
+              const auto v = contrib(base + i, m, pv);
+              for (int k = 0; k < K; ++k) acc[k] = acc[k] + (m == kVec ? v[k] : fVec::set(zero, v[k], m));
+            }
+            for (int k = 0; k < K; ++k) total[k] += at::vec::vec_reduce_all<float>(add, acc[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) out[k * l.c + ch] = total[k];
+      }
+    });
+    return;
+  }
+  constexpr int64_t kTaskRows = 256, kBlockRows = 16;
+  const int64_t rows = l.count(), tasks = ceil_div(rows, kTaskRows);
+  std::vector<double> partial(tasks * K * l.c, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(K * l.c);
+    for (int64_t t = t0; t < t1; ++t) {
+      double* part = partial.data() + t * K * l.c;
+      for (int64_t b0 = t * kTaskRows; b0 < std::min(rows, (t + 1) * kTaskRows); b0 += kBlockRows) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t r = b0; r < std::min(rows, b0 + kBlockRows); ++r)
+          for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
+            const int64_t m = std::min(kVec, l.c - c0);
+            fVec pv[P > 0 ? P : 1];
+            params.load(c0, m, pv);
+            const auto v = contrib(r * l.c + c0, m, pv);
+            for (int k = 0; k < K; ++k) {
+              float* a = acc.data() + k * l.c + c0;
+              store_f(load_f(a, m) + v[k], a, m);
+            }
+          }
+        for (int64_t i = 0; i < K * l.c; ++i) part[i] += acc[i];
+      }
+    }
+  });
+  std::fill(out, out + K * l.c, 0.0);
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t i = 0; i < K * l.c; ++i) out[i] += partial[t * K * l.c + i];
+}
+
+// Elementwise pass: body(offset, count, params) for every run of at most kVec values of one channel block.
+template <int P, typename F>
+void map_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F body) {
+  if (!l.channels_last) {
+    at::parallel_for(0, l.batch * l.c, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        fVec pv[P > 0 ? P : 1];
+        params.splat(q % l.c, pv);
+        for (int64_t i = 0; i < l.plane; i += kVec) body(q * l.plane + i, std::min(kVec, l.plane - i), pv);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, l.count(), 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
+        const int64_t m = std::min(kVec, l.c - c0);
+        fVec pv[P > 0 ? P : 1];
+        params.load(c0, m, pv);
+        body(r * l.c + c0, m, pv);
+      }
+  });
+}
+
+template <typename T>
+inline fVec load_n(const T* p, int64_t n) {
+  return n == kVec ? load_f(p) : load_f(p, n);
+}
+template <typename T>
+inline void store_n(const fVec& v, T* p, int64_t n) {
+  if (n == kVec) store_f(v, p); else store_f(v, p, n);
+}
+
+ChannelLayout layout_of(const at::Tensor& t) {
+  return {activation_format(t) == at::MemoryFormat::ChannelsLast, t.size(0), t.size(1), t.size(2) * t.size(3)};
+}
+
+void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                           int64_t padding, int64_t groups) {
+  check_float_tensor(x, op, "x", 4);
+  check_float_tensor(weight, op, "weight", 4);
+  check_same_dtype(weight, x, op, "weight");
+  TORCH_CHECK(x.numel() > 0, op, ": 'x' must not be empty, got shape ", x.sizes());
+  TORCH_CHECK(stride >= 1, op, ": 'stride' must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, op, ": 'padding' must be >= 0, got ", padding);
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && weight.size(0) % groups == 0, op, ": 'groups' = ", groups,
+              " must be >= 1 and divide the input (", x.size(1), ") and output (", weight.size(0), ") channels");
+  TORCH_CHECK(weight.size(1) * groups == x.size(1), op, ": 'weight' ", weight.sizes(), " with groups=", groups,
+              " expects ", weight.size(1) * groups, " input channels but 'x' has ", x.size(1));
+  TORCH_CHECK(x.size(2) + 2 * padding >= weight.size(2) && x.size(3) + 2 * padding >= weight.size(3), op,
+              ": input spatial size ", x.sizes().slice(2), " is smaller than the kernel ", weight.sizes().slice(2),
+              " with padding ", padding);
+}
+
+void check_channel_vector(const at::Tensor& t, const char* op, const char* name, int64_t c) {
+  check_float_tensor(t, op, name, 1);
+  check_shape(t, {c}, op, name);
+}
+
+// Raw conv output in x's dtype and layout through ATen's convolution, exactly as the reference computes it: the
+// ReLU mask of `out` then agrees with the reference's wherever a pre-activation is not within rounding of zero
+// (this extension's own 1x1 / depthwise kernels round differently and flipped masks in lock-step training).
+at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  const auto fmt = activation_format(x);
+  return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
+}
+
+// dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts.
+std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                              int64_t stride, int64_t padding, int64_t groups) {
+  auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
+                                        {padding}, {1}, false, {0}, groups, {true, true, false});
+  return {std::get<0>(grads), std::get<1>(grads)};
+}
+
+at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n, at::ScalarType dtype) {
+  at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(v.begin() + offset, v.begin() + offset + n, t.data_ptr<double>());
+  return t.to(dtype);
+}
+
+// g = relu ? grad_out * (out > 0) : grad_out for n values (exact in any dtype).
+template <typename T>
+inline fVec masked_grad(const T* grad_out, const T* out, bool relu, int64_t n) {
+  fVec g = load_n(grad_out, n);
+  if (relu) g = fVec::blendv(fVec(0.f), g, load_n(out, n) > fVec(0.f));
+  return g;
+}
+
+using NamedTensor = std::pair<const at::Tensor*, const char*>;
+
+// grad_out and out: 4-D, x's dtype, the conv output's shape.
+void check_grad_and_out(const char* op, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x,
+                        at::IntArrayRef shape) {
+  for (const NamedTensor& t : {NamedTensor{&grad_out, "grad_out"}, NamedTensor{&out, "out"}}) {
+    check_float_tensor(*t.first, op, t.second, 4);
+    check_same_dtype(*t.first, x, op, t.second);
+    check_shape(*t.first, shape, op, t.second);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x, const at::Tensor& weight,
+                                                             const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                                             int64_t stride, int64_t padding, int64_t groups,
+                                                             double eps, bool relu,
+                                                             const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "shvit cpp conv_bn_train";
+  check_conv_train_args(op, x, weight, stride, padding, groups);
+  const int64_t c = weight.size(0);
+  check_channel_vector(bn_weight, op, "bn_weight", c);
+  check_channel_vector(bn_bias, op, "bn_bias", c);
+  TORCH_CHECK(eps >= 0, op, ": 'eps' must be >= 0, got ", eps);
+  const at::Tensor y = conv_raw(x, weight, stride, padding, groups);
+  const auto fmt = activation_format(x);
+  const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
+  TORCH_CHECK(l.count() >= 2, op, ": training BatchNorm needs more than one value per channel, got conv output ",
+              y.sizes());
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    check_float_tensor(*residual, op, "residual", 4);
+    check_same_dtype(*residual, x, op, "residual");
+    check_shape(*residual, y.sizes(), op, "residual");
+    res = residual->contiguous(fmt);
+  }
+  at::Tensor mean = at::empty({c}, x.options().dtype(at::kFloat)), var = at::empty_like(mean);
+  at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean);
+  at::Tensor out = at::empty_like(y);
+  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train", [&] {
+    using T = scalar_t;
+    const T* yp = y.data_ptr<T>();
+    // Shift each channel by the mean of its first (up to) 64 pixels of image 0, a cheap estimate of the batch mean,
+    // so the sums of y - shift and its square stay small and var = E[d^2] - E[d]^2 does not cancel.
+    std::vector<float> first(c, 0.f);
+    const int64_t sample = std::min<int64_t>(64, l.plane);
+    for (int64_t p = 0; p < sample; ++p)
+      for (int64_t ch = 0; ch < c; ++ch)
+        first[ch] += static_cast<float>(yp[l.channels_last ? p * c + ch : ch * l.plane + p]);
+    for (float& f : first) f /= static_cast<float>(sample);
+    std::vector<double> sums(2 * c);
+    reduce_per_channel<2>(l, ChannelParams<1>{{first.data()}}, [&](int64_t i, int64_t n, const fVec* pv) {
+      const fVec d = load_n(yp + i, n) - pv[0];
+      return std::array<fVec, 2>{d, d * d};
+    }, sums.data());
+    const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous(), beta = bn_bias.to(at::kFloat).contiguous();
+    const double count = static_cast<double>(l.count());
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double d = sums[ch] / count, v = std::max(sums[c + ch] / count - d * d, 0.0);
+      const float m = static_cast<float>(first[ch] + d), vf = static_cast<float>(v);
+      // scale and shift rounded step by step in fp32 as the reference's eager ops do.
+      const float s = gamma.data_ptr<float>()[ch] * (1.f / std::sqrt(vf + static_cast<float>(eps)));
+      mean.data_ptr<float>()[ch] = m;
+      var.data_ptr<float>()[ch] = vf;
+      scale.data_ptr<float>()[ch] = s;
+      shift.data_ptr<float>()[ch] = beta.data_ptr<float>()[ch] - m * s;
+    }
+    const T* rp = res.defined() ? res.data_ptr<T>() : nullptr;
+    T* op_ = out.data_ptr<T>();
+    const fVec zero(0.f);
+    map_per_channel(l, ChannelParams<2>{{scale.data_ptr<float>(), shift.data_ptr<float>()}},
+                    [&](int64_t i, int64_t n, const fVec* pv) {
+                      fVec v = load_n(yp + i, n) * pv[0] + pv[1];  // not fused, as the reference
+                      if (rp) v = v + load_n(rp + i, n);
+                      if (relu) v = at::vec::maximum(v, zero);
+                      store_n(v, op_ + i, n);
+                    });
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
+    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual) {
+  constexpr const char* op = "shvit cpp conv_bn_train_backward";
+  (void)has_residual;  // the residual only shapes the ReLU mask, which `out` already holds
+  check_conv_train_args(op, x, weight, stride, padding, groups);
+  const int64_t c = weight.size(0);
+  for (const NamedTensor& t : {NamedTensor{&bn_weight, "bn_weight"}, NamedTensor{&bn_bias, "bn_bias"},
+                               NamedTensor{&mean, "mean"}, NamedTensor{&var, "var"}})
+    check_channel_vector(*t.first, op, t.second, c);
+  TORCH_CHECK(eps >= 0, op, ": 'eps' must be >= 0, got ", eps);
+  const auto fmt = activation_format(x);
+  const at::Tensor y = conv_raw(x, weight, stride, padding, groups);
+  check_grad_and_out(op, grad_out, out, x, y.sizes());
+  const at::Tensor go = grad_out.contiguous(fmt), outc = out.contiguous(fmt);
+  const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
+  const at::Tensor mean_f = mean.to(at::kFloat).contiguous();
+  const at::Tensor var_f = var.to(at::kFloat).contiguous();
+  std::vector<float> invstd(c), a(c), b(c), d(c);
+  for (int64_t ch = 0; ch < c; ++ch) invstd[ch] = 1.f / std::sqrt(var_f.data_ptr<float>()[ch] + static_cast<float>(eps));
+  at::Tensor g = at::empty_like(go), dy = at::empty_like(go, go.options().dtype(at::kFloat));
+  std::vector<double> sums(2 * c);
+  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
+    using T = scalar_t;
+    const T *yp = y.data_ptr<T>(), *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
+    // sum(g) and sum(g (y - mean)); the latter times invstd is sum(g x_hat).
+    reduce_per_channel<2>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv) {
+      const fVec gv = masked_grad(gp + i, outp + i, relu, n);
+      return std::array<fVec, 2>{gv, gv * (load_n(yp + i, n) - pv[0])};
+    }, sums.data());
+    const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous();
+    const double count = static_cast<double>(l.count());
+    for (int64_t ch = 0; ch < c; ++ch) {
+      sums[c + ch] *= invstd[ch];  // now sum(g x_hat)
+      a[ch] = gamma.data_ptr<float>()[ch] * invstd[ch];
+      b[ch] = static_cast<float>(sums[ch] / count);
+      d[ch] = static_cast<float>(sums[c + ch] / count);
+    }
+    // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in the reference's order; and g (the residual's grad).
+    T* g_out = g.data_ptr<T>();
+    float* dyp = dy.data_ptr<float>();
+    map_per_channel(l, ChannelParams<5>{{mean_f.data_ptr<float>(), invstd.data(), a.data(), b.data(), d.data()}},
+                    [&](int64_t i, int64_t n, const fVec* pv) {
+                      const fVec gv = masked_grad(gp + i, outp + i, relu, n);
+                      store_n(gv, g_out + i, n);
+                      const fVec x_hat = (load_n(yp + i, n) - pv[0]) * pv[1];
+                      store_n(pv[2] * (gv - pv[3] - x_hat * pv[4]), dyp + i, n);
+                    });
+  });
+  auto [gx, gw] = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups);
+  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(),
+          as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,
+    const at::Tensor& out) {
+  constexpr const char* op = "shvit cpp conv_bias_act_backward";
+  (void)residual;  // additive: only shapes the ReLU mask, which `out` already holds
+  check_conv_train_args(op, x, weight, stride, padding, groups);
+  const int64_t c = weight.size(0);
+  if (bias.has_value() && bias->defined()) check_channel_vector(*bias, op, "bias", c);
+  const std::vector<int64_t> out_shape{x.size(0), c, (x.size(2) + 2 * padding - weight.size(2)) / stride + 1,
+                                       (x.size(3) + 2 * padding - weight.size(3)) / stride + 1};
+  check_grad_and_out(op, grad_out, out, x, out_shape);
+  const auto fmt = activation_format(x);
+  const at::Tensor go = grad_out.contiguous(fmt), outc = out.contiguous(fmt);
+  const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, out_shape[0], c, out_shape[2] * out_shape[3]};
+  at::Tensor g = at::empty_like(go);
+  std::vector<double> sums(c);
+  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bias_act_backward", [&] {
+    using T = scalar_t;
+    const T *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
+    T* g_out = g.data_ptr<T>();
+    map_per_channel(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
+      store_n(masked_grad(gp + i, outp + i, relu, n), g_out + i, n);
+    });
+    reduce_per_channel<1>(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
+      return std::array<fVec, 1>{load_n(g_out + i, n)};
+    }, sums.data());
+  });
+  auto [gx, gw] = conv_grads(g.to(at::kFloat), x.contiguous(fmt), weight, stride, padding, groups);
+  const auto bias_dtype = (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
+  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(),
+          as_param_grad(sums, 0, c, bias_dtype), g};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace shvit_cpu
