@@ -27,7 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import shvit  # noqa: E402
 from shvit.bench import environment  # noqa: E402
-from shvit.train import autocast, clip_gradients, param_groups, prefer_backend, to_device  # noqa: E402
+from shvit.train import autocast, clip_gradients, param_groups, to_device  # noqa: E402
+from shvit_kernels import prefer_backend  # noqa: E402
 from shvit_kernels import _dispatch  # noqa: E402
 
 
@@ -50,7 +51,7 @@ class Trainee:
         """Seconds for ``n`` training steps."""
         _sync(self.device)
         start = time.perf_counter()
-        with prefer_backend(self.backend, self.device.type):
+        with prefer_backend(self.backend):
             for _ in range(n):
                 with autocast(self.device, self.args.amp):
                     logits = self.model(self.x).float()
