@@ -100,10 +100,11 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
         mm = 2 * size**3 / _best_time(lambda: a @ b, device, reps) / 1e12
-        c, hw = (512, 32) if not quick else (64, 8)
-        x = torch.randn(4, c, hw, hw, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        # SHViT-like 1x1 shape: a few ms per call on one CPU core (larger ones ran slower through oneDNN here).
+        n, c, hw = (16, 256, 14) if device.type == "cpu" and not quick else ((256, 512, 14) if not quick else (2, 64, 8))
+        x = torch.randn(n, c, hw, hw, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(c, c, 1, 1, device=device).to(dtype)
-        conv = 2 * 4 * hw * hw * c * c / _best_time(lambda: torch.nn.functional.conv2d(x, w), device, reps) / 1e12
+        conv = 2 * n * hw * hw * c * c / _best_time(lambda: torch.nn.functional.conv2d(x, w), device, reps) / 1e12
         result["gemm_candidates_TFLOPs"][name] = {"mm": mm, "conv1x1": conv}
         result["matmul_TFLOPs"][name] = max(mm, conv)
     result["matmul_size"] = size
