@@ -7,8 +7,9 @@ per round, median and min..max over rounds reported) so machine load and clock d
 Peers (``--peers``, comma list; default: all but compile-max-autotune on CPU):
   eager            plain PyTorch modules (BN folded, torch ops only), NCHW
   eager-cl         the same, channels_last
-  compile          torch.compile of eager-cl, default mode       (CPU: about 1 min to compile S1)
-  compile-max-autotune  torch.compile mode="max-autotune"        (CPU: many minutes; GPU: a few minutes)
+  compile          torch.compile of eager-cl, default mode       (CPU here: 20-40 s, 8-24 s with a warm cache)
+  compile-max-autotune  torch.compile mode="max-autotune"        (not timed here; autotunes each conv/GEMM,
+                   so expect many times the default compile; off by default on CPU)
   cuda-graph       CUDA graph replay of eager-cl and of the fused model (GPU only)
   onnxruntime      ONNX Runtime CPU session of the plain fp32 model, intra-op threads = --threads (fp32 CPU only)
   fused            this project: the fused model with the automatic backend choice and with each usable
@@ -191,9 +192,11 @@ def inference_variants(peers, fused, fused_fmt, plain, x, device, dtype, threads
         if peer not in peers:
             return
         try:
+            start = time.perf_counter()  # setup time: building (export, compile wrapper) and the first call
             model = build()
             xin = x.contiguous(memory_format=fmt) if fmt else x
-            setup_s[name] = _first_call(model, xin, backend=backend)
+            _first_call(model, xin, backend=backend)
+            setup_s[name] = time.perf_counter() - start
             variants.append(bench.Variant(name, model, backend=backend, input_format=fmt))
         except Skipped as e:
             skipped.append(dict(peer=name, reason=str(e)))
