@@ -232,3 +232,32 @@ def test_prefer_backend_falls_back_where_the_backend_cannot_run():
         out = fn(**t)
     with K.use_backend("reference"):
         torch.testing.assert_close(out, fn(**t))
+
+
+def test_import_without_compiled_extension_warns_once_and_uses_reference():
+    """A machine where the C++ extension was not built: import works, one clear warning, reference ops run."""
+    code = r"""
+import importlib.abc, sys, warnings
+class NoExtensions(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.startswith("shvit_kernels._C"):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, NoExtensions())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import shvit_kernels, shvit
+    import shvit_kernels as again
+import torch
+m = shvit.create_model("shvit_s1").eval()
+with torch.no_grad():
+    y = shvit.fuse(m)(torch.randn(1, 3, 64, 64))
+mine = [str(w.message) for w in caught if "shvit_kernels" in str(w.message)]
+print(len(mine)); print(mine[0] if mine else ""); print(tuple(y.shape))
+print(shvit_kernels.chosen_backend("shsa_fused", "cpu", torch.randn(1, 8, 2, 2), torch.randn(36, 4, 1, 1), torch.randn(36), 16, 1e-5))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    count, message, shape, backend = res.stdout.strip().split("\n")
+    assert count == "1", res.stdout
+    assert "C++ CPU backend is unavailable" in message and "reference" in message
+    assert shape == "(1, 1000)" and backend == "reference"
