@@ -41,10 +41,11 @@ from ._common import (
 
 
 def conv_bias_act_reference(x, weight, bias, stride, padding, groups, relu, residual):
+    # In place on the fresh conv output: a new buffer per epilogue costs page faults on large stem maps.
     out = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     if residual is not None:
-        out = out + residual
-    return torch.relu(out) if relu else out
+        out += residual
+    return out.relu_() if relu else out
 
 
 def batch_norm_train_reference(y, bn_weight, bn_bias, eps):
@@ -62,9 +63,9 @@ def conv_bn_train_reference(x, weight, bn_weight, bn_bias, stride, padding, grou
     y = F.conv2d(x, weight, None, stride, padding, 1, groups)
     out, mean, var = batch_norm_train_reference(y, bn_weight, bn_bias, eps)
     if residual is not None:
-        out = out + residual
+        out += residual
     if relu:
-        out = torch.relu(out)
+        out.relu_()
     return out, mean.detach(), var.detach()
 
 
