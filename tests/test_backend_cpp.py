@@ -21,7 +21,7 @@ from shvit_kernels.ops.conv_bn import (
     conv_bn_train_backward_reference,
     conv_bn_train_reference,
 )
-from shvit_kernels.ops.ffn import ffn_fused_reference
+from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
 from shvit_kernels.ops.shsa import shsa_fused_reference
 
 from helpers import assert_close_to_fp64
@@ -242,6 +242,37 @@ def test_conv_training_kernels_match_reference(dtype, channels_last, label, args
 
 
 @requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("label,args", ffn_cases(), ids=[c[0] for c in ffn_cases()])
+def test_ffn_backward_matches_reference(variant, dtype, channels_last, label, args):
+    """grad_x, grad_w1, grad_b1, grad_w2, grad_b2 (biases in x's dtype, as the op wrapper passes them)."""
+    x, w1, b1, w2, b2 = args
+    grad = torch.randn_like(x)
+    bwd = (grad, x, w1, b1.to(dtype), w2, b2.to(dtype))
+    _check_outputs(cpp.load_variant(variant).ffn_fused_backward, ffn_fused_backward_reference, bwd, dtype,
+                   channels_last, f"{variant} ffn_fused_backward {label}")
+
+
+@requires_cpp
+@pytest.mark.parametrize("threads", (1, 2))
+def test_ffn_backward_many_tiles_threads(threads):
+    """Enough pixels for several tiles and chunks per thread: the per-chunk dW partial sums must combine exactly."""
+    x = torch.randn(6, 32, 23, 21)
+    args = (torch.randn_like(x), x, torch.randn(64, 32, 1, 1) / 6, torch.randn(64), torch.randn(32, 64, 1, 1) / 8,
+            torch.randn(32))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for channels_last in (False, True):
+            _check_outputs(cpp._module.ffn_fused_backward, ffn_fused_backward_reference, args, torch.float32,
+                           channels_last, f"ffn_fused_backward {threads} threads")
+    finally:
+        torch.set_num_threads(previous)
+
+
+@requires_cpp
 def test_conv_bn_train_statistics_do_not_cancel():
     """|mean| / std = 1e5: a naive fp32 sum of squares would lose the variance entirely."""
     x = torch.randn(4, 8, 16, 16) * 1e-3
@@ -286,6 +317,12 @@ def _bad_calls():
         ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),
         ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(3), torch.randn(8, 16, 1, 1), torch.randn(8)), "'b1' must have shape"),
         ("ffn_fused", (torch.randn(0, 8, 5, 5), w, torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8)), "must not be empty"),
+        ("ffn_fused_backward", (torch.randn(2, 8, 5, 4), x, torch.randn(16, 8, 1, 1), torch.randn(16),
+                                torch.randn(8, 16, 1, 1), torch.randn(8)), "'grad_out' must have shape"),
+        ("ffn_fused_backward", (torch.randn(2, 8, 5, 5).bfloat16(), x, torch.randn(16, 8, 1, 1), torch.randn(16),
+                                torch.randn(8, 16, 1, 1), torch.randn(8)), "'grad_out' has dtype"),
+        ("ffn_fused_backward", (torch.randn(2, 8, 5, 5), x, torch.randn(16, 8, 1, 1), torch.randn(16),
+                                torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),
         ("shsa_fused", (x, torch.randn(35, 4, 1, 1), torch.randn(35), 16, 1e-5), "'qkv_weight' must have shape"),
         ("shsa_fused", (x, torch.randn(41, 9, 1, 1), torch.randn(41), 16, 1e-5), "partial dim P"),
         ("shsa_fused", (x, torch.randn(36, 4, 1, 1), torch.randn(35), 16, 1e-5), "'qkv_bias' must have shape"),
@@ -324,6 +361,10 @@ def test_not_supported_reasons():
     dense = cpp._conv_bias_act_reasons(x, torch.randn(16, 8, 3, 3), None, 2, 1, 1, True, None)
     assert dense and "dense" in dense[0]
     assert cpp._ffn_fused_reasons(x.double(), pw.double(), None, None, None)
+    w2 = torch.randn(8, 16, 1, 1)
+    assert cpp._ffn_fused_backward_reasons(x, x, pw, None, w2, None) == []
+    assert "x's dtype" in " ".join(cpp._ffn_fused_backward_reasons(x.bfloat16(), x, pw, None, w2, None))
+    assert "float32 and bfloat16 only" in " ".join(cpp._ffn_fused_backward_reasons(x.double(), x.double(), pw.double(), None, w2.double(), None))
     assert cpp._shsa_fused_reasons(x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)
 
 

@@ -14,5 +14,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bn_train", &k::conv_bn_train, "shvit::conv_bn_train forward");
   m.def("conv_bn_train_backward", &k::conv_bn_train_backward, "shvit::conv_bn_train_backward");
   m.def("ffn_fused", &k::ffn_fused, "shvit::ffn_fused forward");
+  m.def("ffn_fused_backward", &k::ffn_fused_backward, "shvit::ffn_fused_backward");
   m.def("shsa_fused", &k::shsa_fused, "shvit::shsa_fused forward");
 }

@@ -13,6 +13,24 @@ struct FfnShape {
   int64_t batch, c, hidden, pixels;
 };
 
+FfnShape check_ffn_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                        const at::Tensor& w2, const at::Tensor& b2) {
+  check_float_tensor(x, op, "x", 4);
+  TORCH_CHECK(x.numel() > 0, op, ": 'x' must not be empty, got shape ", x.sizes());
+  check_float_tensor(w1, op, "w1", 4);
+  check_float_tensor(w2, op, "w2", 4);
+  check_same_dtype(w1, x, op, "w1");
+  check_same_dtype(w2, x, op, "w2");
+  const FfnShape s{x.size(0), x.size(1), w1.size(0), x.size(2) * x.size(3)};
+  check_shape(w1, {s.hidden, s.c, 1, 1}, op, "w1");
+  check_shape(w2, {s.c, s.hidden, 1, 1}, op, "w2");
+  check_float_tensor(b1, op, "b1", 1);
+  check_float_tensor(b2, op, "b2", 1);
+  check_shape(b1, {s.hidden}, op, "b1");
+  check_shape(b2, {s.c}, op, "b2");
+  return s;
+}
+
 // Hidden activation of a tile in the storage dtype (bf16 rounds it, as the reference does); for fp32 the
 // accumulator is activated in place.
 template <typename T>
@@ -81,23 +99,94 @@ void ffn_nchw(const T* x, const T* w1, const float* b1, const T* w2, const float
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Backward. Written once over "logical" pixel-major matrices (rows = pixels): channels_last stores them row-major,
+// NCHW column-major (one image's (C, pixels) plane is a column-major (pixels, C) matrix), and a column-major
+// product C = A B is the row-major C^T = B^T A^T, so the cm flag only swaps the GEMM operands.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void gemm_mode(bool cm, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float beta, const T* a, int64_t lda,
+               const T* b, int64_t ldb, float* c, int64_t ldc) {
+  if (cm) return gemm(tb, ta, n, m, k, 1.f, b, ldb, a, lda, beta, c, ldc);
+  gemm(ta, tb, m, n, k, 1.f, a, lda, b, ldb, beta, c, ldc);
+}
+
+// acc[ch] += sum over the r rows of the logical (r, chans) matrix m.
+template <typename T>
+void add_channel_sums(bool cm, const T* m, int64_t r, int64_t chans, int64_t ld, float* acc) {
+  if (cm) {
+    for (int64_t ch = 0; ch < chans; ++ch) {
+      fVec v(0.f);
+      int64_t i = 0;
+      for (; i + kVec <= r; i += kVec) v = v + load_f(m + ch * ld + i);
+      float tail = 0.f;
+      for (; i < r; ++i) tail += static_cast<float>(m[ch * ld + i]);
+      acc[ch] += at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v) + tail;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    int64_t j = 0;
+    for (; j + kVec <= chans; j += kVec) store_f(load_f(acc + j) + load_f(m + i * ld + j), acc + j);
+    if (j < chans) store_f(load_f(acc + j, chans - j) + load_f(m + i * ld + j, chans - j), acc + j, chans - j);
+  }
+}
+
+template <typename T>
+struct FfnGrads {
+  const T *g, *x, *w1, *w2;  // w1 (H, C), w2 (C, H) in the mode's storage order
+  const float *w1f, *b1;     // w1 in fp32 for the fp32 grad_hidden GEMM
+  T* grad_x;
+};
+
+// Partial sums of one chunk of tiles: dW1 (H, C), dW2 (C, H) in the mode's storage order, then db1 (H), db2 (C).
+template <typename T>
+void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_t images, int64_t pixels,
+                        int64_t tile, int64_t t0, int64_t t1, float* part) {
+  const int64_t c = s.c, hd = s.hidden, tiles_per_image = ceil_div(pixels, tile);
+  const bool fp32 = std::is_same<T, float>::value;
+  auto ld = [cm](int64_t rows, int64_t cols) { return cm ? rows : cols; };
+  const int64_t ld_act = cm ? pixels : c;  // x, grad_out, grad_x
+  float *dw1 = part, *dw2 = part + hd * c, *db1 = dw2 + hd * c, *db2 = db1 + hd;
+  std::vector<float> h_acc(tile * hd), gh(tile * hd), gx(tile * c), xf(fp32 ? 0 : tile * c);
+  std::vector<T> h_buf(fp32 ? 0 : tile * hd);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, r = std::min(tile, pixels - p0);
+    const int64_t off = n * c * pixels + p0 * (cm ? 1 : c);
+    const T *x = a.x + off, *g = a.g + off;
+    // Recompute the hidden activation in the storage dtype, as the forward rounds it.
+    gemm_mode(cm, false, true, r, hd, c, 0.f, x, ld_act, a.w1, ld(hd, c), h_acc.data(), ld(r, hd));
+    const T* hidden = cm ? activate_hidden<T>(h_acc.data(), h_buf.data(), nullptr, a.b1, hd, r)
+                         : activate_hidden<T>(h_acc.data(), h_buf.data(), a.b1, nullptr, r, hd);
+    // grad_hidden = (G W2) masked by the ReLU, fp32.
+    gemm_mode(cm, false, false, r, hd, c, 0.f, g, ld_act, a.w2, ld(c, hd), gh.data(), ld(r, hd));
+    for (int64_t i = 0; i < r * hd; ++i)
+      if (!(static_cast<float>(hidden[i]) > 0.f)) gh[i] = 0.f;
+    // grad_x = G + grad_hidden W1.
+    gemm_mode(cm, false, false, r, c, hd, 0.f, gh.data(), ld(r, hd), a.w1f, ld(hd, c), gx.data(), ld(r, c));
+    T* gxo = a.grad_x + off;
+    const int64_t runs = cm ? c : r, run = cm ? r : c;
+    for (int64_t i = 0; i < runs; ++i)
+      epilogue_run(gx.data() + i * run, nullptr, 0.f, g + i * ld_act, false, gxo + i * ld_act, run);
+    // dW2 += G^T hidden, dW1 += grad_hidden^T X (fp32 operands), bias grads.
+    gemm_mode(cm, true, false, c, hd, r, 1.f, g, ld_act, hidden, ld(r, hd), dw2, ld(c, hd));
+    const float* xa = reinterpret_cast<const float*>(x);
+    int64_t ld_x = ld_act;
+    if (!fp32) {
+      for (int64_t i = 0; i < runs; ++i) at::vec::convert(x + i * ld_act, xf.data() + i * run, run);
+      xa = xf.data(), ld_x = ld(r, c);
+    }
+    gemm_mode(cm, true, false, hd, c, r, 1.f, gh.data(), ld(r, hd), xa, ld_x, dw1, ld(hd, c));
+    add_channel_sums(cm, gh.data(), r, hd, ld(r, hd), db1);
+    add_channel_sums(cm, g, r, c, ld_act, db2);
+  }
+}
+
 }  // namespace
 
 at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                      const at::Tensor& b2) {
-  check_float_tensor(x, kOp, "x", 4);
-  TORCH_CHECK(x.numel() > 0, kOp, ": 'x' must not be empty, got shape ", x.sizes());
-  check_float_tensor(w1, kOp, "w1", 4);
-  check_float_tensor(w2, kOp, "w2", 4);
-  check_same_dtype(w1, x, kOp, "w1");
-  check_same_dtype(w2, x, kOp, "w2");
-  const FfnShape s{x.size(0), x.size(1), w1.size(0), x.size(2) * x.size(3)};
-  check_shape(w1, {s.hidden, s.c, 1, 1}, kOp, "w1");
-  check_shape(w2, {s.c, s.hidden, 1, 1}, kOp, "w2");
-  check_float_tensor(b1, kOp, "b1", 1);
-  check_float_tensor(b2, kOp, "b2", 1);
-  check_shape(b1, {s.hidden}, kOp, "b1");
-  check_shape(b2, {s.c}, kOp, "b2");
+  const FfnShape s = check_ffn_args(kOp, x, w1, b1, w2, b2);
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
@@ -112,6 +201,64 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
            b2f.data_ptr<float>(), out.data_ptr<scalar_t>(), s);
   });
   return out;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace shvit_cpu
+
+namespace shvit_cpu {
+inline namespace CPU_CAPABILITY {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& b2) {
+  constexpr const char* op = "shvit cpp ffn_fused_backward";
+  const FfnShape s = check_ffn_args(op, x, w1, b1, w2, b2);
+  check_float_tensor(grad_out, op, "grad_out", 4);
+  check_same_dtype(grad_out, x, op, "grad_out");
+  check_shape(grad_out, x.sizes(), op, "grad_out");
+  const auto fmt = activation_format(x);
+  const bool cm = fmt != at::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(fmt), go = grad_out.contiguous(fmt);
+  // Weights stored in the mode's order: row-major logical (H, C) / (C, H) for channels_last, transposed for NCHW.
+  const at::Tensor w1m = w1.reshape({s.hidden, s.c}), w2m = w2.reshape({s.c, s.hidden});
+  const at::Tensor w1s = cm ? w1m.t().contiguous() : w1m.contiguous();
+  const at::Tensor w2s = cm ? w2m.t().contiguous() : w2m.contiguous();
+  const at::Tensor w1f = w1s.to(at::kFloat).contiguous(), b1f = b1.to(at::kFloat).contiguous();
+  at::Tensor grad_x = at::empty_like(xc, xc.options().memory_format(fmt));
+  // channels_last: one (B * pixels, C) matrix; NCHW: one column-major (pixels, C) matrix per image.
+  const int64_t images = cm ? s.batch : 1, pixels = cm ? s.pixels : s.batch * s.pixels;
+  const int64_t tile = cm ? pixels_per_tile(pixels, 3 * s.hidden + 2 * s.c) : rows_per_tile(pixels, 3 * s.hidden + 2 * s.c);
+  const int64_t tiles = images * ceil_div(pixels, tile);
+  const int64_t chunks = std::min<int64_t>(tiles, at::get_num_threads());
+  const int64_t part_size = 2 * s.hidden * s.c + s.hidden + s.c;
+  at::Tensor parts_t = at::zeros({chunks, part_size}, x.options().dtype(at::kFloat));
+  float* parts = parts_t.data_ptr<float>();
+  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_ffn_fused_backward", [&] {
+    const FfnGrads<scalar_t> a{go.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), w1s.data_ptr<scalar_t>(),
+                               w2s.data_ptr<scalar_t>(), w1f.data_ptr<float>(), b1f.data_ptr<float>(),
+                               grad_x.data_ptr<scalar_t>()};
+    // One chunk of tiles per thread with its own partial dW / db (a fixed split, so results do not depend on
+    // scheduling), summed in chunk order below.
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        ffn_backward_chunk(a, cm, s, images, pixels, tile, k * tiles / chunks, (k + 1) * tiles / chunks,
+                           parts + k * part_size);
+    });
+  });
+  for (int64_t k = 1; k < chunks; ++k)
+    for (int64_t i = 0; i < part_size; ++i) parts[i] += parts[k * part_size + i];
+  const at::Tensor sums = parts_t[0];
+  const int64_t hc = s.hidden * s.c;
+  at::Tensor dw1 = sums.slice(0, 0, hc), dw2 = sums.slice(0, hc, 2 * hc);
+  dw1 = cm ? dw1.view({s.c, s.hidden}).t() : dw1.view({s.hidden, s.c});
+  dw2 = cm ? dw2.view({s.hidden, s.c}).t() : dw2.view({s.c, s.hidden});
+  // Separate storage per gradient (outputs of a custom op must not alias one another).
+  auto own = [](const at::Tensor& t, at::ScalarType dtype) {
+    return t.to(dtype).contiguous().clone(at::MemoryFormat::Contiguous);
+  };
+  return {grad_x, own(dw1, w1.scalar_type()).view(w1.sizes()), own(sums.slice(0, 2 * hc, 2 * hc + s.hidden), b1.scalar_type()),
+          own(dw2, w2.scalar_type()).view(w2.sizes()), own(sums.slice(0, 2 * hc + s.hidden), b2.scalar_type())};
 }
 
 }  // namespace CPU_CAPABILITY

@@ -141,6 +141,10 @@ def _ffn_fused_reasons(x, w1, b1, w2, b2):
     return _common_reasons(x, w1, w2)
 
 
+def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
+    return _common_reasons(x, grad_out, w1, w2)
+
+
 def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
     return _common_reasons(x, qkv_weight)
 
@@ -161,6 +165,7 @@ _KERNELS = {
     # BatchNorm amplifies its last-ulp differences in mean/var from the reference's beyond the 4x rule).
     "conv_bn_train_backward": _conv_bn_train_backward_reasons,
     "ffn_fused": _ffn_fused_reasons,
+    "ffn_fused_backward": _ffn_fused_backward_reasons,
     "shsa_fused": _shsa_fused_reasons,
 }
 
