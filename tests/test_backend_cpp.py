@@ -22,7 +22,7 @@ from shvit_kernels.ops.conv_bn import (
     conv_bn_train_reference,
 )
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
-from shvit_kernels.ops.shsa import shsa_fused_reference
+from shvit_kernels.ops.shsa import shsa_fused_backward_reference, shsa_fused_reference
 
 from helpers import assert_close_to_fp64
 
@@ -273,6 +273,38 @@ def test_ffn_backward_many_tiles_threads(threads):
 
 
 @requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("label,args", shsa_cases(), ids=[c[0] for c in shsa_cases()])
+def test_shsa_backward_matches_reference(variant, dtype, channels_last, label, args):
+    """grad_x (attended and pass-through channels), grad_qkv_weight, grad_qkv_bias."""
+    x, w, b, qk, eps = args
+    out = shsa_fused_reference(x, w, b, qk, eps)
+    bwd = (torch.randn_like(out), x, w, b.to(dtype), out, qk, eps)
+    _check_outputs(cpp.load_variant(variant).shsa_fused_backward, shsa_fused_backward_reference, bwd, dtype,
+                   channels_last, f"{variant} shsa_fused_backward {label}")
+
+
+@requires_cpp
+@pytest.mark.parametrize("threads", (1, 2))
+def test_shsa_backward_threads_and_large_mean(threads):
+    """Several images per chunk at 1 and 2 threads; GroupNorm with |mean| >> std keeps its precision."""
+    x = torch.randn(5, 24, 4, 4) * 0.1 + 1e3
+    w, b = torch.randn(32 + 16, 16, 1, 1) / 4, torch.randn(48)
+    out = shsa_fused_reference(x, w, b, 16, 1e-5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for channels_last in (False, True):
+            _check_outputs(cpp._module.shsa_fused_backward, shsa_fused_backward_reference,
+                           (torch.randn_like(out), x, w, b, out, 16, 1e-5), torch.float32, channels_last,
+                           f"shsa_fused_backward {threads} threads")
+    finally:
+        torch.set_num_threads(previous)
+
+
+@requires_cpp
 def test_conv_bn_train_statistics_do_not_cancel():
     """|mean| / std = 1e5: a naive fp32 sum of squares would lose the variance entirely."""
     x = torch.randn(4, 8, 16, 16) * 1e-3
@@ -323,6 +355,12 @@ def _bad_calls():
                                 torch.randn(8, 16, 1, 1), torch.randn(8)), "'grad_out' has dtype"),
         ("ffn_fused_backward", (torch.randn(2, 8, 5, 5), x, torch.randn(16, 8, 1, 1), torch.randn(16),
                                 torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),
+        ("shsa_fused_backward", (torch.randn(2, 8, 5, 5), x, torch.randn(36, 4, 1, 1), torch.randn(36),
+                                 torch.randn(2, 8, 4, 5), 16, 1e-5), "'out' must have shape"),
+        ("shsa_fused_backward", (torch.randn(2, 8, 5, 5).bfloat16(), x, torch.randn(36, 4, 1, 1), torch.randn(36),
+                                 torch.randn(2, 8, 5, 5), 16, 1e-5), "'grad_out' has dtype"),
+        ("shsa_fused_backward", (torch.randn(2, 8, 5, 5), x, torch.randn(36, 4, 1, 1), torch.randn(35),
+                                 torch.randn(2, 8, 5, 5), 16, 1e-5), "'qkv_bias' must have shape"),
         ("shsa_fused", (x, torch.randn(35, 4, 1, 1), torch.randn(35), 16, 1e-5), "'qkv_weight' must have shape"),
         ("shsa_fused", (x, torch.randn(41, 9, 1, 1), torch.randn(41), 16, 1e-5), "partial dim P"),
         ("shsa_fused", (x, torch.randn(36, 4, 1, 1), torch.randn(35), 16, 1e-5), "'qkv_bias' must have shape"),
@@ -366,6 +404,9 @@ def test_not_supported_reasons():
     assert "x's dtype" in " ".join(cpp._ffn_fused_backward_reasons(x.bfloat16(), x, pw, None, w2, None))
     assert "float32 and bfloat16 only" in " ".join(cpp._ffn_fused_backward_reasons(x.double(), x.double(), pw.double(), None, w2.double(), None))
     assert cpp._shsa_fused_reasons(x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)
+    qkv_w = torch.randn(36, 4, 1, 1)
+    assert cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x, 16, 1e-5) == []
+    assert "x's dtype" in " ".join(cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x.bfloat16(), 16, 1e-5))
 
 
 @requires_cpp

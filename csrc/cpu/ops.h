@@ -20,6 +20,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
     const at::Tensor& b2);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_fused_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& qkv_weight,
+                                                                   const at::Tensor& qkv_bias, const at::Tensor& out,
+                                                                   int64_t qk_dim, double gn_eps);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,

@@ -149,6 +149,11 @@ def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
     return _common_reasons(x, qkv_weight)
 
 
+def _shsa_fused_backward_reasons(grad_out, x, qkv_weight, qkv_bias, out, qk_dim, gn_eps):
+    # Whole-image N x N scores per thread, as in the forward (no key tiling).
+    return _common_reasons(x, grad_out, qkv_weight, out)
+
+
 def _kernel(name: str):
     def run(*args):
         return getattr(_module, name)(*args)
@@ -167,6 +172,7 @@ _KERNELS = {
     "ffn_fused": _ffn_fused_reasons,
     "ffn_fused_backward": _ffn_fused_backward_reasons,
     "shsa_fused": _shsa_fused_reasons,
+    "shsa_fused_backward": _shsa_fused_backward_reasons,
 }
 
 _module = _load_best()
