@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shvit  # noqa: E402
+from benchmarks.device import git_revision, load_average  # noqa: E402
 from shvit.bench import environment  # noqa: E402
 from shvit.train import autocast, clip_gradients, param_groups, to_device  # noqa: E402
 from shvit_kernels import prefer_backend  # noqa: E402
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
 
+    load_start = load_average()  # the machines are shared: a busy one slows every backend, unevenly
     names = ["reference"] + usable_fused(device.type)
     trainees = [Trainee(n, args, device) for n in names]
     peak = {}
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
         "device": env.get("gpu") or env["cpu"],
         "environment": env,
         "threads": torch.get_num_threads(),
+        "git_revision": git_revision(),
+        "load_average_1_5_15_min": {"start": load_start, "end": load_average()},
         "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "train_throughput.py", *sys.argv[1:]]),
         "config": {k: v for k, v in vars(args).items() if k != "output"},
         "results": results,

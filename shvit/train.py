@@ -272,7 +272,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="auto", help="cpu, cuda or auto")
     s.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="auto: bf16 on CUDA, none on CPU")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend default: inductor; aot_eager skips code generation)")
     s.add_argument("--backend", default=None, help=f"prefer this shvit_kernels backend ({', '.join(shvit_kernels.BACKENDS)}); ops it lacks run on the reference")
     s.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (DDP)")
     s.add_argument("--seed", type=int, default=0)
@@ -309,6 +310,12 @@ def check_args(args) -> None:
         bad(f"--backend must be one of {', '.join(shvit_kernels.BACKENDS)}, got {args.backend!r}")
     if min(args.synthetic_size) < 1 or args.synthetic_classes < 1:
         bad("--synthetic-size and --synthetic-classes must be positive")
+    if args.compile is not None:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in known:
+            bad(f"--compile: unknown torch.compile backend {args.compile!r} (known: {', '.join(known)})")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -490,7 +497,7 @@ def _train(args, rank, world, device, main_process) -> dict:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, backend=args.compile)
 
     loader_args = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate, pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **loader_args)
