@@ -7,6 +7,7 @@ also called directly so each variant is checked, including kernels the dispatche
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -43,6 +44,16 @@ def _built_variants():
 
 
 VARIANTS = _built_variants()
+
+
+@contextlib.contextmanager
+def _num_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _layout(t, channels_last):
@@ -155,15 +166,11 @@ def test_ops_dispatch_to_each_variant(variant):
 @pytest.mark.parametrize("threads", (1, 2))
 def test_thread_counts_agree(threads):
     """Tiling depends on the thread count; every count must give the reference's answer."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         for op, reference, label, args in OP_CASES:
             for channels_last in (False, True):
                 _check_against_reference(getattr(cpp._module, op), reference, args, torch.float32,
                                          channels_last=channels_last, name=f"{threads} threads {op} {label}")
-    finally:
-        torch.set_num_threads(previous)
 
 
 @requires_cpp
@@ -262,14 +269,10 @@ def test_ffn_backward_many_tiles_threads(threads):
     x = torch.randn(6, 32, 23, 21)
     args = (torch.randn_like(x), x, torch.randn(64, 32, 1, 1) / 6, torch.randn(64), torch.randn(32, 64, 1, 1) / 8,
             torch.randn(32))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         for channels_last in (False, True):
             _check_outputs(cpp._module.ffn_fused_backward, ffn_fused_backward_reference, args, torch.float32,
                            channels_last, f"ffn_fused_backward {threads} threads")
-    finally:
-        torch.set_num_threads(previous)
 
 
 @requires_cpp
@@ -293,15 +296,11 @@ def test_shsa_backward_threads_and_large_mean(threads):
     x = torch.randn(5, 24, 4, 4) * 0.1 + 1e3
     w, b = torch.randn(32 + 16, 16, 1, 1) / 4, torch.randn(48)
     out = shsa_fused_reference(x, w, b, 16, 1e-5)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _num_threads(threads):
         for channels_last in (False, True):
             _check_outputs(cpp._module.shsa_fused_backward, shsa_fused_backward_reference,
                            (torch.randn_like(out), x, w, b, out, 16, 1e-5), torch.float32, channels_last,
                            f"shsa_fused_backward {threads} threads")
-    finally:
-        torch.set_num_threads(previous)
 
 
 @requires_cpp
