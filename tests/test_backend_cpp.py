@@ -400,6 +400,8 @@ def test_not_supported_reasons():
     assert cpp._ffn_fused_reasons(x.double(), pw.double(), None, None, None)
     w2 = torch.randn(8, 16, 1, 1)
     assert cpp._ffn_fused_backward_reasons(x, x, pw, None, w2, None) == []
+    wide = torch.randn(2, 224, 4, 4)
+    assert "at most 128 channels" in " ".join(cpp._ffn_fused_backward_reasons(wide, wide, None, None, None, None))
     assert "x's dtype" in " ".join(cpp._ffn_fused_backward_reasons(x.bfloat16(), x, pw, None, w2, None))
     assert "float32 and bfloat16 only" in " ".join(cpp._ffn_fused_backward_reasons(x.double(), x.double(), pw.double(), None, w2.double(), None))
     assert cpp._shsa_fused_reasons(x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)

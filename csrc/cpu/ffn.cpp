@@ -139,21 +139,42 @@ struct FfnGrads {
   T* grad_x;
 };
 
-// Partial sums of one chunk of tiles: dW1 (H, C), dW2 (C, H) in the mode's storage order, then db1 (H), db2 (C).
+// Copies between one tile of rows [r0, r0 + r) of the logical (B * pixels, C) matrix and a column-major (r, C)
+// buffer, for NCHW, where a tile may span images: to_buf gathers, otherwise scatters.
 template <typename T>
-void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_t images, int64_t pixels,
-                        int64_t tile, int64_t t0, int64_t t1, float* part) {
-  const int64_t c = s.c, hd = s.hidden, tiles_per_image = ceil_div(pixels, tile);
+void nchw_tile_copy(T* act, T* buf, int64_t r0, int64_t r, int64_t c, int64_t pixels, bool to_buf) {
+  for (int64_t i = r0; i < r0 + r;) {
+    const int64_t n = i / pixels, p = i % pixels, len = std::min(pixels - p, r0 + r - i);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      T* a = act + (n * c + ch) * pixels + p;
+      T* bb = buf + ch * r + (i - r0);
+      if (to_buf) std::copy(a, a + len, bb); else std::copy(bb, bb + len, a);
+    }
+    i += len;
+  }
+}
+
+// Partial sums of one chunk of row tiles: dW1 (H, C), dW2 (C, H) in the mode's storage order, then db1 (H),
+// db2 (C). Tiles span images so the dW updates (a full pass over dW each) are amortised over many rows.
+template <typename T>
+void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_t tile, int64_t t0, int64_t t1,
+                        float* part) {
+  const int64_t c = s.c, hd = s.hidden, rows = s.batch * s.pixels;
   const bool fp32 = std::is_same<T, float>::value;
-  auto ld = [cm](int64_t rows, int64_t cols) { return cm ? rows : cols; };
-  const int64_t ld_act = cm ? pixels : c;  // x, grad_out, grad_x
+  auto ld = [cm](int64_t r, int64_t cols) { return cm ? r : cols; };
   float *dw1 = part, *dw2 = part + hd * c, *db1 = dw2 + hd * c, *db2 = db1 + hd;
   std::vector<float> h_acc(tile * hd), gh(tile * hd), gx(tile * c), xf(fp32 ? 0 : tile * c);
-  std::vector<T> h_buf(fp32 ? 0 : tile * hd);
+  std::vector<T> h_buf(fp32 ? 0 : tile * hd), x_buf(cm ? tile * c : 0), g_buf(x_buf.size()), gx_buf(x_buf.size());
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, r = std::min(tile, pixels - p0);
-    const int64_t off = n * c * pixels + p0 * (cm ? 1 : c);
-    const T *x = a.x + off, *g = a.g + off;
+    const int64_t r0 = t * tile, r = std::min(tile, rows - r0);
+    const T *x = a.x + r0 * c, *g = a.g + r0 * c;
+    T* gxo = a.grad_x + r0 * c;
+    int64_t ld_act = c;  // x, grad_out, grad_x
+    if (cm) {
+      nchw_tile_copy(const_cast<T*>(a.x), x_buf.data(), r0, r, c, s.pixels, true);
+      nchw_tile_copy(const_cast<T*>(a.g), g_buf.data(), r0, r, c, s.pixels, true);
+      x = x_buf.data(), g = g_buf.data(), gxo = gx_buf.data(), ld_act = r;
+    }
     // Recompute the hidden activation in the storage dtype, as the forward rounds it.
     gemm_mode(cm, false, true, r, hd, c, 0.f, x, ld_act, a.w1, ld(hd, c), h_acc.data(), ld(r, hd));
     const T* hidden = cm ? activate_hidden<T>(h_acc.data(), h_buf.data(), nullptr, a.b1, hd, r)
@@ -164,10 +185,10 @@ void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_
       if (!(static_cast<float>(hidden[i]) > 0.f)) gh[i] = 0.f;
     // grad_x = G + grad_hidden W1.
     gemm_mode(cm, false, false, r, c, hd, 0.f, gh.data(), ld(r, hd), a.w1f, ld(hd, c), gx.data(), ld(r, c));
-    T* gxo = a.grad_x + off;
     const int64_t runs = cm ? c : r, run = cm ? r : c;
     for (int64_t i = 0; i < runs; ++i)
       epilogue_run(gx.data() + i * run, nullptr, 0.f, g + i * ld_act, false, gxo + i * ld_act, run);
+    if (cm) nchw_tile_copy(a.grad_x, gx_buf.data(), r0, r, c, s.pixels, false);
     // dW2 += G^T hidden, dW1 += grad_hidden^T X (fp32 operands), bias grads.
     gemm_mode(cm, true, false, c, hd, r, 1.f, g, ld_act, hidden, ld(r, hd), dw2, ld(c, hd));
     const float* xa = reinterpret_cast<const float*>(x);
@@ -226,10 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused
   const at::Tensor w2s = cm ? w2m.t().contiguous() : w2m.contiguous();
   const at::Tensor w1f = w1s.to(at::kFloat).contiguous(), b1f = b1.to(at::kFloat).contiguous();
   at::Tensor grad_x = at::empty_like(xc, xc.options().memory_format(fmt));
-  // channels_last: one (B * pixels, C) matrix; NCHW: one column-major (pixels, C) matrix per image.
-  const int64_t images = cm ? s.batch : 1, pixels = cm ? s.pixels : s.batch * s.pixels;
-  const int64_t tile = cm ? pixels_per_tile(pixels, 3 * s.hidden + 2 * s.c) : rows_per_tile(pixels, 3 * s.hidden + 2 * s.c);
-  const int64_t tiles = images * ceil_div(pixels, tile);
+  // Tiles of up to 512 rows of the (B * pixels, C) matrix, at least one per thread.
+  const int64_t rows = s.batch * s.pixels;
+  const int64_t tile = std::min<int64_t>(512, ceil_div(rows, at::get_num_threads()));
+  const int64_t tiles = ceil_div(rows, tile);
   const int64_t chunks = std::min<int64_t>(tiles, at::get_num_threads());
   const int64_t part_size = 2 * s.hidden * s.c + s.hidden + s.c;
   at::Tensor parts_t = at::zeros({chunks, part_size}, x.options().dtype(at::kFloat));
@@ -242,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused
     // scheduling), summed in chunk order below.
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k)
-        ffn_backward_chunk(a, cm, s, images, pixels, tile, k * tiles / chunks, (k + 1) * tiles / chunks,
+        ffn_backward_chunk(a, cm, s, tile, k * tiles / chunks, (k + 1) * tiles / chunks,
                            parts + k * part_size);
     });
   });

@@ -141,8 +141,19 @@ def _ffn_fused_reasons(x, w1, b1, w2, b2):
     return _common_reasons(x, w1, w2)
 
 
+# Widest FFN whose backward was measured faster than the reference (1 thread, batch 16, S1 shapes): its five GEMMs
+# go through MKL's sgemm, which from C = 224 on is slower than the oneDNN convolutions the reference calls.
+FFN_BACKWARD_MAX_CHANNELS = 128
+
+
 def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
-    return _common_reasons(x, grad_out, w1, w2)
+    reasons = _common_reasons(x, grad_out, w1, w2)
+    if x.dim() == 4 and x.shape[1] > FFN_BACKWARD_MAX_CHANNELS:
+        reasons.append(
+            f"the cpp ffn_fused_backward takes at most {FFN_BACKWARD_MAX_CHANNELS} channels (measured slower than "
+            f"the reference's oneDNN convolutions above that), got {x.shape[1]}"
+        )
+    return reasons
 
 
 def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
