@@ -231,13 +231,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train", [&] {
     using T = scalar_t;
     const T* yp = y.data_ptr<T>();
-    // Shift each channel by the mean of its first (up to) 64 pixels of image 0, a cheap estimate of the batch mean,
-    // so the sums of y - shift and its square stay small and var = E[d^2] - E[d]^2 does not cancel.
+    // Shift each channel by the mean of (up to) 64 of its values spread over the whole batch, a cheap estimate of
+    // the batch mean, so the sums of y - shift and its square stay small and var = E[d^2] - E[d]^2 does not
+    // cancel. (Sampling image 0 only gave a 1-value shift for 1x1 maps: less accurate variances than the
+    // reference's on small late-stage BatchNorms.)
     std::vector<float> first(c, 0.f);
-    const int64_t sample = std::min<int64_t>(64, l.plane);
-    for (int64_t p = 0; p < sample; ++p)
+    const int64_t sample = std::min<int64_t>(64, l.count());
+    for (int64_t k = 0; k < sample; ++k) {
+      const int64_t i = k * l.count() / sample, n = i / l.plane, p = i % l.plane;
       for (int64_t ch = 0; ch < c; ++ch)
-        first[ch] += static_cast<float>(yp[l.channels_last ? p * c + ch : ch * l.plane + p]);
+        first[ch] += static_cast<float>(yp[l.channels_last ? i * c + ch : (n * c + ch) * l.plane + p]);
+    }
     for (float& f : first) f /= static_cast<float>(sample);
     std::vector<double> sums(2 * c);
     reduce_per_channel<2>(l, ChannelParams<1>{{first.data()}}, [&](int64_t i, int64_t n, const fVec* pv) {
