@@ -8,4 +8,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${SHVIT_TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q --no-build-isolation -e ".[test,triton,bench]"
-"$PY" -m shvit info | head -n 3
+"$PY" -m shvit info
