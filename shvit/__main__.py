@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly like other command-line tools
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":
