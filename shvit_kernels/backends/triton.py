@@ -8,6 +8,7 @@ The kernels themselves also run on CPU tensors under ``TRITON_INTERPRET=1``, whi
 
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional
 
 import torch
@@ -17,12 +18,21 @@ from .. import _dispatch
 BACKEND = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_import_error: Optional[str] = None
-try:
-    from ..triton import conv_bn as _conv, ffn as _ffn, shsa as _shsa
-except ImportError as e:  # triton missing (or too old for the APIs the kernels use)
-    _import_error = f"triton is not installed or cannot be imported ({e})"
-    _conv = _ffn = _shsa = None
+def _kernel_modules():
+    """The kernel modules, imported on first use: importing Triton costs ~0.25 s, wasted where no GPU is."""
+    global _modules, _import_error
+    if _modules is None and _import_error is None:
+        try:
+            from ..triton import conv_bn, ffn, shsa
+        except ImportError as e:  # triton missing (or too old for the APIs the kernels use)
+            _import_error = f"triton is not installed or cannot be imported ({e})"
+        else:
+            _modules = {"conv": conv_bn, "ffn": ffn, "shsa": shsa}
+    return _modules
+
+
+_modules: Optional[dict] = None
+_import_error: Optional[str] = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
 
 def _availability() -> List[str]:
@@ -30,6 +40,8 @@ def _availability() -> List[str]:
         return [_import_error]
     if not torch.cuda.is_available():
         return ["no CUDA device"]
+    if _kernel_modules() is None:
+        return [_import_error]
     return []
 
 
@@ -51,7 +63,7 @@ def _conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, resid
 
 
 def _conv_group_reasons(x, weight, groups):
-    if _conv is not None and _conv.conv_kind(weight, groups, x.shape[1]) is None:
+    if _kernel_modules() and _kernel_modules()["conv"].conv_kind(weight, groups, x.shape[1]) is None:
         return [f"the triton conv kernels implement groups=1 and depthwise (groups == C_in == C_out) only, got "
                 f"groups={groups} with weight {tuple(weight.shape)}"]
     return []
@@ -71,8 +83,9 @@ def _conv_bn_train_backward_reasons(grad_out, x, weight, bn_weight, bn_bias, mea
 
 
 def _ffn_size_reasons(x):
-    if _ffn is not None and x.shape[1] > _ffn.MAX_C:
-        return [f"ffn_fused keeps a (tokens x C) tile on chip; C={x.shape[1]} exceeds {_ffn.MAX_C}"]
+    max_c = _kernel_modules()["ffn"].MAX_C if _kernel_modules() else None
+    if max_c is not None and x.shape[1] > max_c:
+        return [f"ffn_fused keeps a (tokens x C) tile on chip; C={x.shape[1]} exceeds {max_c}"]
     return []
 
 
@@ -86,8 +99,9 @@ def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
 
 def _shsa_size_reasons(qkv_weight, qk_dim):
     reasons = []
-    if _shsa is not None and qkv_weight.shape[1] > _shsa.MAX_P:
-        reasons.append(f"the SHSA kernels hold the P x tokens slice on chip; P={qkv_weight.shape[1]} exceeds {_shsa.MAX_P}")
+    max_p = _kernel_modules()["shsa"].MAX_P if _kernel_modules() else None
+    if max_p is not None and qkv_weight.shape[1] > max_p:
+        reasons.append(f"the SHSA kernels hold the P x tokens slice on chip; P={qkv_weight.shape[1]} exceeds {max_p}")
     if qk_dim > 64:
         reasons.append(f"the SHSA kernels support qk_dim <= 64, got {qk_dim}")
     return reasons
@@ -124,8 +138,17 @@ _REASONS = {
     "shsa_train_backward": _shsa_train_backward_reasons,
 }
 
+def _kernel(op: str):
+    family = op.split("_")[0]
+
+    def run(*args):
+        return getattr(_kernel_modules()[family], op)(*args)
+
+    run.__name__ = f"triton_{op}"
+    return run
+
+
 _dispatch.set_availability(BACKEND, _availability)
 if _import_error is None:
-    _MODULES = {"conv": _conv, "ffn": _ffn, "shsa": _shsa}
     for _op, _reasons in _REASONS.items():
-        _dispatch.register_kernel(_op, BACKEND, getattr(_MODULES[_op.split("_")[0]], _op), _reasons)
+        _dispatch.register_kernel(_op, BACKEND, _kernel(_op), _reasons)
