@@ -17,7 +17,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 ENV_VAR = "SHVIT_KERNELS_BACKEND"
@@ -196,7 +195,3 @@ def backend_table(device_type: Optional[str] = None) -> List[dict]:
             else:
                 rows.append(dict(backend=name, op=op, usable=not unavailable, why="; ".join(unavailable)))
     return rows
-
-
-def tensor_device_type(t: torch.Tensor) -> str:
-    return t.device.type

@@ -45,10 +45,6 @@ def usable_backends(device_type: str, include_reference: bool = False):
     return names
 
 
-def supports(backend_name: str, op: str, *args) -> list:
-    return _dispatch.backend(backend_name).not_supported_reasons(op, *args)
-
-
 @contextlib.contextmanager
 def record_dispatch():
     """Collect (op, backend that ran it, args) for every custom-op call inside the block."""
