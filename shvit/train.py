@@ -23,7 +23,7 @@ import random
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch

@@ -6,7 +6,6 @@ import contextlib
 
 import torch
 
-import shvit_kernels
 from shvit_kernels import _dispatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

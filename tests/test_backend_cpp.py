@@ -8,7 +8,6 @@ also called directly so each variant is checked, including kernels the dispatche
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import pytest
 import torch

@@ -11,9 +11,9 @@ import torch
 
 import shvit_kernels as K
 from helpers import record_dispatch, usable_backends
-from op_cases import CASES, conv_case, ffn_case, shsa_case
+from op_cases import conv_case, ffn_case, shsa_case
 from shvit_kernels import _dispatch
-from test_ops import NOT_DIFFERENTIABLE, run
+from test_ops import run
 
 SMALL_CASES = [
     ("conv-infer-stem", conv_case(2, 3, 8, 8, 8, 3, 2, 1, True, False, None)),

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shvit_kernels as K
-from helpers import DEVICE, assert_close_to_fp64, record_dispatch, usable_backends
+from helpers import assert_close_to_fp64, record_dispatch, usable_backends
 from shvit_kernels import _dispatch
 from op_cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, shsa_case
 

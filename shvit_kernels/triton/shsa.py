@@ -17,7 +17,6 @@ GroupNorm backwards (GroupNorm couples all of an image's values, so it needs the
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
