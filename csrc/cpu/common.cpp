@@ -45,6 +45,30 @@ at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const
 
 namespace {
 
+// dst (cols x rows) = src (rows x cols)^T, both contiguous, in 16 x 16 blocks.
+template <typename E>
+void transpose_blocked(const E* src, int64_t rows, int64_t cols, E* dst) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i = 0; i < rows; i += kBlock)
+    for (int64_t j = 0; j < cols; j += kBlock)
+      at::vec::transpose_mxn<E>(src + i * cols + j, cols, dst + j * rows + i, rows,
+                                static_cast<int>(std::min(kBlock, rows - i)), static_cast<int>(std::min(kBlock, cols - j)));
+}
+
+}  // namespace
+
+at::Tensor transposed(const at::Tensor& m) {
+  TORCH_CHECK(m.dim() == 2, "shvit cpp transposed: expected a 2-D tensor, got shape ", m.sizes());
+  const at::Tensor src = m.contiguous();
+  at::Tensor dst = at::empty({src.size(1), src.size(0)}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "shvit_transposed", [&] {
+    transpose_blocked(src.data_ptr<scalar_t>(), src.size(0), src.size(1), dst.data_ptr<scalar_t>());
+  });
+  return dst;
+}
+
+namespace {
+
 at::Tensor operand_view(const void* p, at::ScalarType dtype, bool trans, int64_t rows, int64_t cols, int64_t ld) {
   // op(X) is rows x cols; X itself is stored row-major with leading dimension ld.
   auto opts = at::TensorOptions().dtype(dtype);
@@ -119,23 +143,47 @@ void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64
   data = storage.data(), ld = cols;
 }
 
+template <>
+void MatB<float>::assign_transposed(const float* w, int64_t rows, int64_t cols) {
+  storage.resize(rows * cols);
+  transpose_blocked(w, cols, rows, storage.data());
+  data = storage.data(), k = rows, n = cols, ld = cols, vnni = false;
+}
+
+template <>
+void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t cols) {
+  storage.resize(rows * cols);
+  k = rows, n = cols, ld = cols, vnni = rows % 2 == 0;
+  data = storage.data();
+  if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
+    static_assert(sizeof(float) == 2 * sizeof(BFloat16), "VNNI pairs are 32-bit");
+    transpose_blocked(reinterpret_cast<const float*>(w), cols, rows / 2, reinterpret_cast<float*>(storage.data()));
+  } else {
+    transpose_blocked(w, cols, rows, storage.data());
+  }
+}
+
 namespace {
 // Column panel per micro-kernel call, so the panel of B stays in L2 while every row of A streams past it.
 constexpr int64_t kPanelCols = 128;
 }  // namespace
 
 template <typename T>
-void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc) {
+void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc, bool accumulate) {
   if (m == 0 || b.n == 0) return;
   const bool fp32 = std::is_same<T, float>::value;
-  if (!fp32 && !b.vnni) return gemm(false, false, m, b.n, b.k, 1.f, a, lda, b.data, b.ld, 0.f, c, ldc);
+  if (!fp32 && !b.vnni) {
+    TORCH_CHECK(lda >= b.k, "shvit cpp matmul: overlapping A rows (lda ", lda, " < k ", b.k, ") need an even k in bf16");
+    return gemm(false, false, m, b.n, b.k, 1.f, a, lda, b.data, b.ld, accumulate ? 1.f : 0.f, c, ldc);
+  }
   for (int64_t j0 = 0; j0 < b.n; j0 += kPanelCols) {
     const int64_t nc = std::min(kPanelCols, b.n - j0);
-    at::native::cpublas::brgemm(m, nc, b.k, lda, b.ld, ldc, false, a, b.data + j0 * (fp32 ? 1 : 2), c + j0, !fp32);
+    at::native::cpublas::brgemm(m, nc, b.k, lda, b.ld, ldc, accumulate, a, b.data + j0 * (fp32 ? 1 : 2), c + j0,
+                                !fp32);
   }
 }
-template void matmul<float>(int64_t, const float*, int64_t, const MatB<float>&, float*, int64_t);
-template void matmul<BFloat16>(int64_t, const BFloat16*, int64_t, const MatB<BFloat16>&, float*, int64_t);
+template void matmul<float>(int64_t, const float*, int64_t, const MatB<float>&, float*, int64_t, bool);
+template void matmul<BFloat16>(int64_t, const BFloat16*, int64_t, const MatB<BFloat16>&, float*, int64_t, bool);
 
 MatmulThreadGuard::~MatmulThreadGuard() {
   at::native::cpublas::brgemm_release(false);

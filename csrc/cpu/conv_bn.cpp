@@ -40,16 +40,16 @@ void im2col_row_channels_last(const T* x, const ConvShape& s, int64_t pixel, T* 
   }
 }
 
-// weight_kn: (k_col, c_out), rows in (kh, kw, c_in) order; k_col may exceed the patch size by one zero row (bf16
-// needs an even K), the matching im2col column staying zero.
+// weight_nk: (c_out, k_col), columns in (kh, kw, c_in) order; k_col may exceed the patch size by one zero column
+// (bf16 needs an even K), the matching im2col column staying zero.
 template <typename T>
-void gemm_conv_channels_last(const T* x, const T* weight_kn, int64_t k_col, const float* bias, const T* residual,
+void gemm_conv_channels_last(const T* x, const T* weight_nk, int64_t k_col, const float* bias, const T* residual,
                              bool relu, T* out, const ConvShape& s) {
   const int64_t rows = s.batch * s.out_h * s.out_w, c_out = s.c_out;
   const bool direct = s.pointwise();
   const int64_t tile = rows_per_tile(rows, (direct ? 0 : k_col) + c_out);
   MatB<T> weights;
-  weights.assign(weight_kn, k_col, c_out, c_out);
+  weights.assign_transposed(weight_nk, k_col, c_out);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<T> col(direct ? 0 : tile * k_col, T(0));
@@ -67,6 +67,64 @@ void gemm_conv_channels_last(const T* x, const T* weight_kn, int64_t k_col, cons
       for (int64_t r = 0; r < nr; ++r)
         epilogue_run(acc + r * c_out, bias, 0.f, residual ? residual + (r0 + r) * c_out : nullptr, relu,
                      out_tile + r * c_out, c_out);
+    }
+  });
+}
+
+// Dense kxk convolution in channels_last without im2col. For output row oh and kernel row i, the (kw, c_in) patch
+// of output pixel ow is the kw * c_in consecutive values of input row ih starting at pixel ow * stride - pad, so the
+// input row itself is the GEMM's A with lda = stride * c_in (rows overlap when kw > stride): one accumulating GEMM
+// per kernel row. Pixels whose patch crosses the left or right border are computed directly from fp32 weights.
+// w_rows: (kh, kw * c_in, c_out) in T (B of each kernel row); w_f: the same in fp32.
+template <typename T>
+void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const float* bias, const T* residual,
+                            bool relu, T* out, const ConvShape& s) {
+  const int64_t c = s.c_in, c_out = s.c_out, k_row = s.kw * c;
+  // Output columns whose whole patch lies inside the row.
+  const int64_t ow_lo = std::min(s.out_w, ceil_div(s.pad, s.stride));
+  const int64_t last_inside = s.w - s.kw + s.pad;  // ow * stride may not exceed this
+  const int64_t ow_hi = last_inside < 0 ? ow_lo : std::max(ow_lo, std::min(s.out_w, last_inside / s.stride + 1));
+  std::vector<MatB<T>> kernel_rows(s.kh);
+  for (int64_t i = 0; i < s.kh; ++i) kernel_rows[i].assign(w_rows + i * k_row * c_out, k_row, c_out, c_out);
+  const bool fp32 = std::is_same<T, float>::value;
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    MatmulThreadGuard guard;
+    std::vector<float> acc_buf(fp32 ? 0 : s.out_w * c_out);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h;
+      const T* x_n = x + n * s.h * s.w * c;
+      T* out_row = out + r * s.out_w * c_out;
+      float* acc = fp32 ? reinterpret_cast<float*>(out_row) : acc_buf.data();
+      const int64_t i_lo = std::max<int64_t>(0, s.pad - oh * s.stride);
+      const int64_t i_hi = std::min<int64_t>(s.kh, s.h + s.pad - oh * s.stride);
+      if (ow_hi > ow_lo) {
+        if (i_lo >= i_hi) std::fill(acc + ow_lo * c_out, acc + ow_hi * c_out, 0.f);
+        for (int64_t i = i_lo; i < i_hi; ++i) {
+          const T* a = x_n + ((oh * s.stride - s.pad + i) * s.w + ow_lo * s.stride - s.pad) * c;
+          matmul(ow_hi - ow_lo, a, s.stride * c, kernel_rows[i], acc + ow_lo * c_out, c_out, i > i_lo);
+        }
+      }
+      auto border_pixel = [&](int64_t ow) {
+        const int64_t j_lo = std::max<int64_t>(0, s.pad - ow * s.stride);
+        const int64_t j_hi = std::min<int64_t>(s.kw, s.w + s.pad - ow * s.stride);
+        for (int64_t co = 0; co < c_out; co += kVec) {
+          const int64_t count = std::min(kVec, c_out - co);
+          fVec sum(0.f);
+          for (int64_t i = i_lo; i < i_hi; ++i)
+            for (int64_t j = j_lo; j < j_hi; ++j) {
+              const T* px = x_n + ((oh * s.stride - s.pad + i) * s.w + ow * s.stride - s.pad + j) * c;
+              const float* wp = w_f + ((i * s.kw + j) * c) * c_out + co;
+              for (int64_t ci = 0; ci < c; ++ci)
+                sum = at::vec::fmadd(fVec(static_cast<float>(px[ci])), load_f(wp + ci * c_out, count), sum);
+            }
+          store_f(sum, acc + ow * c_out + co, count);
+        }
+      };
+      for (int64_t ow = 0; ow < ow_lo; ++ow) border_pixel(ow);
+      for (int64_t ow = ow_hi; ow < s.out_w; ++ow) border_pixel(ow);
+      for (int64_t ow = 0; ow < s.out_w; ++ow)
+        epilogue_run(acc + ow * c_out, bias, 0.f, residual ? residual + (r * s.out_w + ow) * c_out : nullptr, relu,
+                     out_row + ow * c_out, c_out);
     }
   });
 }
@@ -285,15 +343,25 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
     const float* bias_ptr = bias_f.data_ptr<float>();
     T* out_ptr = out.data_ptr<T>();
     if (kind == ConvKind::kDepthwise3x3) {
-      const at::Tensor taps = weight.reshape({s.c_in, 9}).t().to(at::kFloat).contiguous();
+      const at::Tensor taps = transposed(weight.reshape({s.c_in, 9}).to(at::kFloat));
       auto kernel = channels_last ? depthwise_channels_last<T> : depthwise_nchw<T>;
       kernel(x_ptr, taps.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
     } else {
       // bf16 im2col needs an even K (VNNI pairs): pad with one zero tap row.
       const int64_t k = s.k_gemm(), k_col = (!s.pointwise() && std::is_same<T, BFloat16>::value) ? k + k % 2 : k;
-      if (channels_last) {
-        const at::Tensor w_kn = at::constant_pad_nd(weight.permute({2, 3, 1, 0}).reshape({k, s.c_out}), {0, 0, 0, k_col - k}).contiguous();
-        gemm_conv_channels_last<T>(x_ptr, w_kn.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);
+      const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || s.kw * s.c_in % 2 == 0);
+      if (channels_last && s.pointwise()) {
+        const at::Tensor w_nk = weight.contiguous();
+        gemm_conv_channels_last<T>(x_ptr, w_nk.data_ptr<T>(), k, bias_ptr, res_ptr, relu, out_ptr, s);
+      } else if (channels_last && row_conv) {
+        const at::Tensor w_rows = weight.permute({2, 3, 1, 0}).contiguous();  // (kh, kw, c_in, c_out)
+        const at::Tensor w_f = w_rows.to(at::kFloat);
+        row_conv_channels_last<T>(x_ptr, w_rows.data_ptr<T>(), w_f.data_ptr<float>(), bias_ptr, res_ptr, relu,
+                                  out_ptr, s);
+      } else if (channels_last) {
+        // bf16 with an odd patch size: VNNI needs even K, so im2col into rows padded by one zero tap.
+        const at::Tensor w_nk = at::constant_pad_nd(weight.permute({0, 2, 3, 1}).reshape({s.c_out, k}), {0, k_col - k}).contiguous();
+        gemm_conv_channels_last<T>(x_ptr, w_nk.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);
       } else {
         const at::Tensor w_mk = at::constant_pad_nd(weight.reshape({s.c_out, k}), {0, k_col - k}).contiguous();
         gemm_conv_nchw<T>(x_ptr, w_mk.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);

@@ -42,17 +42,17 @@ T* activate_hidden(float* acc, T* hidden_buf, const float* b1_run, const float* 
   return hidden;
 }
 
-// channels_last: x is a (pixels, C) row-major matrix; hidden tile (rows, H) = x_tile W1^T. Weights come
-// transposed: w1_t (C, H), w2_t (H, C).
+// channels_last: x is a (pixels, C) row-major matrix; hidden tile (rows, H) = x_tile W1^T, with w1 (H, C) and
+// w2 (C, H) as stored.
 template <typename T>
-void ffn_channels_last(const T* x, const T* w1_t, const float* b1, const T* w2_t, const float* b2, T* out,
+void ffn_channels_last(const T* x, const T* w1, const float* b1, const T* w2, const float* b2, T* out,
                        const FfnShape& s) {
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
   MatB<T> w1_kn, w2_kn;
-  w1_kn.assign(w1_t, c, hd, hd);
-  w2_kn.assign(w2_t, hd, c, c);
+  w1_kn.assign_transposed(w1, c, hd);
+  w2_kn.assign_transposed(w2, hd, c);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<float> hidden_acc(tile * hd), out_acc(fp32 ? 0 : tile * c);
@@ -211,9 +211,7 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
-  // channels_last multiplies pixel rows by W^T, NCHW multiplies W by pixel columns.
-  const at::Tensor w1c = channels_last ? w1.reshape({s.hidden, s.c}).t().contiguous() : w1.contiguous();
-  const at::Tensor w2c = channels_last ? w2.reshape({s.c, s.hidden}).t().contiguous() : w2.contiguous();
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
   at::Tensor out = at::empty_like(xc, xc.options().memory_format(fmt));
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_ffn_fused", [&] {
@@ -243,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused
   const at::Tensor xc = x.contiguous(fmt), go = grad_out.contiguous(fmt);
   // Weights stored in the mode's order: row-major logical (H, C) / (C, H) for channels_last, transposed for NCHW.
   const at::Tensor w1m = w1.reshape({s.hidden, s.c}), w2m = w2.reshape({s.c, s.hidden});
-  const at::Tensor w1s = cm ? w1m.t().contiguous() : w1m.contiguous();
-  const at::Tensor w2s = cm ? w2m.t().contiguous() : w2m.contiguous();
+  const at::Tensor w1s = cm ? transposed(w1m) : w1m.contiguous();
+  const at::Tensor w2s = cm ? transposed(w2m) : w2m.contiguous();
   const at::Tensor w1f = w1s.to(at::kFloat).contiguous(), b1f = b1.to(at::kFloat).contiguous();
   at::Tensor grad_x = at::empty_like(xc, xc.options().memory_format(fmt));
   // Tiles of up to 512 rows of the (B * pixels, C) matrix, at least one per thread.
