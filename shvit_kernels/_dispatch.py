@@ -2,8 +2,9 @@
 
 Every op has a pure-PyTorch ``reference`` kernel (its spec) and may have faster kernels from other
 backends. A backend kernel is registered with a ``not_supported_reasons`` function that returns why it
-cannot take a given call (empty list: it can). At run time the first backend in the device's preference
-order that has no reasons wins. Users can force a backend with :func:`use_backend` (context manager),
+cannot take a given call (empty list: it can), and optionally a ``slower_reasons`` function naming calls it
+can run but was measured slower on than the next backend. At run time the first backend in the device's
+preference order with neither kind of reason wins; a forced backend ignores its ``slower_reasons``. Users can force a backend with :func:`use_backend` (context manager),
 :func:`set_backend` (global) or the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that
 cannot take a call raises an error listing its reasons instead of silently falling back.
 :func:`prefer_backend` is the lenient form: the backend runs what it can and the usual order the rest.
@@ -31,7 +32,7 @@ _DEFAULT_PREFERENCE: Dict[str, Sequence[str]] = {
 Reasons = Callable[..., List[str]]
 
 
-def _always_ok(*args, **kwargs) -> List[str]:
+def always_ok(*args, **kwargs) -> List[str]:
     return []
 
 
@@ -43,6 +44,7 @@ class Backend:
     availability: Callable[[], List[str]] = lambda: []
     kernels: Dict[str, Callable] = field(default_factory=dict)
     checks: Dict[str, Reasons] = field(default_factory=dict)
+    slower: Dict[str, Reasons] = field(default_factory=dict)
 
     def unavailable_reasons(self) -> List[str]:
         return list(self.availability())
@@ -54,6 +56,13 @@ class Backend:
         if op not in self.kernels:
             return [f"backend '{self.name}' has no kernel for op '{op}'"]
         return list(self.checks[op](*args, **kwargs))
+
+    def passed_over_reasons(self, op: str, *args, **kwargs) -> List[str]:
+        """Why automatic dispatch skips this backend for the call: it cannot run it, or is measured slower."""
+        reasons = self.not_supported_reasons(op, *args, **kwargs)
+        if reasons:
+            return reasons
+        return list(self.slower.get(op, always_ok)(*args, **kwargs))
 
 
 _backends: Dict[str, Backend] = {name: Backend(name) for name in BACKENDS}
@@ -72,14 +81,23 @@ def set_availability(name: str, check: Callable[[], List[str]]) -> None:
     backend(name).availability = check
 
 
-def register_kernel(op: str, backend_name: str, fn: Callable, not_supported_reasons: Reasons = _always_ok):
+def register_kernel(
+    op: str,
+    backend_name: str,
+    fn: Callable,
+    not_supported_reasons: Reasons = always_ok,
+    slower_reasons: Reasons = always_ok,
+):
     """Register ``fn`` as ``backend_name``'s kernel for ``op``.
 
-    ``not_supported_reasons`` receives the same arguments as ``fn`` and returns a list of strings.
+    Both reason functions receive the same arguments as ``fn`` and return a list of strings:
+    ``not_supported_reasons`` why the kernel cannot run the call, ``slower_reasons`` why automatic dispatch
+    should leave a call it can run to the next backend (measured slower there).
     """
     b = backend(backend_name)
     b.kernels[op] = fn
     b.checks[op] = not_supported_reasons
+    b.slower[op] = slower_reasons
 
 
 def set_preference(op: str, device_type: str, order: Sequence[str]) -> None:
@@ -165,7 +183,7 @@ def select(op: str, device_type: str, *args, **kwargs) -> Callable:
             )
     for name in preference(op, device_type):
         b = _backends[name]
-        if not b.not_supported_reasons(op, *args, **kwargs):
+        if not b.passed_over_reasons(op, *args, **kwargs):
             return b.kernels[op]
     raise RuntimeError(f"shvit_kernels: no backend can run op '{op}' on {device_type}")
 

@@ -24,7 +24,7 @@ from shvit_kernels.ops.conv_bn import (
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
 from shvit_kernels.ops.shsa import shsa_fused_backward_reference, shsa_fused_reference
 
-from helpers import assert_close_to_fp64
+from helpers import assert_close_to_fp64, record_dispatch
 
 requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(cpp._availability()) or "cpp unavailable")
 
@@ -385,7 +385,10 @@ def test_not_supported_reasons():
     assert cpp._conv_bias_act_reasons(x, pw, None, 1, 0, 1, True, None) == []
     dw = torch.randn(8, 1, 3, 3)
     assert cpp._conv_bias_act_reasons(_layout(x, True), dw, None, 2, 1, 8, False, None) == []
-    assert "channels_last" in " ".join(cpp._conv_bias_act_reasons(x, dw, None, 2, 1, 8, False, None))
+    assert cpp._conv_bias_act_slower(_layout(x, True), dw, None, 2, 1, 8, False, None) == []
+    # NCHW depthwise and dense kxk: runnable, but automatic dispatch leaves them to ATen (measured slower).
+    assert cpp._conv_bias_act_reasons(x, dw, None, 2, 1, 8, False, None) == []
+    assert "NCHW" in " ".join(cpp._conv_bias_act_slower(x, dw, None, 2, 1, 8, False, None))
     for dtype in (torch.float64, torch.float16):
         reasons = cpp._conv_bias_act_reasons(x.to(dtype), pw.to(dtype), None, 1, 0, 1, False, None)
         assert any("float32 and bfloat16 only" in r and str(dtype) in r for r in reasons), reasons
@@ -394,13 +397,18 @@ def test_not_supported_reasons():
     assert grouped and "groups=4" in grouped[0]
     dw5 = cpp._conv_bias_act_reasons(x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None)
     assert dw5 and "depthwise 3x3" in dw5[0]
-    dense = cpp._conv_bias_act_reasons(x, torch.randn(16, 8, 3, 3), None, 2, 1, 1, True, None)
+    dense_w = torch.randn(16, 8, 3, 3)
+    assert cpp._conv_bias_act_reasons(x, dense_w, None, 2, 1, 1, True, None) == []
+    dense = cpp._conv_bias_act_slower(x, dense_w, None, 2, 1, 1, True, None)
     assert dense and "dense" in dense[0]
+    assert cpp._conv_bias_act_slower(x, pw, None, 1, 0, 1, True, None) == []
     assert cpp._ffn_fused_reasons(x.double(), pw.double(), None, None, None)
     w2 = torch.randn(8, 16, 1, 1)
     assert cpp._ffn_fused_backward_reasons(x, x, pw, None, w2, None) == []
     wide = torch.randn(2, 224, 4, 4)
-    assert "at most 128 channels" in " ".join(cpp._ffn_fused_backward_reasons(wide, wide, None, None, None, None))
+    wide_w1, wide_w2 = torch.randn(448, 224, 1, 1), torch.randn(224, 448, 1, 1)
+    assert cpp._ffn_fused_backward_reasons(wide, wide, wide_w1, None, wide_w2, None) == []
+    assert "up to 128 channels" in " ".join(cpp._ffn_fused_backward_slower(wide, wide, wide_w1, None, wide_w2, None))
     assert "x's dtype" in " ".join(cpp._ffn_fused_backward_reasons(x.bfloat16(), x, pw, None, w2, None))
     assert "float32 and bfloat16 only" in " ".join(cpp._ffn_fused_backward_reasons(x.double(), x.double(), pw.double(), None, w2.double(), None))
     assert cpp._shsa_fused_reasons(x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)
@@ -422,6 +430,21 @@ def test_declined_call_falls_back_to_reference():
     w = torch.randn(8, 4, 1, 1, dtype=torch.float64)
     assert _dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
     assert _dispatch.chosen_backend("conv_bias_act", "cpu", x.float(), w.float(), None, 1, 0, 1, False, None) == "cpp"
+
+
+@requires_cpp
+def test_slower_call_goes_to_reference_unless_cpp_is_forced():
+    """A stem conv runs on ATen automatically (measured faster) but on the C++ kernel when cpp is forced."""
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
+    args = (x, w, b, 2, 1, 1, True, None)
+    assert _dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "reference"
+    with shvit_kernels.use_backend("cpp"):
+        assert _dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "cpp"
+        with record_dispatch() as calls:
+            out = shvit_kernels.conv_bias_act(x, w, b, stride=2, padding=1, relu=True)
+    assert [c[1] for c in calls] == ["cpp"]
+    torch.testing.assert_close(out, torch.relu(torch.nn.functional.conv2d(x, w, b, 2, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_unavailable_backend_reports_reason(monkeypatch):

@@ -115,6 +115,23 @@ def test_use_backend_forces_and_restores():
     assert K.forced_backend() is None
 
 
+def test_slower_reasons_steer_automatic_choice_only(monkeypatch):
+    """A kernel measured slower for a call is skipped automatically, yet runs when its backend is forced."""
+    from shvit_kernels import _dispatch
+
+    fn, t = _shsa_args()
+    args = (t["x"], t["qkv_weight"], t["qkv_bias"], 16, 1e-5)
+    fake = _dispatch.Backend("cpp")
+    monkeypatch.setitem(_dispatch._backends, "cpp", fake)
+    _dispatch.register_kernel("shsa_fused", "cpp", lambda *a: None, slower_reasons=lambda *a: ["measured slower"])
+    assert fake.not_supported_reasons("shsa_fused", *args) == []
+    assert fake.passed_over_reasons("shsa_fused", *args) == ["measured slower"]
+    assert K.chosen_backend("shsa_fused", "cpu", *args) == "reference"
+    for forced in (K.use_backend("cpp"), K.prefer_backend("cpp")):
+        with forced:
+            assert K.chosen_backend("shsa_fused", "cpu", *args) == "cpp"
+
+
 def test_forced_backend_that_cannot_run_raises_with_reasons():
     fn, t = _shsa_args()
     with K.use_backend("cuda"):

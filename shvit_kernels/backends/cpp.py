@@ -96,30 +96,46 @@ def _common_reasons(x: torch.Tensor, *same_dtype: Optional[torch.Tensor]) -> Lis
 
 
 def conv_support_reasons(x, weight, stride, padding, groups) -> List[str]:
+    """Why the C++ convolutions cannot run this shape (dense: any kernel; grouped: depthwise 3x3 only)."""
     kernel = tuple(weight.shape[2:])
     if groups == 1:
-        if kernel == (1, 1) and stride == 1 and padding == 0:
-            return []
-        # The C++ im2col + GEMM kernel exists (and is tested) but was not faster than ATen's oneDNN convolution.
-        return [
-            "the cpp backend declines dense (groups=1) convolutions other than 1x1 stride 1 pad 0: its im2col + GEMM "
-            f"kernel is slower than ATen's oneDNN convolution; got weight {tuple(weight.shape)}, stride {stride}, "
-            f"padding {padding}"
-        ]
+        return []
     depthwise = groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
     if depthwise and kernel == (3, 3) and padding == 1 and stride in (1, 2):
-        if x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return []
-        # The NCHW stencil is correct (tested) but measured at about half the speed of ATen's oneDNN one.
-        return ["the cpp backend takes depthwise 3x3 only in channels_last: its NCHW kernel is slower than ATen's"]
+        return []
     return [
         "the cpp backend implements grouped convolutions only as depthwise 3x3 with padding 1 and stride 1 or 2; "
         f"got groups={groups}, weight {tuple(weight.shape)}, stride {stride}, padding {padding}"
     ]
 
 
+def _is_channels_last(x) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def conv_slower_reasons(x, weight, stride, padding, groups) -> List[str]:
+    """Convolutions the C++ kernels run but were measured slower on than ATen's oneDNN ones (1 thread, batch 16)."""
+    if groups == 1:
+        if tuple(weight.shape[2:]) == (1, 1) and stride == 1 and padding == 0:
+            return []
+        # Stem 3x3 stride 2, channels_last fp32, ms (this kernel / oneDNN incl. ReLU): 3->16 at 224 px 2.10/1.79,
+        # 16->32 3.67/3.93, 32->64 2.25/1.98, 64->128 2.55/1.88; bf16 slower on all four.
+        return [
+            "dense (groups=1) convolutions other than 1x1 go to ATen: the cpp kernel (a GEMM per kernel row, "
+            f"im2col in NCHW) measured slower than oneDNN's; got weight {tuple(weight.shape)}, stride {stride}"
+        ]
+    if not _is_channels_last(x):
+        # The NCHW stencil measured at about half the speed of ATen's.
+        return ["NCHW depthwise convolutions go to ATen: the cpp NCHW stencil measured slower than oneDNN's"]
+    return []
+
+
 def _conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, residual):
     return _common_reasons(x, weight, residual) + conv_support_reasons(x, weight, stride, padding, groups)
+
+
+def _conv_bias_act_slower(x, weight, bias, stride, padding, groups, relu, residual):
+    return conv_slower_reasons(x, weight, stride, padding, groups)
 
 
 def _conv_bias_act_backward_reasons(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
@@ -147,13 +163,16 @@ FFN_BACKWARD_MAX_CHANNELS = 128
 
 
 def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
-    reasons = _common_reasons(x, grad_out, w1, w2)
+    return _common_reasons(x, grad_out, w1, w2)
+
+
+def _ffn_fused_backward_slower(grad_out, x, w1, b1, w2, b2):
     if x.dim() == 4 and x.shape[1] > FFN_BACKWARD_MAX_CHANNELS:
-        reasons.append(
-            f"the cpp ffn_fused_backward takes at most {FFN_BACKWARD_MAX_CHANNELS} channels (measured slower than "
-            f"the reference's oneDNN convolutions above that), got {x.shape[1]}"
-        )
-    return reasons
+        return [
+            f"the cpp ffn_fused_backward is automatic up to {FFN_BACKWARD_MAX_CHANNELS} channels (measured slower "
+            f"than the reference's oneDNN convolutions above that), got {x.shape[1]}"
+        ]
+    return []
 
 
 def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
@@ -189,10 +208,16 @@ _KERNELS = {
     "shsa_fused_backward": _shsa_fused_backward_reasons,
 }
 
+# Calls a kernel can run but automatic dispatch leaves to the reference (measured slower); forcing cpp runs them.
+_SLOWER = {
+    "conv_bias_act": _conv_bias_act_slower,
+    "ffn_fused_backward": _ffn_fused_backward_slower,
+}
+
 _module = _load_best()
 _dispatch.set_availability(BACKEND, _availability)
 for _op, _reasons in _KERNELS.items():
-    _dispatch.register_kernel(_op, BACKEND, _kernel(_op), _reasons)
+    _dispatch.register_kernel(_op, BACKEND, _kernel(_op), _reasons, _SLOWER.get(_op, _dispatch.always_ok))
 
 if _module is None:
     warnings.warn(
