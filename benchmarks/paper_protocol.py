@@ -11,7 +11,8 @@ Peers (``--peers``, comma list; default: all but compile-max-autotune on CPU):
   compile-max-autotune  torch.compile mode="max-autotune"        (not timed here; autotunes each conv/GEMM,
                    so expect many times the default compile; off by default on CPU)
   cuda-graph       CUDA graph replay of eager-cl and of the fused model (GPU only)
-  onnxruntime      ONNX Runtime CPU session of the plain fp32 model, intra-op threads = --threads (fp32 CPU only)
+  onnxruntime      ONNX Runtime CPU session of the plain fp32 model, intra-op threads = --threads (CPU; in a
+                   bf16/fp16 run it stays fp32, the yardstick for the low-precision path)
   fused            this project: the fused model with the automatic backend choice and with each usable
                    backend forced
   train            training steps (forward, cross-entropy, backward, SGD step; BN with batch statistics;
@@ -43,6 +44,8 @@ from benchmarks.plain import to_plain
 
 ALL_PEERS = ("eager", "eager-cl", "compile", "compile-max-autotune", "cuda-graph", "onnxruntime", "fused", "train")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Random batches for the low-precision top-1 agreement check (16 x batch images).
+AGREEMENT_BATCHES = 16
 
 
 def default_peers(device: torch.device) -> List[str]:
@@ -188,16 +191,16 @@ def inference_variants(peers, fused, fused_fmt, plain, x, device, dtype, threads
     plain_cl = copy.deepcopy(plain).to(memory_format=cl)
     variants: List[bench.Variant] = []
 
-    def add(peer: str, name: str, build: Callable[[], Callable], fmt=None, backend=None):
+    def add(peer: str, name: str, build: Callable[[], Callable], fmt=None, backend=None, input_dtype=None):
         if peer not in peers:
             return
         try:
             start = time.perf_counter()  # setup time: building (export, compile wrapper) and the first call
             model = build()
-            xin = x.contiguous(memory_format=fmt) if fmt else x
+            xin = x.to(input_dtype or x.dtype).contiguous(memory_format=fmt or torch.contiguous_format)
             _first_call(model, xin, backend=backend)
             setup_s[name] = time.perf_counter() - start
-            variants.append(bench.Variant(name, model, backend=backend, input_format=fmt))
+            variants.append(bench.Variant(name, model, backend=backend, input_format=fmt, input_dtype=input_dtype))
         except Skipped as e:
             skipped.append(dict(peer=name, reason=str(e)))
         except Exception as e:  # compile / export failures are reported, not fatal
@@ -216,11 +219,14 @@ def inference_variants(peers, fused, fused_fmt, plain, x, device, dtype, threads
             add("cuda-graph", "CUDA graph of shvit_kernels fused (auto)",
                 lambda: CudaGraphed(fused, x.contiguous(memory_format=fused_fmt or torch.contiguous_format)), fused_fmt)
     if "onnxruntime" in peers:
-        if device.type != "cpu" or dtype != torch.float32:
-            skipped.append(dict(peer="onnxruntime", reason="run on CPU in fp32 only (ONNX Runtime's CPU provider)"))
-        else:
-            add("onnxruntime", "ONNX Runtime CPU",
-                lambda: OnnxRuntimeModel(plain_nchw, x, threads))
+        if device.type != "cpu":
+            skipped.append(dict(peer="onnxruntime", reason="runs on CPU only (ONNX Runtime's CPU provider)"))
+        elif dtype == torch.float32:
+            add("onnxruntime", "ONNX Runtime CPU", lambda: OnnxRuntimeModel(plain_nchw, x, threads))
+        else:  # the fp32 session is the yardstick for the low-precision CPU path
+            add("onnxruntime", "ONNX Runtime CPU (fp32)",
+                lambda: OnnxRuntimeModel(copy.deepcopy(plain_nchw).float(), x.float(), threads),
+                input_dtype=torch.float32)
     if "fused" in peers:
         xin = x.contiguous(memory_format=fused_fmt) if fused_fmt else x
         add("fused", "shvit_kernels fused (auto)", lambda: fused, fused_fmt)
@@ -230,6 +236,23 @@ def inference_variants(peers, fused, fused_fmt, plain, x, device, dtype, threads
         for name in ok:
             add("fused", f"shvit_kernels fused ({name})", lambda: fused, fused_fmt, backend=name)
     return variants
+
+
+def low_precision_agreement(model: torch.nn.Module, fused: torch.nn.Module, size: int, batch: int, batches: int,
+                            fmt) -> Dict[str, float]:
+    """Top-1 agreement of the low-precision fused model with the fp32 fused model on fresh random images."""
+    device, dtype = next(fused.parameters()).device, next(fused.parameters()).dtype
+    reference = shvit.fuse(model).float().to(memory_format=fmt or torch.contiguous_format)
+    g = torch.Generator().manual_seed(2)
+    agree, total, worst = 0, 0, 0.0
+    with torch.inference_mode():
+        for _ in range(batches):
+            x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt or torch.contiguous_format)
+            want, got = reference(x), fused(x.to(dtype)).float()
+            agree += (want.argmax(1) == got.argmax(1)).sum().item()
+            total += batch
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    return dict(images=total, top1_agreement=agree / total, max_rel_logit_err=worst)
 
 
 def training_variants(model, x, labels, fmt, dtype, skipped, setup_s) -> List[bench.Variant]:
@@ -301,6 +324,12 @@ def run_paper_suite(args) -> int:
             r.extra["setup_s"] = round(setup_s.get(r.name, 0.0), 3)
         print(report.table(), flush=True)
 
+    agreement = {}
+    if dtype != torch.float32 and "fused" in peers:
+        agreement = low_precision_agreement(model, fused, size, args.batch_size, AGREEMENT_BATCHES, fmt)
+        print(f"{args.dtype} fused vs fp32 fused on {agreement['images']} random images: top-1 agreement "
+              f"{agreement['top1_agreement']:.4f}, max relative logit error {agreement['max_rel_logit_err']:.2e}")
+
     train_results = []
     if "train" in peers:
         n_skipped = len(skipped)
@@ -339,6 +368,7 @@ def run_paper_suite(args) -> int:
         environment=env,
         probe=ceilings,
         inference=[asdict(r) for r in report.results],
+        low_precision_vs_fp32=agreement,
         training=[asdict(r) for r in train_results],
         skipped=skipped,
     )

@@ -32,6 +32,7 @@ class Variant:
     autocast: bool = False
     inference: bool = True  # run under torch.inference_mode (False for training steps)
     input_format: Optional[torch.memory_format] = None  # convert the inputs once, before timing
+    input_dtype: Optional[torch.dtype] = None  # likewise (an fp32 peer in a low-precision run)
 
 
 @dataclass
@@ -138,7 +139,8 @@ def measure(
     ``inputs`` rotate between calls so no variant is flattered by a cache holding its one input.
     """
     per_variant = {
-        v.name: [x.contiguous(memory_format=v.input_format) for x in inputs] if v.input_format else inputs
+        v.name: [x.to(v.input_dtype or x.dtype).contiguous(memory_format=v.input_format or torch.contiguous_format)
+                 if (v.input_format or v.input_dtype) else x for x in inputs]
         for v in variants
     }
     outputs = []

@@ -78,11 +78,25 @@ def test_plain_baseline_uses_no_custom_ops_and_matches():
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def _suite_args(tmp_path, peers):
+def _suite_args(tmp_path, peers, dtype="fp32"):
     return argparse.Namespace(
-        model="shvit_s1", batch_size=2, img_size=64, device="cpu", dtype="fp32", threads=1, nchw=False,
+        model="shvit_s1", batch_size=2, img_size=64, device="cpu", dtype=dtype, threads=1, nchw=False,
         warmup=0.0, window=0.01, rounds=1, output=str(tmp_path / "paper.json"), json=False, peers=peers,
     )
+
+
+def test_paper_suite_bf16_reports_agreement_with_fp32(tmp_path, monkeypatch):
+    """A bf16 run keeps ONNX Runtime in fp32 as its yardstick and reports top-1 agreement with the fp32 model."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(paper_protocol, "probe", lambda device, dtypes: {})
+    monkeypatch.setattr(paper_protocol, "AGREEMENT_BATCHES", 3)
+    assert paper_protocol.run_paper_suite(_suite_args(tmp_path, "eager,onnxruntime,fused", "bf16")) == 0
+    data = json.loads((tmp_path / "paper.json").read_text())
+    assert "ONNX Runtime CPU (fp32)" in [r["name"] for r in data["inference"]]
+    agreement = data["low_precision_vs_fp32"]
+    assert agreement["images"] == 6 and 0.0 <= agreement["top1_agreement"] <= 1.0
+    # bf16 keeps 8 bits of mantissa: logits within a few percent of fp32, not identical.
+    assert 0.0 < agreement["max_rel_logit_err"] < 0.1
 
 
 def test_paper_suite_tiny_run_and_render(tmp_path, monkeypatch):
