@@ -84,7 +84,7 @@ def conv_cases():
     """(label, args) in conv_bias_act's positional order; odd sizes, batch 1, residual/ReLU combinations."""
     cases = []
     for stride in (1, 2):
-        for hw in ((9, 7), (1, 1), (2, 5)):
+        for hw in ((9, 7), (1, 1), (2, 5), (6, 19)):
             c = 37
             oh, ow = [(s + 2 - 3) // stride + 1 for s in hw]
             cases.append(
@@ -99,6 +99,8 @@ def conv_cases():
                                           torch.randn(1, 20, 3, 1))))
     cases.append(("stem 3x3 s2 c_in 3", (torch.randn(2, 3, 11, 13), torch.randn(16, 3, 3, 3) / 3, torch.randn(16), 2, 1, 1,
                                          True, None)))
+    cases.append(("stem 3x3 s1 c_in 3 c_out 28 residual", (torch.randn(2, 3, 10, 17), torch.randn(28, 3, 3, 3) / 3,
+                                                          torch.randn(28), 1, 1, 1, False, torch.randn(2, 28, 10, 17))))
     cases.append(("dense 3x3 s2 c_in 20", (torch.randn(1, 20, 8, 7), torch.randn(33, 20, 3, 3) / 9, torch.randn(33), 2, 1, 1,
                                            False, None)))
     return cases
@@ -379,6 +381,26 @@ def test_bad_input_gives_clear_error(op, args, message):
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch: what the backend declines, and why.
 # ---------------------------------------------------------------------------------------------------------------
+@requires_cpp
+def test_large_outputs_reuse_released_blocks():
+    """Outputs of 4 MiB and more come from a cache of released blocks; reused memory still gives exact results."""
+    module = cpp._module
+    module.release_cached_outputs()
+    x = torch.randn(2, 64, 96, 96).contiguous(memory_format=torch.channels_last)  # 4.7 MB in and out
+    w, b = torch.randn(64, 64, 1, 1) / 8, torch.randn(64)
+    want = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
+    first = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
+    first.fill_(float("nan"))
+    ptr = first.data_ptr()
+    del first
+    assert module.cached_output_bytes() >= x.numel() * 4
+    again = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
+    assert again.data_ptr() == ptr and again.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    del again, want
+    assert module.release_cached_outputs() >= x.numel() * 4 and module.cached_output_bytes() == 0
+
+
 def test_not_supported_reasons():
     x = torch.randn(2, 8, 6, 6)
     pw = torch.randn(16, 8, 1, 1)

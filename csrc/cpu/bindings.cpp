@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace k = shvit_cpu;
   m.attr("CPU_CAPABILITY") = SHVIT_STRINGIFY(CPU_CAPABILITY);
   m.def("gemm_provider", &k::gemm_provider, "Which GEMM the kernels call: 'mkl' or 'aten'");
+  m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");
+  m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");
   m.def("conv_bias_act", &k::conv_bias_act, "shvit::conv_bias_act forward");
   m.def("conv_bias_act_backward", &k::conv_bias_act_backward, "shvit::conv_bias_act_backward");
   m.def("conv_bn_train", &k::conv_bn_train, "shvit::conv_bn_train forward");

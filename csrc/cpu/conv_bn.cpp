@@ -129,6 +129,69 @@ void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const
   });
 }
 
+// Dense convolution with few input channels (a stem's first layer, 3 -> 16..32 channels), channels_last: as a GEMM
+// its K = kh * kw * c_in is too short to feed a micro-kernel, so each block of 16 output channels keeps all K
+// weight vectors in registers while pixels broadcast their inputs, kPixels at a time so that many independent
+// accumulators hide the FMA latency.
+template <int KH, int KW, int C, typename T>
+void small_cin_conv_channels_last(const T* x, const float* w_kc, const float* bias, const T* residual, bool relu,
+                                  T* out, const ConvShape& s) {
+  constexpr int K = KH * KW * C, kPixels = 4;
+  const int64_t c_out = s.c_out, row = s.w * C, step = s.stride * C;
+  // Output columns whose patch lies inside the row (rows are checked per output row).
+  const int64_t ow_lo = std::min(s.out_w, ceil_div(s.pad, s.stride));
+  const int64_t last_inside = s.w - KW + s.pad;
+  const int64_t ow_hi = last_inside < 0 ? ow_lo : std::max(ow_lo, std::min(s.out_w, last_inside / s.stride + 1));
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t co = 0; co < c_out; co += kVec) {
+      const int64_t count = std::min(kVec, c_out - co);
+      fVec wv[K];
+      for (int k = 0; k < K; ++k) wv[k] = load_f(w_kc + k * c_out + co, count);
+      const fVec bv = load_f(bias + co, count), zero(0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / s.out_h, oh = r % s.out_h, ih0 = oh * s.stride - s.pad;
+        const T* x_n = x + n * s.h * row;
+        auto finish = [&](fVec acc, int64_t ow) {
+          const int64_t o = (r * s.out_w + ow) * c_out + co;
+          if (residual) acc = acc + load_f(residual + o, count);
+          if (relu) acc = at::vec::maximum(acc, zero);
+          store_f(acc, out + o, count);
+        };
+        auto bordered = [&](int64_t ow) {
+          const int64_t iw0 = ow * s.stride - s.pad;
+          fVec acc = bv;
+          for (int i = 0; i < KH; ++i)
+            for (int j = 0; j < KW; ++j) {
+              const int64_t ih = ih0 + i, iw = iw0 + j;
+              if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) continue;
+              for (int ci = 0; ci < C; ++ci)
+                acc = at::vec::fmadd(fVec(static_cast<float>(x_n[ih * row + iw * C + ci])), wv[(i * KW + j) * C + ci], acc);
+            }
+          finish(acc, ow);
+        };
+        if (ih0 < 0 || ih0 + KH > s.h) {
+          for (int64_t ow = 0; ow < s.out_w; ++ow) bordered(ow);
+          continue;
+        }
+        for (int64_t ow = 0; ow < ow_lo; ++ow) bordered(ow);
+        int64_t ow = ow_lo;
+        for (; ow + kPixels <= ow_hi; ow += kPixels) {
+          const T* patch = x_n + ih0 * row + (ow * s.stride - s.pad) * C;
+          fVec acc[kPixels];
+          for (int p = 0; p < kPixels; ++p) acc[p] = bv;
+#pragma GCC unroll 32
+          for (int k = 0; k < K; ++k) {
+            const T* tap = patch + (k / (KW * C)) * row + k % (KW * C);
+            for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(fVec(static_cast<float>(tap[p * step])), wv[k], acc[p]);
+          }
+          for (int p = 0; p < kPixels; ++p) finish(acc[p], ow + p);
+        }
+        for (; ow < s.out_w; ++ow) bordered(ow);
+      }
+    }
+  });
+}
+
 // NCHW: per image and tile of output pixels, out[n][:, tile] = W (c_out x k_col) @ col (k_col x tile); as above,
 // k_col may carry one zero row of padding.
 template <typename T>
@@ -209,18 +272,41 @@ void depthwise_row_block(const T* x_n, const float* taps, const float* bias, con
   const fVec b = load_channels<kFull>(bias + c0, count), zero(0.f);
   const int64_t i_lo = std::max<int64_t>(0, 1 - oh * s.stride), i_hi = std::min<int64_t>(3, s.h + 1 - oh * s.stride);
   const bool rows_inside = i_lo == 0 && i_hi == 3;
-  for (int64_t ow = 0; ow < s.out_w; ++ow) {
+  auto finish = [&](fVec acc, int64_t ow) {
+    const int64_t o = ow * c + c0;
+    if (residual) acc = acc + load_channels<kFull>(residual + o, count);
+    if (relu) acc = at::vec::maximum(acc, zero);
+    if (kFull) store_f(acc, out + o); else store_f(acc, out + o, count);
+  };
+  // Interior pixels four at a time: one pixel's nine FMAs form a dependency chain, four chains overlap.
+  constexpr int64_t kPixels = 4;
+  const int64_t ow_lo = rows_inside ? std::min<int64_t>(1, s.out_w) : s.out_w;  // ow * stride - 1 >= 0
+  const int64_t ow_hi = rows_inside ? std::max<int64_t>(ow_lo, std::min<int64_t>(s.out_w, (s.w - 2) / s.stride + 1)) : s.out_w;
+  for (int64_t ow = ow_lo; ow + kPixels <= ow_hi; ow += kPixels) {
+    const T* top_left = x_n + (oh * s.stride - 1) * row_stride + (ow * s.stride - 1) * c + c0;
+    fVec acc[kPixels] = {b, b, b, b};
+#pragma GCC unroll 3
+    for (int64_t i = 0; i < 3; ++i)
+#pragma GCC unroll 3
+      for (int64_t j = 0; j < 3; ++j)
+#pragma GCC unroll 4
+        for (int64_t p = 0; p < kPixels; ++p)
+          acc[p] = at::vec::fmadd(load_channels<kFull>(top_left + i * row_stride + (j + p * s.stride) * c, count),
+                                  wt[i * 3 + j], acc[p]);
+    for (int64_t p = 0; p < kPixels; ++p) finish(acc[p], ow + p);
+  }
+  const int64_t grouped_end = ow_lo + (ow_hi - ow_lo) / kPixels * kPixels;
+  auto single = [&](int64_t ow) {
     const int64_t j_lo = std::max<int64_t>(0, 1 - ow * s.stride), j_hi = std::min<int64_t>(3, s.w + 1 - ow * s.stride);
     // Pointer to tap (0, 0), which may lie in the padding; only in-image taps are read.
     const T* top_left = x_n + (oh * s.stride - 1) * row_stride + (ow * s.stride - 1) * c + c0;
     fVec acc = (rows_inside && j_lo == 0 && j_hi == 3)
                    ? depthwise_pixel<kFull, true>(top_left, row_stride, c, wt, b, 0, 3, 0, 3, count)
                    : depthwise_pixel<kFull, false>(top_left, row_stride, c, wt, b, i_lo, i_hi, j_lo, j_hi, count);
-    const int64_t o = ow * c + c0;
-    if (residual) acc = acc + load_channels<kFull>(residual + o, count);
-    if (relu) acc = at::vec::maximum(acc, zero);
-    if (kFull) store_f(acc, out + o); else store_f(acc, out + o, count);
-  }
+    finish(acc, ow);
+  };
+  for (int64_t ow = 0; ow < ow_lo; ++ow) single(ow);
+  for (int64_t ow = grouped_end; ow < s.out_w; ++ow) single(ow);
 }
 
 // taps: (9, C) fp32, so one tap's weights for a block of channels are one vector load.
@@ -333,7 +419,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
     res = residual->contiguous(fmt);
   }
   const at::Tensor xc = x.contiguous(fmt), bias_f = bias_as_float(bias, s.c_out, x);
-  at::Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
+  at::Tensor out = empty_output(out_shape, x.options(), fmt);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
 
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bias_act", [&] {
@@ -350,7 +436,10 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       // bf16 im2col needs an even K (VNNI pairs): pad with one zero tap row.
       const int64_t k = s.k_gemm(), k_col = (!s.pointwise() && std::is_same<T, BFloat16>::value) ? k + k % 2 : k;
       const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || s.kw * s.c_in % 2 == 0);
-      if (channels_last && s.pointwise()) {
+      if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
+        const at::Tensor w_kc = weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();  // (kh, kw, c_in, c_out)
+        small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_kc.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
+      } else if (channels_last && s.pointwise()) {
         const at::Tensor w_nk = weight.contiguous();
         gemm_conv_channels_last<T>(x_ptr, w_nk.data_ptr<T>(), k, bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last && row_conv) {

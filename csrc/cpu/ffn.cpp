@@ -213,7 +213,7 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty_like(xc, xc.options().memory_format(fmt));
+  at::Tensor out = empty_output(xc.sizes(), xc.options(), fmt);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_ffn_fused", [&] {
     auto kernel = channels_last ? ffn_channels_last<scalar_t> : ffn_nchw<scalar_t>;
     kernel(xc.data_ptr<scalar_t>(), w1c.data_ptr<scalar_t>(), b1f.data_ptr<float>(), w2c.data_ptr<scalar_t>(),
