@@ -132,25 +132,43 @@ void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const
 // Dense convolution with few input channels (a stem's first layer, 3 -> 16..32 channels), channels_last: as a GEMM
 // its K = kh * kw * c_in is too short to feed a micro-kernel, so each block of 16 output channels keeps all K
 // weight vectors in registers while pixels broadcast their inputs, kPixels at a time so that many independent
-// accumulators hide the FMA latency.
+// accumulators hide the FMA latency. bf16 input rows are widened to fp32 once per output row.
 template <int KH, int KW, int C, typename T>
 void small_cin_conv_channels_last(const T* x, const float* w_kc, const float* bias, const T* residual, bool relu,
                                   T* out, const ConvShape& s) {
   constexpr int K = KH * KW * C, kPixels = 4;
+  constexpr bool kFloat = std::is_same<T, float>::value;
   const int64_t c_out = s.c_out, row = s.w * C, step = s.stride * C;
-  // Output columns whose patch lies inside the row (rows are checked per output row).
+  // Output columns whose patch lies inside the row.
   const int64_t ow_lo = std::min(s.out_w, ceil_div(s.pad, s.stride));
   const int64_t last_inside = s.w - KW + s.pad;
   const int64_t ow_hi = last_inside < 0 ? ow_lo : std::max(ow_lo, std::min(s.out_w, last_inside / s.stride + 1));
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t co = 0; co < c_out; co += kVec) {
-      const int64_t count = std::min(kVec, c_out - co);
-      fVec wv[K];
-      for (int k = 0; k < K; ++k) wv[k] = load_f(w_kc + k * c_out + co, count);
-      const fVec bv = load_f(bias + co, count), zero(0.f);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / s.out_h, oh = r % s.out_h, ih0 = oh * s.stride - s.pad;
-        const T* x_n = x + n * s.h * row;
+    std::vector<float> widened(kFloat ? 0 : KH * row);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h, ih0 = oh * s.stride - s.pad;
+      const float* rows[KH];  // input row ih0 + i in fp32, nullptr in the padding
+      for (int i = 0; i < KH; ++i) {
+        const int64_t ih = ih0 + i;
+        if (ih < 0 || ih >= s.h) {
+          rows[i] = nullptr;
+          continue;
+        }
+        const T* src = x + (n * s.h + ih) * row;
+        if constexpr (kFloat) {
+          rows[i] = src;
+        } else {
+          at::vec::convert(src, widened.data() + i * row, row);
+          rows[i] = widened.data() + i * row;
+        }
+      }
+      bool rows_inside = true;
+      for (int i = 0; i < KH; ++i) rows_inside = rows_inside && rows[i];
+      for (int64_t co = 0; co < c_out; co += kVec) {
+        const int64_t count = std::min(kVec, c_out - co);
+        fVec wv[K];
+        for (int k = 0; k < K; ++k) wv[k] = load_f(w_kc + k * c_out + co, count);
+        const fVec bv = load_f(bias + co, count), zero(0.f);
         auto finish = [&](fVec acc, int64_t ow) {
           const int64_t o = (r * s.out_w + ow) * c_out + co;
           if (residual) acc = acc + load_f(residual + o, count);
@@ -162,27 +180,23 @@ void small_cin_conv_channels_last(const T* x, const float* w_kc, const float* bi
           fVec acc = bv;
           for (int i = 0; i < KH; ++i)
             for (int j = 0; j < KW; ++j) {
-              const int64_t ih = ih0 + i, iw = iw0 + j;
-              if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) continue;
-              for (int ci = 0; ci < C; ++ci)
-                acc = at::vec::fmadd(fVec(static_cast<float>(x_n[ih * row + iw * C + ci])), wv[(i * KW + j) * C + ci], acc);
+              const int64_t iw = iw0 + j;
+              if (!rows[i] || iw < 0 || iw >= s.w) continue;
+              for (int ci = 0; ci < C; ++ci) acc = at::vec::fmadd(fVec(rows[i][iw * C + ci]), wv[(i * KW + j) * C + ci], acc);
             }
           finish(acc, ow);
         };
-        if (ih0 < 0 || ih0 + KH > s.h) {
-          for (int64_t ow = 0; ow < s.out_w; ++ow) bordered(ow);
-          continue;
-        }
-        for (int64_t ow = 0; ow < ow_lo; ++ow) bordered(ow);
-        int64_t ow = ow_lo;
-        for (; ow + kPixels <= ow_hi; ow += kPixels) {
-          const T* patch = x_n + ih0 * row + (ow * s.stride - s.pad) * C;
+        const int64_t inner_lo = rows_inside ? ow_lo : s.out_w, inner_hi = rows_inside ? ow_hi : s.out_w;
+        for (int64_t ow = 0; ow < inner_lo; ++ow) bordered(ow);
+        int64_t ow = inner_lo;
+        for (; ow + kPixels <= inner_hi; ow += kPixels) {
+          const int64_t col = (ow * s.stride - s.pad) * C;
           fVec acc[kPixels];
           for (int p = 0; p < kPixels; ++p) acc[p] = bv;
 #pragma GCC unroll 32
           for (int k = 0; k < K; ++k) {
-            const T* tap = patch + (k / (KW * C)) * row + k % (KW * C);
-            for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(fVec(static_cast<float>(tap[p * step])), wv[k], acc[p]);
+            const float* tap = rows[k / (KW * C)] + col + k % (KW * C);
+            for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(fVec(tap[p * step]), wv[k], acc[p]);
           }
           for (int p = 0; p < kPixels; ++p) finish(acc[p], ow + p);
         }
