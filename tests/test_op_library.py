@@ -278,3 +278,34 @@ print(shvit_kernels.chosen_backend("shsa_fused", "cpu", torch.randn(1, 8, 2, 2),
     assert count == "1", res.stdout
     assert "C++ CPU backend is unavailable" in message and "reference" in message
     assert shape == "(1, 1000)" and backend == "reference"
+
+
+def test_plain_eager_calls_bypass_the_op_machinery_only_when_nothing_observes_it():
+    """call_op runs the kernel directly only where autograd, compile, profiler, modes and autocast are absent."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shvit_kernels.ops import _common
+    from shvit_kernels.ops.conv_bn import conv_bias_act_op
+
+    x, w, b = torch.randn(2, 8, 5, 5), torch.randn(8, 8, 1, 1), torch.randn(8)
+    args = (x, w, b, 1, 0, 1, True, None)
+    assert _common._plain_eager_call(args)
+    torch.testing.assert_close(_common.call_op(conv_bias_act_op, *args), conv_bias_act_op(*args), rtol=0, atol=0)
+    param = torch.nn.Parameter(w.clone())
+    assert not _common._plain_eager_call((x, param, b, 1, 0, 1, True, None))  # autograd must see it
+    with torch.no_grad():
+        assert _common._plain_eager_call((x, param, b, 1, 0, 1, True, None))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _common._plain_eager_call(args)
+    with torch.profiler.profile():
+        assert not _common._plain_eager_call(args)
+    with K.use_backend("reference"), FlopCounterMode(display=False) as counter:
+        assert not _common._plain_eager_call(args)
+        _common.call_op(conv_bias_act_op, *args)
+    # The mode saw the custom op (no flop formula) and not the aten conv inside it, which a bypass would show.
+    assert counter.get_total_flops() == 0
+
+    class Tagged(torch.Tensor):
+        pass
+
+    assert not _common._plain_eager_call((x.as_subclass(Tagged),) + args[1:])

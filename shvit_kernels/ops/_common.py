@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _dispatch
 
@@ -55,6 +56,20 @@ def new_output(shape, dtype, like_args, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Op definition
 # ---------------------------------------------------------------------------------------------------------
+_op_names: dict = {}  # custom op -> its name, for call_op
+
+
+def _run_kernel(name: str, args):
+    device_type = args[0].device.type  # every op's first argument is a tensor
+    kernel = _dispatch.select(name, device_type, *args)
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            result = kernel(*args)
+    else:
+        result = kernel(*args)
+    return _normalize_outputs(result, args)
+
+
 def define_op(name: str, schema: str, reference: Callable, fake: Callable):
     """Define ``shvit::name`` from a schema; each call runs the kernel the dispatcher picks for its arguments.
 
@@ -64,18 +79,42 @@ def define_op(name: str, schema: str, reference: Callable, fake: Callable):
     _dispatch.register_kernel(name, "reference", reference)
 
     def impl(*args):
-        device_type = _tensor_args(args)[0].device.type
-        kernel = _dispatch.select(name, device_type, *args)
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                result = kernel(*args)
-        else:
-            result = kernel(*args)
-        return _normalize_outputs(result, args)
+        return _run_kernel(name, args)
 
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
+    _op_names[op] = name
     return op
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager_call(args) -> bool:
+    """True when nothing would see the custom op: no autograd, compile, tracing, profiler, mode or subclass."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd.profiler._is_profiler_enabled:
+        return False
+    if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or (grad and a.requires_grad)):
+            return False
+    return not torch.is_autocast_enabled(args[0].device.type)
+
+
+def call_op(op, *args):
+    """``op(*args)``, except that a plain eager call (inference, say) runs the chosen kernel directly.
+
+    Going through the custom-op machinery costs about 10 us per call, about 0.6 ms of a 43 ms S1 forward on
+    one CPU thread; wherever autograd, torch.compile, tracing, a dispatch or function mode, functorch, a
+    tensor subclass, autocast or the profiler is involved, the op itself runs.
+    """
+    if _plain_eager_call(args):
+        return _run_kernel(_op_names[op], args)
+    return op(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ def conv_bias_act(
         raise TypeError(f"{op}: 'weight' has dtype {weight.dtype} but 'x' has {x.dtype}; they must match")
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return conv_bias_act_op(x, weight, bias, stride, padding, groups, relu, residual)
+    return _common.call_op(conv_bias_act_op, x, weight, bias, stride, padding, groups, relu, residual)
 
 
 def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias=None):
@@ -319,7 +319,7 @@ def conv_bn(
                 raise ValueError(f"{op}: '{name}' is required when training=False")
             check_tensor(op, name, t, shape=(c_out,), like=x)
         w, b = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-        return conv_bias_act_op(x, w, b, stride, padding, groups, relu, residual)
+        return _common.call_op(conv_bias_act_op, x, w, b, stride, padding, groups, relu, residual)
     if process_group is not None:
         y = conv_bias_act_op(x, weight, None, stride, padding, groups, False, None)
         out = sync_batch_norm(

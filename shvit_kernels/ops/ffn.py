@@ -98,7 +98,7 @@ def ffn_fused(x, w1, b1, w2, b2) -> torch.Tensor:
     check_ffn_args(op, x, w1, b1, w2, b2)
     b1 = b1.to(x.dtype) if b1 is not None else x.new_zeros(w1.shape[0])
     b2 = b2.to(x.dtype) if b2 is not None else x.new_zeros(w2.shape[0])
-    return ffn_fused_op(x, w1, b1, w2, b2)
+    return _common.call_op(ffn_fused_op, x, w1, b1, w2, b2)
 
 
 def ffn(

@@ -270,7 +270,7 @@ def shsa_fused(x, qkv_weight, qkv_bias, *, qk_dim: int = QK_DIM, gn_eps: float =
     x, qkv_weight = _common.cast_for_autocast(x, qkv_weight)
     p = check_shsa_args(op, x, qkv_weight, qk_dim)
     check_tensor(op, "qkv_bias", qkv_bias, shape=(2 * qk_dim + p,), like=x)
-    return shsa_fused_op(x, qkv_weight, qkv_bias.to(x.dtype), qk_dim, float(gn_eps))
+    return _common.call_op(shsa_fused_op, x, qkv_weight, qkv_bias.to(x.dtype), qk_dim, float(gn_eps))
 
 
 def shsa(
@@ -309,7 +309,7 @@ def shsa(
                 raise ValueError(f"{op}: '{name}' is required when training=False")
             check_tensor(op, name, t, shape=(n_qkv,), like=x)
         w, b = fold_shsa(gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, running_mean, running_var, bn_eps)
-        return shsa_fused_op(x, w, b, qk_dim, float(gn_eps))
+        return _common.call_op(shsa_fused_op, x, w, b, qk_dim, float(gn_eps))
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if count < 2:
         raise ValueError(f"{op}: training BatchNorm needs more than one value per channel, got input shape {tuple(x.shape)}")
