@@ -1,0 +1,118 @@
+"""Where the fused model's forward time goes: each shvit op call timed (inclusive), grouped by kind.
+
+    python benchmarks/profile_model.py --model shvit_s1 --dtype fp32 --threads 1 [--output FILE]
+
+Every kernel the dispatcher picks is wrapped in a timer (CPU: wall clock; CUDA: synchronised), so the groups
+add up to the kernels' time, and "outside the ops" is the rest of the forward (plain torch layers such as
+the squeeze-excite gate and the head, plus Python and dispatch overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from typing import Dict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import shvit  # noqa: E402
+from shvit import bench  # noqa: E402
+from shvit_kernels import _dispatch  # noqa: E402
+
+
+def kind(op: str, args) -> str:
+    if op != "conv_bias_act":
+        return op
+    x, weight, groups = args[0], args[1], args[5]
+    if groups > 1:
+        return f"conv_bias_act depthwise {weight.shape[2]}x{weight.shape[3]}"
+    if tuple(weight.shape[2:]) == (1, 1):
+        return "conv_bias_act 1x1"
+    return f"conv_bias_act dense {weight.shape[2]}x{weight.shape[3]} ({x.shape[1]}->{weight.shape[0]})"
+
+
+def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters: int, device: torch.device) -> Dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = shvit.create_model(model_name).to(device).eval()
+    bench._randomize_bn(model)
+    fused = shvit.fuse(model).to(dtype).to(memory_format=torch.channels_last)
+    size = bench.PAPER_IMG_SIZE[model_name]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    spent: Dict[tuple, float] = collections.defaultdict(float)
+    calls: Dict[tuple, int] = collections.Counter()
+    real_select = _dispatch.select
+
+    def timed_select(op, device_type, *args, **kwargs):
+        kernel = real_select(op, device_type, *args, **kwargs)
+        backend = next(n for n in _dispatch.BACKENDS if _dispatch.backend(n).kernels.get(op) is kernel)
+        key = (kind(op, args), backend)
+
+        def run(*a):
+            bench._sync(device)
+            start = time.perf_counter()
+            out = kernel(*a)
+            bench._sync(device)
+            spent[key] += time.perf_counter() - start
+            calls[key] += 1
+            return out
+
+        return run
+
+    with torch.inference_mode():
+        for _ in range(3):
+            fused(x)
+        bench._sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fused(x)
+        bench._sync(device)
+        plain_ms = (time.perf_counter() - start) / iters * 1e3
+        _dispatch.select = timed_select
+        try:
+            start = time.perf_counter()
+            for _ in range(iters):
+                fused(x)
+            bench._sync(device)
+            total_ms = (time.perf_counter() - start) / iters * 1e3
+        finally:
+            _dispatch.select = real_select
+    rows = [dict(kind=k, backend=b, calls=calls[(k, b)] // iters, ms=spent[(k, b)] / iters * 1e3) for k, b in spent]
+    rows.sort(key=lambda r: -r["ms"])
+    rows.append(dict(kind="outside the ops", backend="torch", calls=0, ms=total_ms - sum(r["ms"] for r in rows)))
+    return dict(model=model_name, dtype=str(dtype).replace("torch.", ""), threads=threads, batch=batch, device=str(device),
+                forward_ms=plain_ms, forward_ms_with_timers=total_ms, rows=rows,
+                environment=bench.environment(device), load_average=os.getloadavg())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="shvit_s1", choices=shvit.list_models())
+    p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="write the JSON here too")
+    args = p.parse_args(argv)
+    r = profile(args.model, bench.DTYPES[args.dtype], args.threads, args.batch_size, args.iters, torch.device(args.device))
+    print(f"{r['model']} {r['dtype']} batch {r['batch']} threads {r['threads']} {r['device']}: forward "
+          f"{r['forward_ms']:.2f} ms ({r['forward_ms_with_timers']:.2f} with timers), load {r['load_average'][0]:.2f}")
+    for row in r["rows"]:
+        share = row["ms"] / r["forward_ms_with_timers"] * 100
+        print(f"  {row['ms']:8.2f} ms {share:5.1f}%  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(r, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
