@@ -232,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
   // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order.
   const at::Tensor mean = at::mean(y, {0, 2, 3}, false, at::kFloat);
   at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
-  at::Tensor out = at::empty_like(y);
+  // Normalised in place: y is this call's own buffer, and a fresh one costs page faults on the large stem maps.
+  const at::Tensor& out = y;
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train", [&] {
     using T = scalar_t;
     const T* yp = y.data_ptr<T>();
