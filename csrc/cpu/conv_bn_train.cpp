@@ -39,9 +39,11 @@ struct ChannelParams {
 };
 
 // Per-channel sums of K quantities: contrib(offset, count, params) returns K vectors (fVec for Acc = float, dVec for
-// Acc = double) for the `count` values at `offset`; lanes past `count` are masked here. Two levels: Acc over short
-// blocks (256 values of one channel in NCHW, 16 rows in channels_last), fp64 across blocks, so fp32 reductions keep
-// about pairwise accuracy. Tasks do not depend on the thread count, so neither does the result.
+// Acc = double) for the `count` values at `offset`; lanes past `count` are masked or never read here. Tasks (one
+// channel in NCHW, 256 rows in channels_last) do not depend on the thread count, so neither does the result. fp32
+// sums restart every short block (256 values of one image's channel, or 16 rows) into fp64 totals, for about pairwise
+// accuracy; fp64 sums run lane-wise over the whole task (a horizontal sum per image made small NCHW maps several
+// times slower than the reference).
 template <int K, typename Acc, int P, typename F>
 void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F contrib, double* out /* K x C */) {
   using AccVec = std::conditional_t<std::is_same_v<Acc, float>, fVec, dVec>;
@@ -54,19 +56,26 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
         fVec pv[P > 0 ? P : 1];
         params.splat(ch, pv);
         double total[K] = {};
+        AccVec acc[K];
+        auto flush = [&] {
+          for (int k = 0; k < K; ++k) {
+            total[k] += at::vec::vec_reduce_all<Acc>(add, acc[k]);
+            acc[k] = zero;
+          }
+        };
+        for (int k = 0; k < K; ++k) acc[k] = zero;
         for (int64_t n = 0; n < l.batch; ++n) {
           const int64_t base = (n * l.c + ch) * l.plane;
           for (int64_t b0 = 0; b0 < l.plane; b0 += kBlock) {
-            AccVec acc[K];
-            for (int k = 0; k < K; ++k) acc[k] = zero;
             for (int64_t i = b0; i < std::min(l.plane, b0 + kBlock); i += kVec) {
               const int64_t m = std::min(kVec, l.plane - i);
               const auto v = contrib(base + i, m, pv);
               for (int k = 0; k < K; ++k) acc[k] = acc[k] + (m == kVec ? v[k] : AccVec::set(zero, v[k], m));
             }
-            for (int k = 0; k < K; ++k) total[k] += at::vec::vec_reduce_all<Acc>(add, acc[k]);
+            if (std::is_same_v<Acc, float>) flush();
           }
         }
+        flush();
         for (int k = 0; k < K; ++k) out[k * l.c + ch] = total[k];
       }
     });
@@ -75,24 +84,33 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
   constexpr int64_t kTaskRows = 256, kBlockRows = 16;
   const int64_t rows = l.count(), tasks = ceil_div(rows, kTaskRows);
   std::vector<double> partial(tasks * K * l.c, 0.0);
+  // Channel block outer, rows inner: the sums stay in registers (the same per-lane order as row by row).
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<Acc> acc(K * l.c);
     for (int64_t t = t0; t < t1; ++t) {
       double* part = partial.data() + t * K * l.c;
-      for (int64_t b0 = t * kTaskRows; b0 < std::min(rows, (t + 1) * kTaskRows); b0 += kBlockRows) {
-        std::fill(acc.begin(), acc.end(), Acc(0));
-        for (int64_t r = b0; r < std::min(rows, b0 + kBlockRows); ++r)
-          for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
-            const int64_t m = std::min(kVec, l.c - c0);
-            fVec pv[P > 0 ? P : 1];
-            params.load(c0, m, pv);
-            const auto v = contrib(r * l.c + c0, m, pv);
-            for (int k = 0; k < K; ++k) {
-              Acc* a = acc.data() + k * l.c + c0;
-              (AccVec::loadu(a, m) + v[k]).store(a, m);
-            }
+      const int64_t r0 = t * kTaskRows, r1 = std::min(rows, r0 + kTaskRows);
+      for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
+        const int64_t m = std::min(kVec, l.c - c0);
+        fVec pv[P > 0 ? P : 1];
+        params.load(c0, m, pv);
+        AccVec acc[K];
+        auto flush = [&] {
+          for (int k = 0; k < K; ++k) {
+            Acc lanes[kVec];
+            acc[k].store(lanes, m);
+            for (int64_t j = 0; j < m; ++j) part[k * l.c + c0 + j] += lanes[j];
+            acc[k] = zero;
           }
-        for (int64_t i = 0; i < K * l.c; ++i) part[i] += acc[i];
+        };
+        for (int k = 0; k < K; ++k) acc[k] = zero;
+        for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
+          for (int64_t r = b0; r < std::min(r1, b0 + kBlockRows); ++r) {
+            const auto v = contrib(r * l.c + c0, m, pv);
+            for (int k = 0; k < K; ++k) acc[k] = acc[k] + v[k];  // lanes past m are never read
+          }
+          if (std::is_same_v<Acc, float>) flush();
+        }
+        flush();
       }
     }
   });
