@@ -447,6 +447,18 @@ def test_declined_call_falls_back_to_reference():
     assert _dispatch.chosen_backend("conv_bias_act", "cpu", x.float(), w.float(), None, 1, 0, 1, False, None) == "cpp"
 
 
+@requires_cpp
+def test_conv_bn_train_dispatches_to_cpp():
+    """Registered for CPU fp32/bf16 calls of every conv shape; fp64 goes to the reference."""
+    x, gamma, beta = torch.randn(2, 8, 6, 6), torch.ones(16), torch.zeros(16)
+    for w, stride, pad, groups in ((torch.randn(16, 8, 1, 1), 1, 0, 1), (torch.randn(16, 8, 3, 3), 2, 1, 1)):
+        for dtype in DTYPES:
+            args = (x.to(dtype), w.to(dtype), gamma, beta, stride, pad, groups, 1e-5, True, None)
+            assert _dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "cpp"
+        args = (x.double(), w.double(), gamma.double(), beta.double(), stride, pad, groups, 1e-5, True, None)
+        assert _dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "reference"
+
+
 def test_unavailable_backend_reports_reason(monkeypatch):
     """With no loadable build the backend is registered, unusable with a reason, and the reference runs."""
     monkeypatch.setattr(cpp, "_module", None)
