@@ -152,10 +152,6 @@ inline void store_n(const fVec& v, T* p, int64_t n) {
   if (n == kVec) store_f(v, p); else store_f(v, p, n);
 }
 
-ChannelLayout layout_of(const at::Tensor& t) {
-  return {activation_format(t) == at::MemoryFormat::ChannelsLast, t.size(0), t.size(1), t.size(2) * t.size(3)};
-}
-
 void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                            int64_t padding, int64_t groups) {
   check_float_tensor(x, op, "x", 4);
