@@ -305,6 +305,29 @@ def test_shsa_backward_threads_and_large_mean(threads):
 
 
 @requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+def test_conv_bn_train_is_the_reference_bit_for_bit(variant, threads, channels_last):
+    """Lock-step training parity (tests/test_train.py) amplifies any other rounding of the batch statistics past its
+    bound (a correctly rounded fp64 mean failed it), so mean, var and out equal the reference's exactly in fp32. In
+    bf16 the mean does too, and out wherever var does (an exact variance on a rounding tie may round the other way
+    than torch.var's fp64 Welford): rounded to bf16 before the residual add and after, as the reference's."""
+    with _num_threads(threads):
+        for label, args in conv_train_cases():
+            for dtype in DTYPES:
+                low = [_layout(a.to(dtype), channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+                       for a in args]
+                (out, mean, var) = cpp.load_variant(variant).conv_bn_train(*low)
+                ref_out, ref_mean, ref_var = conv_bn_train_reference(*low)
+                name = f"{variant} {label} {dtype}"
+                assert torch.equal(mean, ref_mean), name
+                same = var == ref_var
+                assert same.all() or dtype == torch.bfloat16, name
+                assert torch.equal(out[:, same], ref_out[:, same]), name
+
+
+@requires_cpp
 def test_conv_bn_train_statistics_do_not_cancel():
     """|mean| / std = 1e5: a naive fp32 sum of squares would lose the variance entirely."""
     x = torch.randn(4, 8, 16, 16) * 1e-3
@@ -467,6 +490,18 @@ def test_slower_call_goes_to_reference_unless_cpp_is_forced():
             out = shvit_kernels.conv_bias_act(x, w, b, stride=2, padding=1, relu=True)
     assert [c[1] for c in calls] == ["cpp"]
     torch.testing.assert_close(out, torch.relu(torch.nn.functional.conv2d(x, w, b, 2, 1)), rtol=1e-5, atol=1e-5)
+
+
+@requires_cpp
+def test_conv_bn_train_dispatches_to_cpp():
+    """Registered for CPU fp32/bf16 calls of every conv shape; fp64 goes to the reference."""
+    x, gamma, beta = torch.randn(2, 8, 6, 6), torch.ones(16), torch.zeros(16)
+    for w, stride, pad, groups in ((torch.randn(16, 8, 1, 1), 1, 0, 1), (torch.randn(16, 8, 3, 3), 2, 1, 1)):
+        for dtype in DTYPES:
+            args = (x.to(dtype), w.to(dtype), gamma, beta, stride, pad, groups, 1e-5, True, None)
+            assert _dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "cpp"
+        args = (x.double(), w.double(), gamma.double(), beta.double(), stride, pad, groups, 1e-5, True, None)
+        assert _dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "reference"
 
 
 def test_unavailable_backend_reports_reason(monkeypatch):

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 // The dtypes every kernel here implements (float64 / float16 are declined by the Python side).
@@ -72,6 +73,21 @@ inline void store_f(const fVec& v, float* p) { v.store(p); }
 inline void store_f(const fVec& v, float* p, int64_t n) { v.store(p, n); }
 inline void store_f(const fVec& v, BFloat16* p) { at::vec::convert_from_float<BFloat16>(v, v).store(p, kVec); }
 inline void store_f(const fVec& v, BFloat16* p, int64_t n) { at::vec::convert_from_float<BFloat16>(v, v).store(p, n); }
+
+// v rounded to T's precision and widened back (exact for float): the rounding an eager op's output in T gets.
+template <typename T>
+inline fVec round_to(const fVec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  }
+}
+
+// kVec doubles (two Vectorized<double>), for fp64 accumulation of fp32 vectors.
+using dVec = at::vec::VectorizedN<double, 2>;
+static_assert(dVec::size() == kVec, "two double vectors must hold one float vector");
+inline dVec widen(const fVec& v) { return at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v)); }
 
 // out[i] = act(acc[i] + bias + residual[i]) for a contiguous run of n values. The bias either varies along the
 // run (bias_run, channels_last rows) or is one value for the run (bias_const, NCHW rows). acc may alias out.

@@ -1,8 +1,8 @@
 // Training Conv+BN and the conv backwards.
 //
-// conv_bn_train: the raw conv y (ATen's convolution, bit-identical to the reference's), ONE pass for the
-// per-channel sums of d = y - shift and d^2 (shift: a cheap estimate of the channel mean, so nothing cancels; fp32
-// within short blocks, fp64 across them), ONE pass normalise + residual + ReLU.
+// conv_bn_train: the raw conv y (ATen's convolution, bit-identical to the reference's), the mean (ATen's sum, the
+// reference's), ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass variance), ONE pass
+// normalise + residual + ReLU.
 // conv_bn_train_backward recomputes y (as the reference does), one pass for sum(g) and sum(g (y - mean)) with the
 // ReLU mask taken from `out`, one pass writing dy (fp32) and g, then ATen's convolution_backward in fp32.
 #include "ops.h"
@@ -38,13 +38,17 @@ struct ChannelParams {
   }
 };
 
-// Per-channel sums of K quantities: contrib(offset, count, params) returns K vectors for the `count` values at
-// `offset`; lanes past `count` are masked here. Two levels: fp32 over short blocks (256 values of one channel in
-// NCHW, 16 rows in channels_last), fp64 across blocks, so long reductions keep about fp32 pairwise accuracy.
-template <int K, int P, typename F>
+// Per-channel sums of K quantities: contrib(offset, count, params) returns K vectors (fVec for Acc = float, dVec for
+// Acc = double) for the `count` values at `offset`; lanes past `count` are masked or never read here. Tasks (one
+// channel in NCHW, 256 rows in channels_last) do not depend on the thread count, so neither does the result. fp32
+// sums restart every short block (256 values of one image's channel, or 16 rows) into fp64 totals, for about pairwise
+// accuracy; fp64 sums run lane-wise over the whole task (a horizontal sum per image made small NCHW maps several
+// times slower than the reference).
+template <int K, typename Acc, int P, typename F>
 void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F contrib, double* out /* K x C */) {
-  const fVec zero(0.f);
-  auto add = [](const fVec& a, const fVec& b) { return a + b; };
+  using AccVec = std::conditional_t<std::is_same_v<Acc, float>, fVec, dVec>;
+  const AccVec zero(Acc(0));
+  auto add = [](const auto& a, const auto& b) { return a + b; };
   if (!l.channels_last) {
     constexpr int64_t kBlock = 16 * kVec;
     at::parallel_for(0, l.c, 1, [&](int64_t c0, int64_t c1) {
@@ -52,19 +56,26 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
         fVec pv[P > 0 ? P : 1];
         params.splat(ch, pv);
         double total[K] = {};
+        AccVec acc[K];
+        auto flush = [&] {
+          for (int k = 0; k < K; ++k) {
+            total[k] += at::vec::vec_reduce_all<Acc>(add, acc[k]);
+            acc[k] = zero;
+          }
+        };
+        for (int k = 0; k < K; ++k) acc[k] = zero;
         for (int64_t n = 0; n < l.batch; ++n) {
           const int64_t base = (n * l.c + ch) * l.plane;
           for (int64_t b0 = 0; b0 < l.plane; b0 += kBlock) {
-            fVec acc[K];
-            for (int k = 0; k < K; ++k) acc[k] = zero;
             for (int64_t i = b0; i < std::min(l.plane, b0 + kBlock); i += kVec) {
               const int64_t m = std::min(kVec, l.plane - i);
               const auto v = contrib(base + i, m, pv);
-              for (int k = 0; k < K; ++k) acc[k] = acc[k] + (m == kVec ? v[k] : fVec::set(zero, v[k], m));
+              for (int k = 0; k < K; ++k) acc[k] = acc[k] + (m == kVec ? v[k] : AccVec::set(zero, v[k], m));
             }
-            for (int k = 0; k < K; ++k) total[k] += at::vec::vec_reduce_all<float>(add, acc[k]);
+            if (std::is_same_v<Acc, float>) flush();
           }
         }
+        flush();
         for (int k = 0; k < K; ++k) out[k * l.c + ch] = total[k];
       }
     });
@@ -73,24 +84,33 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
   constexpr int64_t kTaskRows = 256, kBlockRows = 16;
   const int64_t rows = l.count(), tasks = ceil_div(rows, kTaskRows);
   std::vector<double> partial(tasks * K * l.c, 0.0);
+  // Channel block outer, rows inner: the sums stay in registers (the same per-lane order as row by row).
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(K * l.c);
     for (int64_t t = t0; t < t1; ++t) {
       double* part = partial.data() + t * K * l.c;
-      for (int64_t b0 = t * kTaskRows; b0 < std::min(rows, (t + 1) * kTaskRows); b0 += kBlockRows) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t r = b0; r < std::min(rows, b0 + kBlockRows); ++r)
-          for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
-            const int64_t m = std::min(kVec, l.c - c0);
-            fVec pv[P > 0 ? P : 1];
-            params.load(c0, m, pv);
-            const auto v = contrib(r * l.c + c0, m, pv);
-            for (int k = 0; k < K; ++k) {
-              float* a = acc.data() + k * l.c + c0;
-              store_f(load_f(a, m) + v[k], a, m);
-            }
+      const int64_t r0 = t * kTaskRows, r1 = std::min(rows, r0 + kTaskRows);
+      for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
+        const int64_t m = std::min(kVec, l.c - c0);
+        fVec pv[P > 0 ? P : 1];
+        params.load(c0, m, pv);
+        AccVec acc[K];
+        auto flush = [&] {
+          for (int k = 0; k < K; ++k) {
+            Acc lanes[kVec];
+            acc[k].store(lanes, m);
+            for (int64_t j = 0; j < m; ++j) part[k * l.c + c0 + j] += lanes[j];
+            acc[k] = zero;
           }
-        for (int64_t i = 0; i < K * l.c; ++i) part[i] += acc[i];
+        };
+        for (int k = 0; k < K; ++k) acc[k] = zero;
+        for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
+          for (int64_t r = b0; r < std::min(r1, b0 + kBlockRows); ++r) {
+            const auto v = contrib(r * l.c + c0, m, pv);
+            for (int k = 0; k < K; ++k) acc[k] = acc[k] + v[k];  // lanes past m are never read
+          }
+          if (std::is_same_v<Acc, float>) flush();
+        }
+        flush();
       }
     }
   });
@@ -130,10 +150,6 @@ inline fVec load_n(const T* p, int64_t n) {
 template <typename T>
 inline void store_n(const fVec& v, T* p, int64_t n) {
   if (n == kVec) store_f(v, p); else store_f(v, p, n);
-}
-
-ChannelLayout layout_of(const at::Tensor& t) {
-  return {activation_format(t) == at::MemoryFormat::ChannelsLast, t.size(0), t.size(1), t.size(2) * t.size(3)};
 }
 
 void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
@@ -225,37 +241,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
     check_shape(*residual, y.sizes(), op, "residual");
     res = residual->contiguous(fmt);
   }
-  at::Tensor mean = at::empty({c}, x.options().dtype(at::kFloat)), var = at::empty_like(mean);
-  at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean);
-  at::Tensor out = at::empty_like(y);
+  // The mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
+  // bit: lock-step training parity (tests/test_train.py) amplifies any other rounding of it past its bound, a
+  // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order.
+  const at::Tensor mean = at::mean(y, {0, 2, 3}, false, at::kFloat);
+  at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  // Normalised in place: y is this call's own buffer, and a fresh one costs page faults on the large stem maps.
+  const at::Tensor& out = y;
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train", [&] {
     using T = scalar_t;
     const T* yp = y.data_ptr<T>();
-    // Shift each channel by the mean of (up to) 64 of its values spread over the whole batch, a cheap estimate of
-    // the batch mean, so the sums of y - shift and its square stay small and var = E[d^2] - E[d]^2 does not
-    // cancel. (Sampling image 0 only gave a 1-value shift for 1x1 maps: less accurate variances than the
-    // reference's on small late-stage BatchNorms.)
-    std::vector<float> first(c, 0.f);
-    const int64_t sample = std::min<int64_t>(64, l.count());
-    for (int64_t k = 0; k < sample; ++k) {
-      const int64_t i = k * l.count() / sample, n = i / l.plane, p = i % l.plane;
-      for (int64_t ch = 0; ch < c; ++ch)
-        first[ch] += static_cast<float>(yp[l.channels_last ? i * c + ch : (n * c + ch) * l.plane + p]);
-    }
-    for (float& f : first) f /= static_cast<float>(sample);
+    // Second pass: fp64 sums of d = y - mean and d^2, so var = E[d^2] - E[d]^2 (E[d] ~ 0: the fp32 mean's rounding)
+    // is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does.
     std::vector<double> sums(2 * c);
-    reduce_per_channel<2>(l, ChannelParams<1>{{first.data()}}, [&](int64_t i, int64_t n, const fVec* pv) {
-      const fVec d = load_n(yp + i, n) - pv[0];
-      return std::array<fVec, 2>{d, d * d};
-    }, sums.data());
+    reduce_per_channel<2, double>(l, ChannelParams<1>{{mean.data_ptr<float>()}},
+                                  [&](int64_t i, int64_t n, const fVec* pv) {
+                                    const dVec d = widen(load_n(yp + i, n)) - widen(pv[0]);
+                                    return std::array<dVec, 2>{d, d * d};
+                                  }, sums.data());
     const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous(), beta = bn_bias.to(at::kFloat).contiguous();
     const double count = static_cast<double>(l.count());
     for (int64_t ch = 0; ch < c; ++ch) {
-      const double d = sums[ch] / count, v = std::max(sums[c + ch] / count - d * d, 0.0);
-      const float m = static_cast<float>(first[ch] + d), vf = static_cast<float>(v);
+      const double d = sums[ch] / count;
+      const float m = mean.data_ptr<float>()[ch], vf = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
       // scale and shift rounded step by step in fp32 as the reference's eager ops do.
       const float s = gamma.data_ptr<float>()[ch] * (1.f / std::sqrt(vf + static_cast<float>(eps)));
-      mean.data_ptr<float>()[ch] = m;
       var.data_ptr<float>()[ch] = vf;
       scale.data_ptr<float>()[ch] = s;
       shift.data_ptr<float>()[ch] = beta.data_ptr<float>()[ch] - m * s;
@@ -266,7 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
     map_per_channel(l, ChannelParams<2>{{scale.data_ptr<float>(), shift.data_ptr<float>()}},
                     [&](int64_t i, int64_t n, const fVec* pv) {
                       fVec v = load_n(yp + i, n) * pv[0] + pv[1];  // not fused, as the reference
-                      if (rp) v = v + load_n(rp + i, n);
+                      // The reference rounds the normalised value to x's dtype before adding the residual.
+                      if (rp) v = round_to<T>(v) + load_n(rp + i, n);
                       if (relu) v = at::vec::maximum(v, zero);
                       store_n(v, op_ + i, n);
                     });
@@ -301,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     using T = scalar_t;
     const T *yp = y.data_ptr<T>(), *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
     // sum(g) and sum(g (y - mean)); the latter times invstd is sum(g x_hat).
-    reduce_per_channel<2>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv) {
+    reduce_per_channel<2, float>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv) {
       const fVec gv = masked_grad(gp + i, outp + i, relu, n);
       return std::array<fVec, 2>{gv, gv * (load_n(yp + i, n) - pv[0])};
     }, sums.data());
@@ -353,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
     map_per_channel(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
       store_n(masked_grad(gp + i, outp + i, relu, n), g_out + i, n);
     });
-    reduce_per_channel<1>(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
+    reduce_per_channel<1, float>(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
       return std::array<fVec, 1>{load_n(g_out + i, n)};
     }, sums.data());
   });
