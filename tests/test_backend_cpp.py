@@ -499,6 +499,15 @@ def test_not_supported_reasons():
     qkv_w = torch.randn(36, 4, 1, 1)
     assert cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x, 16, 1e-5) == []
     assert "x's dtype" in " ".join(cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x.bfloat16(), 16, 1e-5))
+    p = torch.ones(4)
+    assert cpp._shsa_train_reasons(x, p, p, qkv_w, torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
+    assert cpp._shsa_train_reasons(x.bfloat16(), p, p, qkv_w.bfloat16(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
+    assert "float32 and bfloat16 only" in " ".join(
+        cpp._shsa_train_reasons(x.double(), p, p, qkv_w.double(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5))
+    stats = torch.ones(36)
+    assert cpp._shsa_train_backward_reasons(x, x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5) == []
+    assert "x's dtype" in " ".join(
+        cpp._shsa_train_backward_reasons(x.bfloat16(), x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5))
 
 
 @requires_cpp
