@@ -22,7 +22,12 @@ from shvit_kernels.ops.conv_bn import (
     conv_bn_train_reference,
 )
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
-from shvit_kernels.ops.shsa import shsa_fused_backward_reference, shsa_fused_reference
+from shvit_kernels.ops.shsa import (
+    shsa_fused_backward_reference,
+    shsa_fused_reference,
+    shsa_train_backward_reference,
+    shsa_train_reference,
+)
 
 from helpers import assert_close_to_fp64, record_dispatch
 
@@ -304,6 +309,75 @@ def test_shsa_backward_threads_and_large_mean(threads):
                            f"shsa_fused_backward {threads} threads")
 
 
+def shsa_train_cases():
+    """(label, shsa_train args): odd sizes, P = 75, P = C, 1x1 maps, batch 1, qk_dim 4, |mean| >> std; GroupNorm and
+    BatchNorm parameters fp32 (as under mixed precision)."""
+    out = []
+    for label, (b, c, p, hw, qk, scale, shift) in {
+        "C40 P21 5x7": (3, 40, 21, (5, 7), 16, 2.0, 1.0),
+        "C80 P75 3x5": (2, 80, 75, (3, 5), 16, 1.0, 0.0),
+        "P=C 4x4": (2, 24, 24, (4, 4), 16, 1.0, 0.0),
+        "1x1 batch 4": (4, 20, 12, (1, 1), 16, 1.0, 0.0),
+        "batch 1 3x3 qk 4": (1, 12, 5, (3, 3), 4, 1.0, 0.0),
+        "|x| 1e4": (2, 30, 16, (3, 4), 16, 100.0, 1e4),
+    }.items():
+        r = 2 * qk + p
+        out.append((label, (torch.randn(b, c, *hw) * scale + shift, torch.randn(p) * 0.3 + 1, torch.randn(p) * 0.3,
+                            torch.randn(r, p, 1, 1) / p ** 0.5, torch.randn(r) * 0.3 + 1, torch.randn(r) * 0.3, qk,
+                            1e-5, 1e-5)))
+    return out
+
+
+@requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+@pytest.mark.parametrize("label,args", shsa_train_cases(), ids=[c[0] for c in shsa_train_cases()])
+def test_shsa_train_matches_reference(variant, dtype, channels_last, label, args):
+    """out, batch mean, var; then grad_x and the five parameter grads from the reference's statistics."""
+    module = cpp.load_variant(variant)
+    _check_outputs(module.shsa_train, shsa_train_reference, args, dtype, channels_last, f"{variant} shsa_train {label}")
+    x, gn_w, gn_b, w, bn_w, bn_b, qk, gn_eps, bn_eps = args
+    out, mean, var = shsa_train_reference(*args)
+    bwd = (torch.randn_like(out), x, gn_w, gn_b, w, bn_w, bn_b, mean, var, out, qk, gn_eps, bn_eps)
+    _check_outputs(module.shsa_train_backward, shsa_train_backward_reference, bwd, dtype, channels_last,
+                   f"{variant} shsa_train_backward {label}")
+
+
+@requires_cpp
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shsa_train_forward_is_the_reference_to_the_bit(variant, threads):
+    """tests/test_train.py's lock-step parity breaks on any last-ulp difference in this op's output, so the forward
+    reproduces the reference exactly: out and mean to the bit; var (fp64 two-pass, as torch.var's fp64 Welford)
+    differs at most by one ulp on an exact tie."""
+    module = cpp.load_variant(variant)
+    with _num_threads(threads):
+        for label, args in shsa_train_cases():
+            for dtype in DTYPES:
+                for channels_last in (False, True):
+                    low = [_layout(a.to(dtype), channels_last) if a.dim() == 4 else a for a in args[:4]] + list(args[4:])
+                    (out, mean, var), (ref_out, ref_mean, ref_var) = module.shsa_train(*low), shsa_train_reference(*low)
+                    where = f"{label} {dtype} channels_last={channels_last}"
+                    assert torch.equal(out, ref_out) and torch.equal(mean, ref_mean), where
+                    assert torch.equal(var, ref_var) or torch.equal(var, torch.nextafter(ref_var, var)), where
+
+
+@requires_cpp
+@pytest.mark.parametrize("threads", (1, 2))
+def test_shsa_train_backward_threads(threads):
+    """Several images per chunk at 1 and 2 threads: per-image and per-chunk partial sums combine in a fixed order."""
+    x = torch.randn(7, 40, 3, 5)
+    args = (x, torch.randn(24) * 0.3 + 1, torch.randn(24) * 0.3, torch.randn(56, 24, 1, 1) / 5, torch.rand(56) + 0.5,
+            torch.randn(56) * 0.3, 16, 1e-5, 1e-5)
+    out, mean, var = shsa_train_reference(*args)
+    with _num_threads(threads):
+        for channels_last in (False, True):
+            bwd = (torch.randn_like(out), *args[:6], mean, var, out, *args[6:])
+            _check_outputs(cpp._module.shsa_train_backward, shsa_train_backward_reference, bwd, torch.float32,
+                           channels_last, f"shsa_train_backward {threads} threads")
+
+
 @requires_cpp
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("threads", (1, 2))
@@ -390,7 +464,25 @@ def _bad_calls():
         ("shsa_fused", (x, torch.randn(36, 4, 1, 1), torch.randn(36), 0, 1e-5), "'qk_dim' must be >= 1"),
         ("shsa_fused", (x, torch.randn(40, 8, 1, 1), torch.randn(39), 16, 1e-5), "'qkv_bias' must have shape"),
         ("shsa_fused", (x, torch.randn(40, 8, 1, 1).half(), torch.randn(40), 16, 1e-5), "'qkv_weight' must be float32 or bfloat16"),
+        ("shsa_train", (x, torch.ones(3), *_shsa_train_params(36, 4)[1:], 16, 1e-5, 1e-5), "'gn_weight' must have shape [4]"),
+        ("shsa_train", (x, *_shsa_train_params(36, 4)[:4], torch.zeros(35), 16, 1e-5, 1e-5), "'bn_bias' must have shape [36]"),
+        ("shsa_train", (x, torch.ones(4).double(), *_shsa_train_params(36, 4)[1:], 16, 1e-5, 1e-5),
+         "'gn_weight' must be float32 or bfloat16"),
+        ("shsa_train", (x, *_shsa_train_params(36, 4), 16, 1e-5, -1.0), "'bn_eps' must be >= 0"),
+        ("shsa_train", (x[:1, :, :1, :1], *_shsa_train_params(36, 4), 16, 1e-5, 1e-5), "more than one value per channel"),
+        ("shsa_train", (x, *_shsa_train_params(37, 4), 16, 1e-5, 1e-5), "'qkv_weight' must have shape"),
+        ("shsa_train_backward", (torch.randn(2, 8, 5, 5), x, *_shsa_train_params(36, 4), torch.zeros(35), torch.ones(36),
+                                 torch.randn(2, 8, 5, 5), 16, 1e-5, 1e-5), "'mean' must have shape [36]"),
+        ("shsa_train_backward", (torch.randn(2, 8, 5, 5), x, *_shsa_train_params(36, 4), torch.zeros(36), torch.ones(36),
+                                 torch.randn(2, 8, 5, 5).bfloat16(), 16, 1e-5, 1e-5), "'out' has dtype"),
+        ("shsa_train_backward", (torch.randn(2, 8, 4, 5), x, *_shsa_train_params(36, 4), torch.zeros(36), torch.ones(36),
+                                 torch.randn(2, 8, 5, 5), 16, 1e-5, 1e-5), "'grad_out' must have shape"),
     ]
+
+
+def _shsa_train_params(rows, p):
+    """gn_weight, gn_bias, qkv_weight (rows, p, 1, 1), bn_weight, bn_bias."""
+    return torch.ones(p), torch.zeros(p), torch.randn(rows, p, 1, 1), torch.ones(rows), torch.zeros(rows)
 
 
 @requires_cpp
@@ -460,6 +552,15 @@ def test_not_supported_reasons():
     qkv_w = torch.randn(36, 4, 1, 1)
     assert cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x, 16, 1e-5) == []
     assert "x's dtype" in " ".join(cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x.bfloat16(), 16, 1e-5))
+    p = torch.ones(4)
+    assert cpp._shsa_train_reasons(x, p, p, qkv_w, torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
+    assert cpp._shsa_train_reasons(x.bfloat16(), p, p, qkv_w.bfloat16(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
+    assert "float32 and bfloat16 only" in " ".join(
+        cpp._shsa_train_reasons(x.double(), p, p, qkv_w.double(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5))
+    stats = torch.ones(36)
+    assert cpp._shsa_train_backward_reasons(x, x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5) == []
+    assert "x's dtype" in " ".join(
+        cpp._shsa_train_backward_reasons(x.bfloat16(), x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5))
 
 
 @requires_cpp

@@ -19,4 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn_fused_backward", &k::ffn_fused_backward, "shvit::ffn_fused_backward");
   m.def("shsa_fused", &k::shsa_fused, "shvit::shsa_fused forward");
   m.def("shsa_fused_backward", &k::shsa_fused_backward, "shvit::shsa_fused_backward");
+  m.def("shsa_train", &k::shsa_train, "shvit::shsa_train forward");
+  m.def("shsa_train_backward", &k::shsa_train_backward, "shvit::shsa_train_backward");
 }

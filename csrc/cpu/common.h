@@ -111,9 +111,9 @@ inline void epilogue_run(const float* acc, const float* bias_run, float bias_con
   }
 }
 
-// out[i] = max(in[i], 0) for a contiguous run (exact in any dtype).
-template <typename T>
-inline void relu_copy(const T* in, T* out, int64_t n) {
+// out[i] = max(in[i], 0) for a contiguous run, rounded to out's dtype (exact when in has out's dtype).
+template <typename I, typename T>
+inline void relu_copy(const I* in, T* out, int64_t n) {
   const fVec zero(0.f);
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) store_f(at::vec::maximum(load_f(in + i), zero), out + i);

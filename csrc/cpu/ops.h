@@ -25,6 +25,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_fused_backward(const at::Ten
                                                                    const at::Tensor& qkv_bias, const at::Tensor& out,
                                                                    int64_t qk_dim, double gn_eps);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_train(const at::Tensor& x, const at::Tensor& gn_weight,
+                                                          const at::Tensor& gn_bias, const at::Tensor& qkv_weight,
+                                                          const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                                          int64_t qk_dim, double gn_eps, double bn_eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shsa_train_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gn_weight, const at::Tensor& gn_bias,
+    const at::Tensor& qkv_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& out, int64_t qk_dim, double gn_eps, double bn_eps);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,

@@ -2,45 +2,42 @@
 // GroupNorm(1) statistics of the first P channels (mean subtracted before squaring), the qkv GEMM on the centred
 // slice with 1/sigma and the bias applied in its epilogue, scores, an fp32 softmax, v A^T, then
 // relu(cat[ya, x[:, P:]]) written straight into the output in the input's layout.
+//
+// Also the per-image pieces declared in shsa_core.h, which shsa_train.cpp shares.
 #include "ops.h"
+#include "shsa_core.h"
 
 namespace shvit_cpu {
 inline namespace CPU_CAPABILITY {
+namespace shsa {
 
-namespace {
-
-constexpr const char* kOp = "shvit cpp shsa_fused";
-
-struct ShsaShape {
-  int64_t batch, c, p, qk, tokens;
-  int64_t rows_qkv() const { return 2 * qk + p; }
-};
-
-struct ShsaScratch {
-  std::vector<float> xa, qkv_t, scores, ya;
-  explicit ShsaScratch(const ShsaShape& s)
-      : xa(s.p * s.tokens), qkv_t(s.tokens * s.rows_qkv()), scores(s.tokens * s.tokens), ya(s.p * s.tokens) {}
-};
-
-ShsaShape check_shsa_args(const char* op, const at::Tensor& x, const at::Tensor& qkv_weight,
-                          const at::Tensor& qkv_bias, int64_t qk_dim, double gn_eps) {
+Shape check_input(const char* op, const at::Tensor& x, const at::Tensor& qkv_weight, int64_t qk_dim, double gn_eps) {
   check_float_tensor(x, op, "x", 4);
   TORCH_CHECK(x.numel() > 0, op, ": 'x' must not be empty, got shape ", x.sizes());
   check_float_tensor(qkv_weight, op, "qkv_weight", 4);
   check_same_dtype(qkv_weight, x, op, "qkv_weight");
   TORCH_CHECK(qk_dim >= 1, op, ": 'qk_dim' must be >= 1, got ", qk_dim);
   TORCH_CHECK(gn_eps >= 0, op, ": 'gn_eps' must be >= 0, got ", gn_eps);
-  const ShsaShape s{x.size(0), x.size(1), qkv_weight.size(1), qk_dim, x.size(2) * x.size(3)};
+  const Shape s{x.size(0), x.size(1), qkv_weight.size(1), qk_dim, x.size(2) * x.size(3)};
   TORCH_CHECK(s.p >= 1 && s.p <= s.c, op, ": partial dim P = qkv_weight.shape[1] = ", s.p,
               " must be in [1, channels of 'x' = ", s.c, "]");
   check_shape(qkv_weight, {s.rows_qkv(), s.p, 1, 1}, op, "qkv_weight");
-  check_float_tensor(qkv_bias, op, "qkv_bias", 1);
-  check_shape(qkv_bias, {s.rows_qkv()}, op, "qkv_bias");
   return s;
+}
+
+void check_like_x(const char* op, const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_float_tensor(t, op, name, 4);
+  check_same_dtype(t, x, op, name);
+  check_shape(t, x.sizes(), op, name);
 }
 
 float sum_of(const float* v, int64_t n) {
   return at::vec::reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v, n);
+}
+
+float dot_of(const float* a, const float* b, int64_t n) {
+  return at::vec::map2_reduce_all<float>([](const fVec& x, const fVec& y) { return x * y; },
+                                         [](const fVec& x, const fVec& y) { return x + y; }, a, b, n);
 }
 
 void softmax_row(float* row, int64_t n) {
@@ -50,25 +47,125 @@ void softmax_row(float* row, int64_t n) {
   at::vec::map([inv](const fVec& v) { return v * fVec(inv); }, row, row, n);
 }
 
-// The attended slice of one image as fp32, centred on its mean; returns 1/sigma. Token-major (tokens x P) for
-// channels_last input, channel-major (P x tokens) for NCHW, i.e. whichever copy reads the input contiguously.
+template <typename A, typename T>
+void store_attended(const A* ya, bool ya_token_major, const Shape& s, const T* x_n, bool channels_last, T* out_n) {
+  const int64_t n = s.tokens, p = s.p, c = s.c;
+  if (channels_last) {
+    for (int64_t t = 0; t < n; ++t) {
+      if (ya_token_major) {
+        relu_copy(ya + t * p, out_n + t * c, p);
+      } else {
+        for (int64_t ch = 0; ch < p; ++ch) out_n[t * c + ch] = static_cast<T>(std::max(static_cast<float>(ya[ch * n + t]), 0.f));
+      }
+      relu_copy(x_n + t * c + p, out_n + t * c + p, c - p);
+    }
+  } else {
+    TORCH_INTERNAL_ASSERT(!ya_token_major, "store_attended: NCHW output takes channel-major ya");
+    relu_copy(ya, out_n, p * n);
+    relu_copy(x_n + p * n, out_n + p * n, (c - p) * n);
+  }
+}
+
 template <typename T>
-float centred_slice(const T* x_n, bool channels_last, const ShsaShape& s, double eps, float* xa) {
+void attend_backward_image(const float* qkv, const T* go_n, const T* out_n, bool channels_last, const Shape& s,
+                           AttendBackScratch& b, float* g_qkv, T* gx_n) {
+  const int64_t n = s.tokens, p = s.p, qk = s.qk, c = s.c;
+  const float scale = 1.f / std::sqrt(static_cast<float>(qk));
+  const float *q = qkv, *k = qkv + qk * n, *v = qkv + 2 * qk * n;
+  float* attn = b.attn.data();
+  gemm(true, false, n, n, qk, scale, q, n, k, n, 0.f, attn, n);
+  for (int64_t t = 0; t < n; ++t) softmax_row(attn + t * n, n);
+  // g = grad_out masked by the ReLU (exact): the first P channels to fp32, the rest straight into grad_x.
+  float* g_ya = b.g_ya.data();
+  auto masked = [&](int64_t i) { return static_cast<float>(out_n[i]) > 0.f ? go_n[i] : T(0.f); };
+  if (channels_last) {
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t ch = 0; ch < p; ++ch) g_ya[ch * n + t] = static_cast<float>(masked(t * c + ch));
+      for (int64_t ch = p; ch < c; ++ch) gx_n[t * c + ch] = masked(t * c + ch);
+    }
+  } else {
+    for (int64_t i = 0; i < p * n; ++i) g_ya[i] = static_cast<float>(masked(i));
+    for (int64_t i = p * n; i < c * n; ++i) gx_n[i] = masked(i);
+  }
+  float* g_attn = b.g_attn.data();
+  gemm(false, false, p, n, n, 1.f, g_ya, n, attn, n, 0.f, g_qkv + 2 * qk * n, n);  // dv
+  gemm(true, false, n, n, p, 1.f, g_ya, n, v, n, 0.f, g_attn, n);                  // dA (queries x keys)
+  for (int64_t t = 0; t < n; ++t) {
+    float *ga = g_attn + t * n, *a = attn + t * n;
+    const float dot = dot_of(ga, a, n);
+    at::vec::map2([dot](const fVec& x, const fVec& y) { return y * (x - fVec(dot)); }, ga, ga, a, n);
+  }
+  gemm(false, true, qk, n, n, scale, k, n, g_attn, n, 0.f, g_qkv, n);           // dq = scale k dS^T
+  gemm(false, false, qk, n, n, scale, q, n, g_attn, n, 0.f, g_qkv + qk * n, n);  // dk = scale q dS
+}
+
+template <typename T>
+void group_norm_backward_store(float* g_xn, const float* xn, float rstd, const Shape& s, bool channels_last, T* gx_n) {
+  const int64_t n = s.tokens, p = s.p, c = s.c;
+  const float count = static_cast<float>(p * n);
+  const float m1 = sum_of(g_xn, p * n) / count;
+  const float m2 = dot_of(g_xn, xn, p * n) / count;
+  at::vec::map2([=](const fVec& g, const fVec& xh) { return fVec(rstd) * (g - fVec(m1) - xh * fVec(m2)); }, g_xn,
+                g_xn, xn, p * n);
+  if (channels_last) {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t ch = 0; ch < p; ++ch) gx_n[t * c + ch] = static_cast<T>(g_xn[ch * n + t]);
+  } else {
+    at::vec::convert(g_xn, gx_n, p * n);
+  }
+}
+
+#define SHVIT_SHSA_INSTANTIATE(T)                                                                                   \
+  template void store_attended<float, T>(const float*, bool, const Shape&, const T*, bool, T*);                    \
+  template void attend_backward_image<T>(const float*, const T*, const T*, bool, const Shape&, AttendBackScratch&, \
+                                         float*, T*);                                                              \
+  template void group_norm_backward_store<T>(float*, const float*, float, const Shape&, bool, T*);
+SHVIT_SHSA_INSTANTIATE(float)
+SHVIT_SHSA_INSTANTIATE(BFloat16)
+template void store_attended<BFloat16, BFloat16>(const BFloat16*, bool, const Shape&, const BFloat16*, bool, BFloat16*);
+#undef SHVIT_SHSA_INSTANTIATE
+
+}  // namespace shsa
+
+namespace {
+
+constexpr const char* kOp = "shvit cpp shsa_fused";
+using shsa::Shape;
+
+Shape check_shsa_args(const char* op, const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias,
+                      int64_t qk_dim, double gn_eps) {
+  const Shape s = shsa::check_input(op, x, qkv_weight, qk_dim, gn_eps);
+  check_float_tensor(qkv_bias, op, "qkv_bias", 1);
+  check_shape(qkv_bias, {s.rows_qkv()}, op, "qkv_bias");
+  return s;
+}
+
+// The attended slice of one image as fp32, centred on its mean (mean subtracted before squaring); returns 1/sigma.
+// Token-major (tokens x P) for channels_last input, channel-major (P x tokens) for NCHW, i.e. whichever copy reads
+// the input contiguously.
+template <typename T>
+float centred_slice(const T* x_n, bool channels_last, const Shape& s, double eps, float* xa) {
   const int64_t count = s.p * s.tokens;
   if (channels_last) {
     for (int64_t t = 0; t < s.tokens; ++t) at::vec::convert(x_n + t * s.c, xa + t * s.p, s.p);
   } else {
     at::vec::convert(x_n, xa, count);
   }
-  const float mean = sum_of(xa, count) / count;
+  const float mean = shsa::sum_of(xa, count) / count;
   at::vec::map([mean](const fVec& v) { return v - fVec(mean); }, xa, xa, count);
   const float sq = at::vec::map_reduce_all<float>([](const fVec& v) { return v * v; },
                                                   [](const fVec& a, const fVec& b) { return a + b; }, xa, count);
   return 1.f / std::sqrt(sq / count + static_cast<float>(eps));
 }
 
+struct ShsaScratch {
+  std::vector<float> xa, qkv_t, scores, ya;
+  explicit ShsaScratch(const Shape& s)
+      : xa(s.p * s.tokens), qkv_t(s.tokens * s.rows_qkv()), scores(s.tokens * s.tokens), ya(s.p * s.tokens) {}
+};
+
 template <typename T>
-void shsa_image(const T* x_n, bool channels_last, const ShsaShape& s, const float* w, const float* bias, double eps,
+void shsa_image(const T* x_n, bool channels_last, const Shape& s, const float* w, const float* bias, double eps,
                 T* out_n, ShsaScratch& buf) {
   const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), qk = s.qk;
   const float rstd = centred_slice(x_n, channels_last, s, eps, buf.xa.data());
@@ -81,25 +178,18 @@ void shsa_image(const T* x_n, bool channels_last, const ShsaShape& s, const floa
   // scores (queries x keys) = scale q^T k, softmax over keys.
   float* scores = buf.scores.data();
   gemm(false, true, n, n, qk, 1.f / std::sqrt(static_cast<float>(qk)), qkv_t, r, qkv_t + qk, r, 0.f, scores, n);
-  for (int64_t t = 0; t < n; ++t) softmax_row(scores + t * n, n);
+  for (int64_t t = 0; t < n; ++t) shsa::softmax_row(scores + t * n, n);
   const float* v_t = qkv_t + 2 * qk;  // (tokens x P), leading dim R
   float* ya = buf.ya.data();
   if (channels_last) {
     // ya^T (tokens x P) = A v^T: each token's P outputs are contiguous, as in the output.
     gemm(false, false, n, p, n, 1.f, scores, n, v_t, r, 0.f, ya, p);
-    for (int64_t t = 0; t < n; ++t) {
-      epilogue_run(ya + t * p, nullptr, 0.f, static_cast<const T*>(nullptr), true, out_n + t * s.c, p);
-      relu_copy(x_n + t * s.c + p, out_n + t * s.c + p, s.c - p);
-    }
   } else {
     // ya (P x tokens) = v A^T: each channel's plane is contiguous.
     gemm(true, true, p, n, n, 1.f, v_t, r, scores, n, 0.f, ya, n);
-    for (int64_t ch = 0; ch < p; ++ch)
-      epilogue_run(ya + ch * n, nullptr, 0.f, static_cast<const T*>(nullptr), true, out_n + ch * n, n);
-    relu_copy(x_n + p * n, out_n + p * n, (s.c - p) * n);
   }
+  shsa::store_attended(ya, channels_last, s, x_n, channels_last, out_n);
 }
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward: per image, everything recomputed in fp32 from x in channel-major (rows x tokens) buffers: the
@@ -107,84 +197,53 @@ void shsa_image(const T* x_n, bool channels_last, const ShsaShape& s, const floa
 // weight / bias grads (per-chunk partial sums) and GroupNorm's backward through W^T dqkv.
 // ---------------------------------------------------------------------------------------------------------------
 struct ShsaBackScratch {
-  std::vector<float> tmp, xn, qkv, attn, g_ya, g_attn, g_qkv, g_xn;
-  explicit ShsaBackScratch(const ShsaShape& s)
-      : tmp(s.p * s.tokens), xn(s.p * s.tokens), qkv(s.rows_qkv() * s.tokens), attn(s.tokens * s.tokens),
-        g_ya(s.p * s.tokens), g_attn(s.tokens * s.tokens), g_qkv(s.rows_qkv() * s.tokens), g_xn(s.p * s.tokens) {}
+  std::vector<float> tmp, xn, qkv, g_qkv, g_xn;
+  shsa::AttendBackScratch attend;
+  explicit ShsaBackScratch(const Shape& s)
+      : tmp(s.p * s.tokens), xn(s.p * s.tokens), qkv(s.rows_qkv() * s.tokens), g_qkv(s.rows_qkv() * s.tokens),
+        g_xn(s.p * s.tokens), attend(s) {}
 };
 
+// xn = (xa - mu) / sigma, channel-major (P x tokens) whatever the layout; returns 1/sigma.
 template <typename T>
-void shsa_backward_image(const T* x_n, const T* go_n, const T* out_n, bool channels_last, const ShsaShape& s,
-                         const float* w, const float* bias, double eps, T* gx_n, ShsaBackScratch& b, float* dw,
-                         float* db) {
-  const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), qk = s.qk, c = s.c;
-  const float scale = 1.f / std::sqrt(static_cast<float>(qk));
-  // xn (P x tokens) = (xa - mu) / sigma.
-  const float rstd = centred_slice(x_n, channels_last, s, eps, channels_last ? b.tmp.data() : b.xn.data());
+float normalized_slice(const T* x_n, bool channels_last, const Shape& s, double eps, float* tmp, float* xn) {
+  const int64_t n = s.tokens, p = s.p;
+  const float rstd = centred_slice(x_n, channels_last, s, eps, channels_last ? tmp : xn);
   if (channels_last)
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t ch = 0; ch < p; ++ch) b.xn[ch * n + t] = b.tmp[t * p + ch];
-  float* xn = b.xn.data();
+      for (int64_t ch = 0; ch < p; ++ch) xn[ch * n + t] = tmp[t * p + ch];
   at::vec::map([rstd](const fVec& v) { return v * fVec(rstd); }, xn, xn, p * n);
+  return rstd;
+}
+
+template <typename T>
+void shsa_backward_image(const T* x_n, const T* go_n, const T* out_n, bool channels_last, const Shape& s,
+                         const float* w, const float* bias, double eps, T* gx_n, ShsaBackScratch& b, float* dw,
+                         float* db) {
+  const int64_t n = s.tokens, p = s.p, r = s.rows_qkv();
+  float* xn = b.xn.data();
+  const float rstd = normalized_slice(x_n, channels_last, s, eps, b.tmp.data(), xn);
   float* qkv = b.qkv.data();
   gemm(false, false, r, n, p, 1.f, w, p, xn, n, 0.f, qkv, n);
   for (int64_t row = 0; row < r; ++row) {
     const float bv = bias[row];
     at::vec::map([bv](const fVec& v) { return v + fVec(bv); }, qkv + row * n, qkv + row * n, n);
   }
-  const float *q = qkv, *k = qkv + qk * n, *v = qkv + 2 * qk * n;
-  float* attn = b.attn.data();
-  gemm(true, false, n, n, qk, scale, q, n, k, n, 0.f, attn, n);
-  for (int64_t t = 0; t < n; ++t) softmax_row(attn + t * n, n);
-  // g = grad_out masked by the ReLU (exact): the first P channels to fp32, the rest straight into grad_x.
-  float* g_ya = b.g_ya.data();
-  const fVec zero(0.f);
-  auto masked = [&](int64_t i) { return static_cast<float>(out_n[i]) > 0.f ? go_n[i] : T(0.f); };
-  if (channels_last) {
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t ch = 0; ch < p; ++ch) g_ya[ch * n + t] = static_cast<float>(masked(t * c + ch));
-      for (int64_t ch = p; ch < c; ++ch) gx_n[t * c + ch] = masked(t * c + ch);
-    }
-  } else {
-    for (int64_t i = 0; i < p * n; ++i) g_ya[i] = static_cast<float>(masked(i));
-    for (int64_t i = p * n; i < c * n; ++i) gx_n[i] = masked(i);
-  }
-  float *g_qkv = b.g_qkv.data(), *g_attn = b.g_attn.data();
-  gemm(false, false, p, n, n, 1.f, g_ya, n, attn, n, 0.f, g_qkv + 2 * qk * n, n);  // dv
-  gemm(true, false, n, n, p, 1.f, g_ya, n, v, n, 0.f, g_attn, n);                  // dA (queries x keys)
-  for (int64_t t = 0; t < n; ++t) {
-    float *ga = g_attn + t * n, *a = attn + t * n;
-    const float dot = at::vec::map2_reduce_all<float>([](const fVec& x, const fVec& y) { return x * y; },
-                                                      [](const fVec& x, const fVec& y) { return x + y; }, ga, a, n);
-    at::vec::map2([dot](const fVec& x, const fVec& y) { return y * (x - fVec(dot)); }, ga, ga, a, n);
-  }
-  gemm(false, true, qk, n, n, scale, k, n, g_attn, n, 0.f, g_qkv, n);           // dq = scale k dS^T
-  gemm(false, false, qk, n, n, scale, q, n, g_attn, n, 0.f, g_qkv + qk * n, n);  // dk = scale q dS
+  float* g_qkv = b.g_qkv.data();
+  shsa::attend_backward_image(qkv, go_n, out_n, channels_last, s, b.attend, g_qkv, gx_n);
   gemm(false, true, r, p, n, 1.f, g_qkv, n, xn, n, 1.f, dw, p);
-  for (int64_t row = 0; row < r; ++row) db[row] += sum_of(g_qkv + row * n, n);
-  // GroupNorm backward: rstd (g - mean(g) - xn mean(g xn)) with g = W^T dqkv.
+  for (int64_t row = 0; row < r; ++row) db[row] += shsa::sum_of(g_qkv + row * n, n);
+  // GroupNorm backward with g = W^T dqkv.
   float* g_xn = b.g_xn.data();
   gemm(true, false, p, n, r, 1.f, w, p, g_qkv, n, 0.f, g_xn, n);
-  const float count = static_cast<float>(p * n);
-  const float m1 = sum_of(g_xn, p * n) / count;
-  const float m2 = at::vec::map2_reduce_all<float>([](const fVec& x, const fVec& y) { return x * y; },
-                                                   [](const fVec& x, const fVec& y) { return x + y; }, g_xn, xn,
-                                                   p * n) / count;
-  at::vec::map2([=](const fVec& g, const fVec& xh) { return fVec(rstd) * (g - fVec(m1) - xh * fVec(m2)); }, g_xn,
-                g_xn, xn, p * n);
-  if (channels_last) {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t ch = 0; ch < p; ++ch) gx_n[t * c + ch] = static_cast<T>(g_xn[ch * n + t]);
-  } else {
-    at::vec::convert(g_xn, gx_n, p * n);
-  }
+  shsa::group_norm_backward_store(g_xn, xn, rstd, s, channels_last, gx_n);
 }
 
 }  // namespace
 
 at::Tensor shsa_fused(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& qkv_bias, int64_t qk_dim,
                       double gn_eps) {
-  const ShsaShape s = check_shsa_args(kOp, x, qkv_weight, qkv_bias, qk_dim, gn_eps);
+  const Shape s = check_shsa_args(kOp, x, qkv_weight, qkv_bias, qk_dim, gn_eps);
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
@@ -197,30 +256,21 @@ at::Tensor shsa_fused(const at::Tensor& x, const at::Tensor& qkv_weight, const a
     at::parallel_for(0, s.batch, 1, [&](int64_t i0, int64_t i1) {
       ShsaScratch buf(s);
       for (int64_t i = i0; i < i1; ++i)
-        shsa_image(x_ptr + i * s.c * s.tokens, channels_last, s, w.data_ptr<float>(), b.data_ptr<float>(), gn_eps,
-                   out_ptr + i * s.c * s.tokens, buf);
+        shsa_image(x_ptr + i * s.image(), channels_last, s, w.data_ptr<float>(), b.data_ptr<float>(), gn_eps,
+                   out_ptr + i * s.image(), buf);
     });
   });
   return out;
 }
-
-}  // namespace CPU_CAPABILITY
-}  // namespace shvit_cpu
-
-namespace shvit_cpu {
-inline namespace CPU_CAPABILITY {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_fused_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                                    const at::Tensor& qkv_weight,
                                                                    const at::Tensor& qkv_bias, const at::Tensor& out,
                                                                    int64_t qk_dim, double gn_eps) {
   constexpr const char* op = "shvit cpp shsa_fused_backward";
-  const ShsaShape s = check_shsa_args(op, x, qkv_weight, qkv_bias, qk_dim, gn_eps);
-  for (const auto& t : {std::make_pair(&grad_out, "grad_out"), std::make_pair(&out, "out")}) {
-    check_float_tensor(*t.first, op, t.second, 4);
-    check_same_dtype(*t.first, x, op, t.second);
-    check_shape(*t.first, x.sizes(), op, t.second);
-  }
+  const Shape s = check_shsa_args(op, x, qkv_weight, qkv_bias, qk_dim, gn_eps);
+  shsa::check_like_x(op, grad_out, x, "grad_out");
+  shsa::check_like_x(op, out, x, "out");
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), go = grad_out.contiguous(fmt), oc = out.contiguous(fmt);
@@ -230,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_fused_backward(const at::Ten
   // One chunk of images per thread with its own partial dW / db, summed in chunk order (scheduling-independent).
   const int64_t chunks = std::min<int64_t>(s.batch, at::get_num_threads()), part = s.rows_qkv() * (s.p + 1);
   at::Tensor parts = at::zeros({chunks, part}, x.options().dtype(at::kFloat));
-  const int64_t image = s.c * s.tokens;
+  const int64_t image = s.image();
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_shsa_fused_backward", [&] {
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *gp = go.data_ptr<scalar_t>(), *op_ = oc.data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();

@@ -189,6 +189,16 @@ def _shsa_fused_backward_reasons(grad_out, x, qkv_weight, qkv_bias, out, qk_dim,
     return _common_reasons(x, grad_out, qkv_weight, out)
 
 
+def _shsa_train_reasons(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
+    # Any shape (1x1 maps included); GroupNorm / BatchNorm parameters may be fp32 under mixed precision.
+    return _common_reasons(x, qkv_weight)
+
+
+def _shsa_train_backward_reasons(grad_out, x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, mean, var, out, qk_dim,
+                                 gn_eps, bn_eps):
+    return _common_reasons(x, grad_out, qkv_weight, out)
+
+
 def _kernel(name: str):
     def run(*args):
         return getattr(_module, name)(*args)
@@ -206,6 +216,8 @@ _KERNELS = {
     "ffn_fused_backward": _ffn_fused_backward_reasons,
     "shsa_fused": _shsa_fused_reasons,
     "shsa_fused_backward": _shsa_fused_backward_reasons,
+    "shsa_train": _shsa_train_reasons,
+    "shsa_train_backward": _shsa_train_backward_reasons,
 }
 
 # Calls a kernel can run but automatic dispatch leaves to the reference (measured slower); forcing cpp runs them.
