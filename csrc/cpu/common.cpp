@@ -125,17 +125,19 @@ constexpr int64_t kPanelCols = 128;
 }  // namespace
 
 template <typename T>
-void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc) {
+void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc, bool accumulate) {
   if (m == 0 || b.n == 0) return;
   const bool fp32 = std::is_same<T, float>::value;
-  if (!fp32 && !b.vnni) return gemm(false, false, m, b.n, b.k, 1.f, a, lda, b.data, b.ld, 0.f, c, ldc);
+  if (!fp32 && !b.vnni)
+    return gemm(false, false, m, b.n, b.k, 1.f, a, lda, b.data, b.ld, accumulate ? 1.f : 0.f, c, ldc);
   for (int64_t j0 = 0; j0 < b.n; j0 += kPanelCols) {
     const int64_t nc = std::min(kPanelCols, b.n - j0);
-    at::native::cpublas::brgemm(m, nc, b.k, lda, b.ld, ldc, false, a, b.data + j0 * (fp32 ? 1 : 2), c + j0, !fp32);
+    at::native::cpublas::brgemm(m, nc, b.k, lda, b.ld, ldc, accumulate, a, b.data + j0 * (fp32 ? 1 : 2), c + j0,
+                                !fp32);
   }
 }
-template void matmul<float>(int64_t, const float*, int64_t, const MatB<float>&, float*, int64_t);
-template void matmul<BFloat16>(int64_t, const BFloat16*, int64_t, const MatB<BFloat16>&, float*, int64_t);
+template void matmul<float>(int64_t, const float*, int64_t, const MatB<float>&, float*, int64_t, bool);
+template void matmul<BFloat16>(int64_t, const BFloat16*, int64_t, const MatB<BFloat16>&, float*, int64_t, bool);
 
 MatmulThreadGuard::~MatmulThreadGuard() {
   at::native::cpublas::brgemm_release(false);

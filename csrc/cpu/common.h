@@ -115,9 +115,9 @@ struct MatB {
   void assign(const T* b, int64_t rows, int64_t cols, int64_t ldb);
 };
 
-// C[m, n] = A[m, k] B[k, n] (row-major, C overwritten with fp32), k and n from b.
+// C[m, n] = A[m, k] B[k, n] (row-major, fp32 C overwritten, or added to with accumulate), k and n from b.
 template <typename T>
-void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc);
+void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc, bool accumulate = false);
 
 // Releases the micro-kernel's per-thread state; construct one in each parallel task that calls matmul.
 struct MatmulThreadGuard {
