@@ -66,37 +66,59 @@ void store_attended(const A* ya, bool ya_token_major, const Shape& s, const T* x
   }
 }
 
+namespace {
+// dst (cols x rows) = scale * src (rows x cols)^T.
+void transpose(const float* src, int64_t rows, int64_t cols, float scale, float* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j] * scale;
+}
+}  // namespace
+
 template <typename T>
 void attend_backward_image(const float* qkv, const T* go_n, const T* out_n, bool channels_last, const Shape& s,
                            AttendBackScratch& b, float* g_qkv, T* gx_n) {
   const int64_t n = s.tokens, p = s.p, qk = s.qk, c = s.c;
   const float scale = 1.f / std::sqrt(static_cast<float>(qk));
   const float *q = qkv, *k = qkv + qk * n, *v = qkv + 2 * qk * n;
-  float* attn = b.attn.data();
-  gemm(true, false, n, n, qk, scale, q, n, k, n, 0.f, attn, n);
+  // Every product below is C = A B with row-major operands (B through the brgemm micro-kernel); transposed operands
+  // are copied: q^T, g_ya^T and dS^T.
+  MatB<float>& bop = b.b_op;
+  float *attn = b.attn.data(), *q_t = b.q_t.data();
+  transpose(q, qk, n, scale, q_t);
+  bop.assign(k, qk, n, n);
+  matmul(n, q_t, qk, bop, attn, n);  // scale q^T k (queries x keys)
   for (int64_t t = 0; t < n; ++t) softmax_row(attn + t * n, n);
-  // g = grad_out masked by the ReLU (exact): the first P channels to fp32, the rest straight into grad_x.
-  float* g_ya = b.g_ya.data();
+  // g = grad_out masked by the ReLU (exact): the first P channels to fp32 (both orientations), the rest straight
+  // into grad_x.
+  float *g_ya = b.g_ya.data(), *g_ya_t = b.g_ya_t.data();
   auto masked = [&](int64_t i) { return static_cast<float>(out_n[i]) > 0.f ? go_n[i] : T(0.f); };
   if (channels_last) {
     for (int64_t t = 0; t < n; ++t) {
-      for (int64_t ch = 0; ch < p; ++ch) g_ya[ch * n + t] = static_cast<float>(masked(t * c + ch));
+      for (int64_t ch = 0; ch < p; ++ch) g_ya_t[t * p + ch] = g_ya[ch * n + t] = static_cast<float>(masked(t * c + ch));
       for (int64_t ch = p; ch < c; ++ch) gx_n[t * c + ch] = masked(t * c + ch);
     }
   } else {
     for (int64_t i = 0; i < p * n; ++i) g_ya[i] = static_cast<float>(masked(i));
+    transpose(g_ya, p, n, 1.f, g_ya_t);
     for (int64_t i = p * n; i < c * n; ++i) gx_n[i] = masked(i);
   }
-  float* g_attn = b.g_attn.data();
-  gemm(false, false, p, n, n, 1.f, g_ya, n, attn, n, 0.f, g_qkv + 2 * qk * n, n);  // dv
-  gemm(true, false, n, n, p, 1.f, g_ya, n, v, n, 0.f, g_attn, n);                  // dA (queries x keys)
+  float *g_attn = b.g_attn.data(), *g_attn_t = b.g_attn_t.data();
+  bop.assign(attn, n, n, n);
+  matmul(p, g_ya, n, bop, g_qkv + 2 * qk * n, n);  // dv = g A
+  bop.assign(v, p, n, n);
+  matmul(n, g_ya_t, p, bop, g_attn, n);  // dA = g^T v (queries x keys)
+  // dS = A (dA - rowsum(dA A)), times scale for dq and dk.
   for (int64_t t = 0; t < n; ++t) {
     float *ga = g_attn + t * n, *a = attn + t * n;
     const float dot = dot_of(ga, a, n);
-    at::vec::map2([dot](const fVec& x, const fVec& y) { return y * (x - fVec(dot)); }, ga, ga, a, n);
+    at::vec::map2([dot, scale](const fVec& x, const fVec& y) { return y * (x - fVec(dot)) * fVec(scale); }, ga, ga,
+                  a, n);
   }
-  gemm(false, true, qk, n, n, scale, k, n, g_attn, n, 0.f, g_qkv, n);           // dq = scale k dS^T
-  gemm(false, false, qk, n, n, scale, q, n, g_attn, n, 0.f, g_qkv + qk * n, n);  // dk = scale q dS
+  transpose(g_attn, n, n, 1.f, g_attn_t);
+  bop.assign(g_attn_t, n, n, n);
+  matmul(qk, k, n, bop, g_qkv, n);  // dq = k dS^T
+  bop.assign(g_attn, n, n, n);
+  matmul(qk, q, n, bop, g_qkv + qk * n, n);  // dk = q dS
 }
 
 template <typename T>
@@ -285,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_fused_backward(const at::Ten
     const scalar_t *xp = xc.data_ptr<scalar_t>(), *gp = go.data_ptr<scalar_t>(), *op_ = oc.data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      MatmulThreadGuard guard;
       ShsaBackScratch buf(s);
       for (int64_t k = k0; k < k1; ++k) {
         float* dw = parts.data_ptr<float>() + k * part;

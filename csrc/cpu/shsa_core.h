@@ -30,14 +30,16 @@ template <typename A, typename T>
 void store_attended(const A* ya, bool ya_token_major, const Shape& s, const T* x_n, bool channels_last, T* out_n);
 
 struct AttendBackScratch {
-  std::vector<float> attn, g_ya, g_attn;
+  std::vector<float> q_t, attn, g_ya, g_ya_t, g_attn, g_attn_t;
+  MatB<float> b_op;
   explicit AttendBackScratch(const Shape& s)
-      : attn(s.tokens * s.tokens), g_ya(s.p * s.tokens), g_attn(s.tokens * s.tokens) {}
+      : q_t(s.tokens * s.qk), attn(s.tokens * s.tokens), g_ya(s.p * s.tokens), g_ya_t(s.tokens * s.p),
+        g_attn(s.tokens * s.tokens), g_attn_t(s.tokens * s.tokens) {}
 };
 
 // Backward of relu(cat[v softmax(scale q^T k)^T, x[P:]]) from the recomputed channel-major fp32 qkv
 // (R x tokens): g_qkv (R x tokens), and the pass-through channels' gradient (grad_out masked by out > 0, exact)
-// written into gx_n.
+// written into gx_n. Its GEMMs go through matmul: construct a MatmulThreadGuard in the calling task.
 template <typename T>
 void attend_backward_image(const float* qkv, const T* go_n, const T* out_n, bool channels_last, const Shape& s,
                            AttendBackScratch& b, float* g_qkv, T* gx_n);

@@ -194,7 +194,7 @@ void shsa_train_forward(const at::Tensor& xc, bool channels_last, const Shape& s
 // Backward
 // ---------------------------------------------------------------------------------------------------------------
 struct BackwardParams {
-  const float *w, *gw, *bw, *bb, *mean, *invstd;
+  const float *w, *w_t, *gw, *bw, *bb, *mean, *invstd;  // w (R x P), w_t its transpose
 };
 
 template <typename T>
@@ -210,6 +210,7 @@ void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channe
 
   // (A) xn, r_hat, qkv; attention backward; BatchNorm's sums.
   at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
+    MatmulThreadGuard guard;
     std::vector<float> qkv(r * n);
     shsa::AttendBackScratch scratch(s);
     for (int64_t i = i0; i < i1; ++i) {
@@ -251,7 +252,9 @@ void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channe
   // (B) g_raw = coef (g - mean(g) - r_hat mean(g r_hat)), dW, GroupNorm's affine and backward.
   std::vector<double> gn_parts(batch * p);  // per image: sum(g_xg xn)
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> g_xg(p * n);
+    MatmulThreadGuard guard;
+    MatB<float> g_kn, xg_kn;
+    std::vector<float> g_xg(p * n), xg_t(gn.token_major ? 0 : n * p);
     for (int64_t k = k0; k < k1; ++k) {
       float* dw = dw_parts + k * r * p;
       for (int64_t i = k * batch / chunks; i < (k + 1) * batch / chunks; ++i) {
@@ -263,9 +266,14 @@ void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channe
           at::vec::map2([&](const fVec& gv, const fVec& rh) { return a * (gv - mg - rh * mgr); }, g + c * n, g + c * n,
                         r_hat + c * n, n);
         }
-        // dW += g_raw xg^T; xg is (tokens x P) token-major or (P x tokens).
-        gemm(false, !gn.token_major, r, p, n, 1.f, g, n, xg, gn.token_major ? p : n, 1.f, dw, p);
-        gemm(true, false, p, n, r, 1.f, prm.w, p, g, n, 0.f, g_xg.data(), n);
+        // dW += g_raw xg^T and g_xg = W^T g_raw through the brgemm micro-kernel (xg^T: token-major xg).
+        if (!gn.token_major)
+          for (int64_t ch = 0; ch < p; ++ch)
+            for (int64_t t = 0; t < n; ++t) xg_t[t * p + ch] = xg[ch * n + t];
+        xg_kn.assign(gn.token_major ? xg : xg_t.data(), n, p, p);
+        matmul(r, g, n, xg_kn, dw, p, /*accumulate=*/true);
+        g_kn.assign(g, r, n, n);
+        matmul(p, prm.w_t, r, g_kn, g_xg.data(), n);
         for (int64_t ch = 0; ch < p; ++ch) {
           float* row = g_xg.data() + ch * n;
           gn_parts[i * p + ch] = shsa::dot_of(row, xn + ch * n, n);
@@ -325,9 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const GroupNormed gn = group_norm_affine(xc, s, gw, gb, gn_eps, at::kFloat);
   const at::Tensor raw = at::matmul(w, gn.xg).contiguous();
   const at::Tensor invstd = at::rsqrt(as_float_vector(var) + bn_eps).contiguous();
-  const at::Tensor wc = w.contiguous();
-  const BackwardParams prm{wc.data_ptr<float>(),  gw.data_ptr<float>(),     bw.data_ptr<float>(),
-                           bb.data_ptr<float>(),  mean_f.data_ptr<float>(), invstd.data_ptr<float>()};
+  const at::Tensor wc = w.contiguous(), w_t = w.t().contiguous();
+  const BackwardParams prm{wc.data_ptr<float>(), w_t.data_ptr<float>(),  gw.data_ptr<float>(),    bw.data_ptr<float>(),
+                           bb.data_ptr<float>(), mean_f.data_ptr<float>(), invstd.data_ptr<float>()};
   at::Tensor grad_x = at::empty_like(xc, xc.options().memory_format(fmt));
   const int64_t chunks = std::min<int64_t>(s.batch, at::get_num_threads());
   at::Tensor dw_parts = at::zeros({chunks, r * p}, x.options().dtype(at::kFloat));
