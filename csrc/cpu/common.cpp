@@ -39,6 +39,17 @@ void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, con
   TORCH_CHECK(t.sizes() == shape, op, ": '", name, "' must have shape ", shape, ", got ", t.sizes());
 }
 
+void check_channel_vector(const at::Tensor& t, const char* op, const char* name, int64_t n) {
+  check_float_tensor(t, op, name, 1);
+  check_shape(t, {n}, op, name);
+}
+
+at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n, at::ScalarType dtype) {
+  at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(v.begin() + offset, v.begin() + offset + n, t.data_ptr<double>());
+  return t.to(dtype);
+}
+
 at::MemoryFormat activation_format(const at::Tensor& x) {
   if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
     return at::MemoryFormat::ChannelsLast;

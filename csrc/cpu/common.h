@@ -34,6 +34,11 @@ constexpr int64_t kVec = fVec::size();
 void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t ndim);
 void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name);
 void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name);
+// A 1-D float32/bfloat16 CPU tensor of length n (BatchNorm / GroupNorm parameters and statistics).
+void check_channel_vector(const at::Tensor& t, const char* op, const char* name, int64_t n);
+
+// v[offset, offset + n) as a parameter gradient of the given dtype (accumulated in fp64, rounded once).
+at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n, at::ScalarType dtype);
 
 // The layout a kernel computes in: channels_last when x is channels_last (and not also plain contiguous), as the
 // op wrapper's memory-format rule decides; outputs are allocated in it so the wrapper needs no copy.

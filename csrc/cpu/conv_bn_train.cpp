@@ -169,11 +169,6 @@ void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor
               " with padding ", padding);
 }
 
-void check_channel_vector(const at::Tensor& t, const char* op, const char* name, int64_t c) {
-  check_float_tensor(t, op, name, 1);
-  check_shape(t, {c}, op, name);
-}
-
 // Raw conv output in x's dtype and layout through ATen's convolution, exactly as the reference computes it: the
 // ReLU mask of `out` then agrees with the reference's wherever a pre-activation is not within rounding of zero
 // (this extension's own 1x1 / depthwise kernels round differently and flipped masks in lock-step training).
@@ -188,12 +183,6 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
   auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
                                         {padding}, {1}, false, {0}, groups, {true, true, false});
   return {std::get<0>(grads), std::get<1>(grads)};
-}
-
-at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n, at::ScalarType dtype) {
-  at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(v.begin() + offset, v.begin() + offset + n, t.data_ptr<double>());
-  return t.to(dtype);
 }
 
 // g = relu ? grad_out * (out > 0) : grad_out for n values (exact in any dtype).

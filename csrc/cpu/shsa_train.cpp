@@ -32,10 +32,7 @@ using shsa::Shape;
 using NamedTensor = std::pair<const at::Tensor*, const char*>;
 
 void check_vectors(const char* op, std::initializer_list<NamedTensor> tensors, int64_t n) {
-  for (const NamedTensor& t : tensors) {
-    check_float_tensor(*t.first, op, t.second, 1);
-    check_shape(*t.first, {n}, op, t.second);
-  }
+  for (const NamedTensor& t : tensors) check_channel_vector(*t.first, op, t.second, n);
 }
 
 Shape check_train_args(const char* op, const at::Tensor& x, const at::Tensor& gn_weight, const at::Tensor& gn_bias,
@@ -288,12 +285,6 @@ void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channe
   std::copy(g_gn_w.begin(), g_gn_w.end(), g_gn.begin());  // grad gn_weight, then grad gn_bias
 }
 
-at::Tensor to_param(const std::vector<double>& v, int64_t from, int64_t n, at::ScalarType dtype) {
-  at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(v.begin() + from, v.begin() + from + n, t.data_ptr<double>());
-  return t.to(dtype);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_train(const at::Tensor& x, const at::Tensor& gn_weight,
@@ -346,11 +337,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              dw_parts.data_ptr<float>(), chunks, g_bn, g_gn);
   });
   return {grad_x,
-          to_param(g_gn, 0, p, gn_weight.scalar_type()),
-          to_param(g_gn, p, p, gn_bias.scalar_type()),
+          as_param_grad(g_gn, 0, p, gn_weight.scalar_type()),
+          as_param_grad(g_gn, p, p, gn_bias.scalar_type()),
           dw_parts.sum(0).view(qkv_weight.sizes()).to(qkv_weight.scalar_type()),
-          to_param(g_bn, r, r, bn_weight.scalar_type()),
-          to_param(g_bn, 0, r, bn_bias.scalar_type())};
+          as_param_grad(g_bn, r, r, bn_weight.scalar_type()),
+          as_param_grad(g_bn, 0, r, bn_bias.scalar_type())};
 }
 
 }  // namespace CPU_CAPABILITY
