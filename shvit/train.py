@@ -435,7 +435,12 @@ def train(args) -> dict:
     main_process = rank == 0
     try:
         with shvit_kernels.prefer_backend(args.backend):
-            return _train(args, rank, world, device, main_process)
+            result = _train(args, rank, world, device, main_process)
+        if world > 1:
+            # Leave together: a gloo peer torn down while the other still talks to it can abort that process
+            # ("terminate called without an active exception" at exit).
+            dist.barrier()
+        return result
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
