@@ -162,8 +162,8 @@ struct MatmulThreadGuard {
   ~MatmulThreadGuard();
 };
 
-// Rows per tile so that a tile's fp32 working set (row_floats per row) stays around L2 size, while leaving at
-// least two tiles per thread when the problem is big enough.
+// Rows per tile so that a tile's fp32 working set (row_floats per row) stays around L2 size, in a number of tiles
+// that the threads share evenly.
 int64_t rows_per_tile(int64_t total_rows, int64_t row_floats, int64_t multiple = 16);
 
 // Pixel tile for NCHW kernels: as rows_per_tile, but never under 64 columns (narrower GEMMs waste the vector width).
