@@ -108,6 +108,14 @@ def conv_cases():
                                                           torch.randn(28), 1, 1, 1, False, torch.randn(2, 28, 10, 17))))
     cases.append(("dense 3x3 s2 c_in 20", (torch.randn(1, 20, 8, 7), torch.randn(33, 20, 3, 3) / 9, torch.randn(33), 2, 1, 1,
                                            False, None)))
+    # The register-blocked fp32 kernel: rows split into uneven pixel tiles (31 -> 10 + 10 + 11), several channel
+    # blocks with zero padding past c_out (40, 72), stride 1 with a residual, 5x5, no padding, 1-wide output.
+    cases.append(("dense 3x3 s1 31-wide residual", (torch.randn(1, 16, 5, 31), torch.randn(40, 16, 3, 3) / 12, torch.randn(40),
+                                                    1, 1, 1, True, torch.randn(1, 40, 5, 31))))
+    cases.append(("dense 5x5 s2 pad 2", (torch.randn(2, 7, 9, 30), torch.randn(72, 7, 5, 5) / 13, torch.randn(72), 2, 2, 1,
+                                         True, None)))
+    cases.append(("dense 3x3 pad 0 1-wide", (torch.randn(1, 8, 4, 3), torch.randn(16, 8, 3, 3) / 8, None, 1, 0, 1, False,
+                                             None)))
     return cases
 
 
@@ -580,10 +588,14 @@ def test_declined_call_falls_back_to_reference():
 
 @requires_cpp
 def test_slower_call_goes_to_reference_unless_cpp_is_forced():
-    """A stem conv runs on ATen automatically (measured faster) but on the C++ kernel when cpp is forced."""
-    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    """An NCHW stem conv runs on ATen automatically (measured faster) but on the C++ kernel when cpp is forced;
+    in channels_last fp32 the C++ kernel is the automatic choice."""
+    x = torch.randn(2, 16, 12, 12)
     w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
     args = (x, w, b, 2, 1, 1, True, None)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x_cl, *args[1:]) == "cpp"
+    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x_cl.bfloat16(), w.bfloat16(), *args[2:]) == "reference"
     assert _dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "reference"
     with shvit_kernels.use_backend("cpp"):
         assert _dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "cpp"

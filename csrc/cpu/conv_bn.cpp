@@ -1,10 +1,15 @@
 // conv_bias_act forward: out = act(conv2d(x, weight, bias) + residual), BN already folded into weight/bias.
 //
-// * 1x1 and dense kxk (groups 1): a GEMM per tile of output pixels (im2col into a per-tile buffer for kxk), the
-//   bias / residual / ReLU applied to the tile while it is still in cache.
+// * 1x1 (groups 1): a GEMM per tile of output pixels, the bias / residual / ReLU applied to the tile while it is
+//   still in cache.
+// * dense kxk (groups 1), channels_last: 3 input channels by a register-resident weight kernel; otherwise fp32
+//   register-blocked (blocked_conv_channels_last), bf16 one GEMM per kernel row; im2col + GEMM where neither fits
+//   (NCHW, bf16 with odd kw * c_in).
 // * depthwise 3x3 pad 1, stride 1 or 2: a direct stencil, fp32 accumulation, same fused epilogue.
 // Both layouts are computed natively (NCHW and channels_last); the output keeps the input's layout.
 #include "ops.h"
+
+#include <utility>
 
 namespace shvit_cpu {
 inline namespace CPU_CAPABILITY {
@@ -71,7 +76,8 @@ void gemm_conv_channels_last(const T* x, const T* weight_nk, int64_t k_col, cons
   });
 }
 
-// Dense kxk convolution in channels_last without im2col. For output row oh and kernel row i, the (kw, c_in) patch
+// bf16 dense kxk convolution in channels_last without im2col (fp32 takes blocked_conv_channels_last, which keeps
+// the sum in registers; here the micro-kernel's VNNI bf16 products win). For output row oh and kernel row i, the (kw, c_in) patch
 // of output pixel ow is the kw * c_in consecutive values of input row ih starting at pixel ow * stride - pad, so the
 // input row itself is the GEMM's A with lda = stride * c_in (rows overlap when kw > stride): one accumulating GEMM
 // per kernel row. Pixels whose patch crosses the left or right border are computed directly from fp32 weights.
@@ -127,6 +133,131 @@ void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const
                      out_row + ow * c_out, c_out);
     }
   });
+}
+
+// Dense kxk convolution in channels_last, register-blocked: each call of the micro-kernel below keeps a tile of
+// kPixelBlock output pixels x kChannelBlock output channels in vector registers over the whole (kh, kw, c_in) sum,
+// reading the inputs of a kernel row in place (pixel ow's kw * c_in patch starts at ow * stride * c_in of the padded
+// row) and the weights as one contiguous stream per channel block. A GEMM micro-kernel gets only a kernel row's
+// K = kw * c_in per call and must add into C in memory between kernel rows; for the stem's 16 -> 32 that ran at half
+// of the 1x1 convolutions' speed. Input rows are copied into zero-padded fp32 rows, so no pixel is a border case and
+// bf16 is widened once.
+constexpr int64_t kChannelVecs = 2;
+constexpr int64_t kChannelBlock = kChannelVecs * kVec;
+// Accumulators: 28 of AVX-512's 32 registers, 12 of AVX2's 16 (two hold weights, one the broadcast input).
+constexpr int64_t kPixelBlock = kVec >= 16 ? 14 : 6;
+
+template <int64_t MB>
+inline void conv_tile(const float* const* rows, int64_t offset, int64_t kh, int64_t k_row, int64_t step, const float* w,
+                      float* acc_out, int64_t ld_acc) {
+  fVec acc[MB][kChannelVecs];
+  for (int64_t m = 0; m < MB; ++m)
+    for (int64_t v = 0; v < kChannelVecs; ++v) acc[m][v] = fVec(0.f);
+  for (int64_t i = 0; i < kh; ++i, w += k_row * kChannelBlock) {
+    if (rows[i] == nullptr) continue;  // kernel row in the top / bottom padding
+    const float* a = rows[i] + offset;
+    for (int64_t k = 0; k < k_row; ++k) {
+      fVec b[kChannelVecs];
+      for (int64_t v = 0; v < kChannelVecs; ++v) b[v] = fVec::loadu(w + k * kChannelBlock + v * kVec);
+      for (int64_t m = 0; m < MB; ++m) {
+        const fVec a_mk(a[m * step + k]);
+        for (int64_t v = 0; v < kChannelVecs; ++v) acc[m][v] = at::vec::fmadd(a_mk, b[v], acc[m][v]);
+      }
+    }
+  }
+  for (int64_t m = 0; m < MB; ++m)
+    for (int64_t v = 0; v < kChannelVecs; ++v) acc[m][v].store(acc_out + m * ld_acc + v * kVec);
+}
+
+template <int64_t... MB>
+inline void conv_tile_dispatch_impl(std::integer_sequence<int64_t, MB...>, int64_t width, const float* const* rows,
+                                    int64_t offset, int64_t kh, int64_t k_row, int64_t step, const float* w,
+                                    float* acc_out, int64_t ld_acc) {
+  // One instantiation per width 1..kPixelBlock; the fold expression calls the one that matches.
+  ((width == MB + 1 ? conv_tile<MB + 1>(rows, offset, kh, k_row, step, w, acc_out, ld_acc) : void()), ...);
+}
+
+inline void conv_tile_dispatch(int64_t width, const float* const* rows, int64_t offset, int64_t kh, int64_t k_row,
+                               int64_t step, const float* w, float* acc_out, int64_t ld_acc) {
+  conv_tile_dispatch_impl(std::make_integer_sequence<int64_t, kPixelBlock>{}, width, rows, offset, kh, k_row, step, w,
+                          acc_out, ld_acc);
+}
+
+// w_blocks: (c_out / kChannelBlock rounded up, kh, kw * c_in, kChannelBlock) fp32, zero past c_out.
+void blocked_conv_channels_last(const float* x, const float* w_blocks, const float* bias, const float* residual,
+                                bool relu, float* out, const ConvShape& s) {
+  const int64_t c = s.c_in, k_row = s.kw * c, step = s.stride * c, padded_w = s.w + 2 * s.pad;
+  const int64_t blocks = ceil_div(s.c_out, kChannelBlock), c_pad = blocks * kChannelBlock;
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    // Input row ih lives in slot ih % kh of a ring of zero-padded fp32 rows (the kh rows an output row reads are
+    // consecutive, so their slots differ); the next output row reuses the kh - stride it shares with this one.
+    // The padding columns are zeroed once; only the interior is rewritten.
+    std::vector<float> padded(s.kh * padded_w * c, 0.f), acc(s.out_w * c_pad);
+    std::vector<int64_t> slot_row(s.kh, -1);  // n * h + ih held by each slot
+    std::vector<const float*> rows(s.kh);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.stride - s.pad + i;
+        if (ih < 0 || ih >= s.h) {
+          rows[i] = nullptr;
+          continue;
+        }
+        const int64_t slot = ih % s.kh;
+        float* slot_data = padded.data() + slot * padded_w * c;
+        if (slot_row[slot] != n * s.h + ih) {
+          std::copy_n(x + (n * s.h + ih) * s.w * c, s.w * c, slot_data + s.pad * c);
+          slot_row[slot] = n * s.h + ih;
+        }
+        rows[i] = slot_data;
+      }
+      // The next output row's new input rows come from memory (stem maps are 6-13 MB): request them now so the
+      // loads overlap this row's arithmetic.
+      if (r + 1 < r1 && (r + 1) % s.out_h != 0) {
+        for (int64_t ih = (oh + 1) * s.stride - s.pad + s.kh - s.stride; ih < (oh + 1) * s.stride - s.pad + s.kh; ++ih) {
+          if (ih < 0 || ih >= s.h) continue;
+          const char* src = reinterpret_cast<const char*>(x + (n * s.h + ih) * s.w * c);
+          for (int64_t byte = 0; byte < s.w * c * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(src + byte);
+        }
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* w = w_blocks + b * s.kh * k_row * kChannelBlock;
+        float* acc_b = acc.data() + b * kChannelBlock;
+        // Tiles of equal width (56 = 4 x 14; 64 = 12 + 4 x 13, not 4 x 14 + 8): a narrow remainder tile has too few
+        // independent accumulators to hide the FMA latency.
+        const int64_t tiles = ceil_div(s.out_w, kPixelBlock);
+        for (int64_t t = 0, ow = 0; t < tiles; ++t) {
+          const int64_t width = (s.out_w - ow) / (tiles - t);
+          conv_tile_dispatch(width, rows.data(), ow * step, s.kh, k_row, step, w, acc_b + ow * c_pad, c_pad);
+          ow += width;
+        }
+      }
+      for (int64_t ow = 0; ow < s.out_w; ++ow)
+        epilogue_run(acc.data() + ow * c_pad, bias, 0.f, residual ? residual + (r * s.out_w + ow) * s.c_out : nullptr,
+                     relu, out + (r * s.out_w + ow) * s.c_out, s.c_out);
+    }
+  });
+}
+
+// Dense kxk channels_last without im2col: fp32 register-blocked, bf16 one GEMM per kernel row (its VNNI bf16
+// products beat fp32 FMAs; needs an even kw * c_in).
+template <typename T>
+void dense_conv_channels_last(const T* x, const at::Tensor& weight, const float* bias, const T* residual, bool relu,
+                              T* out, const ConvShape& s) {
+  if constexpr (std::is_same_v<T, float>) {
+    // (c_out, c_in, kh, kw) -> (block, kh, kw, c_in, kChannelBlock), zero-padded past c_out
+    const int64_t blocks = ceil_div(s.c_out, kChannelBlock);
+    const at::Tensor w_blocks =
+        at::constant_pad_nd(weight.to(at::kFloat), {0, 0, 0, 0, 0, 0, 0, blocks * kChannelBlock - s.c_out})
+            .reshape({blocks, kChannelBlock, s.c_in, s.kh, s.kw})
+            .permute({0, 3, 4, 2, 1})
+            .contiguous();
+    blocked_conv_channels_last(x, w_blocks.data_ptr<float>(), bias, residual, relu, out, s);
+  } else {
+    const at::Tensor w_rows = weight.permute({2, 3, 1, 0}).contiguous();  // (kh, kw, c_in, c_out)
+    const at::Tensor w_f = w_rows.to(at::kFloat);
+    row_conv_channels_last<T>(x, w_rows.data_ptr<T>(), w_f.data_ptr<float>(), bias, residual, relu, out, s);
+  }
 }
 
 // Dense convolution with few input channels (a stem's first layer, 3 -> 16..32 channels), channels_last: as a GEMM
@@ -457,10 +588,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
         const at::Tensor w_nk = weight.contiguous();
         gemm_conv_channels_last<T>(x_ptr, w_nk.data_ptr<T>(), k, bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last && row_conv) {
-        const at::Tensor w_rows = weight.permute({2, 3, 1, 0}).contiguous();  // (kh, kw, c_in, c_out)
-        const at::Tensor w_f = w_rows.to(at::kFloat);
-        row_conv_channels_last<T>(x_ptr, w_rows.data_ptr<T>(), w_f.data_ptr<float>(), bias_ptr, res_ptr, relu,
-                                  out_ptr, s);
+        dense_conv_channels_last<T>(x_ptr, weight, bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last) {
         // bf16 with an odd patch size: VNNI needs even K, so im2col into rows padded by one zero tap.
         const at::Tensor w_nk = at::constant_pad_nd(weight.permute({0, 2, 3, 1}).reshape({s.c_out, k}), {0, k_col - k}).contiguous();

@@ -118,15 +118,15 @@ def conv_slower_reasons(x, weight, stride, padding, groups) -> List[str]:
     if groups == 1:
         if tuple(weight.shape[2:]) == (1, 1) and stride == 1 and padding == 0:
             return []
-        # Stem convs 3x3 stride 2, batch 16, 1 thread, channels_last, ms (oneDNN incl. ReLU / cpp). fp32:
-        # S1 3->16 2.18/1.17, 16->32 3.79/3.60, 32->64 2.24/2.22, 64->128 2.06/2.60; S4 3->28 5.01/3.75,
-        # 28->56 12.2/12.4, 56->112 9.2/10.3, 112->224 8.1/10.3. bf16: cpp slower on all eight.
-        if x.dtype == torch.float32 and weight.shape[1] == 3 and tuple(weight.shape[2:]) == (3, 3) and _is_channels_last(x):
+        # Stem convs 3x3 stride 2, batch 16, channels_last, ms, oneDNN incl. ReLU / cpp (2026-11-25, 1 thread):
+        # fp32 S1 3->16 2.06/1.44, 16->32 4.21/2.84, 32->64 2.22/2.24, 64->128 1.90/1.96; S4 28->56 12.7/11.1,
+        # 56->112 9.09/9.64, 112->224 8.47/7.94 (2 threads: 0.96-1.54x). bf16: cpp slower on all (0.6-0.9x).
+        if x.dtype == torch.float32 and _is_channels_last(x):
             return []
         return [
-            "dense (groups=1) convolutions go to ATen except 1x1 and the fp32 channels_last 3-channel 3x3 stem conv: "
-            f"the cpp kernels measured slower than oneDNN's on the rest; got weight {tuple(weight.shape)}, "
-            f"stride {stride}, {x.dtype}"
+            "dense (groups=1) kxk convolutions go to ATen except in fp32 channels_last: the cpp kernels measured "
+            f"slower than oneDNN's on the rest; got weight {tuple(weight.shape)}, stride {stride}, {x.dtype}, "
+            f"{'channels_last' if _is_channels_last(x) else 'NCHW'}"
         ]
     if not _is_channels_last(x):
         # The NCHW stencil measured at about half the speed of ATen's.
