@@ -21,11 +21,39 @@ import shvit_kernels
 
 from .model import BN_Linear, Conv2d_BN, FFN, Residual, ResidualInForward, SHSA, SHViT
 
-__all__ = ["FusedConv2d", "FusedFFN", "FusedSHSA", "fuse", "fuse_bn_linear", "fuse_conv_bn"]
+__all__ = ["FusedConv2d", "FusedFFN", "FusedSHSA", "fuse", "fuse_bn_linear", "fuse_conv_bn", "input_major"]
+
+
+def input_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (C_out, C_in, 1, 1) stored so that its (C_in, C_out) transpose is contiguous."""
+    return weight.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 class FusedConv2d(ResidualInForward, nn.Conv2d):
-    """Conv2d with bias run through ``shvit_kernels.conv_bias_act`` (optionally + residual, ReLU)."""
+    """Conv2d with bias run through ``shvit_kernels.conv_bias_act`` (optionally + residual, ReLU).
+
+    On CPU a 1x1 weight is kept input-channel major (see :func:`input_major`): the C++ GEMMs take W^T as their
+    B operand and read that layout in place, where a contiguous weight costs a transpose on every call (1-2 ms
+    of S1's 43 ms batch-16 forward). Every backend accepts either layout with the same result; on other devices,
+    and for convs whose kernels want the plain layout (``input_major_on_cpu = False``), the weight is contiguous.
+    The layout follows the device through ``.to()`` / ``.cuda()`` / ``.float()``.
+    """
+
+    input_major_on_cpu = True
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.lay_out_weight()
+        return self
+
+    @torch.no_grad()
+    def lay_out_weight(self) -> None:
+        w = self.weight
+        pointwise = tuple(w.shape[2:]) == (1, 1) and self.groups == 1
+        if pointwise and self.input_major_on_cpu and w.device.type == "cpu":
+            w.data = input_major(w)
+        elif not w.is_contiguous():
+            w.data = w.contiguous()
 
     def forward(self, x: torch.Tensor, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return shvit_kernels.conv_bias_act(
@@ -73,7 +101,7 @@ class FusedSHSA(ResidualInForward, nn.Module):
         return self.proj[1](attended, residual=residual)
 
 
-def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> FusedConv2d:
+def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, input_major_on_cpu: bool = True) -> FusedConv2d:
     """A FusedConv2d with ``template``'s geometry holding ``weight`` and ``bias``."""
     conv = FusedConv2d(
         weight.shape[1] * template.groups,
@@ -86,8 +114,10 @@ def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) ->
         device=weight.device,
         dtype=weight.dtype,
     )
+    conv.input_major_on_cpu = input_major_on_cpu
     conv.weight.copy_(weight)
     conv.bias.copy_(bias)
+    conv.lay_out_weight()
     return conv
 
 
@@ -138,7 +168,9 @@ def _fuse_shsa(m: SHSA) -> FusedSHSA:
         m.pre_norm.weight, m.pre_norm.bias, m.qkv.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
     )
     proj = nn.Sequential(nn.ReLU(), fuse_conv_bn(m.proj[1]))
-    return FusedSHSA(m.dim, m.qk_dim, m.pdim, _conv_with(m.qkv.c, weight, bias), proj, m.pre_norm.eps)
+    # shsa_fused's kernels read qkv's weight in the plain layout.
+    qkv = _conv_with(m.qkv.c, weight, bias, input_major_on_cpu=False)
+    return FusedSHSA(m.dim, m.qk_dim, m.pdim, qkv, proj, m.pre_norm.eps)
 
 
 def _fused_replacement(module: nn.Module) -> Optional[nn.Module]:

@@ -35,13 +35,19 @@ def _bn_params(c, dtype, device):
     )
 
 
-def conv_case(b, c_in, c_out, h, w, k, stride, groups, relu, residual, training):
+def _input_major(weight):
+    """A 1x1 weight stored as shvit.fuse keeps it on CPU: its (C_in, C_out) transpose contiguous."""
+    return weight.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def conv_case(b, c_in, c_out, h, w, k, stride, groups, relu, residual, training, input_major=False):
     pad = k // 2
 
     def build(dtype, device, channels_last):
         x = _act(b, c_in, h, w, dtype, device, channels_last)
         fan_in = (c_in // groups) * k * k
-        t = dict(x=x, weight=_t(c_out, c_in // groups, k, k, dtype=dtype, device=device, scale=fan_in ** -0.5))
+        weight = _t(c_out, c_in // groups, k, k, dtype=dtype, device=device, scale=fan_in ** -0.5)
+        t = dict(x=x, weight=_input_major(weight) if input_major else weight)
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
         if residual:
             t["residual"] = _act(b, c_out, h_out, w_out, dtype, device, channels_last)
@@ -55,14 +61,15 @@ def conv_case(b, c_in, c_out, h, w, k, stride, groups, relu, residual, training)
     return build
 
 
-def ffn_case(b, c, h, w, hidden_ratio=2):
+def ffn_case(b, c, h, w, hidden_ratio=2, input_major=False):
     def build(dtype, device, channels_last):
         hid = c * hidden_ratio
+        layout = _input_major if input_major else (lambda weight: weight)
         t = dict(
             x=_act(b, c, h, w, dtype, device, channels_last),
-            w1=_t(hid, c, 1, 1, dtype=dtype, device=device, scale=c ** -0.5),
+            w1=layout(_t(hid, c, 1, 1, dtype=dtype, device=device, scale=c ** -0.5)),
             b1=_t(hid, dtype=dtype, device=device, scale=0.1),
-            w2=_t(c, hid, 1, 1, dtype=dtype, device=device, scale=hid ** -0.5),
+            w2=layout(_t(c, hid, 1, 1, dtype=dtype, device=device, scale=hid ** -0.5)),
             b2=_t(c, dtype=dtype, device=device, scale=0.1),
         )
         return K.ffn_fused, t
@@ -99,6 +106,7 @@ def _conv_cases(training):
         (f"conv-{tag}-dw3x3s2-relu", conv_case(2, 96, 96, 14, 14, 3, 2, 96, True, False, training)),
         (f"conv-{tag}-1x1-relu", conv_case(2, 224, 448, 7, 7, 1, 1, 1, True, False, training)),
         (f"conv-{tag}-1x1-residual", conv_case(2, 320, 320, 4, 4, 1, 1, 1, False, True, training)),
+        (f"conv-{tag}-1x1-input-major-weight", conv_case(2, 48, 80, 5, 3, 1, 1, 1, True, True, training, input_major=True)),
     ]
 
 
@@ -119,6 +127,7 @@ CASES = (
     + [
         ("ffn-s1-stage1", ffn_case(2, 128, 14, 14)),
         ("ffn-odd", ffn_case(1, 20, 5, 7)),
+        ("ffn-input-major-weights", ffn_case(2, 24, 6, 5, input_major=True)),
     ]
     + _shsa_cases(None)
     + _shsa_cases(True)

@@ -342,6 +342,23 @@ def test_fuse_leaves_the_original_untouched_and_folds_everything():
     assert type(fused.head) is nn.Linear
 
 
+def test_fused_1x1_weights_are_input_major_on_cpu_only():
+    """The C++ GEMMs read an input-channel-major 1x1 weight in place; the layout follows the device."""
+    fused = shvit.fuse(randomize_norms(shvit.create_model("shvit_s1")).eval())
+    pw1 = fused.blocks1[0].ffn.m.pw1.weight
+    assert not pw1.is_contiguous() and pw1.transpose(0, 1).is_contiguous()
+    qkv = fused.blocks2[3].mixer.m.qkv.weight  # shsa_fused reads the plain layout
+    assert qkv.is_contiguous()
+    for module in fused.modules():
+        if isinstance(module, FusedConv2d) and module.kernel_size != (1, 1):
+            assert module.weight.is_contiguous()
+    # Conversions keep the rule: still input major after .double() and channels_last, plain off the CPU.
+    fused.double().to(memory_format=torch.channels_last)
+    assert fused.blocks1[0].ffn.m.pw1.weight.transpose(0, 1).is_contiguous()
+    meta = copy.deepcopy(fused).to("meta")
+    assert meta.blocks1[0].ffn.m.pw1.weight.is_contiguous()
+
+
 def test_depthwise_residual_folds_into_the_centre_tap():
     block = randomize_norms(Residual(Conv2d_BN(6, 6, 3, 1, 1, groups=6))).eval()
     fused = shvit.fuse(block)

@@ -255,6 +255,24 @@ void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t 
   }
 }
 
+bool is_input_major(const at::Tensor& w) {
+  const int64_t cols = w.size(0), rows = w.numel() / std::max<int64_t>(cols, 1);
+  if (cols < 2 || rows < 2) return false;  // a vector: either layout is contiguous
+  for (int64_t d = 2; d < w.dim(); ++d)
+    if (w.size(d) != 1) return false;
+  return w.stride(0) == 1 && w.stride(1) == cols;
+}
+
+template <typename T>
+void MatB<T>::assign_weight(const at::Tensor& w) {
+  const int64_t cols = w.size(0), rows = w.numel() / cols;
+  if (is_input_major(w)) return assign(w.data_ptr<T>(), rows, cols, cols);
+  const at::Tensor m = w.reshape({cols, rows}).contiguous();
+  assign_transposed(m.data_ptr<T>(), rows, cols);
+}
+template void MatB<float>::assign_weight(const at::Tensor&);
+template void MatB<BFloat16>::assign_weight(const at::Tensor&);
+
 namespace {
 // Column panel per micro-kernel call, so the panel of B stays in L2 while every row of A streams past it.
 constexpr int64_t kPanelCols = 128;

@@ -150,7 +150,14 @@ struct MatB {
   // B = w^T for a row-major w (cols x rows), as conv and FFN weights are stored: one blocked transpose, which for
   // bf16 with even rows is directly the VNNI layout (each (k, k + 1) pair of a row of w is one 32-bit element).
   void assign_transposed(const T* w, int64_t rows, int64_t cols);
+  // B = w^T for a 1x1 conv weight w (cols, rows, 1, 1) or a matrix (cols, rows) in either layout: read in place
+  // (fp32) when stored input-channel major, i.e. w^T contiguous, as shvit.fuse keeps CPU weights; otherwise one
+  // transpose per call, which for S1's weights cost 1-2 ms of a 43 ms forward. w must outlive the MatB.
+  void assign_weight(const at::Tensor& w);
 };
+
+// True when the 2-D view of weight w (cols, rows[, 1, 1]) is the transpose of a contiguous (rows, cols) matrix.
+bool is_input_major(const at::Tensor& w);
 
 // C[m, n] = A[m, k] B[k, n] (row-major, fp32 C overwritten, or added to when accumulate), k and n from b. lda may be
 // smaller than k: rows of A may overlap, which is how the dense convolution reads a kernel row's patch in place.

@@ -45,16 +45,16 @@ void im2col_row_channels_last(const T* x, const ConvShape& s, int64_t pixel, T* 
   }
 }
 
-// weight_nk: (c_out, k_col), columns in (kh, kw, c_in) order; k_col may exceed the patch size by one zero column
-// (bf16 needs an even K), the matching im2col column staying zero.
+// weight_nk: (c_out, k_col[, 1, 1]) in either layout (MatB::assign_weight), columns in (kh, kw, c_in) order; k_col
+// may exceed the patch size by one zero column (bf16 needs an even K), the matching im2col column staying zero.
 template <typename T>
-void gemm_conv_channels_last(const T* x, const T* weight_nk, int64_t k_col, const float* bias, const T* residual,
+void gemm_conv_channels_last(const T* x, const at::Tensor& weight_nk, int64_t k_col, const float* bias, const T* residual,
                              bool relu, T* out, const ConvShape& s) {
   const int64_t rows = s.batch * s.out_h * s.out_w, c_out = s.c_out;
   const bool direct = s.pointwise();
   const int64_t tile = rows_per_tile(rows, (direct ? 0 : k_col) + c_out);
   MatB<T> weights;
-  weights.assign_transposed(weight_nk, k_col, c_out);
+  weights.assign_weight(weight_nk);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<T> col(direct ? 0 : tile * k_col, T(0));
@@ -585,14 +585,13 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
         const at::Tensor w_kc = weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();  // (kh, kw, c_in, c_out)
         small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_kc.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last && s.pointwise()) {
-        const at::Tensor w_nk = weight.contiguous();
-        gemm_conv_channels_last<T>(x_ptr, w_nk.data_ptr<T>(), k, bias_ptr, res_ptr, relu, out_ptr, s);
+        gemm_conv_channels_last<T>(x_ptr, weight, k, bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last && row_conv) {
         dense_conv_channels_last<T>(x_ptr, weight, bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last) {
         // bf16 with an odd patch size: VNNI needs even K, so im2col into rows padded by one zero tap.
         const at::Tensor w_nk = at::constant_pad_nd(weight.permute({0, 2, 3, 1}).reshape({s.c_out, k}), {0, k_col - k}).contiguous();
-        gemm_conv_channels_last<T>(x_ptr, w_nk.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);
+        gemm_conv_channels_last<T>(x_ptr, w_nk, k_col, bias_ptr, res_ptr, relu, out_ptr, s);
       } else {
         const at::Tensor w_mk = at::constant_pad_nd(weight.reshape({s.c_out, k}), {0, k_col - k}).contiguous();
         gemm_conv_nchw<T>(x_ptr, w_mk.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);

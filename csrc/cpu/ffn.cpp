@@ -45,14 +45,14 @@ T* activate_hidden(float* acc, T* hidden_buf, const float* b1_run, const float* 
 // channels_last: x is a (pixels, C) row-major matrix; hidden tile (rows, H) = x_tile W1^T, with w1 (H, C) and
 // w2 (C, H) as stored.
 template <typename T>
-void ffn_channels_last(const T* x, const T* w1, const float* b1, const T* w2, const float* b2, T* out,
+void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const at::Tensor& w2, const float* b2, T* out,
                        const FfnShape& s) {
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
   MatB<T> w1_kn, w2_kn;
-  w1_kn.assign_transposed(w1, c, hd);
-  w2_kn.assign_transposed(w2, hd, c);
+  w1_kn.assign_weight(w1);
+  w2_kn.assign_weight(w2);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<float> hidden_acc(tile * hd), out_acc(fp32 ? 0 : tile * c);
@@ -211,13 +211,17 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
   const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(xc.sizes(), xc.options(), fmt);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_ffn_fused", [&] {
-    auto kernel = channels_last ? ffn_channels_last<scalar_t> : ffn_nchw<scalar_t>;
-    kernel(xc.data_ptr<scalar_t>(), w1c.data_ptr<scalar_t>(), b1f.data_ptr<float>(), w2c.data_ptr<scalar_t>(),
-           b2f.data_ptr<float>(), out.data_ptr<scalar_t>(), s);
+    using T = scalar_t;
+    if (channels_last) {
+      ffn_channels_last<T>(xc.data_ptr<T>(), w1, b1f.data_ptr<float>(), w2, b2f.data_ptr<float>(), out.data_ptr<T>(), s);
+    } else {
+      const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+      ffn_nchw<T>(xc.data_ptr<T>(), w1c.data_ptr<T>(), b1f.data_ptr<float>(), w2c.data_ptr<T>(), b2f.data_ptr<float>(),
+                  out.data_ptr<T>(), s);
+    }
   });
   return out;
 }
