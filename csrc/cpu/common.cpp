@@ -141,16 +141,24 @@ namespace {
 template <typename E>
 void transpose_blocked(const E* src, int64_t rows, int64_t cols, E* dst) {
   constexpr int64_t kBlock = 16;
-  for (int64_t i = 0; i < rows; i += kBlock)
-    for (int64_t j = 0; j < cols; j += kBlock)
-      at::vec::transpose_mxn<E>(src + i * cols + j, cols, dst + j * rows + i, rows,
-                                static_cast<int>(std::min(kBlock, rows - i)), static_cast<int>(std::min(kBlock, cols - j)));
+  // Weights are transposed / packed on every call outside the kernels' parallel regions: split large ones over
+  // the threads too (S1's bf16 weights: about 1 ms per forward on one thread). Nested in a parallel region this
+  // runs inline.
+  const int64_t row_blocks = ceil_div(rows, kBlock), grain = ceil_div(int64_t{32768}, kBlock * std::max<int64_t>(cols, 1));
+  at::parallel_for(0, row_blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * kBlock; i < std::min(rows, b1 * kBlock); i += kBlock)
+      for (int64_t j = 0; j < cols; j += kBlock)
+        at::vec::transpose_mxn<E>(src + i * cols + j, cols, dst + j * rows + i, rows,
+                                  static_cast<int>(std::min(kBlock, rows - i)),
+                                  static_cast<int>(std::min(kBlock, cols - j)));
+  });
 }
 
 }  // namespace
 
 at::Tensor transposed(const at::Tensor& m) {
   TORCH_CHECK(m.dim() == 2, "shvit cpp transposed: expected a 2-D tensor, got shape ", m.sizes());
+  if (m.t().is_contiguous()) return m.t();  // stored transposed already (an input-major weight)
   const at::Tensor src = m.contiguous();
   at::Tensor dst = at::empty({src.size(1), src.size(0)}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "shvit_transposed", [&] {
@@ -158,6 +166,8 @@ at::Tensor transposed(const at::Tensor& m) {
   });
   return dst;
 }
+
+at::Tensor contiguous_matrix(const at::Tensor& m) { return m.is_contiguous() ? m : transposed(m.t()); }
 
 namespace {
 

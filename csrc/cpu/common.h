@@ -45,8 +45,12 @@ at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n
 at::MemoryFormat activation_format(const at::Tensor& x);
 
 // The contiguous transpose of a 2-D tensor, in 16 x 16 blocks so both sides stay in cache: about ten times faster
-// than t().contiguous() for the weight transposes the channels_last GEMMs need on every call.
+// than t().contiguous() for the weight transposes the channels_last GEMMs need on every call. A matrix stored
+// transposed comes back as a view. Read-only use.
 at::Tensor transposed(const at::Tensor& m);
+// A 2-D tensor as a contiguous row-major matrix, blocked-transposing one stored transposed (an input-major 1x1
+// weight, which the NCHW kernels read as the A operand of W X).
+at::Tensor contiguous_matrix(const at::Tensor& m);
 
 // An uninitialised output tensor. Large ones (at least 4 MiB) reuse blocks released by earlier outputs of the same
 // size: fresh pages cost a fault and the kernel's zeroing each, which glibc makes ATen pay on every forward for

@@ -140,8 +140,7 @@ void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const
 // reading the inputs of a kernel row in place (pixel ow's kw * c_in patch starts at ow * stride * c_in of the padded
 // row) and the weights as one contiguous stream per channel block. A GEMM micro-kernel gets only a kernel row's
 // K = kw * c_in per call and must add into C in memory between kernel rows; for the stem's 16 -> 32 that ran at half
-// of the 1x1 convolutions' speed. Input rows are copied into zero-padded fp32 rows, so no pixel is a border case and
-// bf16 is widened once.
+// of the 1x1 convolutions' speed. Input rows are copied into zero-padded rows, so no pixel is a border case.
 constexpr int64_t kChannelVecs = 2;
 constexpr int64_t kChannelBlock = kChannelVecs * kVec;
 // Accumulators: 28 of AVX-512's 32 registers, 12 of AVX2's 16 (two hold weights, one the broadcast input).
@@ -214,7 +213,8 @@ void blocked_conv_channels_last(const float* x, const float* w_blocks, const flo
       // The next output row's new input rows come from memory (stem maps are 6-13 MB): request them now so the
       // loads overlap this row's arithmetic.
       if (r + 1 < r1 && (r + 1) % s.out_h != 0) {
-        for (int64_t ih = (oh + 1) * s.stride - s.pad + s.kh - s.stride; ih < (oh + 1) * s.stride - s.pad + s.kh; ++ih) {
+        const int64_t next_top = (oh + 1) * s.stride - s.pad;
+        for (int64_t ih = next_top + std::max<int64_t>(0, s.kh - s.stride); ih < next_top + s.kh; ++ih) {
           if (ih < 0 || ih >= s.h) continue;
           const char* src = reinterpret_cast<const char*>(x + (n * s.h + ih) * s.w * c);
           for (int64_t byte = 0; byte < s.w * c * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(src + byte);
@@ -593,7 +593,8 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
         const at::Tensor w_nk = at::constant_pad_nd(weight.permute({0, 2, 3, 1}).reshape({s.c_out, k}), {0, k_col - k}).contiguous();
         gemm_conv_channels_last<T>(x_ptr, w_nk, k_col, bias_ptr, res_ptr, relu, out_ptr, s);
       } else {
-        const at::Tensor w_mk = at::constant_pad_nd(weight.reshape({s.c_out, k}), {0, k_col - k}).contiguous();
+        const at::Tensor w_mk = k_col == k ? contiguous_matrix(weight.reshape({s.c_out, k}))
+                                           : at::constant_pad_nd(weight.reshape({s.c_out, k}), {0, k_col - k}).contiguous();
         gemm_conv_nchw<T>(x_ptr, w_mk.data_ptr<T>(), k_col, bias_ptr, res_ptr, relu, out_ptr, s);
       }
     }

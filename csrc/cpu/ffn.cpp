@@ -218,7 +218,8 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
     if (channels_last) {
       ffn_channels_last<T>(xc.data_ptr<T>(), w1, b1f.data_ptr<float>(), w2, b2f.data_ptr<float>(), out.data_ptr<T>(), s);
     } else {
-      const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+      const at::Tensor w1c = contiguous_matrix(w1.reshape({s.hidden, s.c}));
+      const at::Tensor w2c = contiguous_matrix(w2.reshape({s.c, s.hidden}));
       ffn_nchw<T>(xc.data_ptr<T>(), w1c.data_ptr<T>(), b1f.data_ptr<float>(), w2c.data_ptr<T>(), b2f.data_ptr<float>(),
                   out.data_ptr<T>(), s);
     }
@@ -245,8 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused
   const at::Tensor xc = x.contiguous(fmt), go = grad_out.contiguous(fmt);
   // Weights stored in the mode's order: row-major logical (H, C) / (C, H) for channels_last, transposed for NCHW.
   const at::Tensor w1m = w1.reshape({s.hidden, s.c}), w2m = w2.reshape({s.c, s.hidden});
-  const at::Tensor w1s = cm ? transposed(w1m) : w1m.contiguous();
-  const at::Tensor w2s = cm ? transposed(w2m) : w2m.contiguous();
+  const at::Tensor w1s = cm ? transposed(w1m) : contiguous_matrix(w1m);
+  const at::Tensor w2s = cm ? transposed(w2m) : contiguous_matrix(w2m);
   const at::Tensor w1f = w1s.to(at::kFloat).contiguous(), b1f = b1.to(at::kFloat).contiguous();
   at::Tensor grad_x = at::empty_like(xc, xc.options().memory_format(fmt));
   // Tiles of up to 512 rows of the (B * pixels, C) matrix, at least one per thread.
