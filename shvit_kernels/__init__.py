@@ -3,10 +3,12 @@
 Functional API (all differentiable, torch.compile-able, autocast-aware):
     conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, fold_bn, fold_shsa
 Backend control:
-    use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+    use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND
+Looking in: the ``shvit_kernels.dispatch`` module (usable_backends, explain, observe, record, backend_table).
 """
 
-from ._dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
+from . import dispatch
+from .dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
 from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
@@ -20,6 +22,7 @@ __all__ = [
     "chosen_backend",
     "conv_bias_act",
     "conv_bn",
+    "dispatch",
     "ffn",
     "ffn_fused",
     "fold_bn",

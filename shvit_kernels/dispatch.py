@@ -1,120 +1,198 @@
-"""Per-call backend choice for the fused ops.
+"""Per-call backend choice for the fused ops: the public face of the dispatcher.
 
-Every op has a pure-PyTorch ``reference`` kernel (its spec) and may have faster kernels from other
-backends. A backend kernel is registered with a ``not_supported_reasons`` function that returns why it
-cannot take a given call (empty list: it can), and optionally a ``slower_reasons`` function naming calls it
-can run but was measured slower on than the next backend. At run time the first backend in the device's
-preference order with neither kind of reason wins; a forced backend ignores its ``slower_reasons``. Users can force a backend with :func:`use_backend` (context manager),
-:func:`set_backend` (global) or the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that
-cannot take a call raises an error listing its reasons instead of silently falling back.
-:func:`prefer_backend` is the lenient form: the backend runs what it can and the usual order the rest.
+Every op has a pure-PyTorch ``reference`` kernel (its spec) and may have faster kernels from other backends.
+A backend registers once, through :func:`register_backend`, with one vocabulary:
+
+* ``availability``: why it cannot run at all here (extension not built, no CUDA device); empty list: it can;
+* ``kernels``: op name -> kernel, called with the op's schema arguments in order;
+* ``not_supported``: op name -> why its kernel cannot take a call (empty list: it can);
+* ``slower``: op name -> why automatic choice should leave a call it can run to the next backend (measured
+  slower there); a forced backend ignores these.
+
+Reasons functions receive the call's arguments by keyword, under their schema names, and take only those they
+need (``def reasons(x, weight, groups, **_)``), so a schema change touches the schema, the reference and the
+kernels, not every reasons function.
+
+At run time the first backend in the device's order (:data:`DEFAULT_ORDER`) with neither kind of reason wins.
+Users force a backend with :func:`use_backend` (context manager, thread-local), :func:`set_backend` (global) or
+the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that cannot take a call raises an error
+listing its reasons instead of silently falling back. :func:`prefer_backend` is the lenient form: the backend
+runs what it can and the usual order the rest. When no backend can take a call the error lists every backend's
+reasons.
+
+Looking in:
+
+* :func:`usable_backends` the backends that can run kernels on a device type here;
+* :func:`explain` every backend's reasons for one call and the backend and kernel chosen (a :class:`Choice`);
+* :func:`observe` / :func:`record` see each kernel call as it runs (tests, profilers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
-
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 ENV_VAR = "SHVIT_KERNELS_BACKEND"
 
-# Preference when nothing is forced. On CUDA the per-op order can be overridden by measured tables
-# (see ``set_preference``); the default puts Triton first because it covers every op.
-_DEFAULT_PREFERENCE: Dict[str, Sequence[str]] = {
+# Order when nothing is forced. Triton comes first on CUDA because it covers every op.
+DEFAULT_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpp", "reference"),
 }
 
 Reasons = Callable[..., List[str]]
 
-
-def always_ok(*args, **kwargs) -> List[str]:
-    return []
+__all__ = [
+    "BACKENDS",
+    "Choice",
+    "DEFAULT_ORDER",
+    "DispatchedCall",
+    "ENV_VAR",
+    "NoBackendError",
+    "backend_table",
+    "chosen_backend",
+    "explain",
+    "forced_backend",
+    "kernel",
+    "observe",
+    "op_arguments",
+    "ops",
+    "order",
+    "patched_backend",
+    "prefer_backend",
+    "record",
+    "register_backend",
+    "set_backend",
+    "unavailable_reasons",
+    "usable_backends",
+    "use_backend",
+]
 
 
 @dataclass
-class Backend:
-    """A named group of kernels with a global availability check (extension built, package present)."""
+class _Backend:
+    """A named group of kernels: what :func:`register_backend` was given for one backend."""
 
     name: str
+    device_types: Optional[Tuple[str, ...]] = None  # None: any device type
     availability: Callable[[], List[str]] = lambda: []
     kernels: Dict[str, Callable] = field(default_factory=dict)
-    checks: Dict[str, Reasons] = field(default_factory=dict)
+    not_supported: Dict[str, Reasons] = field(default_factory=dict)
     slower: Dict[str, Reasons] = field(default_factory=dict)
 
-    def unavailable_reasons(self) -> List[str]:
-        return list(self.availability())
-
-    def not_supported_reasons(self, op: str, *args, **kwargs) -> List[str]:
-        reasons = self.unavailable_reasons()
+    def not_supported_reasons(self, op: str, device_type: str, args: Mapping[str, object]) -> List[str]:
+        if self.device_types is not None and device_type not in self.device_types:
+            return [f"backend '{self.name}' runs on {', '.join(self.device_types)} only, not {device_type}"]
+        reasons = list(self.availability())
         if reasons:
             return reasons
         if op not in self.kernels:
             return [f"backend '{self.name}' has no kernel for op '{op}'"]
-        return list(self.checks[op](*args, **kwargs))
+        check = self.not_supported.get(op)
+        return list(check(**args)) if check is not None else []
 
-    def passed_over_reasons(self, op: str, *args, **kwargs) -> List[str]:
-        """Why automatic dispatch skips this backend for the call: it cannot run it, or is measured slower."""
-        reasons = self.not_supported_reasons(op, *args, **kwargs)
-        if reasons:
-            return reasons
-        return list(self.slower.get(op, always_ok)(*args, **kwargs))
+    def slower_reasons(self, op: str, args: Mapping[str, object]) -> List[str]:
+        check = self.slower.get(op)
+        return list(check(**args)) if check is not None else []
 
 
-_backends: Dict[str, Backend] = {name: Backend(name) for name in BACKENDS}
-_op_preference: Dict[tuple, Sequence[str]] = {}
+_backends: Dict[str, _Backend] = {name: _Backend(name) for name in BACKENDS}
+_op_arguments: Dict[str, Tuple[str, ...]] = {}
 _state = threading.local()
 _global_forced: Optional[str] = None
+_observers: Tuple[Callable, ...] = ()
+_observers_lock = threading.Lock()
 
 
-def backend(name: str) -> Backend:
+def _backend(name: str) -> _Backend:
     if name not in _backends:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     return _backends[name]
 
 
-def set_availability(name: str, check: Callable[[], List[str]]) -> None:
-    backend(name).availability = check
+# ---------------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------------
+def define_op_arguments(op: str, names: Sequence[str]) -> None:
+    """Record an op's schema argument names (``define_op`` does this), by which reasons functions are called."""
+    _op_arguments[op] = tuple(names)
 
 
-def register_kernel(
-    op: str,
-    backend_name: str,
-    fn: Callable,
-    not_supported_reasons: Reasons = always_ok,
-    slower_reasons: Reasons = always_ok,
-):
-    """Register ``fn`` as ``backend_name``'s kernel for ``op``.
+def op_arguments(op: str) -> Tuple[str, ...]:
+    """The schema argument names of ``op``, in order."""
+    if op not in _op_arguments:
+        raise ValueError(f"unknown op {op!r}; expected one of {ops()}")
+    return _op_arguments[op]
 
-    Both reason functions receive the same arguments as ``fn`` and return a list of strings:
-    ``not_supported_reasons`` why the kernel cannot run the call, ``slower_reasons`` why automatic dispatch
-    should leave a call it can run to the next backend (measured slower there).
+
+def register_backend(
+    name: str,
+    *,
+    device_types: Optional[Sequence[str]] = None,
+    availability: Optional[Callable[[], List[str]]] = None,
+    kernels: Optional[Mapping[str, Callable]] = None,
+    not_supported: Optional[Mapping[str, Reasons]] = None,
+    slower: Optional[Mapping[str, Reasons]] = None,
+) -> None:
+    """Register (or extend) backend ``name``: the one way a backend tells the dispatcher what it has.
+
+    ``device_types``: the device types its kernels run on (None: any). ``availability()``: why it cannot run at
+    all. ``kernels``: op -> kernel taking the op's schema arguments positionally. ``not_supported`` and
+    ``slower``: op -> reasons function called with the call's arguments by name (see the module docstring).
+    Given parts replace what was registered under the same keys; parts not given stay.
     """
-    b = backend(backend_name)
-    b.kernels[op] = fn
-    b.checks[op] = not_supported_reasons
-    b.slower[op] = slower_reasons
+    b = _backend(name)
+    for part, ops_ in (("not_supported", not_supported), ("slower", slower)):
+        extra = set(ops_ or ()) - set(kernels or ()) - set(b.kernels)
+        if extra:
+            raise ValueError(f"register_backend({name!r}): {part} reasons for ops without a kernel: {sorted(extra)}")
+    if device_types is not None:
+        b.device_types = tuple(device_types)
+    if availability is not None:
+        b.availability = availability
+    b.kernels.update(kernels or {})
+    b.not_supported.update(not_supported or {})
+    b.slower.update(slower or {})
 
 
-def set_preference(op: str, device_type: str, order: Sequence[str]) -> None:
-    """Override the backend order for one op on one device type (used by measured dispatch tables)."""
-    for name in order:
-        backend(name)
-    _op_preference[(op, device_type)] = tuple(order)
+@contextlib.contextmanager
+def patched_backend(name: str, *, start_empty: bool = False, **registration) -> Iterator[None]:
+    """Inside the block, backend ``name`` is registered as it is plus ``registration`` (the arguments of
+    :func:`register_backend`), or as ``registration`` alone with ``start_empty=True``; restored afterwards.
+
+    For tests and experiments: plant a kernel, make a backend (un)available, fake a measured-slower rule.
+    """
+    saved = _backend(name)
+    if start_empty:
+        patched = _Backend(name, device_types=saved.device_types)
+    else:
+        patched = dataclasses.replace(
+            saved, kernels=dict(saved.kernels), not_supported=dict(saved.not_supported), slower=dict(saved.slower)
+        )
+    _backends[name] = patched
+    try:
+        register_backend(name, **registration)
+        yield
+    finally:
+        _backends[name] = saved
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Forcing a backend
+# ---------------------------------------------------------------------------------------------------------------
 def _validate_forced(name: Optional[str]) -> Optional[str]:
     if name is None or name == "" or name == "auto":
         return None
-    backend(name)
+    _backend(name)
     return name
 
 
-def _forced() -> Optional[Tuple[str, bool]]:
+def _forced() -> Optional[Tuple[Optional[str], bool]]:
     """(backend, strict) from the innermost context manager, else set_backend, else the environment."""
     stack = getattr(_state, "stack", None)
     if stack:
@@ -165,48 +243,218 @@ def prefer_backend(name: Optional[str]):
     return use_backend(name, strict=False)
 
 
-def preference(op: str, device_type: str) -> Sequence[str]:
-    return _op_preference.get((op, device_type), _DEFAULT_PREFERENCE.get(device_type, ("reference",)))
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing
+# ---------------------------------------------------------------------------------------------------------------
+class NoBackendError(RuntimeError):
+    """No backend can take a call (or the forced one cannot); the message lists every backend's reasons."""
 
 
-def select(op: str, device_type: str, *args, **kwargs) -> Callable:
-    """Return the kernel that will run ``op`` for these arguments."""
+class Choice(NamedTuple):
+    """What :func:`explain` found for one call.
+
+    ``backend``/``kernel``: the choice (None when no backend can take the call; ``error`` then says why).
+    ``not_supported``: every backend's reasons it cannot run the call (empty list: it can). ``slower``: for
+    backends that can, the measured-slower reasons automatic choice passed them over for. ``order``: the
+    backends in the order they were considered; ``forced``: the forced or preferred backend, if any.
+    """
+
+    op: str
+    device_type: str
+    backend: Optional[str]
+    kernel: Optional[Callable]
+    order: Tuple[str, ...]
+    forced: Optional[str]
+    not_supported: Dict[str, List[str]]
+    slower: Dict[str, List[str]]
+    error: Optional[str]
+
+
+def order(device_type: str) -> Tuple[str, ...]:
+    """The backends automatic choice tries on ``device_type``, first to last."""
+    return tuple(DEFAULT_ORDER.get(device_type, ("reference",)))
+
+
+def _named(op: str, args: tuple, kwargs: dict) -> Dict[str, object]:
+    names = op_arguments(op)
+    if len(args) > len(names):
+        raise TypeError(f"op '{op}' takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise TypeError(f"op '{op}': missing arguments {missing}")
+    return named
+
+
+def _choose(op: str, device_type: str, named: Mapping[str, object], every: bool):
+    """(backend name or None, order, forced, not_supported, slower, error); ``every`` asks every backend."""
+    not_supported: Dict[str, List[str]] = {}
+    slower: Dict[str, List[str]] = {}
     forced = _forced()
-    if forced is not None and forced[0] is not None:
-        name, strict = forced
-        reasons = backend(name).not_supported_reasons(op, *args, **kwargs)
-        if not reasons:
-            return backend(name).kernels[op]
-        if strict:
-            raise RuntimeError(
-                f"shvit_kernels: backend '{name}' was forced but cannot run op '{op}': " + "; ".join(reasons)
-            )
-    for name in preference(op, device_type):
-        b = _backends[name]
-        if not b.passed_over_reasons(op, *args, **kwargs):
-            return b.kernels[op]
-    raise RuntimeError(f"shvit_kernels: no backend can run op '{op}' on {device_type}")
+    name, strict = forced if forced is not None else (None, True)
+    chosen = None
+    tried: List[str] = []
+    if name is not None:
+        tried.append(name)
+        not_supported[name] = _backends[name].not_supported_reasons(op, device_type, named)
+        if not not_supported[name]:
+            chosen = name
+        elif strict:
+            error = f"shvit_kernels: backend '{name}' was forced but cannot run op '{op}': " + "; ".join(not_supported[name])
+            if every:
+                for other in BACKENDS:
+                    if other not in not_supported:
+                        not_supported[other] = _backends[other].not_supported_reasons(op, device_type, named)
+            return None, tuple(tried), name, not_supported, slower, error
+    for candidate in order(device_type):
+        if chosen is not None and not every:
+            break
+        if candidate == name:  # the forced or preferred backend was asked above
+            continue
+        tried.append(candidate)
+        not_supported[candidate] = _backends[candidate].not_supported_reasons(op, device_type, named)
+        if not_supported[candidate]:
+            continue
+        slower[candidate] = _backends[candidate].slower_reasons(op, named)
+        if chosen is None and not slower[candidate]:
+            chosen = candidate
+    if every:
+        for other in BACKENDS:
+            if other not in not_supported:
+                not_supported[other] = _backends[other].not_supported_reasons(op, device_type, named)
+    error = None
+    if chosen is None:
+        lines = [f"  {b}: " + "; ".join(not_supported.get(b) or slower.get(b) or ["not considered"]) for b in tried]
+        error = f"shvit_kernels: no backend can run op '{op}' on {device_type}:\n" + "\n".join(lines)
+    return chosen, tuple(tried), name, not_supported, slower, error
 
 
-def chosen_backend(op: str, device_type: str, *args, **kwargs) -> str:
-    """Name of the backend :func:`select` would use (for tests, info and benchmarks)."""
-    fn = select(op, device_type, *args, **kwargs)
-    for name, b in _backends.items():
-        if b.kernels.get(op) is fn:
-            return name
-    raise AssertionError("selected kernel is not registered")
+def explain(op: str, *args, device_type: Optional[str] = None, **kwargs) -> Choice:
+    """Every backend's reasons for the call ``op(*args)`` and the backend and kernel chosen for it.
+
+    ``args`` are the op's schema arguments (see :func:`op_arguments`); ``device_type`` defaults to the first
+    argument's. Never raises for a call no backend can take: ``backend`` is then None and ``error`` says why.
+    """
+    named = _named(op, args, kwargs)
+    if device_type is None:
+        device_type = _device_type_of(named[op_arguments(op)[0]])
+    chosen, tried, forced, not_supported, slower, error = _choose(op, device_type, named, every=True)
+    kernel = _backends[chosen].kernels[op] if chosen is not None else None
+    return Choice(op, device_type, chosen, kernel, tried, forced, not_supported, slower, error)
 
 
+def _device_type_of(t) -> str:
+    device = getattr(t, "device", None)
+    if device is None:
+        raise TypeError("the op's first argument must be a tensor (its device picks the backend order)")
+    return device.type
+
+
+def select(op: str, device_type: str, args: tuple) -> Tuple[str, Callable]:
+    """(backend, kernel) that will run ``op`` for these positional schema arguments; raises when none can."""
+    chosen, *_, error = _choose(op, device_type, dict(zip(_op_arguments[op], args)), every=False)
+    if chosen is None:
+        raise NoBackendError(error)
+    return chosen, _backends[chosen].kernels[op]
+
+
+def chosen_backend(op: str, device_type: str, *args) -> str:
+    """Name of the backend that would run ``op(*args)`` on ``device_type``; raises like the call would."""
+    return select(op, device_type, args)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Observers
+# ---------------------------------------------------------------------------------------------------------------
+class DispatchedCall(NamedTuple):
+    """One kernel call as observers see it: the op, its device type, the backend that runs it, its arguments."""
+
+    op: str
+    device_type: str
+    backend: str
+    args: tuple
+
+
+def notify(call: DispatchedCall) -> List[Callable[[], None]]:
+    """Tell every observer a kernel is about to run; returns the 'done' callbacks they handed back."""
+    done = []
+    for observer in _observers:
+        after = observer(call)
+        if after is not None:
+            done.append(after)
+    return done
+
+
+def has_observers() -> bool:
+    return bool(_observers)
+
+
+@contextlib.contextmanager
+def observe(observer: Callable[[DispatchedCall], Optional[Callable[[], None]]]) -> Iterator[None]:
+    """Call ``observer(call)`` before every kernel call in the block (every thread, autograd's included).
+
+    ``call`` is a :class:`DispatchedCall`. If the observer returns a callable, it is called once the kernel has
+    returned (a profiler stops its clock there). Observers must not raise.
+    """
+    global _observers
+    with _observers_lock:
+        _observers = _observers + (observer,)
+    try:
+        yield
+    finally:
+        with _observers_lock:
+            remaining = list(_observers)
+            remaining.remove(observer)
+            _observers = tuple(remaining)
+
+
+@contextlib.contextmanager
+def record() -> Iterator[List[DispatchedCall]]:
+    """Collect a :class:`DispatchedCall` for every kernel call inside the block."""
+    calls: List[DispatchedCall] = []
+    with observe(calls.append):
+        yield calls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
 def ops() -> List[str]:
+    """Every op's name (the reference backend has a kernel for each)."""
     return sorted(_backends["reference"].kernels)
 
 
-def backend_table(device_type: Optional[str] = None) -> List[dict]:
-    """One row per (backend, op): whether it is registered and available, and why not."""
+def kernel(backend: str, op: str) -> Optional[Callable]:
+    """``backend``'s kernel for ``op`` (None if it has none), e.g. to call it directly in a test."""
+    return _backend(backend).kernels.get(op)
+
+
+def unavailable_reasons(backend: str) -> List[str]:
+    """Why ``backend`` cannot run at all here (empty list: it can)."""
+    return list(_backend(backend).availability())
+
+
+def usable_backends(device_type: str, include_reference: bool = False) -> List[str]:
+    """The backends with kernels that can run on ``device_type`` here (per-call limits apply per call)."""
+    names = []
+    for name in BACKENDS:
+        b = _backends[name]
+        if name == "reference" and not include_reference:
+            continue
+        if b.device_types is not None and device_type not in b.device_types:
+            continue
+        if b.kernels and not b.availability():
+            names.append(name)
+    return names
+
+
+def backend_table() -> List[dict]:
+    """One row per (backend, op): whether it has a kernel and is available, and why not."""
     rows = []
     for name in BACKENDS:
         b = _backends[name]
-        unavailable = b.unavailable_reasons()
+        unavailable = list(b.availability())
         for op in ops():
             if op not in b.kernels:
                 rows.append(dict(backend=name, op=op, usable=False, why=f"no '{op}' kernel"))

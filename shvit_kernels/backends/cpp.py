@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import _dispatch
+from .. import dispatch
 
 BACKEND = "cpp"
 # Best first; a processor that has a capability can run every one after it.
@@ -80,30 +80,33 @@ def _availability() -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-call support checks: the same arguments as the kernels.
+# Per-call reasons, called with the call's arguments by name.
 # ---------------------------------------------------------------------------------------------------------------
-def _common_reasons(x: torch.Tensor, *same_dtype: Optional[torch.Tensor]) -> List[str]:
-    reasons = []
-    if x.device.type != "cpu":
-        reasons.append(f"the cpp backend runs on CPU tensors only, got {x.device}")
+# Arguments the kernels read in x's dtype; biases and normalisation parameters / statistics may be fp32.
+SAME_DTYPE_AS_X = ("weight", "w1", "w2", "qkv_weight", "residual", "grad_out", "out")
+
+
+def dtype_reasons(x, **args) -> List[str]:
+    """Any op: fp32 or bf16, with the activations and weights in x's dtype."""
     if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"the cpp backend implements float32 and bfloat16 only, got {x.dtype}")
-    for t in same_dtype:
+        return [f"the cpp backend implements float32 and bfloat16 only, got {x.dtype}"]
+    for name in SAME_DTYPE_AS_X:
+        t = args.get(name)
         if t is not None and t.dtype != x.dtype:
-            reasons.append(f"the cpp backend needs every activation/weight in x's dtype {x.dtype}, got {t.dtype}")
-            break
-    return reasons
+            return [f"the cpp backend needs '{name}' in x's dtype {x.dtype}, got {t.dtype}"]
+    return []
 
 
-def conv_support_reasons(x, weight, stride, padding, groups) -> List[str]:
-    """Why the C++ convolutions cannot run this shape (dense: any kernel; grouped: depthwise 3x3 only)."""
+def conv_support_reasons(x, weight, stride, padding, groups, **args) -> List[str]:
+    """Why the C++ convolutions cannot run this call (dense: any kernel; grouped: depthwise 3x3 only)."""
+    reasons = dtype_reasons(x, weight=weight, **args)
     kernel = tuple(weight.shape[2:])
     if groups == 1:
-        return []
+        return reasons
     depthwise = groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
     if depthwise and kernel == (3, 3) and padding == 1 and stride in (1, 2):
-        return []
-    return [
+        return reasons
+    return reasons + [
         "the cpp backend implements grouped convolutions only as depthwise 3x3 with padding 1 and stride 1 or 2; "
         f"got groups={groups}, weight {tuple(weight.shape)}, stride {stride}, padding {padding}"
     ]
@@ -113,7 +116,7 @@ def _is_channels_last(x) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def conv_slower_reasons(x, weight, stride, padding, groups) -> List[str]:
+def conv_slower_reasons(x, weight, stride, padding, groups, **_) -> List[str]:
     """Convolutions the C++ kernels run but were measured slower on than ATen's oneDNN ones (1 thread, batch 16)."""
     if groups == 1:
         if tuple(weight.shape[2:]) == (1, 1) and stride == 1 and padding == 0:
@@ -134,44 +137,12 @@ def conv_slower_reasons(x, weight, stride, padding, groups) -> List[str]:
     return []
 
 
-def _conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, residual):
-    return _common_reasons(x, weight, residual) + conv_support_reasons(x, weight, stride, padding, groups)
-
-
-def _conv_bias_act_slower(x, weight, bias, stride, padding, groups, relu, residual):
-    return conv_slower_reasons(x, weight, stride, padding, groups)
-
-
-def _conv_bias_act_backward_reasons(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
-    # Any conv shape: the gradient convs are ATen's convolution_backward (fp32) inside the C++ function.
-    return _common_reasons(x, weight, grad_out, out, residual)
-
-
-def _conv_bn_train_reasons(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
-    # Any conv shape: the conv and the mean are ATen's (the reference's, bit for bit), the variance and the
-    # normalisation this extension's; measured faster than the reference's forward on every S1 layer, both layouts.
-    return _common_reasons(x, weight, residual)
-
-
-def _conv_bn_train_backward_reasons(grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups,
-                                    eps, relu, has_residual):
-    return _common_reasons(x, weight, grad_out, out)
-
-
-def _ffn_fused_reasons(x, w1, b1, w2, b2):
-    return _common_reasons(x, w1, w2)
-
-
 # Widest FFN whose backward was measured faster than the reference (1 thread, batch 16, S1 shapes): its five GEMMs
 # go through MKL's sgemm, which from C = 224 on is slower than the oneDNN convolutions the reference calls.
 FFN_BACKWARD_MAX_CHANNELS = 128
 
 
-def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
-    return _common_reasons(x, grad_out, w1, w2)
-
-
-def _ffn_fused_backward_slower(grad_out, x, w1, b1, w2, b2):
+def ffn_backward_slower_reasons(x, **_) -> List[str]:
     if x.dim() == 4 and x.shape[1] > FFN_BACKWARD_MAX_CHANNELS:
         return [
             f"the cpp ffn_fused_backward is automatic up to {FFN_BACKWARD_MAX_CHANNELS} channels (measured slower "
@@ -180,23 +151,27 @@ def _ffn_fused_backward_slower(grad_out, x, w1, b1, w2, b2):
     return []
 
 
-def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
-    return _common_reasons(x, qkv_weight)
+# The backward convs (ATen's convolution_backward inside the C++ function) and conv_bn_train (ATen's conv and mean,
+# this extension's variance and normalisation; measured faster than the reference on every S1 layer) take any conv
+# shape. SHSA: whole-image N x N scores per thread (no key tiling), any shape, 1x1 maps included.
+NOT_SUPPORTED = {
+    "conv_bias_act": conv_support_reasons,
+    "conv_bias_act_backward": dtype_reasons,
+    "conv_bn_train": dtype_reasons,
+    "conv_bn_train_backward": dtype_reasons,
+    "ffn_fused": dtype_reasons,
+    "ffn_fused_backward": dtype_reasons,
+    "shsa_fused": dtype_reasons,
+    "shsa_fused_backward": dtype_reasons,
+    "shsa_train": dtype_reasons,
+    "shsa_train_backward": dtype_reasons,
+}
 
-
-def _shsa_fused_backward_reasons(grad_out, x, qkv_weight, qkv_bias, out, qk_dim, gn_eps):
-    # Whole-image N x N scores per thread, as in the forward (no key tiling).
-    return _common_reasons(x, grad_out, qkv_weight, out)
-
-
-def _shsa_train_reasons(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
-    # Any shape (1x1 maps included); GroupNorm / BatchNorm parameters may be fp32 under mixed precision.
-    return _common_reasons(x, qkv_weight)
-
-
-def _shsa_train_backward_reasons(grad_out, x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, mean, var, out, qk_dim,
-                                 gn_eps, bn_eps):
-    return _common_reasons(x, grad_out, qkv_weight, out)
+# Calls a kernel can run but automatic dispatch leaves to the reference (measured slower); forcing cpp runs them.
+SLOWER = {
+    "conv_bias_act": conv_slower_reasons,
+    "ffn_fused_backward": ffn_backward_slower_reasons,
+}
 
 
 def _kernel(name: str):
@@ -207,29 +182,15 @@ def _kernel(name: str):
     return run
 
 
-_KERNELS = {
-    "conv_bias_act": _conv_bias_act_reasons,
-    "conv_bias_act_backward": _conv_bias_act_backward_reasons,
-    "conv_bn_train": _conv_bn_train_reasons,
-    "conv_bn_train_backward": _conv_bn_train_backward_reasons,
-    "ffn_fused": _ffn_fused_reasons,
-    "ffn_fused_backward": _ffn_fused_backward_reasons,
-    "shsa_fused": _shsa_fused_reasons,
-    "shsa_fused_backward": _shsa_fused_backward_reasons,
-    "shsa_train": _shsa_train_reasons,
-    "shsa_train_backward": _shsa_train_backward_reasons,
-}
-
-# Calls a kernel can run but automatic dispatch leaves to the reference (measured slower); forcing cpp runs them.
-_SLOWER = {
-    "conv_bias_act": _conv_bias_act_slower,
-    "ffn_fused_backward": _ffn_fused_backward_slower,
-}
-
 _module = _load_best()
-_dispatch.set_availability(BACKEND, _availability)
-for _op, _reasons in _KERNELS.items():
-    _dispatch.register_kernel(_op, BACKEND, _kernel(_op), _reasons, _SLOWER.get(_op, _dispatch.always_ok))
+dispatch.register_backend(
+    BACKEND,
+    device_types=("cpu",),
+    availability=_availability,
+    kernels={op: _kernel(op) for op in NOT_SUPPORTED},
+    not_supported=NOT_SUPPORTED,
+    slower=SLOWER,
+)
 
 if _module is None:
     warnings.warn(

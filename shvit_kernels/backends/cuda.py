@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import torch
 
-from .. import _dispatch
+from .. import dispatch
 
 BACKEND = "cuda"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,17 +47,15 @@ def availability_reasons() -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-call checks: pure Python on shapes, dtypes and devices, so they are testable without a GPU.
+# Per-call reasons, called with the call's arguments by name: pure Python on shapes and dtypes, so they are
+# testable without a GPU (``dispatch.explain(..., device_type="cuda")`` on CPU tensors).
 # ---------------------------------------------------------------------------------------------------------
-Named = Sequence[Tuple[str, Optional[torch.Tensor]]]
-
-
-def _tensor_reasons(named: Named) -> List[str]:
+def tensor_reasons(x, **args) -> List[str]:
+    """Any op: a supported dtype, a non-empty 4-D 'x', every tensor on x's device."""
     reasons = []
-    x = named[0][1]
-    off = [f"'{n}' ({t.device})" for n, t in named if t is not None and t.device.type != "cuda"]
+    off = [f"'{n}' ({t.device})" for n, t in args.items() if isinstance(t, torch.Tensor) and t.device != x.device]
     if off:
-        reasons.append("cuda backend needs CUDA tensors; on another device: " + ", ".join(off))
+        reasons.append(f"cuda backend needs every tensor on x's device ({x.device}); elsewhere: " + ", ".join(off))
     if x.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"cuda backend supports float32, float16 and bfloat16, got {x.dtype}")
     if x.dim() != 4:
@@ -67,7 +65,9 @@ def _tensor_reasons(named: Named) -> List[str]:
     return reasons
 
 
-def _depthwise_reasons(x, weight, stride, padding, groups) -> List[str]:
+def depthwise_reasons(x, weight, stride, padding, groups, **args) -> List[str]:
+    """The Conv+BN family: depthwise 3x3, stride 1 or 2, padding 1."""
+    reasons = tensor_reasons(x, weight=weight, **args)
     c = x.shape[1] if x.dim() == 4 else None
     ok = (
         weight.dim() == 4
@@ -78,12 +78,15 @@ def _depthwise_reasons(x, weight, stride, padding, groups) -> List[str]:
         and stride in (1, 2)
     )
     if ok:
-        return []
-    return [f"{DEPTHWISE_ONLY}; got weight {tuple(weight.shape)}, stride {stride}, padding {padding}, groups {groups}"]
+        return reasons
+    return reasons + [
+        f"{DEPTHWISE_ONLY}; got weight {tuple(weight.shape)}, stride {stride}, padding {padding}, groups {groups}"
+    ]
 
 
-def _shsa_reasons(x, qkv_weight, qk_dim) -> List[str]:
-    reasons = []
+def shsa_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
+    """The SHSA family: qk_dim 16, partial dim P up to 128."""
+    reasons = tensor_reasons(x, qkv_weight=qkv_weight, **args)
     if qk_dim != QK_DIM:
         reasons.append(f"cuda SHSA kernels need qk_dim == {QK_DIM}, got {qk_dim}")
     p = qkv_weight.shape[1] if qkv_weight.dim() >= 2 else 0
@@ -92,66 +95,16 @@ def _shsa_reasons(x, qkv_weight, qk_dim) -> List[str]:
     return reasons
 
 
-def conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, residual):
-    return _tensor_reasons([("x", x), ("weight", weight), ("bias", bias), ("residual", residual)]) + _depthwise_reasons(
-        x, weight, stride, padding, groups
-    )
-
-
-def conv_bias_act_backward_reasons(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
-    named = [("x", x), ("grad_out", grad_out), ("weight", weight), ("bias", bias), ("residual", residual), ("out", out)]
-    return _tensor_reasons(named) + _depthwise_reasons(x, weight, stride, padding, groups)
-
-
-def conv_bn_train_reasons(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
-    named = [("x", x), ("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("residual", residual)]
-    return _tensor_reasons(named) + _depthwise_reasons(x, weight, stride, padding, groups)
-
-
-def conv_bn_train_backward_reasons(
-    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
-):
-    named = [("x", x), ("grad_out", grad_out), ("weight", weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-             ("mean", mean), ("var", var), ("out", out)]
-    return _tensor_reasons(named) + _depthwise_reasons(x, weight, stride, padding, groups)
-
-
-def shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
-    return _tensor_reasons([("x", x), ("qkv_weight", qkv_weight), ("qkv_bias", qkv_bias)]) + _shsa_reasons(
-        x, qkv_weight, qk_dim
-    )
-
-
-def shsa_fused_backward_reasons(grad_out, x, qkv_weight, qkv_bias, out, qk_dim, gn_eps):
-    named = [("x", x), ("grad_out", grad_out), ("qkv_weight", qkv_weight), ("qkv_bias", qkv_bias), ("out", out)]
-    return _tensor_reasons(named) + _shsa_reasons(x, qkv_weight, qk_dim)
-
-
-def shsa_train_reasons(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
-    named = [("x", x), ("gn_weight", gn_weight), ("gn_bias", gn_bias), ("qkv_weight", qkv_weight),
-             ("bn_weight", bn_weight), ("bn_bias", bn_bias)]
-    return _tensor_reasons(named) + _shsa_reasons(x, qkv_weight, qk_dim)
-
-
-def shsa_train_backward_reasons(
-    grad_out, x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, mean, var, out, qk_dim, gn_eps, bn_eps
-):
-    named = [("x", x), ("grad_out", grad_out), ("gn_weight", gn_weight), ("gn_bias", gn_bias),
-             ("qkv_weight", qkv_weight), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("mean", mean),
-             ("var", var), ("out", out)]
-    return _tensor_reasons(named) + _shsa_reasons(x, qkv_weight, qk_dim)
-
-
-# Op name -> its check; the kernel of the same name in the extension takes the schema's arguments.
-CHECKS = {
-    "conv_bias_act": conv_bias_act_reasons,
-    "conv_bias_act_backward": conv_bias_act_backward_reasons,
-    "conv_bn_train": conv_bn_train_reasons,
-    "conv_bn_train_backward": conv_bn_train_backward_reasons,
-    "shsa_fused": shsa_fused_reasons,
-    "shsa_fused_backward": shsa_fused_backward_reasons,
-    "shsa_train": shsa_train_reasons,
-    "shsa_train_backward": shsa_train_backward_reasons,
+# Op name -> its reasons; the extension's function of the same name takes the schema's arguments.
+NOT_SUPPORTED = {
+    "conv_bias_act": depthwise_reasons,
+    "conv_bias_act_backward": depthwise_reasons,
+    "conv_bn_train": depthwise_reasons,
+    "conv_bn_train_backward": depthwise_reasons,
+    "shsa_fused": shsa_reasons,
+    "shsa_fused_backward": shsa_reasons,
+    "shsa_train": shsa_reasons,
+    "shsa_train_backward": shsa_reasons,
 }
 
 
@@ -168,9 +121,13 @@ def _kernel(op: str):
 
 def register() -> None:
     _load()
-    _dispatch.set_availability(BACKEND, availability_reasons)
-    for op, check in CHECKS.items():
-        _dispatch.register_kernel(op, BACKEND, _kernel(op), check)
+    dispatch.register_backend(
+        BACKEND,
+        device_types=("cuda",),
+        availability=availability_reasons,
+        kernels={op: _kernel(op) for op in NOT_SUPPORTED},
+        not_supported=NOT_SUPPORTED,
+    )
 
 
 register()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import inspect
+import re
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .. import _dispatch
+from .. import dispatch
 
 NAMESPACE = "shvit"
 
@@ -61,13 +63,24 @@ _op_names: dict = {}  # custom op -> its name, for call_op
 
 def _run_kernel(name: str, args):
     device_type = args[0].device.type  # every op's first argument is a tensor
-    kernel = _dispatch.select(name, device_type, *args)
+    backend, kernel = dispatch.select(name, device_type, args)
+    done = dispatch.notify(dispatch.DispatchedCall(name, device_type, backend, args)) if dispatch.has_observers() else ()
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             result = kernel(*args)
     else:
         result = kernel(*args)
+    for after in done:
+        after()
     return _normalize_outputs(result, args)
+
+
+def schema_argument_names(schema: str) -> Tuple[str, ...]:
+    """``("x", "weight", ...)`` from ``"(Tensor x, Tensor weight, ...) -> ..."``."""
+    inside = re.match(r"\s*\((.*?)\)\s*->", schema, re.S)
+    if inside is None:
+        raise ValueError(f"cannot read the argument list of schema {schema!r}")
+    return tuple(part.split()[-1] for part in inside.group(1).split(","))
 
 
 def define_op(name: str, schema: str, reference: Callable, fake: Callable):
@@ -76,7 +89,12 @@ def define_op(name: str, schema: str, reference: Callable, fake: Callable):
     Kernels run with autocast disabled (the functional wrappers already cast), and their 4-D outputs are
     laid out by the shared memory-format rule.
     """
-    _dispatch.register_kernel(name, "reference", reference)
+    names = schema_argument_names(schema)
+    if tuple(inspect.signature(reference).parameters) != names:
+        raise TypeError(f"{name}: the reference's parameters {tuple(inspect.signature(reference).parameters)} "
+                        f"differ from the schema's {names}")
+    dispatch.define_op_arguments(name, names)
+    dispatch.register_backend("reference", kernels={name: reference})
 
     def impl(*args):
         return _run_kernel(name, args)

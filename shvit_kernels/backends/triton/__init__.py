@@ -1,38 +1,58 @@
-"""triton backend: the fused GPU kernels in ``shvit_kernels/triton`` (every op, forward and backward).
+"""triton backend: the fused GPU kernels in this package (every op, forward and backward).
 
 The backend takes CUDA tensors only. Its availability says why it cannot run at all (Triton not installed,
-no CUDA device); each op's ``not_supported_reasons`` declines the calls its kernels do not implement
-(float64, groupings other than dense/depthwise, P > 128, ...), which then fall back to other backends.
-The kernels themselves also run on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests them.
+no CUDA device); each op's not_supported reasons decline the calls its kernels do not implement (float64,
+groupings other than dense/depthwise, P > 128, ...; the limits are in ``limits.py``), which then fall back to
+other backends. The kernel modules (``conv_bn``, ``ffn``, ``shsa``) also run on CPU tensors under
+``TRITON_INTERPRET=1``, which is how CI tests them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from typing import List, Optional
 
 import torch
 
-from .. import _dispatch
+from ... import dispatch
+from .limits import FFN_MAX_C, SHSA_MAX_P, SHSA_MAX_QK_DIM, SUPPORTED_DTYPES, conv_kind
 
 BACKEND = "triton"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-def _kernel_modules():
-    """The kernel modules, imported on first use: importing Triton costs ~0.25 s, wasted where no GPU is."""
-    global _modules, _import_error
-    if _modules is None and _import_error is None:
-        try:
-            from ..triton import conv_bn, ffn, shsa
-        except ImportError as e:  # triton missing (or too old for the APIs the kernels use)
-            _import_error = f"triton is not installed or cannot be imported ({e})"
-        else:
-            _modules = {"conv": conv_bn, "ffn": ffn, "shsa": shsa}
-    return _modules
+# Op -> the kernel module that holds the function of the same name.
+KERNEL_MODULES = {
+    "conv_bias_act": "conv_bn",
+    "conv_bias_act_backward": "conv_bn",
+    "conv_bn_train": "conv_bn",
+    "conv_bn_train_backward": "conv_bn",
+    "ffn_fused": "ffn",
+    "ffn_fused_backward": "ffn",
+    "shsa_fused": "shsa",
+    "shsa_fused_backward": "shsa",
+    "shsa_train": "shsa",
+    "shsa_train_backward": "shsa",
+}
 
-
-_modules: Optional[dict] = None
 _import_error: Optional[str] = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_module(name: str):
+    """A kernel module, imported on first use: importing Triton costs ~0.25 s, wasted where no GPU is."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _kernels_import_error() -> Optional[str]:
+    global _import_error
+    if _import_error is None:
+        try:
+            for name in sorted(set(KERNEL_MODULES.values())):
+                kernel_module(name)
+        except ImportError as e:  # triton too old for the APIs the kernels use
+            _import_error = f"triton is not installed or cannot be imported ({e})"
+    return _import_error
 
 
 def _availability() -> List[str]:
@@ -40,115 +60,69 @@ def _availability() -> List[str]:
         return [_import_error]
     if not torch.cuda.is_available():
         return ["no CUDA device"]
-    if _kernel_modules() is None:
-        return [_import_error]
-    return []
+    error = _kernels_import_error()
+    return [error] if error else []
 
 
-def _common_reasons(x, *tensors) -> List[str]:
+# ---------------------------------------------------------------------------------------------------------------
+# Per-call reasons, called with the call's arguments by name.
+# ---------------------------------------------------------------------------------------------------------------
+def tensor_reasons(x, **args) -> List[str]:
+    """Any op: every tensor in a supported dtype and on x's device."""
     reasons = []
-    if x.device.type != "cuda":
-        reasons.append(f"the triton backend takes CUDA tensors only, got 'x' on {x.device}")
-    for t in (x, *tensors):
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"the triton kernels implement float16, bfloat16 and float32 only, got {t.dtype}")
-            break
-    if any(t is not None and t.device != x.device for t in tensors):
+    tensors = [t for t in (x, *args.values()) if isinstance(t, torch.Tensor)]
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in SUPPORTED_DTYPES})
+    if bad:
+        reasons.append(f"the triton kernels implement float16, bfloat16 and float32 only, got {', '.join(bad)}")
+    if any(t.device != x.device for t in tensors):
         reasons.append("all tensors must be on x's device")
     return reasons
 
 
-def _conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, residual):
-    return _common_reasons(x, weight, bias, residual) + _conv_group_reasons(x, weight, groups)
-
-
-def _conv_group_reasons(x, weight, groups):
-    if _kernel_modules() and _kernel_modules()["conv"].conv_kind(weight, groups, x.shape[1]) is None:
-        return [f"the triton conv kernels implement groups=1 and depthwise (groups == C_in == C_out) only, got "
-                f"groups={groups} with weight {tuple(weight.shape)}"]
-    return []
-
-
-def _conv_bias_act_backward_reasons(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
-    return _common_reasons(x, grad_out, weight, bias, out) + _conv_group_reasons(x, weight, groups)
-
-
-def _conv_bn_train_reasons(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
-    return _common_reasons(x, weight, bn_weight, bn_bias, residual) + _conv_group_reasons(x, weight, groups)
-
-
-def _conv_bn_train_backward_reasons(grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding,
-                                    groups, eps, relu, has_residual):
-    return _common_reasons(x, grad_out, weight, bn_weight, bn_bias, out) + _conv_group_reasons(x, weight, groups)
-
-
-def _ffn_size_reasons(x):
-    max_c = _kernel_modules()["ffn"].MAX_C if _kernel_modules() else None
-    if max_c is not None and x.shape[1] > max_c:
-        return [f"ffn_fused keeps a (tokens x C) tile on chip; C={x.shape[1]} exceeds {max_c}"]
-    return []
-
-
-def _ffn_fused_reasons(x, w1, b1, w2, b2):
-    return _common_reasons(x, w1, b1, w2, b2) + _ffn_size_reasons(x)
-
-
-def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
-    return _common_reasons(x, grad_out, w1, b1, w2, b2) + _ffn_size_reasons(x)
-
-
-def _shsa_size_reasons(qkv_weight, qk_dim):
-    reasons = []
-    max_p = _kernel_modules()["shsa"].MAX_P if _kernel_modules() else None
-    if max_p is not None and qkv_weight.shape[1] > max_p:
-        reasons.append(f"the SHSA kernels hold the P x tokens slice on chip; P={qkv_weight.shape[1]} exceeds {max_p}")
-    if qk_dim > 64:
-        reasons.append(f"the SHSA kernels support qk_dim <= 64, got {qk_dim}")
+def conv_reasons(x, weight, groups, **args) -> List[str]:
+    reasons = tensor_reasons(x, weight=weight, **args)
+    if conv_kind(weight, groups, x.shape[1]) is None:
+        reasons.append(f"the triton conv kernels implement groups=1 and depthwise (groups == C_in == C_out) only, "
+                       f"got groups={groups} with weight {tuple(weight.shape)}")
     return reasons
 
 
-def _shsa_fused_reasons(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
-    return _common_reasons(x, qkv_weight, qkv_bias) + _shsa_size_reasons(qkv_weight, qk_dim)
+def ffn_reasons(x, **args) -> List[str]:
+    reasons = tensor_reasons(x, **args)
+    if x.shape[1] > FFN_MAX_C:
+        reasons.append(f"ffn_fused keeps a (tokens x C) tile on chip; C={x.shape[1]} exceeds {FFN_MAX_C}")
+    return reasons
 
 
-def _shsa_fused_backward_reasons(grad_out, x, qkv_weight, qkv_bias, out, qk_dim, gn_eps):
-    return _common_reasons(x, grad_out, qkv_weight, qkv_bias, out) + _shsa_size_reasons(qkv_weight, qk_dim)
+def shsa_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
+    reasons = tensor_reasons(x, qkv_weight=qkv_weight, **args)
+    if qkv_weight.shape[1] > SHSA_MAX_P:
+        reasons.append(f"the SHSA kernels hold the P x tokens slice on chip; P={qkv_weight.shape[1]} exceeds {SHSA_MAX_P}")
+    if qk_dim > SHSA_MAX_QK_DIM:
+        reasons.append(f"the SHSA kernels support qk_dim <= {SHSA_MAX_QK_DIM}, got {qk_dim}")
+    return reasons
 
 
-def _shsa_train_reasons(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
-    return _common_reasons(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias) + _shsa_size_reasons(qkv_weight, qk_dim)
-
-
-def _shsa_train_backward_reasons(grad_out, x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, mean, var, out,
-                                 qk_dim, gn_eps, bn_eps):
-    return (_common_reasons(x, grad_out, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, out)
-            + _shsa_size_reasons(qkv_weight, qk_dim))
-
-
-_REASONS = {
-    "conv_bias_act": _conv_bias_act_reasons,
-    "conv_bias_act_backward": _conv_bias_act_backward_reasons,
-    "conv_bn_train": _conv_bn_train_reasons,
-    "conv_bn_train_backward": _conv_bn_train_backward_reasons,
-    "ffn_fused": _ffn_fused_reasons,
-    "ffn_fused_backward": _ffn_fused_backward_reasons,
-    "shsa_fused": _shsa_fused_reasons,
-    "shsa_fused_backward": _shsa_fused_backward_reasons,
-    "shsa_train": _shsa_train_reasons,
-    "shsa_train_backward": _shsa_train_backward_reasons,
+NOT_SUPPORTED = {
+    op: {"conv_bn": conv_reasons, "ffn": ffn_reasons, "shsa": shsa_reasons}[module]
+    for op, module in KERNEL_MODULES.items()
 }
 
+
 def _kernel(op: str):
-    family = op.split("_")[0]
+    module = KERNEL_MODULES[op]
 
     def run(*args):
-        return getattr(_kernel_modules()[family], op)(*args)
+        return getattr(kernel_module(module), op)(*args)
 
     run.__name__ = f"triton_{op}"
     return run
 
 
-_dispatch.set_availability(BACKEND, _availability)
-if _import_error is None:
-    for _op, _reasons in _REASONS.items():
-        _dispatch.register_kernel(_op, BACKEND, _kernel(_op), _reasons)
+dispatch.register_backend(
+    BACKEND,
+    device_types=("cuda",),
+    availability=_availability,
+    kernels={op: _kernel(op) for op in KERNEL_MODULES},
+    not_supported=NOT_SUPPORTED,
+)

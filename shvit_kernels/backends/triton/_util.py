@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .limits import SUPPORTED_DTYPES
 
 
 def pow2(n: int, lo: int = 16) -> int:

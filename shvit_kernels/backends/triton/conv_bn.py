@@ -30,6 +30,7 @@ from ._util import (
     strides4,
     tile_stats,
 )
+from .limits import conv_kind
 
 OP = "shvit::conv"
 
@@ -282,15 +283,6 @@ def _bn_grad_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, a_ptr, b_ptr, d_ptr, gy_
 # Launch helpers
 # ---------------------------------------------------------------------------------------------------------
 EW_BM, EW_BC = 64, 32  # elementwise (M, C) tiles
-
-
-def conv_kind(weight, groups, c_in):
-    """'dense', 'depthwise', or None for a grouping the kernels do not implement."""
-    if groups == 1:
-        return "dense"
-    if groups == c_in and weight.shape[0] == c_in and weight.shape[1] == 1:
-        return "depthwise"
-    return None
 
 
 def check_conv_call(op, x, weight, stride, padding, groups, residual=None, bias=None):

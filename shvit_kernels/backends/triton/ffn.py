@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ._util import as_nchw_or_cl, check_dtype, empty_like_format, mma, pix_offsets, pow2
 from .conv_bn import launch_wgrad
+from .limits import FFN_MAX_C
 
 
 @triton.jit
@@ -91,11 +92,9 @@ def _check(op, x, w1, b1, w2, b2, grad_out=None):
     if tuple(w1.shape) != (hid, c, 1, 1) or tuple(w2.shape) != (c, hid, 1, 1):
         raise ValueError(f"{op} (triton): 'w1' must be (hidden, {c}, 1, 1) and 'w2' ({c}, hidden, 1, 1), got "
                          f"{tuple(w1.shape)} and {tuple(w2.shape)}")
-    if c > MAX_C:
-        raise ValueError(f"{op} (triton): 'x' has {c} channels; the on-chip tile holds at most {MAX_C}")
+    if c > FFN_MAX_C:
+        raise ValueError(f"{op} (triton): 'x' has {c} channels; the on-chip tile holds at most {FFN_MAX_C}")
 
-
-MAX_C = 1024
 
 
 def _blocks(c, backward):

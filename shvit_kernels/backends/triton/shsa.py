@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from ._util import chan_combine, check_dtype, empty_like_format, mma, pow2, as_nchw_or_cl
+from .limits import SHSA_MAX_P, SHSA_MAX_QK_DIM
 
 LOG2E = 1.4426950408889634
-MAX_P = 128
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -447,10 +447,10 @@ def _check(op, x, qkv_weight, qk_dim, tensors=()):
     if not isinstance(qk_dim, int) or qk_dim < 1 or qkv_weight.shape[0] != 2 * qk_dim + p:
         raise ValueError(f"{op} (triton): 'qkv_weight' {tuple(qkv_weight.shape)} must be (2*qk_dim + P, P, 1, 1) "
                          f"with qk_dim={qk_dim!r}")
-    if p > MAX_P or p > x.shape[1]:
-        raise ValueError(f"{op} (triton): partial dim P={p} must be <= {MAX_P} and <= the channels of 'x' ({x.shape[1]})")
-    if qk_dim > 64:
-        raise ValueError(f"{op} (triton): 'qk_dim'={qk_dim} exceeds 64")
+    if p > SHSA_MAX_P or p > x.shape[1]:
+        raise ValueError(f"{op} (triton): partial dim P={p} must be <= {SHSA_MAX_P} and <= the channels of 'x' ({x.shape[1]})")
+    if qk_dim > SHSA_MAX_QK_DIM:
+        raise ValueError(f"{op} (triton): 'qk_dim'={qk_dim} exceeds {SHSA_MAX_QK_DIM}")
 
 
 class _Dims:
