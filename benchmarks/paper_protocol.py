@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import shvit
 import shvit_kernels
 from shvit import bench
-from shvit_kernels import _dispatch
+from shvit_kernels import dispatch
 
 from benchmarks.device import git_revision, load_average, probe
 from benchmarks.plain import to_plain
@@ -174,8 +174,8 @@ def step_memory(v: bench.Variant, x: torch.Tensor, dtype: torch.dtype) -> Dict[s
 def usable_backends(fn: Callable, x: torch.Tensor, inference: bool) -> Tuple[List[str], Dict[str, str]]:
     """Backends that can run every op of ``fn(x)`` when forced, and why the others cannot."""
     ok, why = [], {}
-    for name in _dispatch.BACKENDS:
-        reasons = _dispatch.backend(name).unavailable_reasons()
+    for name in dispatch.BACKENDS:
+        reasons = dispatch.unavailable_reasons(name)
         if reasons:
             why[name] = "; ".join(reasons)
             continue
@@ -276,8 +276,8 @@ def training_variants(model, x, labels, fmt, dtype, skipped, setup_s) -> List[be
     add("train: eager (plain torch)", to_plain(model))
     add("train: shvit_kernels (auto)", model)
     probe_model = copy.deepcopy(model).train()
-    for name in _dispatch.BACKENDS:
-        reasons = _dispatch.backend(name).unavailable_reasons()
+    for name in dispatch.BACKENDS:
+        reasons = dispatch.unavailable_reasons(name)
         if reasons:
             skipped.append(dict(peer=f"train: shvit_kernels ({name})", reason="; ".join(reasons)))
             continue

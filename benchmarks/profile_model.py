@@ -2,7 +2,7 @@
 
     python benchmarks/profile_model.py --model shvit_s1 --dtype fp32 --threads 1 [--output FILE]
 
-Every kernel the dispatcher picks is wrapped in a timer (CPU: wall clock; CUDA: synchronised), so the groups
+Every kernel the dispatcher picks is timed by a dispatch observer (CPU: wall clock; CUDA: synchronised), so the groups
 add up to the kernels' time, and "outside the ops" is the rest of the forward (plain torch layers such as
 the squeeze-excite gate and the head, plus Python and dispatch overhead).
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shvit  # noqa: E402
 from shvit import bench  # noqa: E402
-from shvit_kernels import _dispatch  # noqa: E402
+from shvit_kernels import dispatch  # noqa: E402
 
 
 def kind(op: str, args) -> str:
@@ -47,23 +47,19 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     spent: Dict[tuple, float] = collections.defaultdict(float)
     calls: Dict[tuple, int] = collections.Counter()
-    real_select = _dispatch.select
 
-    def timed_select(op, device_type, *args, **kwargs):
-        kernel = real_select(op, device_type, *args, **kwargs)
-        backend = next(n for n in _dispatch.BACKENDS if _dispatch.backend(n).kernels.get(op) is kernel)
-        key = (kind(op, args), backend)
+    def timer(call):
+        """Observer: the kernel's time (inclusive, synchronised on CUDA) under (kind, backend)."""
+        key = (kind(call.op, call.args), call.backend)
+        bench._sync(device)
+        start = time.perf_counter()
 
-        def run(*a):
-            bench._sync(device)
-            start = time.perf_counter()
-            out = kernel(*a)
+        def done():
             bench._sync(device)
             spent[key] += time.perf_counter() - start
             calls[key] += 1
-            return out
 
-        return run
+        return done
 
     with torch.inference_mode():
         for _ in range(3):
@@ -74,15 +70,12 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
             fused(x)
         bench._sync(device)
         plain_ms = (time.perf_counter() - start) / iters * 1e3
-        _dispatch.select = timed_select
-        try:
+        with dispatch.observe(timer):
             start = time.perf_counter()
             for _ in range(iters):
                 fused(x)
             bench._sync(device)
             total_ms = (time.perf_counter() - start) / iters * 1e3
-        finally:
-            _dispatch.select = real_select
     rows = [dict(kind=k, backend=b, calls=calls[(k, b)] // iters, ms=spent[(k, b)] / iters * 1e3) for k, b in spent]
     rows.sort(key=lambda r: -r["ms"])
     rows.append(dict(kind="outside the ops", backend="torch", calls=0, ms=total_ms - sum(r["ms"] for r in rows)))

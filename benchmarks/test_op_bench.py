@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import shvit_kernels
-from shvit_kernels import _dispatch
+from shvit_kernels import dispatch
 
 from benchmarks import shapes
 from benchmarks.device import cuda_event_times, free_memory_bytes, last_level_cache_bytes, sync
@@ -89,10 +89,10 @@ def make_runner(mode: str, sets, device):
 def test_op(benchmark, bench_env, op_layer):
     model, layer, count, batch, mode, backend = op_layer
     device, dtype = bench_env["device"], bench_env["dtype"]
-    reasons = _dispatch.backend(backend).unavailable_reasons()
+    reasons = dispatch.unavailable_reasons(backend)
     if reasons:
         pytest.skip(f"backend {backend} not usable: {'; '.join(reasons)}")
-    if layer.op not in _dispatch.backend(backend).kernels:
+    if dispatch.kernel(backend, layer.op) is None:
         pytest.skip(f"backend {backend} has no {layer.op} kernel")
     set_bytes = shapes.traffic_bytes(layer, batch, dtype, "forward") * (1 if mode == "forward" else 3)
     budget = free_memory_bytes(device) // 4

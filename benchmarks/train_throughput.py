@@ -30,11 +30,7 @@ from benchmarks.device import git_revision, load_average  # noqa: E402
 from shvit.bench import environment  # noqa: E402
 from shvit.train import autocast, clip_gradients, param_groups, to_device  # noqa: E402
 from shvit_kernels import prefer_backend  # noqa: E402
-from shvit_kernels import _dispatch  # noqa: E402
-
-
-def usable_fused(device_type: str):
-    return [n for n in _dispatch.BACKENDS if n != "reference" and _dispatch.backend(n).kernels and not _dispatch.backend(n).unavailable_reasons()]
+from shvit_kernels import dispatch  # noqa: E402
 
 
 class Trainee:
@@ -91,7 +87,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
 
     load_start = load_average()  # the machines are shared: a busy one slows every backend, unevenly
-    names = ["reference"] + usable_fused(device.type)
+    names = ["reference"] + dispatch.usable_backends(device.type)
     trainees = [Trainee(n, args, device) for n in names]
     peak = {}
     for t in trainees:  # warm-up, and the peak memory of a step on each backend
@@ -111,7 +107,7 @@ def main(argv=None) -> int:
         per_round = [args.steps * args.batch_size / s for s in times[n]]
         median = statistics.median(per_round)
         base = base or median
-        kernels = sorted(_dispatch.backend(n).kernels)
+        kernels = sorted(op for op in dispatch.ops() if dispatch.kernel(n, op) is not None)
         results.append({
             "backend": n,
             "img_per_s_median": median,

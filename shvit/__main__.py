@@ -12,7 +12,7 @@ import torch
 def cmd_info(args) -> int:
     import shvit
     import shvit_kernels
-    from shvit_kernels import _dispatch
+    from shvit_kernels import dispatch
 
     print(f"shvit-kernels {shvit_kernels.__version__}, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -24,10 +24,10 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for name in _dispatch.BACKENDS:
+    for name in dispatch.BACKENDS:
         mine = [r for r in rows if r["backend"] == name]
         usable = [r["op"] for r in mine if r["usable"]]
-        unavailable = _dispatch.backend(name).unavailable_reasons()
+        unavailable = dispatch.unavailable_reasons(name)
         status = "usable" if usable else "not usable: " + ("; ".join(unavailable) or "no kernels registered")
         print(f"\n{name}: {status}")
         if usable:
@@ -36,8 +36,7 @@ def cmd_info(args) -> int:
             if missing:
                 print(f"  no kernel (falls back): {', '.join(missing)}")
     for device_type in ("cpu", "cuda"):
-        orders = sorted({" > ".join(_dispatch.preference(op, device_type)) for op in _dispatch.ops()})
-        print(f"\npreference on {device_type}: {' | '.join(orders)}")
+        print(f"\npreference on {device_type}: {' > '.join(dispatch.order(device_type))}")
     return 0
 
 
