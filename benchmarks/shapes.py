@@ -3,7 +3,7 @@
 The layers are found by running the models once under a dispatch mode that records each ``shvit::`` op call
 (the fused model in eval for the inference ops, the unfused model in train mode for the training ops), so the
 list follows the model code rather than a hand-kept table. Inputs come from the op tests' builders
-(``tests/op_cases.py``), so benchmarks and tests exercise the same argument conventions.
+(``shvit_kernels.testing.cases``), so benchmarks and tests exercise the same argument conventions.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests import op_cases
+from shvit_kernels.testing import cases as op_cases
 
 QK = op_cases.QK
 MODES = ("forward", "backward", "both")

@@ -368,12 +368,14 @@ def chosen_backend(op: str, device_type: str, *args) -> str:
 # Observers
 # ---------------------------------------------------------------------------------------------------------------
 class DispatchedCall(NamedTuple):
-    """One kernel call as observers see it: the op, its device type, the backend that runs it, its arguments."""
+    """One kernel call as observers see it: the op, its device type, the backend that runs it, its arguments,
+    and whether it bypassed the custom-op machinery (a plain eager call, e.g. inference: ``direct``)."""
 
     op: str
     device_type: str
     backend: str
     args: tuple
+    direct: bool = False
 
 
 def notify(call: DispatchedCall) -> List[Callable[[], None]]:

@@ -1,63 +1,55 @@
-"""Shared test helpers: the tolerance rule and input builders."""
+"""Shared test helpers: running an op case forward and backward on a backend, and comparing backends.
+
+The tolerance rule and the kernel-vs-reference check are in ``shvit_kernels.testing``; the case builders in
+``shvit_kernels.testing.cases``.
+"""
 
 from __future__ import annotations
 
-import contextlib
-
+import pytest
 import torch
 
-from shvit_kernels import _dispatch
+import shvit_kernels as K
+from shvit_kernels import dispatch
+from shvit_kernels.testing import assert_close_to_fp64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# Smallest error a well-implemented kernel can be held to, relative to the output's magnitude: a few ulps of
-# the dtype. It only matters where PyTorch's own error happens to be ~0 (e.g. exact small sums).
-_FLOOR = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+NOT_DIFFERENTIABLE = ("running_mean", "running_var")
 
 
-def assert_close_to_fp64(got, eager, ref64, *, name="output", factor=2.0):
-    """The project's tolerance rule: ``|got - ref64|`` at most about ``factor`` times ``|eager - ref64|``.
+def run(fn, tensors, backend, grad_out=None, strict=True):
+    """Forward + backward of ``fn(**tensors)`` on ``backend``; returns (out, grads dict, running stats, grad_out).
 
-    ``eager`` is PyTorch's own result in got's dtype, ``ref64`` the same computation in float64. Both errors are
-    max-abs over every element; a floor of a few ulps of the output's magnitude keeps exact cases meaningful.
+    ``strict=False`` lets ops the backend declines run on the usual order instead.
     """
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    assert got.dtype == eager.dtype, f"{name}: dtype {got.dtype} != {eager.dtype}"
-    ref = ref64.double()
-    err = (got.double() - ref).abs().max().item()
-    base = (eager.double() - ref).abs().max().item()
-    scale = max(ref.abs().max().item(), 1e-30)
-    bound = factor * base + _FLOOR[got.dtype] * scale
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    assert err <= bound, f"{name}: max error {err:.3e} vs fp64 exceeds {bound:.3e} (eager error {base:.3e}, scale {scale:.3e})"
+    leaves = {k: v.detach().clone().requires_grad_(k not in NOT_DIFFERENTIABLE) for k, v in tensors.items()}
+    with K.use_backend(backend, strict=strict):
+        out = fn(**leaves)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+        diff = [k for k in leaves if leaves[k].requires_grad]
+        grads = torch.autograd.grad(out, [leaves[k] for k in diff], grad_out)
+    stats = {k: leaves[k] for k in NOT_DIFFERENTIABLE if k in leaves}
+    return out, dict(zip(diff, grads)), stats, grad_out
 
 
-def usable_backends(device_type: str, include_reference: bool = False):
-    """Backends whose kernels can run on this device type at all (per-call limits are checked per call)."""
-    names = []
-    for name in _dispatch.BACKENDS:
-        if name == "reference" and not include_reference:
-            continue
-        b = _dispatch.backend(name)
-        if b.kernels and not b.unavailable_reasons():
-            names.append(name)
-    return names
+def compare_backend(build, dtype, device, channels_last, backend):
+    """Compare ``backend`` with the fp64 reference on one case; ops the backend declines run on the reference,
+    and a case where it runs none of the ops is skipped with the backend's reasons."""
+    fn, tensors = build(dtype, device, channels_last)
+    eager_out, eager_grads, eager_stats, grad_out = run(fn, tensors, "reference")
+    with dispatch.record() as calls:
+        got_out, got_grads, got_stats, _ = run(fn, tensors, backend, grad_out, strict=False)
+    if all(call.backend != backend for call in calls):
+        reasons = {r for call in calls for r in dispatch.explain(call.op, *call.args).not_supported[backend]}
+        pytest.skip(f"{backend} runs no op of this case: " + "; ".join(sorted(reasons)))
+    tensors64 = {k: v.double() for k, v in tensors.items()}
+    ref_out, ref_grads, ref_stats, _ = run(fn, tensors64, "reference", grad_out.double())
 
-
-@contextlib.contextmanager
-def record_dispatch():
-    """Collect (op, backend that ran it, args) for every custom-op call inside the block."""
-    calls = []
-    real_select = _dispatch.select
-
-    def recording_select(op, device_type, *args, **kwargs):
-        kernel = real_select(op, device_type, *args, **kwargs)
-        name = next(n for n in _dispatch.BACKENDS if _dispatch.backend(n).kernels.get(op) is kernel)
-        calls.append((op, name, args))
-        return kernel
-
-    _dispatch.select = recording_select
-    try:
-        yield calls
-    finally:
-        _dispatch.select = real_select
+    assert_close_to_fp64(got_out, eager_out, ref_out, name="forward")
+    if channels_last:
+        assert got_out.is_contiguous(memory_format=torch.channels_last), "output lost the channels_last layout"
+    for k in ref_grads:
+        assert_close_to_fp64(got_grads[k], eager_grads[k], ref_grads[k], name=f"grad {k}")
+    for k in ref_stats:
+        assert_close_to_fp64(got_stats[k], eager_stats[k], ref_stats[k], name=k)

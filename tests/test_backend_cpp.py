@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import shvit_kernels
-from shvit_kernels import _dispatch
+from shvit_kernels import dispatch
 from shvit_kernels.backends import cpp
 from shvit_kernels.ops.conv_bn import (
     conv_bias_act_backward_reference,
@@ -28,12 +28,17 @@ from shvit_kernels.ops.shsa import (
     shsa_train_backward_reference,
     shsa_train_reference,
 )
+from shvit_kernels.testing import assert_close_to_fp64, cast_args, check_kernel
 
-from helpers import assert_close_to_fp64, record_dispatch
 
-requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(cpp._availability()) or "cpp unavailable")
+requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(dispatch.unavailable_reasons("cpp")) or "cpp unavailable")
 
 DTYPES = (torch.float32, torch.bfloat16)
+
+
+def in_use():
+    """The C++ extension module the cpp backend calls (the best build this processor runs)."""
+    return cpp.load_variant(cpp.variant())
 
 
 def _built_variants():
@@ -65,23 +70,8 @@ def _layout(t, channels_last):
 
 
 def _check_against_reference(fn, reference, args, dtype, *, channels_last, name):
-    """Run fn on args cast to dtype (4-D tensors in the given layout) and hold it to the fp64 tolerance rule."""
-
-    def cast(a, dt):
-        if not isinstance(a, torch.Tensor):
-            return a
-        a = a.to(dt)
-        return _layout(a, channels_last) if a.dim() == 4 and a.shape[0] > 0 and a.shape[2] * a.shape[3] > 0 else a
-
-    low = [cast(a, dtype) for a in args]
-    got = fn(*low)
-    eager = reference(*low)
-    ref64 = reference(*[cast(a, torch.float64) if isinstance(a, torch.Tensor) else a for a in low])
-    assert_close_to_fp64(got, eager, ref64, name=name)
-    if channels_last and low[0].dim() == 4 and not low[0].is_contiguous():
-        assert got.is_contiguous(memory_format=torch.channels_last), f"{name}: output is not channels_last like x"
-    elif not channels_last:
-        assert got.is_contiguous(), f"{name}: output is not contiguous like x"
+    """fn on args cast to dtype (4-D tensors in the given layout), held to the tolerance and layout rules."""
+    (got,) = check_kernel(fn, reference, cast_args(args, dtype, channels_last), name=name)
     return got
 
 
@@ -204,7 +194,7 @@ def test_thread_counts_agree(threads):
     with _num_threads(threads):
         for op, reference, label, args in OP_CASES:
             for channels_last in (False, True):
-                _check_against_reference(getattr(cpp._module, op), reference, args, torch.float32,
+                _check_against_reference(getattr(in_use(), op), reference, args, torch.float32,
                                          channels_last=channels_last, name=f"{threads} threads {op} {label}")
 
 
@@ -213,11 +203,11 @@ def test_large_batch_many_tiles_bf16():
     """SHViT-like widths with enough pixels for several tiles per thread, bf16 and channels_last."""
     x = torch.randn(4, 128, 14, 14)
     args = (x, torch.randn(256, 128, 1, 1) / 11, torch.randn(256), torch.randn(128, 256, 1, 1) / 16, torch.randn(128))
-    _check_against_reference(cpp._module.ffn_fused, ffn_fused_reference, args, torch.bfloat16, channels_last=True,
+    _check_against_reference(in_use().ffn_fused, ffn_fused_reference, args, torch.bfloat16, channels_last=True,
                              name="ffn 128 bf16")
     xs = torch.randn(5, 224, 8, 8)
     sargs = (xs, torch.randn(32 + 48, 48, 1, 1) / 7, torch.randn(80), 16, 1e-5)
-    _check_against_reference(cpp._module.shsa_fused, shsa_fused_reference, sargs, torch.bfloat16, channels_last=False,
+    _check_against_reference(in_use().shsa_fused, shsa_fused_reference, sargs, torch.bfloat16, channels_last=False,
                              name="shsa 224 bf16")
 
 
@@ -226,7 +216,7 @@ def test_shsa_large_mean_stays_accurate():
     """GroupNorm statistics subtract the mean before squaring: inputs with |mean| >> std keep their precision."""
     x = torch.randn(2, 24, 4, 4) * 0.1 + 1e3
     args = (x, torch.randn(32 + 16, 16, 1, 1) / 4, torch.randn(48), 16, 1e-5)
-    _check_against_reference(cpp._module.shsa_fused, shsa_fused_reference, args, torch.float32, channels_last=False,
+    _check_against_reference(in_use().shsa_fused, shsa_fused_reference, args, torch.float32, channels_last=False,
                              name="shsa large mean")
 
 
@@ -234,19 +224,8 @@ def test_shsa_large_mean_stays_accurate():
 # Training kernels, called directly: every output (forward and backward) against the fp64 rule.
 # ---------------------------------------------------------------------------------------------------------------
 def _check_outputs(fn, reference, args, dtype, channels_last, name):
-    def cast(a, dt):
-        if not isinstance(a, torch.Tensor):
-            return a
-        a = a.to(dt if a.dtype != torch.float32 or dt == torch.float64 or a.dim() == 4 else torch.float32)
-        return _layout(a, channels_last) if a.dim() == 4 and a.shape[2] * a.shape[3] > 1 else a
-
-    low = [cast(a, dtype) for a in args]
-    got, eager = fn(*low), reference(*low)
-    ref64 = reference(*[cast(a, torch.float64) for a in low])
-    for i, (g, e, r) in enumerate(zip(got, eager, ref64)):
-        assert_close_to_fp64(g, e, r, name=f"{name} output {i}")
-        if i == 0 and channels_last and g.shape[2] * g.shape[3] > 1:  # out / grad_x follow x's layout
-            assert g.is_contiguous(memory_format=torch.channels_last), f"{name} output {i} is not channels_last"
+    """Every output of fn (the first, out or grad_x, in x's layout), normalisation parameters kept fp32."""
+    check_kernel(fn, reference, cast_args(args, dtype, channels_last, keep_fp32_vectors=True), name=name, check_layout=1)
 
 
 def conv_train_cases():
@@ -268,7 +247,7 @@ def conv_train_cases():
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 @pytest.mark.parametrize("label,args", conv_train_cases(), ids=[c[0] for c in conv_train_cases()])
 def test_conv_training_kernels_match_reference(dtype, channels_last, label, args):
-    m = cpp._module
+    m = in_use()
     _check_outputs(m.conv_bn_train, conv_bn_train_reference, args, dtype, channels_last, f"conv_bn_train {label}")
     x, w, gamma, beta, stride, pad, groups, eps, relu, res = args
     out, mean, var = conv_bn_train_reference(*args)
@@ -306,7 +285,7 @@ def test_ffn_backward_many_tiles_threads(threads):
             torch.randn(32))
     with _num_threads(threads):
         for channels_last in (False, True):
-            _check_outputs(cpp._module.ffn_fused_backward, ffn_fused_backward_reference, args, torch.float32,
+            _check_outputs(in_use().ffn_fused_backward, ffn_fused_backward_reference, args, torch.float32,
                            channels_last, f"ffn_fused_backward {threads} threads")
 
 
@@ -333,7 +312,7 @@ def test_shsa_backward_threads_and_large_mean(threads):
     out = shsa_fused_reference(x, w, b, 16, 1e-5)
     with _num_threads(threads):
         for channels_last in (False, True):
-            _check_outputs(cpp._module.shsa_fused_backward, shsa_fused_backward_reference,
+            _check_outputs(in_use().shsa_fused_backward, shsa_fused_backward_reference,
                            (torch.randn_like(out), x, w, b, out, 16, 1e-5), torch.float32, channels_last,
                            f"shsa_fused_backward {threads} threads")
 
@@ -403,7 +382,7 @@ def test_shsa_train_backward_threads(threads):
     with _num_threads(threads):
         for channels_last in (False, True):
             bwd = (torch.randn_like(out), *args[:6], mean, var, out, *args[6:])
-            _check_outputs(cpp._module.shsa_train_backward, shsa_train_backward_reference, bwd, torch.float32,
+            _check_outputs(in_use().shsa_train_backward, shsa_train_backward_reference, bwd, torch.float32,
                            channels_last, f"shsa_train_backward {threads} threads")
 
 
@@ -437,7 +416,7 @@ def test_conv_bn_train_statistics_do_not_cancel():
     w = torch.eye(8).reshape(8, 8, 1, 1)
     for channels_last in (False, True):
         xx = _layout(x + 100.0, channels_last)
-        _, mean, var = cpp._module.conv_bn_train(xx, w, torch.ones(8), torch.zeros(8), 1, 0, 1, 1e-5, False, None)
+        _, mean, var = in_use().conv_bn_train(xx, w, torch.ones(8), torch.zeros(8), 1, 0, 1, 1e-5, False, None)
         ref = xx.double().var(dim=(0, 2, 3), unbiased=False)
         torch.testing.assert_close(var.double(), ref, rtol=1e-3, atol=0)
         torch.testing.assert_close(mean.double(), xx.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
@@ -518,7 +497,7 @@ def _shsa_train_params(rows, p):
 @pytest.mark.parametrize("op,args,message", _bad_calls(), ids=[f"{c[0]}-{c[2][:30]}" for c in _bad_calls()])
 def test_bad_input_gives_clear_error(op, args, message):
     with pytest.raises(RuntimeError, match=None) as info:
-        getattr(cpp._module, op)(*args)
+        getattr(in_use(), op)(*args)
     assert message in str(info.value), str(info.value)
 
 
@@ -528,7 +507,7 @@ def test_bad_input_gives_clear_error(op, args, message):
 @requires_cpp
 def test_large_outputs_reuse_released_blocks():
     """Outputs of 4 MiB and more come from a cache of released blocks; reused memory still gives exact results."""
-    module = cpp._module
+    module = in_use()
     module.release_cached_outputs()
     x = torch.randn(2, 64, 96, 96).contiguous(memory_format=torch.channels_last)  # 4.7 MB in and out
     w, b = torch.randn(64, 64, 1, 1) / 8, torch.randn(64)
@@ -545,51 +524,66 @@ def test_large_outputs_reuse_released_blocks():
     assert module.release_cached_outputs() >= x.numel() * 4 and module.cached_output_bytes() == 0
 
 
+def _explain_as_if_built(op, *args):
+    with dispatch.patched_backend("cpp", availability=lambda: []):
+        return dispatch.explain(op, *args)
+
+
+def cpp_reasons(op, *args):
+    """Why the cpp backend cannot run ``op(*args)``, as if it were built here."""
+    return _explain_as_if_built(op, *args).not_supported["cpp"]
+
+
+def cpp_slower(op, *args):
+    """Why automatic dispatch passes the cpp backend over for ``op(*args)`` (measured slower)."""
+    return _explain_as_if_built(op, *args).slower["cpp"]
+
+
 def test_not_supported_reasons():
     x = torch.randn(2, 8, 6, 6)
     pw = torch.randn(16, 8, 1, 1)
-    assert cpp._conv_bias_act_reasons(x, pw, None, 1, 0, 1, True, None) == []
+    assert cpp_reasons("conv_bias_act", x, pw, None, 1, 0, 1, True, None) == []
     dw = torch.randn(8, 1, 3, 3)
-    assert cpp._conv_bias_act_reasons(_layout(x, True), dw, None, 2, 1, 8, False, None) == []
-    assert cpp._conv_bias_act_slower(_layout(x, True), dw, None, 2, 1, 8, False, None) == []
+    assert cpp_reasons("conv_bias_act", _layout(x, True), dw, None, 2, 1, 8, False, None) == []
+    assert cpp_slower("conv_bias_act", _layout(x, True), dw, None, 2, 1, 8, False, None) == []
     # NCHW depthwise and dense kxk: runnable, but automatic dispatch leaves them to ATen (measured slower).
-    assert cpp._conv_bias_act_reasons(x, dw, None, 2, 1, 8, False, None) == []
-    assert "NCHW" in " ".join(cpp._conv_bias_act_slower(x, dw, None, 2, 1, 8, False, None))
+    assert cpp_reasons("conv_bias_act", x, dw, None, 2, 1, 8, False, None) == []
+    assert "NCHW" in " ".join(cpp_slower("conv_bias_act", x, dw, None, 2, 1, 8, False, None))
     for dtype in (torch.float64, torch.float16):
-        reasons = cpp._conv_bias_act_reasons(x.to(dtype), pw.to(dtype), None, 1, 0, 1, False, None)
+        reasons = cpp_reasons("conv_bias_act", x.to(dtype), pw.to(dtype), None, 1, 0, 1, False, None)
         assert any("float32 and bfloat16 only" in r and str(dtype) in r for r in reasons), reasons
-    assert "x's dtype" in " ".join(cpp._conv_bias_act_reasons(x, pw.bfloat16(), None, 1, 0, 1, False, None))
-    grouped = cpp._conv_bias_act_reasons(x, torch.randn(8, 2, 3, 3), None, 1, 1, 4, False, None)
+    assert "x's dtype" in " ".join(cpp_reasons("conv_bias_act", x, pw.bfloat16(), None, 1, 0, 1, False, None))
+    grouped = cpp_reasons("conv_bias_act", x, torch.randn(8, 2, 3, 3), None, 1, 1, 4, False, None)
     assert grouped and "groups=4" in grouped[0]
-    dw5 = cpp._conv_bias_act_reasons(x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None)
+    dw5 = cpp_reasons("conv_bias_act", x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None)
     assert dw5 and "depthwise 3x3" in dw5[0]
     dense_w = torch.randn(16, 8, 3, 3)
-    assert cpp._conv_bias_act_reasons(x, dense_w, None, 2, 1, 1, True, None) == []
-    dense = cpp._conv_bias_act_slower(x, dense_w, None, 2, 1, 1, True, None)
+    assert cpp_reasons("conv_bias_act", x, dense_w, None, 2, 1, 1, True, None) == []
+    dense = cpp_slower("conv_bias_act", x, dense_w, None, 2, 1, 1, True, None)
     assert dense and "dense" in dense[0]
-    assert cpp._conv_bias_act_slower(x, pw, None, 1, 0, 1, True, None) == []
-    assert cpp._ffn_fused_reasons(x.double(), pw.double(), None, None, None)
+    assert cpp_slower("conv_bias_act", x, pw, None, 1, 0, 1, True, None) == []
+    assert cpp_reasons("ffn_fused", x.double(), pw.double(), None, None, None)
     w2 = torch.randn(8, 16, 1, 1)
-    assert cpp._ffn_fused_backward_reasons(x, x, pw, None, w2, None) == []
+    assert cpp_reasons("ffn_fused_backward", x, x, pw, None, w2, None) == []
     wide = torch.randn(2, 224, 4, 4)
     wide_w1, wide_w2 = torch.randn(448, 224, 1, 1), torch.randn(224, 448, 1, 1)
-    assert cpp._ffn_fused_backward_reasons(wide, wide, wide_w1, None, wide_w2, None) == []
-    assert "up to 128 channels" in " ".join(cpp._ffn_fused_backward_slower(wide, wide, wide_w1, None, wide_w2, None))
-    assert "x's dtype" in " ".join(cpp._ffn_fused_backward_reasons(x.bfloat16(), x, pw, None, w2, None))
-    assert "float32 and bfloat16 only" in " ".join(cpp._ffn_fused_backward_reasons(x.double(), x.double(), pw.double(), None, w2.double(), None))
-    assert cpp._shsa_fused_reasons(x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)
+    assert cpp_reasons("ffn_fused_backward", wide, wide, wide_w1, None, wide_w2, None) == []
+    assert "up to 128 channels" in " ".join(cpp_slower("ffn_fused_backward", wide, wide, wide_w1, None, wide_w2, None))
+    assert "x's dtype" in " ".join(cpp_reasons("ffn_fused_backward", x.bfloat16(), x, pw, None, w2, None))
+    assert "float32 and bfloat16 only" in " ".join(cpp_reasons("ffn_fused_backward", x.double(), x.double(), pw.double(), None, w2.double(), None))
+    assert cpp_reasons("shsa_fused", x.half(), torch.randn(36, 4, 1, 1).half(), None, 16, 1e-5)
     qkv_w = torch.randn(36, 4, 1, 1)
-    assert cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x, 16, 1e-5) == []
-    assert "x's dtype" in " ".join(cpp._shsa_fused_backward_reasons(x, x, qkv_w, None, x.bfloat16(), 16, 1e-5))
+    assert cpp_reasons("shsa_fused_backward", x, x, qkv_w, None, x, 16, 1e-5) == []
+    assert "x's dtype" in " ".join(cpp_reasons("shsa_fused_backward", x, x, qkv_w, None, x.bfloat16(), 16, 1e-5))
     p = torch.ones(4)
-    assert cpp._shsa_train_reasons(x, p, p, qkv_w, torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
-    assert cpp._shsa_train_reasons(x.bfloat16(), p, p, qkv_w.bfloat16(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
+    assert cpp_reasons("shsa_train", x, p, p, qkv_w, torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
+    assert cpp_reasons("shsa_train", x.bfloat16(), p, p, qkv_w.bfloat16(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5) == []
     assert "float32 and bfloat16 only" in " ".join(
-        cpp._shsa_train_reasons(x.double(), p, p, qkv_w.double(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5))
+        cpp_reasons("shsa_train", x.double(), p, p, qkv_w.double(), torch.ones(36), torch.ones(36), 16, 1e-5, 1e-5))
     stats = torch.ones(36)
-    assert cpp._shsa_train_backward_reasons(x, x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5) == []
+    assert cpp_reasons("shsa_train_backward", x, x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5) == []
     assert "x's dtype" in " ".join(
-        cpp._shsa_train_backward_reasons(x.bfloat16(), x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5))
+        cpp_reasons("shsa_train_backward", x.bfloat16(), x, p, p, qkv_w, stats, stats, stats, stats, x, 16, 1e-5, 1e-5))
 
 
 @requires_cpp
@@ -603,8 +597,8 @@ def test_forced_cpp_backend_reports_reasons():
 def test_declined_call_falls_back_to_reference():
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     w = torch.randn(8, 4, 1, 1, dtype=torch.float64)
-    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
-    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x.float(), w.float(), None, 1, 0, 1, False, None) == "cpp"
+    assert dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
+    assert dispatch.chosen_backend("conv_bias_act", "cpu", x.float(), w.float(), None, 1, 0, 1, False, None) == "cpp"
 
 
 @requires_cpp
@@ -615,14 +609,14 @@ def test_slower_call_goes_to_reference_unless_cpp_is_forced():
     w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
     args = (x, w, b, 2, 1, 1, True, None)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x_cl, *args[1:]) == "cpp"
-    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x_cl.bfloat16(), w.bfloat16(), *args[2:]) == "reference"
-    assert _dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "reference"
+    assert dispatch.chosen_backend("conv_bias_act", "cpu", x_cl, *args[1:]) == "cpp"
+    assert dispatch.chosen_backend("conv_bias_act", "cpu", x_cl.bfloat16(), w.bfloat16(), *args[2:]) == "reference"
+    assert dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "reference"
     with shvit_kernels.use_backend("cpp"):
-        assert _dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "cpp"
-        with record_dispatch() as calls:
+        assert dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "cpp"
+        with dispatch.record() as calls:
             out = shvit_kernels.conv_bias_act(x, w, b, stride=2, padding=1, relu=True)
-    assert [c[1] for c in calls] == ["cpp"]
+    assert [c.backend for c in calls] == ["cpp"]
     torch.testing.assert_close(out, torch.relu(torch.nn.functional.conv2d(x, w, b, 2, 1)), rtol=1e-5, atol=1e-5)
 
 
@@ -633,19 +627,19 @@ def test_conv_bn_train_dispatches_to_cpp():
     for w, stride, pad, groups in ((torch.randn(16, 8, 1, 1), 1, 0, 1), (torch.randn(16, 8, 3, 3), 2, 1, 1)):
         for dtype in DTYPES:
             args = (x.to(dtype), w.to(dtype), gamma, beta, stride, pad, groups, 1e-5, True, None)
-            assert _dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "cpp"
+            assert dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "cpp"
         args = (x.double(), w.double(), gamma.double(), beta.double(), stride, pad, groups, 1e-5, True, None)
-        assert _dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "reference"
+        assert dispatch.chosen_backend("conv_bn_train", "cpu", *args) == "reference"
 
 
 def test_unavailable_backend_reports_reason(monkeypatch):
     """With no loadable build the backend is registered, unusable with a reason, and the reference runs."""
     monkeypatch.setattr(cpp, "_module", None)
     monkeypatch.setitem(cpp._load_errors, "AVX512", "No module named 'shvit_kernels._C_cpu_avx512'")
-    reasons = _dispatch.backend("cpp").unavailable_reasons()
+    reasons = dispatch.unavailable_reasons("cpp")
     assert reasons and "not built or failed to load" in reasons[0] and "_C_cpu_avx512" in reasons[0]
     x, w = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1)
-    assert _dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
+    assert dispatch.chosen_backend("conv_bias_act", "cpu", x, w, None, 1, 0, 1, False, None) == "reference"
 
 
 def test_load_variant_rejects_unknown_capability():

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import shvit_kernels
-from shvit_kernels import _dispatch
+from shvit_kernels import dispatch
 from shvit_kernels.backends import cuda as cuda_backend
 from shvit_kernels.ops import conv_bn as conv_ops
 from shvit_kernels.ops import shsa as shsa_ops
-
-from helpers import assert_close_to_fp64
+from shvit_kernels.testing import check_kernel
 
 QK = 16
 HAS_GPU = torch.cuda.is_available() and cuda_backend._module is not None
@@ -75,12 +74,15 @@ def conv_bn_train_args(**kw):
 # ---------------------------------------------------------------------------------------------------------
 # CPU-side: availability, per-call reasons, dispatch
 # ---------------------------------------------------------------------------------------------------------
-def test_every_op_is_registered_with_a_check():
-    b = _dispatch.backend("cuda")
-    assert set(cuda_backend.CHECKS) <= set(b.kernels)
-    for op in cuda_backend.CHECKS:
-        assert op in _dispatch.ops(), f"cuda registers unknown op {op}"
-        assert b.checks[op] is cuda_backend.CHECKS[op]
+def cuda_reasons(op, *args, device_type="cuda"):
+    """cuda's not_supported reasons for ``op(*args)`` as if the extension and a GPU were here (CPU tensors)."""
+    with dispatch.patched_backend("cuda", availability=lambda: []):
+        return dispatch.explain(op, *args, device_type=device_type).not_supported["cuda"]
+
+
+def test_every_op_is_registered_with_reasons():
+    with_kernel = {op for op in dispatch.ops() if dispatch.kernel("cuda", op) is not None}
+    assert with_kernel == set(cuda_backend.NOT_SUPPORTED)
 
 
 def test_availability_reasons(monkeypatch):
@@ -97,7 +99,7 @@ def test_availability_reasons(monkeypatch):
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the state of a machine without CUDA or without the extension")
 def test_unavailable_here_with_reason():
-    reasons = _dispatch.backend("cuda").unavailable_reasons()
+    reasons = dispatch.unavailable_reasons("cuda")
     assert reasons and ("not built" in reasons[0] or "no CUDA device" in reasons[0])
     rows = [r for r in shvit_kernels.backend_table() if r["backend"] == "cuda"]
     assert rows and all(not r["usable"] and r["why"] for r in rows)
@@ -110,19 +112,20 @@ def test_unavailable_here_with_reason():
     ("shsa_train", lambda: shsa_train_args()),
 ])
 def test_cpu_tensors_are_declined(op, build):
-    reasons = cuda_backend.CHECKS[op](*build())
-    assert any("CUDA tensors" in r and "'x' (cpu)" in r for r in reasons), reasons
+    reasons = cuda_reasons(op, *build(), device_type="cpu")
+    assert any("runs on cuda only" in r for r in reasons), reasons
 
 
-def test_backward_checks_name_every_off_device_tensor():
+def test_reasons_name_every_tensor_off_x_device():
     args = conv_bias_act_args(residual=True)
     out = conv_ops.conv_bias_act_reference(*args)
-    reasons = cuda_backend.conv_bias_act_backward_reasons(torch.ones_like(out), *args, out)
-    assert any(all(f"'{n}'" in r for n in ("x", "grad_out", "weight", "bias", "residual", "out")) for r in reasons)
+    x, rest = args[0], [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    reasons = cuda_reasons("conv_bias_act_backward", torch.ones_like(out, device="meta"), x, *rest, out.to("meta"))
+    assert any(all(f"'{n}'" in r for n in ("grad_out", "weight", "bias", "residual", "out")) for r in reasons), reasons
 
 
 def test_float64_is_declined():
-    reasons = cuda_backend.conv_bias_act_reasons(*conv_bias_act_args(dtype=torch.float64))
+    reasons = cuda_reasons("conv_bias_act", *conv_bias_act_args(dtype=torch.float64))
     assert any("float64" in r for r in reasons)
 
 
@@ -138,59 +141,51 @@ def test_non_depthwise_convs_are_declined(weight_shape, stride, padding, groups)
     x = torch.randn(2, 8, 6, 6)
     w = torch.randn(*weight_shape)
     for reasons in (
-        cuda_backend.conv_bias_act_reasons(x, w, None, stride, padding, groups, False, None),
-        cuda_backend.conv_bn_train_reasons(x, w, torch.ones(w.shape[0]), torch.zeros(w.shape[0]), stride, padding, groups,
-                                           1e-5, False, None),
+        cuda_reasons("conv_bias_act", x, w, None, stride, padding, groups, False, None),
+        cuda_reasons("conv_bn_train", x, w, torch.ones(w.shape[0]), torch.zeros(w.shape[0]), stride, padding, groups,
+                     1e-5, False, None),
     ):
         assert any(cuda_backend.DEPTHWISE_ONLY in r for r in reasons), reasons
 
 
-def test_depthwise_3x3_shape_is_accepted_apart_from_device():
+def test_depthwise_3x3_shape_is_accepted():
     for stride in (1, 2):
-        reasons = cuda_backend.conv_bias_act_reasons(*conv_bias_act_args(stride=stride))
-        assert all(cuda_backend.DEPTHWISE_ONLY not in r for r in reasons)
+        assert cuda_reasons("conv_bias_act", *conv_bias_act_args(stride=stride)) == []
 
 
 def test_shsa_limits():
     args = shsa_fused_args(p=129, c=140)
-    assert any("P up to 128" in r for r in cuda_backend.shsa_fused_reasons(*args))
+    assert any("P up to 128" in r for r in cuda_reasons("shsa_fused", *args))
     args = shsa_fused_args(p=75, c=80)  # odd P is fine
-    assert not any("P up to" in r for r in cuda_backend.shsa_fused_reasons(*args))
+    assert cuda_reasons("shsa_fused", *args) == []
     args = shsa_train_args(qk_dim=8)
-    assert any("qk_dim == 16" in r for r in cuda_backend.shsa_train_reasons(*args))
+    assert any("qk_dim == 16" in r for r in cuda_reasons("shsa_train", *args))
 
 
-def _pretend_available(monkeypatch):
-    monkeypatch.setattr(_dispatch.backend("cuda"), "availability", lambda: [])
+def test_dispatcher_never_picks_cuda_for_cpu_tensors():
+    with dispatch.patched_backend("cuda", availability=lambda: []):
+        for op, args in (("conv_bias_act", conv_bias_act_args()), ("shsa_fused", shsa_fused_args()),
+                         ("conv_bn_train", conv_bn_train_args()), ("shsa_train", shsa_train_args())):
+            assert shvit_kernels.chosen_backend(op, "cpu", *args) != "cuda"
+            # Even preferring cuda skips it for CPU tensors.
+            with shvit_kernels.prefer_backend("cuda"):
+                assert shvit_kernels.chosen_backend(op, "cpu", *args) != "cuda"
 
 
-def test_dispatcher_never_picks_cuda_for_cpu_tensors(monkeypatch):
-    _pretend_available(monkeypatch)
-    for op, args in (("conv_bias_act", conv_bias_act_args()), ("shsa_fused", shsa_fused_args()),
-                     ("conv_bn_train", conv_bn_train_args()), ("shsa_train", shsa_train_args())):
-        assert _dispatch.chosen_backend(op, "cpu", *args) != "cuda"
-        # Even a preference that lists cuda first skips it for CPU tensors.
-        monkeypatch.setitem(_dispatch._op_preference, (op, "cpu"), ("cuda", "reference"))
-        assert _dispatch.chosen_backend(op, "cpu", *args) == "reference"
-
-
-def test_forcing_cuda_on_cpu_tensors_is_a_clear_error(monkeypatch):
+def test_forcing_cuda_on_cpu_tensors_is_a_clear_error():
     x, weight, _ = dw_args()
     with shvit_kernels.use_backend("cuda"):
         with pytest.raises(RuntimeError, match="backend 'cuda' was forced but cannot run op 'conv_bias_act'"):
             shvit_kernels.conv_bias_act(x, weight, None, stride=1, padding=1, groups=x.shape[1])
-    _pretend_available(monkeypatch)
-    with shvit_kernels.use_backend("cuda"):
-        with pytest.raises(RuntimeError, match=r"needs CUDA tensors.*'x' \(cpu\)"):
+    with dispatch.patched_backend("cuda", availability=lambda: []), shvit_kernels.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' runs on cuda only, not cpu"):
             shvit_kernels.conv_bias_act(x, weight, None, stride=1, padding=1, groups=x.shape[1])
-        with pytest.raises(RuntimeError, match="depthwise 3x3 only"):
-            shvit_kernels.conv_bias_act(x, torch.randn(8, 8, 1, 1), None)
 
 
 def test_kernel_without_extension_raises_clearly(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_module", None)
     with pytest.raises(RuntimeError, match="CUDA extension is not built"):
-        _dispatch.backend("cuda").kernels["shsa_fused"](*shsa_fused_args())
+        dispatch.kernel("cuda", "shsa_fused")(*shsa_fused_args())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,26 +212,9 @@ def gpu_grid(cases, case_id):
     return apply
 
 
-def _to64(args):
-    return tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def _as_tuple(r):
-    return r if isinstance(r, tuple) else (r,)
-
-
 def _check(op, args, reference, names):
     """cuda kernel vs the reference run in args' dtype (eager) and in float64."""
-    got = _as_tuple(_dispatch.backend("cuda").kernels[op](*args))
-    eager = _as_tuple(reference(*args))
-    ref64 = _as_tuple(reference(*_to64(args)))
-    assert len(got) == len(eager)
-    for name, g, e, r in zip(names, got, eager, ref64):
-        if name is None:
-            continue
-        assert g.device == e.device and g.shape == e.shape, f"{op} {name}: {g.shape} vs {e.shape}"
-        assert_close_to_fp64(g, e, r, name=f"{op} {name}")
-    return got
+    return check_kernel(dispatch.kernel("cuda", op), reference, args, name=op, outputs=names, check_layout=0)
 
 
 DW_CASES = [

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import shvit_kernels as K
-from helpers import record_dispatch, usable_backends
-from op_cases import conv_case, ffn_case, shsa_case
-from shvit_kernels import _dispatch
-from test_ops import run
+from helpers import run
+from shvit_kernels import dispatch
+from shvit_kernels.testing.cases import conv_case, ffn_case, shsa_case
 
 SMALL_CASES = [
     ("conv-infer-stem", conv_case(2, 3, 8, 8, 8, 3, 2, 1, True, False, None)),
@@ -28,20 +27,20 @@ SMALL_CASES = [
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
-@pytest.mark.parametrize("backend", usable_backends("cpu", include_reference=True))
+@pytest.mark.parametrize("backend", dispatch.usable_backends("cpu", include_reference=True))
 def test_opcheck_every_op(backend, name, build, channels_last):
     """opcheck each custom op this case runs, with the backend's kernel (ops it has no kernel for are skipped)."""
     fn, tensors = build(torch.float32, "cpu", channels_last)
-    with record_dispatch() as recorded:
+    with dispatch.record() as recorded:
         run(fn, tensors, None)
-    calls = [(op, args) for op, _, args in recorded]
+    calls = [(call.op, call.args) for call in recorded]
     assert {op.endswith("_backward") for op, _ in calls} == {True, False}, "forward and backward ops must both run"
     checked = []
     for op, args in calls:
-        if _dispatch.backend(backend).not_supported_reasons(op, *args):
+        if dispatch.explain(op, *args).not_supported[backend]:
             continue
         # Gradients flow only where the backend also has the op's backward, so the forced run stays on it.
-        with_grad = not op.endswith("_backward") and f"{op}_backward" in _dispatch.backend(backend).kernels
+        with_grad = not op.endswith("_backward") and dispatch.kernel(backend, f"{op}_backward") is not None
         args = tuple(
             a.detach().clone().requires_grad_(with_grad and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
             for a in args
@@ -117,19 +116,19 @@ def test_use_backend_forces_and_restores():
 
 def test_slower_reasons_steer_automatic_choice_only(monkeypatch):
     """A kernel measured slower for a call is skipped automatically, yet runs when its backend is forced."""
-    from shvit_kernels import _dispatch
-
     fn, t = _shsa_args()
     args = (t["x"], t["qkv_weight"], t["qkv_bias"], 16, 1e-5)
-    fake = _dispatch.Backend("cpp")
-    monkeypatch.setitem(_dispatch._backends, "cpp", fake)
-    _dispatch.register_kernel("shsa_fused", "cpp", lambda *a: None, slower_reasons=lambda *a: ["measured slower"])
-    assert fake.not_supported_reasons("shsa_fused", *args) == []
-    assert fake.passed_over_reasons("shsa_fused", *args) == ["measured slower"]
-    assert K.chosen_backend("shsa_fused", "cpu", *args) == "reference"
-    for forced in (K.use_backend("cpp"), K.prefer_backend("cpp")):
-        with forced:
-            assert K.chosen_backend("shsa_fused", "cpu", *args) == "cpp"
+    planted = dict(
+        availability=lambda: [], kernels={"shsa_fused": lambda *a: None}, slower={"shsa_fused": lambda **_: ["measured slower"]}
+    )
+    with dispatch.patched_backend("cpp", start_empty=True, **planted):
+        choice = dispatch.explain("shsa_fused", *args)
+        assert choice.not_supported["cpp"] == []
+        assert choice.slower["cpp"] == ["measured slower"]
+        assert choice.backend == "reference" and K.chosen_backend("shsa_fused", "cpu", *args) == "reference"
+        for forced in (K.use_backend("cpp"), K.prefer_backend("cpp")):
+            with forced:
+                assert K.chosen_backend("shsa_fused", "cpu", *args) == "cpp"
 
 
 def test_forced_backend_that_cannot_run_raises_with_reasons():
@@ -281,31 +280,35 @@ print(shvit_kernels.chosen_backend("shsa_fused", "cpu", torch.randn(1, 8, 2, 2),
 
 
 def test_plain_eager_calls_bypass_the_op_machinery_only_when_nothing_observes_it():
-    """call_op runs the kernel directly only where autograd, compile, profiler, modes and autocast are absent."""
+    """Plain eager calls run the kernel directly; autograd, compile, profiler, modes, autocast and subclasses
+    get the custom op."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from shvit_kernels.ops import _common
-    from shvit_kernels.ops.conv_bn import conv_bias_act_op
-
     x, w, b = torch.randn(2, 8, 5, 5), torch.randn(8, 8, 1, 1), torch.randn(8)
-    args = (x, w, b, 1, 0, 1, True, None)
-    assert _common._plain_eager_call(args)
-    torch.testing.assert_close(_common.call_op(conv_bias_act_op, *args), conv_bias_act_op(*args), rtol=0, atol=0)
+
+    def direct(x=x, w=w):
+        with dispatch.record() as calls:
+            out = K.conv_bias_act(x, w, b, relu=True)
+        (call,) = calls
+        return call.direct, out
+
+    is_direct, out = direct()
+    assert is_direct
+    torch.testing.assert_close(out, torch.ops.shvit.conv_bias_act(x, w, b, 1, 0, 1, True, None), rtol=0, atol=0)
     param = torch.nn.Parameter(w.clone())
-    assert not _common._plain_eager_call((x, param, b, 1, 0, 1, True, None))  # autograd must see it
+    assert not direct(w=param)[0]  # autograd must see it
     with torch.no_grad():
-        assert _common._plain_eager_call((x, param, b, 1, 0, 1, True, None))
+        assert direct(w=param)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _common._plain_eager_call(args)
+        assert not direct()[0]
     with torch.profiler.profile():
-        assert not _common._plain_eager_call(args)
+        assert not direct()[0]
     with K.use_backend("reference"), FlopCounterMode(display=False) as counter:
-        assert not _common._plain_eager_call(args)
-        _common.call_op(conv_bias_act_op, *args)
+        assert not direct()[0]
     # The mode saw the custom op (no flop formula) and not the aten conv inside it, which a bypass would show.
     assert counter.get_total_flops() == 0
 
     class Tagged(torch.Tensor):
         pass
 
-    assert not _common._plain_eager_call((x.as_subclass(Tagged),) + args[1:])
+    assert not direct(x=x.as_subclass(Tagged))[0]

@@ -12,56 +12,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shvit_kernels as K
-from helpers import assert_close_to_fp64, record_dispatch, usable_backends
-from shvit_kernels import _dispatch
-from op_cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, shsa_case
-
-NOT_DIFFERENTIABLE = ("running_mean", "running_var")
-
-
-def run(fn, tensors, backend, grad_out=None, strict=True):
-    """Forward + backward of ``fn(**tensors)`` on ``backend``; returns (out, grads dict, running stats, grad_out).
-
-    ``strict=False`` lets ops the backend declines run on the usual order instead.
-    """
-    leaves = {k: v.detach().clone().requires_grad_(k not in NOT_DIFFERENTIABLE) for k, v in tensors.items()}
-    with K.use_backend(backend, strict=strict):
-        out = fn(**leaves)
-        if grad_out is None:
-            grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
-        diff = [k for k in leaves if leaves[k].requires_grad]
-        grads = torch.autograd.grad(out, [leaves[k] for k in diff], grad_out)
-    stats = {k: leaves[k] for k in NOT_DIFFERENTIABLE if k in leaves}
-    return out, dict(zip(diff, grads)), stats, grad_out
-
-
-def compare_backend(build, dtype, device, channels_last, backend):
-    """Compare ``backend`` with the fp64 reference on one case; ops the backend declines run on the reference,
-    and a case where it runs none of the ops is skipped with the backend's reasons."""
-    fn, tensors = build(dtype, device, channels_last)
-    eager_out, eager_grads, eager_stats, grad_out = run(fn, tensors, "reference")
-    with record_dispatch() as calls:
-        got_out, got_grads, got_stats, _ = run(fn, tensors, backend, grad_out, strict=False)
-    if all(name != backend for _, name, _ in calls):
-        reasons = {r for op, _, args in calls for r in _dispatch.backend(backend).not_supported_reasons(op, *args)}
-        pytest.skip(f"{backend} runs no op of this case: " + "; ".join(sorted(reasons)))
-    tensors64 = {k: v.double() for k, v in tensors.items()}
-    ref_out, ref_grads, ref_stats, _ = run(fn, tensors64, "reference", grad_out.double())
-
-    assert_close_to_fp64(got_out, eager_out, ref_out, name="forward")
-    if channels_last:
-        assert got_out.is_contiguous(memory_format=torch.channels_last), "output lost the channels_last layout"
-    for k in ref_grads:
-        assert_close_to_fp64(got_grads[k], eager_grads[k], ref_grads[k], name=f"grad {k}")
-    for k in ref_stats:
-        assert_close_to_fp64(got_stats[k], eager_stats[k], ref_stats[k], name=k)
-
+from helpers import NOT_DIFFERENTIABLE, compare_backend, run
+from shvit_kernels import dispatch
+from shvit_kernels.testing import assert_close_to_fp64
+from shvit_kernels.testing.cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, shsa_case
 
 def _backend_params():
     """(backend, device) pairs whose kernels can run in this process."""
-    pairs = [(b, "cpu") for b in usable_backends("cpu") if b == "cpp"]
+    pairs = [(b, "cpu") for b in dispatch.usable_backends("cpu")]
     if torch.cuda.is_available():
-        pairs += [(b, "cuda") for b in usable_backends("cuda") if b in ("triton", "cuda")]
+        pairs += [(b, "cuda") for b in dispatch.usable_backends("cuda")]
     return pairs or [pytest.param(None, None, marks=pytest.mark.skip(reason="no compiled or GPU backend is usable here"))]
 
 
@@ -69,7 +29,7 @@ def _backend_dtype_params():
     """(backend, device, dtype): fp32 and bf16 everywhere, fp16 on GPU."""
     params = []
     for p in _backend_params():
-        if isinstance(p, tuple):
+        if not hasattr(p, "marks"):  # a (backend, device) pair, not the skip marker
             dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if p[1] == "cuda" else [])
             params += [pytest.param(*p, d, id=f"{p[0]}-{p[1]}-{str(d).split('.')[-1]}") for d in dtypes]
         else:
@@ -177,7 +137,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("name,build", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
-@pytest.mark.parametrize("backend", usable_backends("cpu", include_reference=True))
+@pytest.mark.parametrize("backend", dispatch.usable_backends("cpu", include_reference=True))
 def test_gradcheck_fp64(backend, name, build):
     fn, t = build(torch.float64, "cpu", False)
     keys = [k for k in t if k not in NOT_DIFFERENTIABLE]
@@ -205,19 +165,15 @@ def test_gradcheck_fp64(backend, name, build):
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
-def test_harness_rejects_a_slightly_wrong_kernel(monkeypatch, where):
-    from shvit_kernels import _dispatch
+def test_harness_rejects_a_slightly_wrong_kernel(where):
     from shvit_kernels.ops import shsa as shsa_ops
 
-    fake = _dispatch.Backend("cpp")
-    monkeypatch.setitem(_dispatch._backends, "cpp", fake)
+    forward, backward = shsa_ops.shsa_fused_reference, shsa_ops.shsa_fused_backward_reference
     if where == "forward":
-        _dispatch.register_kernel("shsa_fused", "cpp", lambda *a: shsa_ops.shsa_fused_reference(*a) * (1 + 1e-4))
-        _dispatch.register_kernel("shsa_fused_backward", "cpp", shsa_ops.shsa_fused_backward_reference)
+        forward = lambda *a: shsa_ops.shsa_fused_reference(*a) * (1 + 1e-4)  # noqa: E731
     else:
-        _dispatch.register_kernel("shsa_fused", "cpp", shsa_ops.shsa_fused_reference)
-        _dispatch.register_kernel(
-            "shsa_fused_backward", "cpp", lambda *a: tuple(g * (1 + 1e-4) for g in shsa_ops.shsa_fused_backward_reference(*a))
-        )
-    with pytest.raises(AssertionError, match="exceeds"):
-        compare_backend(shsa_case(2, 64, 48, 7, 7, None), torch.float32, "cpu", False, "cpp")
+        backward = lambda *a: tuple(g * (1 + 1e-4) for g in shsa_ops.shsa_fused_backward_reference(*a))  # noqa: E731
+    planted = dict(kernels={"shsa_fused": forward, "shsa_fused_backward": backward}, availability=lambda: [])
+    with dispatch.patched_backend("cpp", start_empty=True, **planted):
+        with pytest.raises(AssertionError, match="exceeds"):
+            compare_backend(shsa_case(2, 64, 48, 7, 7, None), torch.float32, "cpu", False, "cpp")

@@ -17,9 +17,10 @@ from shvit import train as shvit_train
 from shvit.__main__ import build_parser
 from shvit.data import SyntheticDataset, collate
 from shvit_kernels import prefer_backend
-from shvit_kernels import _dispatch
+from shvit_kernels import dispatch
 
-from helpers import DEVICE, assert_close_to_fp64, usable_backends
+from helpers import DEVICE
+from shvit_kernels.testing import assert_close_to_fp64
 
 TINY = [
     "--img-size", "64", "--depth", "1", "1", "1", "--synthetic-classes", "4", "--threads", "1",
@@ -84,10 +85,10 @@ def test_reference_training_is_deterministic(reference_run, tmp_path):
         assert torch.equal(a, b), f"{name} differs between two identical reference runs"
 
 
-FUSED = usable_backends(DEVICE)
+FUSED = dispatch.usable_backends(DEVICE)
 _NO_FUSED_REASON = f"no fused backend is usable on {DEVICE} here: " + "; ".join(
-    f"{name}: {', '.join(_dispatch.backend(name).unavailable_reasons()) or 'no kernels registered'}"
-    for name in _dispatch.BACKENDS if name != "reference"
+    f"{name}: {', '.join(dispatch.unavailable_reasons(name)) or 'no kernels registered'}"
+    for name in dispatch.BACKENDS if name != "reference"
 )
 
 
@@ -95,8 +96,9 @@ TRAINING_OPS = {"conv_bn_train", "conv_bn_train_backward", "shsa_train", "shsa_t
 
 
 def skip_without_training_kernels(backend):
-    if backend != "reference" and not TRAINING_OPS & set(_dispatch.backend(backend).kernels):
-        has = ", ".join(sorted(_dispatch.backend(backend).kernels))
+    kernels = {op for op in dispatch.ops() if dispatch.kernel(backend, op) is not None}
+    if backend != "reference" and not TRAINING_OPS & kernels:
+        has = ", ".join(sorted(kernels))
         pytest.skip(f"backend '{backend}' has no training kernels (it has {has}): its training would be the reference's")
 
 
@@ -236,19 +238,19 @@ def test_backend_free_running_training_matches_reference(backend, free_reference
     assert param_x <= 1, f"final parameters differ by {param_div:.2e} relative, > {PARAM_FACTOR}x the reference's own {base[1]:.2e}"
 
 
-def test_free_running_comparison_catches_a_wrong_kernel(free_reference, tmp_path, monkeypatch):
+def test_free_running_comparison_catches_a_wrong_kernel(free_reference, tmp_path):
     """A conv+BN backward whose input gradient leaks 0.1% of the neighbouring channel's (an indexing bug)."""
-    backend = next((b for b in FUSED if "conv_bn_train_backward" in _dispatch.backend(b).kernels), None)
+    backend = next((b for b in FUSED if dispatch.kernel(b, "conv_bn_train_backward") is not None), None)
     if backend is None:
         pytest.skip("no usable fused backend has a conv_bn_train_backward kernel to break")
-    real = _dispatch.backend(backend).kernels["conv_bn_train_backward"]
+    real = dispatch.kernel(backend, "conv_bn_train_backward")
 
     def leaky(*args):
         grad_x, *rest = real(*args)
         return (grad_x + 1e-3 * grad_x.roll(1, dims=1), *rest)
 
-    monkeypatch.setitem(_dispatch.backend(backend).kernels, "conv_bn_train_backward", leaky)
-    loss_x, param_x, _ = free_running_excess(tmp_path, backend, free_reference)
+    with dispatch.patched_backend(backend, kernels={"conv_bn_train_backward": leaky}):
+        loss_x, param_x, _ = free_running_excess(tmp_path, backend, free_reference)
     assert loss_x > 1 and param_x > 1, f"a wrong kernel passed: {loss_x:.2f}x / {param_x:.2f}x of the allowed divergence"
 
 

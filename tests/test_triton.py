@@ -2,7 +2,7 @@
 
 Without a GPU they run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
 triton is imported). The interpreter mis-computes bf16 ``tl.dot``, so GEMM kernels are checked in fp32 and
-fp16; bf16 is covered on the depthwise (dot-free) path. Tolerance: the project's rule (helpers.assert_close_to_fp64):
+fp16; bf16 is covered on the depthwise (dot-free) path. Tolerance: the project's rule (shvit_kernels.testing.check_kernel):
 error against an fp64 reference at most twice the error of the reference run in the same dtype, plus a tiny floor.
 """
 
@@ -17,33 +17,17 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed; the Triton kernels cannot be tested")
 
-from helpers import DEVICE, assert_close_to_fp64  # noqa: E402
-from shvit_kernels import _dispatch  # noqa: E402
+from helpers import DEVICE  # noqa: E402
+from shvit_kernels import dispatch  # noqa: E402
 from shvit_kernels.ops import conv_bn as R_conv, ffn as R_ffn, shsa as R_shsa  # noqa: E402
-from shvit_kernels.ops._common import _output_format  # noqa: E402
-from shvit_kernels.triton import conv_bn as T_conv, ffn as T_ffn, shsa as T_shsa  # noqa: E402
+from shvit_kernels.testing import check_kernel  # noqa: E402
 
 CL = torch.channels_last
 
 
-def _d64(args):
-    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-
-def check_outputs(got, args, ref_fn):
-    """Compare every output of a kernel with ``ref_fn`` run in fp64 and in the inputs' dtype."""
-    got = got if isinstance(got, tuple) else (got,)
-    ref = ref_fn(*args)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    ref64 = ref_fn(*_d64(args))
-    ref64 = ref64 if isinstance(ref64, tuple) else (ref64,)
-    assert len(got) == len(ref)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    for i, (g, r, r64) in enumerate(zip(got, ref, ref64)):
-        if g.dim() == 4:
-            fmt = _output_format(g.shape, tensors)
-            assert g.is_contiguous(memory_format=fmt), f"output {i}: not in {fmt}"
-        assert_close_to_fp64(g, r, r64, name=f"output {i}")
+def triton(op):
+    """The triton backend's kernel for ``op``, as the dispatcher registered it."""
+    return dispatch.kernel("triton", op)
 
 
 def rand(*shape, dtype=torch.float32, fmt=None, scale=1.0):
@@ -78,11 +62,10 @@ def test_conv_bias_act(n, ci, co, h, w, k, stride, pad, groups, relu, residual, 
     x, weight, res = _conv_inputs(n, ci, co, h, w, k, stride, pad, groups, residual, fmt, dtype)
     bias = rand(co, dtype=dtype)
     args = (x, weight, bias, stride, pad, groups, relu, res)
-    out = T_conv.conv_bias_act(*args)
-    check_outputs(out, args, R_conv.conv_bias_act_reference)
+    (out,) = check_kernel(triton("conv_bias_act"), R_conv.conv_bias_act_reference, args)
     grad = rand(*out.shape, dtype=dtype, fmt=fmt)
     bargs = (grad, *args, out)
-    check_outputs(T_conv.conv_bias_act_backward(*bargs), bargs, R_conv.conv_bias_act_backward_reference)
+    check_kernel(triton("conv_bias_act_backward"), R_conv.conv_bias_act_backward_reference, bargs)
 
 
 @pytest.mark.parametrize("n,ci,co,h,w,k,stride,pad,groups,relu,residual,fmt,dtype", CONV_CASES)
@@ -91,17 +74,16 @@ def test_conv_bn_train(n, ci, co, h, w, k, stride, pad, groups, relu, residual, 
     x = x + 3.0  # a mean well away from zero exercises the centred variance
     bn_w, bn_b = torch.rand(co, device=DEVICE) + 0.5, rand(co)
     args = (x, weight, bn_w, bn_b, stride, pad, groups, 1e-5, relu, res)
-    out, mean, var = T_conv.conv_bn_train(*args)
-    check_outputs((out, mean, var), args, R_conv.conv_bn_train_reference)
+    out, mean, var = check_kernel(triton("conv_bn_train"), R_conv.conv_bn_train_reference, args)
     grad = rand(*out.shape, dtype=dtype, fmt=fmt)
     bargs = (grad, x, weight, bn_w, bn_b, mean, var, out, stride, pad, groups, 1e-5, relu, residual)
-    check_outputs(T_conv.conv_bn_train_backward(*bargs), bargs, R_conv.conv_bn_train_backward_reference)
+    check_kernel(triton("conv_bn_train_backward"), R_conv.conv_bn_train_backward_reference, bargs)
 
 
 def test_conv_depthwise_bf16_forward():
     x, weight, res = _conv_inputs(2, 8, 8, 5, 6, 3, 1, 1, 8, True, CL, torch.bfloat16)
     args = (x, weight, rand(8, dtype=torch.bfloat16), 1, 1, 8, True, res)
-    check_outputs(T_conv.conv_bias_act(*args), args, R_conv.conv_bias_act_reference)
+    check_kernel(triton("conv_bias_act"), R_conv.conv_bias_act_reference, args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,10 +98,9 @@ def test_ffn_fused(n, c, h, w, fmt, dtype):
     x = rand(n, c, h, w, dtype=dtype, fmt=fmt)
     args = (x, rand(2 * c, c, 1, 1, dtype=dtype, scale=c ** -0.5), rand(2 * c, dtype=dtype),
             rand(c, 2 * c, 1, 1, dtype=dtype, scale=(2 * c) ** -0.5), rand(c, dtype=dtype))
-    out = T_ffn.ffn_fused(*args)
-    check_outputs(out, args, R_ffn.ffn_fused_reference)
+    (out,) = check_kernel(triton("ffn_fused"), R_ffn.ffn_fused_reference, args)
     bargs = (rand(*out.shape, dtype=dtype, fmt=fmt), *args)
-    check_outputs(T_ffn.ffn_fused_backward(*bargs), bargs, R_ffn.ffn_fused_backward_reference)
+    check_kernel(triton("ffn_fused_backward"), R_ffn.ffn_fused_backward_reference, bargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,10 +127,9 @@ def _shsa_inputs(b, c, p, h, w, fmt, dtype, scale):
 def test_shsa_fused(b, c, p, h, w, fmt, dtype, scale):
     x, weight = _shsa_inputs(b, c, p, h, w, fmt, dtype, scale)
     args = (x, weight, rand(2 * Q + p, dtype=dtype), Q, 1e-5)
-    out = T_shsa.shsa_fused(*args)
-    check_outputs(out, args, R_shsa.shsa_fused_reference)
+    (out,) = check_kernel(triton("shsa_fused"), R_shsa.shsa_fused_reference, args)
     bargs = (rand(*out.shape, dtype=dtype, fmt=fmt), x, weight, args[2], out, Q, 1e-5)
-    check_outputs(T_shsa.shsa_fused_backward(*bargs), bargs, R_shsa.shsa_fused_backward_reference)
+    check_kernel(triton("shsa_fused_backward"), R_shsa.shsa_fused_backward_reference, bargs)
 
 
 @pytest.mark.parametrize("b,c,p,h,w,fmt,dtype,scale", SHSA_CASES)
@@ -159,45 +139,47 @@ def test_shsa_train(b, c, p, h, w, fmt, dtype, scale):
     params = (torch.rand(p, device=DEVICE) + 0.5, rand(p, scale=0.1), weight,
               torch.rand(r, device=DEVICE) + 0.5, rand(r, scale=0.1))
     args = (x, *params, Q, 1e-5, 1e-5)
-    out, mean, var = T_shsa.shsa_train(*args)
-    check_outputs((out, mean, var), args, R_shsa.shsa_train_reference)
+    out, mean, var = check_kernel(triton("shsa_train"), R_shsa.shsa_train_reference, args)
     bargs = (rand(*out.shape, dtype=dtype, fmt=fmt), x, *params, mean, var, out, Q, 1e-5, 1e-5)
-    check_outputs(T_shsa.shsa_train_backward(*bargs), bargs, R_shsa.shsa_train_backward_reference)
+    check_kernel(triton("shsa_train_backward"), R_shsa.shsa_train_backward_reference, bargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The tolerance check itself, bad input, registration
 # ---------------------------------------------------------------------------------------------------------
-def test_check_outputs_can_fail():
+def test_check_kernel_can_fail():
     x, weight = _shsa_inputs(1, 20, 16, 2, 2, None, torch.float32, 1.0)
     args = (x, weight, rand(2 * Q + 16), Q, 1e-5)
-    wrong = T_shsa.shsa_fused(*args)
+    wrong = triton("shsa_fused")(*args)
     wrong.view(-1)[3] += 1e-3
     with pytest.raises(AssertionError, match="max error"):
-        check_outputs(wrong, args, R_shsa.shsa_fused_reference)
+        check_kernel(lambda *a: wrong, R_shsa.shsa_fused_reference, args)
 
 
 def test_bad_inputs_name_the_argument():
     x = rand(1, 8, 4, 4)
     with pytest.raises(ValueError, match="groups"):
-        T_conv.conv_bias_act(x, rand(8, 4, 3, 3), None, 1, 1, 2, False, None)
+        triton("conv_bias_act")(x, rand(8, 4, 3, 3), None, 1, 1, 2, False, None)
     with pytest.raises(TypeError, match="'x'"):
-        T_conv.conv_bias_act(x.double(), rand(8, 8, 1, 1).double(), None, 1, 0, 1, False, None)
+        triton("conv_bias_act")(x.double(), rand(8, 8, 1, 1).double(), None, 1, 0, 1, False, None)
     with pytest.raises(ValueError, match="P=130"):
-        T_shsa.shsa_fused(rand(1, 130, 2, 2), rand(2 * Q + 130, 130, 1, 1), rand(2 * Q + 130), Q, 1e-5)
+        triton("shsa_fused")(rand(1, 130, 2, 2), rand(2 * Q + 130, 130, 1, 1), rand(2 * Q + 130), Q, 1e-5)
     with pytest.raises(ValueError, match="'w1'"):
-        T_ffn.ffn_fused(x, rand(16, 4, 1, 1), rand(16), rand(8, 16, 1, 1), rand(8))
+        triton("ffn_fused")(x, rand(16, 4, 1, 1), rand(16), rand(8, 16, 1, 1), rand(8))
 
 
 def test_backend_registration_and_reasons():
-    b = _dispatch.backend("triton")
-    assert set(b.kernels) == set(_dispatch.ops())
+    assert all(dispatch.kernel("triton", op) is not None for op in dispatch.ops())
     if not torch.cuda.is_available():
-        assert b.unavailable_reasons() == ["no CUDA device"]
-    from shvit_kernels.backends import triton as backend
-
+        assert dispatch.unavailable_reasons("triton") == ["no CUDA device"]
     x = torch.randn(1, 8, 4, 4)
-    assert any("CUDA tensors only" in r for r in backend._conv_bias_act_reasons(x, torch.randn(8, 8, 1, 1), None, 1, 0, 1, False, None))
-    assert any("groups" in r for r in backend._conv_bias_act_reasons(x, torch.randn(8, 4, 3, 3), None, 1, 1, 2, False, None))
-    assert any("float64" in r for r in backend._ffn_fused_reasons(x.double(), *(torch.randn(1).double(),) * 4))
-    assert any("P=130" in r for r in backend._shsa_fused_reasons(torch.randn(1, 130, 2, 2), torch.randn(162, 130, 1, 1), torch.randn(162), Q, 1e-5))
+
+    def reasons(op, *args, device_type="cuda"):
+        with dispatch.patched_backend("triton", availability=lambda: []):
+            return dispatch.explain(op, *args, device_type=device_type).not_supported["triton"]
+
+    assert any("runs on cuda only" in r for r in reasons("conv_bias_act", x, torch.randn(8, 8, 1, 1), None, 1, 0, 1, False, None, device_type="cpu"))
+    assert reasons("conv_bias_act", x, torch.randn(8, 8, 1, 1), None, 1, 0, 1, False, None) == []
+    assert any("groups" in r for r in reasons("conv_bias_act", x, torch.randn(8, 4, 3, 3), None, 1, 1, 2, False, None))
+    assert any("float64" in r for r in reasons("ffn_fused", x.double(), *(torch.randn(1).double(),) * 4))
+    assert any("P=130" in r for r in reasons("shsa_fused", torch.randn(1, 130, 2, 2), torch.randn(162, 130, 1, 1), torch.randn(162), Q, 1e-5))

@@ -61,10 +61,13 @@ def new_output(shape, dtype, like_args, device) -> torch.Tensor:
 _op_names: dict = {}  # custom op -> its name, for call_op
 
 
-def _run_kernel(name: str, args):
+def _run_kernel(name: str, args, direct: bool = False):
     device_type = args[0].device.type  # every op's first argument is a tensor
     backend, kernel = dispatch.select(name, device_type, args)
-    done = dispatch.notify(dispatch.DispatchedCall(name, device_type, backend, args)) if dispatch.has_observers() else ()
+    if dispatch.has_observers():
+        done = dispatch.notify(dispatch.DispatchedCall(name, device_type, backend, args, direct))
+    else:
+        done = ()
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             result = kernel(*args)
@@ -131,7 +134,7 @@ def call_op(op, *args):
     tensor subclass, autocast or the profiler is involved, the op itself runs.
     """
     if _plain_eager_call(args):
-        return _run_kernel(_op_names[op], args)
+        return _run_kernel(_op_names[op], args, direct=True)
     return op(*args)
 
 
