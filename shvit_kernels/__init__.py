@@ -1,7 +1,7 @@
 """shvit_kernels: fused SHViT ops as PyTorch custom ops, with per-call backend dispatch.
 
 Functional API (all differentiable, torch.compile-able, autocast-aware):
-    conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, fold_bn, fold_shsa
+    conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, fold_bn, fold_shsa, sync_batch_norm
 Backend control:
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND
 Looking in: the ``shvit_kernels.dispatch`` module (usable_backends, explain, observe, record, backend_table).
@@ -12,6 +12,7 @@ from .dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, p
 from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
+from .ops.sync_batch_norm import sync_batch_norm
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
 
 __version__ = "0.1.0"
@@ -32,5 +33,6 @@ __all__ = [
     "set_backend",
     "shsa",
     "shsa_fused",
+    "sync_batch_norm",
     "use_backend",
 ]
