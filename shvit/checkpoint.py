@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .model import MODEL_CONFIGS, SHViT
+from .model import SHViT
+from .variants import MODEL_CONFIGS
 
 __all__ = [
     "CheckpointError",

@@ -7,6 +7,9 @@ After ``fuse``:
 * ``SHSA`` folds GroupNorm's affine and the qkv BatchNorm into ``shvit_kernels.shsa_fused`` weights, and its
   projection conv takes the block's residual;
 * ``BN_Linear`` is an ``nn.Linear``.
+
+Each model module names its stand-in through its ``fused_replacement()`` (``shvit.model``); this module holds
+the fused modules and the folding, and imports no model module.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import torch.nn as nn
 
 import shvit_kernels
 
-from .model import BN_Linear, Conv2d_BN, FFN, Residual, ResidualInForward, SHSA, SHViT
+from .layers import ResidualInForward
 
-__all__ = ["FusedConv2d", "FusedFFN", "FusedSHSA", "fuse", "fuse_bn_linear", "fuse_conv_bn", "input_major"]
+__all__ = ["FusedConv2d", "FusedFFN", "FusedSHSA", "fuse", "fuse_bn_linear", "fuse_conv_bn", "fuse_shsa", "input_major"]
 
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
@@ -123,13 +126,13 @@ def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, in
 
 
 @torch.no_grad()
-def fuse_conv_bn(m: Conv2d_BN, add_identity: bool = False) -> FusedConv2d:
+def fuse_conv_bn(m: nn.Module, add_identity: bool = False) -> FusedConv2d:
     """Fold ``m.bn`` into ``m.c``. ``add_identity`` also folds ``x + m(x)`` (a same-shape depthwise conv with
     centred padding) by adding 1.0 to each channel's centre tap."""
     bn = m.bn
     weight, bias = shvit_kernels.fold_bn(m.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     if add_identity:
-        if not _is_same_shape_depthwise(m):
+        if not is_same_shape_depthwise(m):
             raise ValueError("only a depthwise, stride-1, centred-padding Conv2d_BN can absorb its residual")
         k_h, k_w = weight.shape[-2:]
         weight = weight.clone()
@@ -137,7 +140,8 @@ def fuse_conv_bn(m: Conv2d_BN, add_identity: bool = False) -> FusedConv2d:
     return _conv_with(m.c, weight, bias)
 
 
-def _is_same_shape_depthwise(m: Conv2d_BN) -> bool:
+def is_same_shape_depthwise(m: nn.Module) -> bool:
+    """Whether a Conv2d_BN ``m`` is depthwise, stride 1, with centred padding (so ``x + m(x)`` can fold)."""
     c = m.c
     k_h, k_w = c.kernel_size
     return (
@@ -151,7 +155,7 @@ def _is_same_shape_depthwise(m: Conv2d_BN) -> bool:
 
 
 @torch.no_grad()
-def fuse_bn_linear(m: BN_Linear) -> nn.Linear:
+def fuse_bn_linear(m: nn.Module) -> nn.Linear:
     """Fold the BatchNorm1d before the Linear: W' = W * s[None, :], b' = W @ t + b."""
     bn, linear = m.bn, m.l
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -163,7 +167,7 @@ def fuse_bn_linear(m: BN_Linear) -> nn.Linear:
 
 
 @torch.no_grad()
-def _fuse_shsa(m: SHSA) -> FusedSHSA:
+def fuse_shsa(m: nn.Module) -> FusedSHSA:
     bn = m.qkv.bn
     weight, bias = shvit_kernels.fold_shsa(
         m.pre_norm.weight, m.pre_norm.bias, m.qkv.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
@@ -175,18 +179,9 @@ def _fuse_shsa(m: SHSA) -> FusedSHSA:
 
 
 def _fused_replacement(module: nn.Module) -> Optional[nn.Module]:
-    """The fused stand-in for ``module``, or None to recurse into its children."""
-    if isinstance(module, Conv2d_BN):
-        return fuse_conv_bn(module)
-    if isinstance(module, Residual) and isinstance(module.m, Conv2d_BN) and _is_same_shape_depthwise(module.m):
-        return fuse_conv_bn(module.m, add_identity=True)
-    if isinstance(module, FFN):
-        return FusedFFN(fuse_conv_bn(module.pw1), fuse_conv_bn(module.pw2))
-    if isinstance(module, SHSA):
-        return _fuse_shsa(module)
-    if isinstance(module, BN_Linear):
-        return fuse_bn_linear(module)
-    return None
+    """The fused stand-in for ``module`` (its ``fused_replacement()``), or None to recurse into its children."""
+    replacement = getattr(module, "fused_replacement", None)
+    return replacement() if replacement is not None else None
 
 
 def _fuse_children(module: nn.Module) -> None:
@@ -209,6 +204,6 @@ def fuse(model: nn.Module) -> nn.Module:
     if replacement is not None:
         return replacement.eval()
     _fuse_children(fused)
-    if isinstance(fused, SHViT):
+    if hasattr(fused, "is_fused"):  # an SHViT
         fused.is_fused = True
     return fused

@@ -7,14 +7,16 @@ residual adds that follow a Conv+BN folded into the same op call, so faster back
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import shvit_kernels
+
+from .fuse import FusedFFN, fuse, fuse_bn_linear, fuse_conv_bn, fuse_shsa, is_same_shape_depthwise
+from .layers import ResidualInForward, bn_step
 
 __all__ = [
     "BN_Linear",
@@ -27,39 +29,10 @@ __all__ = [
     "SHViT",
     "SqueezeExcite",
     "Stem",
-    "create_model",
-    "list_models",
-    "shvit_s1",
-    "shvit_s2",
-    "shvit_s3",
-    "shvit_s4",
 ]
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 MIN_INPUT_SIZE = 64  # three stride-2 stages after the stride-16 stem: the last grid is at least 1x1
 INPUT_MULTIPLE = 16
-
-
-def bn_step(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> Tuple[bool, float]:
-    """(use batch statistics, momentum) for one forward of ``bn``, counting the step as nn.BatchNorm does.
-
-    ``momentum=None`` means a cumulative moving average, i.e. momentum 1 / num_batches_tracked.
-    """
-    use_batch_stats = training or bn.running_mean is None
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    return use_batch_stats, momentum
-
-
-class ResidualInForward:
-    """Mixin for modules whose forward takes ``residual=``: the residual add happens inside their last op."""
-
-    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x, residual=x)
 
 
 class Conv2d_BN(ResidualInForward, nn.Module):
@@ -96,6 +69,9 @@ class Conv2d_BN(ResidualInForward, nn.Module):
             process_group=self.process_group,
         )
 
+    def fused_replacement(self) -> nn.Module:
+        return fuse_conv_bn(self)
+
 
 class BN_Linear(nn.Module):
     """BatchNorm1d then Linear: the classifier head."""
@@ -110,6 +86,9 @@ class BN_Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.l(self.bn(x))
 
+    def fused_replacement(self) -> nn.Module:
+        return fuse_bn_linear(self)
+
 
 class Residual(nn.Module):
     """``x + m(x)``; when ``m`` can add the residual inside its own last op it is asked to."""
@@ -123,6 +102,12 @@ class Residual(nn.Module):
         if fused is not None:
             return fused(x)
         return x + self.m(x)
+
+    def fused_replacement(self) -> Optional[nn.Module]:
+        """A same-shape depthwise Conv+BN absorbs the residual into its centre taps; others fuse inside."""
+        if isinstance(self.m, Conv2d_BN) and is_same_shape_depthwise(self.m):
+            return fuse_conv_bn(self.m, add_identity=True)
+        return None
 
 
 class FFN(nn.Module):
@@ -158,6 +143,9 @@ class FFN(nn.Module):
             x, self.pw1.conv_bn_params(), self.pw2.conv_bn_params(), training=self.training, momentum=momentum, eps=bn1.eps,
             process_group=self.process_group,
         )
+
+    def fused_replacement(self) -> nn.Module:
+        return FusedFFN(fuse_conv_bn(self.pw1), fuse_conv_bn(self.pw2))
 
 
 class SHSA(ResidualInForward, nn.Module):
@@ -200,6 +188,9 @@ class SHSA(ResidualInForward, nn.Module):
             process_group=self.process_group,
         )
         return self.proj[1](attended, residual=residual)
+
+    def fused_replacement(self) -> nn.Module:
+        return fuse_shsa(self)
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -421,79 +412,4 @@ class SHViT(nn.Module):
 
     def fuse(self) -> "SHViT":
         """A new eval-mode model with every BatchNorm folded (see ``shvit.fuse``); this model is untouched."""
-        from .fuse import fuse
-
         return fuse(self)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Variants and factory
-# --------------------------------------------------------------------------------------------------------
-RELEASE_URL = "https://github.com/ysj9909/SHViT/releases/download/v1.0/{name}.pth"
-
-# Stage-1 partial dims are the authors' values; stage 1 has no attention, so they are unused.
-MODEL_CONFIGS: Dict[str, dict] = {
-    "shvit_s1": dict(embed_dim=(128, 224, 320), depth=(2, 4, 5), partial_dim=(32, 48, 68), types=("i", "s", "s")),
-    "shvit_s2": dict(embed_dim=(128, 308, 448), depth=(2, 4, 5), partial_dim=(32, 66, 96), types=("i", "s", "s")),
-    "shvit_s3": dict(embed_dim=(192, 352, 448), depth=(3, 5, 5), partial_dim=(48, 75, 96), types=("i", "s", "s")),
-    "shvit_s4": dict(embed_dim=(224, 336, 448), depth=(4, 7, 6), partial_dim=(48, 72, 96), types=("i", "s", "s")),
-}
-
-PRETRAINED_CFGS: Dict[str, dict] = {
-    name: dict(
-        url=RELEASE_URL.format(name=name),
-        num_classes=1000,
-        input_size=(3, 256, 256) if name == "shvit_s4" else (3, 224, 224),
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-    )
-    for name in MODEL_CONFIGS
-}
-
-
-def list_models(pattern: str = "*") -> List[str]:
-    """Names of the available variants, optionally filtered by a shell-style pattern (``"*s1*"``)."""
-    return sorted(name for name in MODEL_CONFIGS if fnmatch.fnmatch(name, pattern))
-
-
-def create_model(
-    model_name: str,
-    pretrained: Union[None, bool, str] = None,
-    num_classes: int = 1000,
-    distillation: bool = False,
-    **kwargs,
-) -> SHViT:
-    """Build a variant by name, timm-style.
-
-    ``pretrained``: None/False for random weights; True for the authors' release; a local path or a URL
-    (http(s):// or file://; downloads are cached under $TORCH_HOME/hub/checkpoints). When ``num_classes``
-    differs from the checkpoint's, the checkpoint's head is dropped and the new head keeps its initialisation.
-    Other keyword arguments go to :class:`SHViT` (for example ``in_chans``).
-    """
-    if model_name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown SHViT model {model_name!r}; valid names: {', '.join(list_models())}")
-    config = {**MODEL_CONFIGS[model_name], **kwargs}
-    model = SHViT(num_classes=num_classes, distillation=distillation, **config)
-    model.variant = model_name
-    model.pretrained_cfg = dict(PRETRAINED_CFGS[model_name])
-    if pretrained:
-        from .checkpoint import load_pretrained
-
-        source = PRETRAINED_CFGS[model_name]["url"] if pretrained is True else pretrained
-        load_pretrained(model, source)
-    return model
-
-
-def _variant_constructor(name: str):
-    def constructor(pretrained: Union[None, bool, str] = None, **kwargs) -> SHViT:
-        return create_model(name, pretrained=pretrained, **kwargs)
-
-    constructor.__name__ = constructor.__qualname__ = name
-    constructor.__doc__ = f"{name}: {MODEL_CONFIGS[name]}. See :func:`create_model` for the arguments."
-    return constructor
-
-
-shvit_s1 = _variant_constructor("shvit_s1")
-shvit_s2 = _variant_constructor("shvit_s2")
-shvit_s3 = _variant_constructor("shvit_s3")
-shvit_s4 = _variant_constructor("shvit_s4")
