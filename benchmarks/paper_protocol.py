@@ -1,4 +1,6 @@
-"""Model throughput under the paper's protocol, against every peer: ``python -m shvit bench --suite paper``.
+"""Model throughput under the paper's protocol, against every peer: ``python -m benchmarks.paper_protocol``.
+
+Run from a checkout (the repository root); the options are ``python -m shvit bench``'s plus ``--peers``.
 
 Protocol (spec section 5): BN folded, batch 256 on GPU / 16 on CPU, CPU at one thread by default, warm-up and
 then timed windows. The peers run interleaved in one process (``shvit.bench.measure``: one window per peer
@@ -22,6 +24,7 @@ Peers that cannot run here are skipped with a printed reason and listed in the J
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -354,8 +357,8 @@ def run_paper_suite(args) -> int:
 
     ceilings = probe(dev, dtypes=sorted({torch.float32, dtype}, key=str))
     env = dict(report.environment)
-    via_cli = sys.argv[0].endswith("__main__.py") or sys.argv[0].endswith("shvit")
-    env.update(command=("python -m shvit " + " ".join(sys.argv[1:])) if via_cli else " ".join(sys.argv),
+    via_main = sys.argv[0].endswith(os.path.join("benchmarks", "paper_protocol.py"))
+    env.update(command=("python -m benchmarks.paper_protocol " + " ".join(sys.argv[1:])) if via_main else " ".join(sys.argv),
                load_average_start=load_start, load_average_end=load_average(), git=git_revision())
     result = dict(
         suite="paper",
@@ -389,3 +392,24 @@ def run_paper_suite(args) -> int:
 def result_name(r: dict) -> str:
     threads = f"_t{r['threads']}" if r["device"] == "cpu" else ""
     return f"paper_{r['model']}_{r['img_size']}px_b{r['batch_size']}_{r['device'].split(':')[0]}_{r['dtype']}{threads}.json"
+
+
+def main(argv=None) -> int:
+    from shvit.__main__ import add_bench_arguments, default_batch_size
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.paper_protocol", description=__doc__.splitlines()[0])
+    add_bench_arguments(p)
+    p.add_argument("--peers", default=None,
+                   help="comma list of peers (eager, eager-cl, compile, compile-max-autotune, cuda-graph, onnxruntime, "
+                        "fused, train), 'all' or 'default' (see this module's docstring)")
+    args = p.parse_args(argv)
+    default_batch_size(args)
+    try:
+        return run_paper_suite(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

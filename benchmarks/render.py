@@ -3,7 +3,7 @@
     python benchmarks/render.py                       # benchmarks/results/*.json -> results/README.md + PNGs
     python benchmarks/render.py a.json b.json --out-dir /tmp/r --print
 
-Inputs: paper-suite JSON (``python -m shvit bench --suite paper``) and pytest-benchmark JSON from the op
+Inputs: paper-suite JSON (``python -m benchmarks.paper_protocol``) and pytest-benchmark JSON from the op
 microbenchmarks (``--benchmark-json``, with the ``shvit`` section the benchmarks' conftest adds). Other JSON
 files in the folder (for example the training engineer's) are left alone.
 Plots: ``throughput_<model>.png`` (img/s per setting and method, bars at the median, whiskers min..max) and

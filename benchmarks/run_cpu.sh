@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 for model in shvit_s1 shvit_s4; do
   for dtype in fp32 bf16; do
     for threads in 1 2; do
-      "$PY" -m shvit bench --suite paper --model "$model" --batch-size 16 --device cpu --dtype "$dtype" \
+      "$PY" -m benchmarks.paper_protocol --model "$model" --batch-size 16 --device cpu --dtype "$dtype" \
         --threads "$threads" --warmup 1 --window 0.5 --rounds 5 "$@"
     done
   done

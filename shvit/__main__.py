@@ -43,13 +43,6 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_model_bench
 
-    if args.suite == "paper":
-        try:
-            from benchmarks.paper_protocol import run_paper_suite
-        except ImportError as e:
-            print(f"the paper suite lives in benchmarks/ (run from the repository root): {e}", file=sys.stderr)
-            return 2
-        return run_paper_suite(args)
     report = run_model_bench(
         model=args.model,
         batch_size=args.batch_size,
@@ -75,15 +68,8 @@ def cmd_train(args) -> int:
     return train_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shvit", description="SHViT with fused kernels")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    info = sub.add_parser("info", help="versions, and which backends are built and usable (and why not)")
-    info.add_argument("--json", action="store_true", help="print the backend table as JSON")
-    info.set_defaults(func=cmd_info)
-
-    bench = sub.add_parser("bench", help="img/s of the reference model against the fused model on the best backends")
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    """The model-throughput options, shared with the paper suite (``python -m benchmarks.paper_protocol``)."""
     bench.add_argument("--model", default="shvit_s1")
     bench.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU (the paper's)")
     bench.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
@@ -94,12 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per variant")
     bench.add_argument("--window", type=float, default=0.5, help="seconds per timed window")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
-    bench.add_argument("--suite", default=None, choices=["paper"], help="run the paper's protocol against every peer")
-    bench.add_argument("--peers", default=None,
-                       help="paper suite: comma list of peers (eager, eager-cl, compile, compile-max-autotune, "
-                            "cuda-graph, onnxruntime, fused, train), 'all' or 'default' (see benchmarks/paper_protocol.py)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.add_argument("--output", default=None, help="also write the JSON report to this file")
+
+
+def default_batch_size(args) -> None:
+    """Fill in ``--batch-size`` when it was not given: the paper's 256 on GPU, 16 on CPU."""
+    if getattr(args, "batch_size", 0) is None:
+        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.batch_size = 256 if on_gpu else 16
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shvit", description="SHViT with fused kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, and which backends are built and usable (and why not)")
+    info.add_argument("--json", action="store_true", help="print the backend table as JSON")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="img/s of the reference model against the fused model on the best backends")
+    add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     from .train import add_train_arguments
@@ -112,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 0) is None:
-        on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        args.batch_size = 256 if on_gpu else 16
+    default_batch_size(args)
     try:
         return args.func(args)
     except ValueError as e:
