@@ -1,7 +1,7 @@
 """cpp-backend specific tests: every built CPU-capability variant, both layouts, thread counts, bad input to the
 C++ functions, the per-call not_supported_reasons, and the loader's unavailable path.
 
-The shared cross-backend grid (tests/test_ops.py) runs the ops through the dispatcher; here the C++ functions are
+The shared cross-backend grid (tests/test_op_accuracy.py) runs the ops through the dispatcher; here the C++ functions are
 also called directly so each variant is checked, including kernels the dispatcher declines (dense kxk).
 """
 
