@@ -296,7 +296,7 @@ def setup_distributed(device_arg: str):
     return rank, world, device
 
 
-def build_datasets(args, num_classes_hint=None):
+def build_datasets(args):
     if args.data_dir is None:
         n = args.num_classes or args.synthetic_classes
         train_set = SyntheticDataset(args.synthetic_size[0], n, args.img_size, train=True, seed=args.seed)

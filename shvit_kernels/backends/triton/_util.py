@@ -30,19 +30,9 @@ def strides4(t):
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
-def token_stride(t):
-    """Stride between consecutive tokens h*W+w; valid because both supported layouts have sH == W*sW."""
-    return t.stride(3)
-
-
 def empty_like_format(shape, dtype, like):
     fmt = torch.channels_last if (like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
-
-
-def cl_strides(n, c, h, w):
-    """Strides of a channels-last (N, H, W, C)-contiguous scratch buffer seen as (N, C, H, W)."""
-    return (h * w * c, 1, w * c, c)
 
 
 def num_splits(m_blocks: int, tiles: int, target: int = 264) -> int:
