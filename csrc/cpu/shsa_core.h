@@ -1,4 +1,4 @@
-// Per-image pieces of the SHSA kernels shared by shsa_fused (shsa.cpp) and shsa_train (shsa_train.cpp): argument
+// Per-image pieces of the SHSA kernels shared by shsa_fused (shsa_fused.cpp) and shsa_train (shsa_train.cpp): argument
 // checks, the output epilogue relu(cat[ya, x[:, P:]]), the attention backward and GroupNorm(1)'s backward. All work
 // on fp32 per-thread buffers; T is the storage dtype of the activations (float or BFloat16).
 #pragma once
