@@ -16,7 +16,7 @@ from shvit_kernels.ops import shsa as shsa_ops
 from shvit_kernels.testing import check_kernel
 
 QK = 16
-HAS_GPU = torch.cuda.is_available() and cuda_backend._module is not None
+HAS_GPU = torch.cuda.is_available() and not dispatch.unavailable_reasons("cuda")
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and the built shvit_kernels._C_cuda extension")
 
 
@@ -319,17 +319,16 @@ def test_gpu_public_api_autograd_through_cuda():
 @pytest.mark.gpu
 def test_gpu_bad_input_errors_name_the_argument():
     x, weight, _ = dw_args(device="cuda")
-    module = cuda_backend._module
     with pytest.raises(RuntimeError, match="'weight' must be a CUDA tensor"):
-        module.conv_bias_act(x, weight.cpu(), None, 1, 1, 8, False, None)
+        dispatch.kernel("cuda", "conv_bias_act")(x, weight.cpu(), None, 1, 1, 8, False, None)
     with pytest.raises(RuntimeError, match="'residual' must have shape"):
-        module.conv_bias_act(x, weight, None, 1, 1, 8, False, torch.randn(2, 8, 3, 3, device="cuda"))
+        dispatch.kernel("cuda", "conv_bias_act")(x, weight, None, 1, 1, 8, False, torch.randn(2, 8, 3, 3, device="cuda"))
     with pytest.raises(RuntimeError, match="'padding' must be 1"):
-        module.conv_bias_act(x, weight, None, 1, 0, 8, False, None)
+        dispatch.kernel("cuda", "conv_bias_act")(x, weight, None, 1, 0, 8, False, None)
     with pytest.raises(RuntimeError, match="'x' must be float32, float16 or bfloat16"):
-        module.conv_bias_act(x.double(), weight.double(), None, 1, 1, 8, False, None)
+        dispatch.kernel("cuda", "conv_bias_act")(x.double(), weight.double(), None, 1, 1, 8, False, None)
     sx, wq, bq, _, eps = shsa_fused_args(device="cuda")
     with pytest.raises(RuntimeError, match="'qkv_bias' must have 48 elements"):
-        module.shsa_fused(sx, wq, bq[:-1], QK, eps)
+        dispatch.kernel("cuda", "shsa_fused")(sx, wq, bq[:-1], QK, eps)
     with pytest.raises(RuntimeError, match="'qk_dim' must be 16"):
-        module.shsa_fused(sx, wq, bq, 8, eps)
+        dispatch.kernel("cuda", "shsa_fused")(sx, wq, bq, 8, eps)
