@@ -243,6 +243,26 @@ def prefer_backend(name: Optional[str]):
     return use_backend(name, strict=False)
 
 
+def current_forcing() -> Optional[Tuple[Optional[str], bool]]:
+    """This thread's innermost ``use_backend``/``prefer_backend`` as (backend, strict), or None outside them.
+
+    The ops record it on the autograd context so that a backward, which autograd may run on another thread
+    (on CUDA it always does), is dispatched as its forward was.
+    """
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def forcing(state: Optional[Tuple[Optional[str], bool]]) -> Iterator[None]:
+    """Re-enter a :func:`current_forcing` state on this thread (None: leave the thread's own state)."""
+    if state is None:
+        yield
+        return
+    with use_backend(state[0], strict=state[1]):
+        yield
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Choosing
 # ---------------------------------------------------------------------------------------------------------------

@@ -108,3 +108,38 @@ def test_explain_checks_the_argument_count():
         dispatch.explain("conv_bias_act", *conv_args(), None)
     with pytest.raises(ValueError, match="unknown op"):
         dispatch.op_arguments("conv_nothing")
+
+
+def test_forward_choice_holds_for_a_backward_on_another_thread():
+    """use_backend is thread-local; autograd may run the backward elsewhere (on CUDA always): it must follow."""
+    import threading
+
+    from shvit_kernels.ops import conv_bn as conv_ops
+
+    # A planted first-choice backend, so automatic dispatch and the forced reference differ on any machine.
+    planted = dict(availability=lambda: [], kernels={
+        "conv_bias_act": conv_ops.conv_bias_act_reference,
+        "conv_bias_act_backward": conv_ops.conv_bias_act_backward_reference,
+    })
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    w = torch.randn(16, 8, 1, 1, requires_grad=True)
+    with dispatch.patched_backend("cpp", start_empty=True, **planted), dispatch.record() as calls:
+        for forced in ("reference", "cpp"):
+            with K.use_backend(forced):
+                loss = K.conv_bias_act(x, w, relu=True).sum()
+            errors = []
+
+            def backward():
+                try:
+                    torch.autograd.grad(loss, [x, w])
+                except Exception as e:  # noqa: BLE001 - reported below, not lost with the thread
+                    errors.append(e)
+
+            worker = threading.Thread(target=backward)
+            worker.start()
+            worker.join()
+            assert not errors, errors
+    assert [(c.op, c.backend) for c in calls] == [
+        ("conv_bias_act", "reference"), ("conv_bias_act_backward", "reference"),
+        ("conv_bias_act", "cpp"), ("conv_bias_act_backward", "cpp"),
+    ]

@@ -108,6 +108,21 @@ def define_op(name: str, schema: str, reference: Callable, fake: Callable):
     return op
 
 
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd`` such that the backward is dispatched under the forward's forced or preferred
+    backend, even when autograd runs it on another thread (``use_backend`` is thread-local)."""
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.dispatch_forcing = dispatch.current_forcing()
+
+    def run_backward(ctx, *grads):
+        with dispatch.forcing(ctx.dispatch_forcing):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run_backward, setup_context=setup)
+
+
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 

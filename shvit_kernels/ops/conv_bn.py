@@ -31,6 +31,7 @@ from ._common import (
     conv_input_grad,
     conv_weight_grad,
     define_op,
+    register_autograd,
     new_output,
 )
 from .sync_batch_norm import sync_batch_norm
@@ -206,8 +207,8 @@ def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var):
     return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
 
 
-conv_bias_act_op.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
-conv_bn_train_op.register_autograd(_conv_bn_train_backward, setup_context=_conv_bn_train_setup)
+register_autograd(conv_bias_act_op, _conv_bias_act_backward, _conv_bias_act_setup)
+register_autograd(conv_bn_train_op, _conv_bn_train_backward, _conv_bn_train_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output
+from ._common import acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output, register_autograd
 from .conv_bn import conv_bn, fold_bn
 
 
@@ -75,7 +75,7 @@ def _ffn_backward(ctx, grad_out):
     return ffn_fused_backward_op(grad_out, *ctx.saved_tensors)
 
 
-ffn_fused_op.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+register_autograd(ffn_fused_op, _ffn_backward, _ffn_setup)
 
 
 def check_ffn_args(op, x, w1, b1, w2, b2):

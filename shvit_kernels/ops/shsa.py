@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import acc_dtype, upcast, batch_norm_backward, check_activation, check_param_dtype, check_tensor, define_op, new_output
+from ._common import acc_dtype, upcast, batch_norm_backward, check_activation, check_param_dtype, check_tensor, define_op, new_output, register_autograd
 from .conv_bn import conv_bn, fold_bn
 
 QK_DIM = 16
@@ -233,8 +233,8 @@ def _shsa_train_backward(ctx, grad_out, _grad_mean, _grad_var):
     return (*grads, None, None, None)
 
 
-shsa_fused_op.register_autograd(_shsa_fused_backward, setup_context=_shsa_fused_setup)
-shsa_train_op.register_autograd(_shsa_train_backward, setup_context=_shsa_train_setup)
+register_autograd(shsa_fused_op, _shsa_fused_backward, _shsa_fused_setup)
+register_autograd(shsa_train_op, _shsa_train_backward, _shsa_train_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
