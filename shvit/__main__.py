@@ -1,4 +1,4 @@
-"""Command line: ``python -m shvit info``, ``python -m shvit bench`` and ``python -m shvit train`` (see ``--help``)."""
+"""Command line: ``python -m shvit info``, ``bench``, ``tune`` and ``train`` (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,41 @@ def cmd_info(args) -> int:
                 print(f"  no kernel (falls back): {', '.join(missing)}")
     for device_type in ("cpu", "cuda"):
         print(f"\npreference on {device_type}: {' > '.join(dispatch.order(device_type))}")
+    from shvit_kernels import autotune
+
+    choices = autotune.cached_choices()
+    print(f"\nautotune: {autotune.mode()} (set {autotune.ENV_VAR}=off|inference|all); "
+          f"{len(choices)} tuned signatures in {autotune.cache_path()}")
+    for signature, backend in choices.items():
+        print(f"  {backend:9s} {signature}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """Time the backends for every op call of a fused model's forward and cache the fastest per signature."""
+    import shvit
+    from shvit_kernels import autotune
+
+    from .bench import DTYPES, PAPER_IMG_SIZE
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.model not in shvit.list_models():
+        raise ValueError(f"--model must be one of {shvit.list_models()}, got {args.model!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.img_size or PAPER_IMG_SIZE[args.model]
+    fmt = torch.contiguous_format if args.nchw else torch.channels_last
+    model = shvit.fuse(shvit.create_model(args.model)).to(device, DTYPES[args.dtype]).to(memory_format=fmt)
+    x = torch.randn(args.batch_size, 3, size, size, device=device, dtype=DTYPES[args.dtype]).contiguous(memory_format=fmt)
+    before = autotune.cached_choices()
+    with torch.no_grad(), autotune.autotune(True):
+        model(x)
+    after = autotune.cached_choices()
+    new = {k: v for k, v in after.items() if k not in before}
+    print(f"{args.model} {size}px batch {args.batch_size} {device} {args.dtype} threads {torch.get_num_threads()}: "
+          f"{len(new)} signatures tuned, {len(after)} cached in {autotune.cache_path()}")
+    for signature, backend in new.items():
+        print(f"  {backend:9s} {signature}")
     return 0
 
 
@@ -102,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="img/s of the reference model against the fused model on the best backends")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    tune = sub.add_parser("tune", help="time the backends for a fused model's op calls and cache the fastest")
+    tune.add_argument("--model", default="shvit_s1")
+    tune.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
+    tune.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
+    tune.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    tune.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    tune.add_argument("--threads", type=int, default=None, help="CPU threads (choices are kept per thread count)")
+    tune.add_argument("--nchw", action="store_true", help="tune for NCHW inputs instead of channels_last")
+    tune.set_defaults(func=cmd_tune)
 
     from .train import add_train_arguments
 

@@ -5,9 +5,11 @@ Functional API (all differentiable, torch.compile-able, autocast-aware):
 Backend control:
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND
 Looking in: the ``shvit_kernels.dispatch`` module (usable_backends, explain, observe, record, backend_table).
+Autotuning (on by default for the inference ops): ``shvit_kernels.autotune`` (set_autotune, autotune(),
+env SHVIT_KERNELS_AUTOTUNE, cached_choices).
 """
 
-from . import dispatch
+from . import autotune, dispatch
 from .dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
 from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
 from .ops.ffn import ffn, ffn_fused
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "autotune",
     "backend_table",
     "chosen_backend",
     "conv_bias_act",

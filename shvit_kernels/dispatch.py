@@ -13,7 +13,9 @@ Reasons functions receive the call's arguments by keyword, under their schema na
 need (``def reasons(x, weight, groups, **_)``), so a schema change touches the schema, the reference and the
 kernels, not every reasons function.
 
-At run time the first backend in the device's order (:data:`DEFAULT_ORDER`) with neither kind of reason wins.
+At run time the first backend in the device's order (:data:`DEFAULT_ORDER`) with neither kind of reason wins,
+unless the call is autotuned (``shvit_kernels.autotune``: on by default for the inference ops), where the
+backends that can run it are timed on the signature's first call and the fastest is remembered.
 Users force a backend with :func:`use_backend` (context manager, thread-local), :func:`set_backend` (global) or
 the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that cannot take a call raises an error
 listing its reasons instead of silently falling back. :func:`prefer_backend` is the lenient form: the backend
@@ -35,6 +37,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from . import autotune
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 ENV_VAR = "SHVIT_KERNELS_BACKEND"
@@ -373,10 +377,32 @@ def _device_type_of(t) -> str:
 
 def select(op: str, device_type: str, args: tuple) -> Tuple[str, Callable]:
     """(backend, kernel) that will run ``op`` for these positional schema arguments; raises when none can."""
-    chosen, *_, error = _choose(op, device_type, dict(zip(_op_arguments[op], args)), every=False)
+    named = dict(zip(_op_arguments[op], args))
+    if autotune.applies(op) and forced_backend() is None:
+        tuned = _tuned(op, device_type, args, named)
+        if tuned is not None:
+            return tuned, _backends[tuned].kernels[op]
+    chosen, *_, error = _choose(op, device_type, named, every=False)
     if chosen is None:
         raise NoBackendError(error)
     return chosen, _backends[chosen].kernels[op]
+
+
+def _tuned(op: str, device_type: str, args: tuple, named: Mapping[str, object]) -> Optional[str]:
+    """The measured-fastest backend that can run the call (timing them on a signature's first call), or None
+    when fewer than two can run it (then the fixed order decides)."""
+    key = autotune.signature(op, device_type, args)
+    remembered = autotune.lookup(key)
+    if remembered is not None and not _backends[remembered].not_supported_reasons(op, device_type, named):
+        return remembered
+    candidates = {
+        name: _backends[name].kernels[op]
+        for name in order(device_type)
+        if not _backends[name].not_supported_reasons(op, device_type, named)
+    }
+    if len(candidates) < 2:
+        return None
+    return autotune.tune(key, candidates, args, device_type)
 
 
 def chosen_backend(op: str, device_type: str, *args) -> str:

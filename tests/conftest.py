@@ -6,6 +6,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Automatic dispatch in the tests follows the fixed order (deterministic); tests/test_autotune.py turns tuning on.
+os.environ.setdefault("SHVIT_KERNELS_AUTOTUNE", "off")
+
 import pytest  # noqa: E402
 
 

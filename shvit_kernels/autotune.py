@@ -1,0 +1,271 @@
+"""Autotuned dispatch: time the backends that can run a call signature on first use, remember the fastest.
+
+A call signature is (op, device type, every tensor's dtype, shape and layout, the other arguments, the thread
+count). The first automatic call of a signature times each backend that can run it (the measured-slower rules
+are then not used) and keeps the fastest in memory and in a per-machine cache file, so later calls, and later
+processes on the same machine, pay nothing but the lookup.
+
+Modes (``set_autotune``, the ``autotune`` context manager, or ``SHVIT_KERNELS_AUTOTUNE``):
+
+* ``"inference"`` (default): the inference ops a fused model runs (conv_bias_act, ffn_fused, shsa_fused);
+* ``"all"`` (``True``, env ``1``/``all``): every op, training ops and backwards included;
+* ``"off"`` (``False``, env ``0``/``off``): the fixed order with its measured-slower rules.
+
+Forced or preferred backends (``use_backend``, ``prefer_backend``, ...) are never tuned over. The cache file is
+``$SHVIT_KERNELS_CACHE_DIR`` (default ``~/.cache/shvit_kernels``) ``/autotune-<machine>.json``, the machine
+being the CPU model and capability, the GPU name, and the torch and package versions. Writes are atomic; a
+file that cannot be read is ignored with a warning and replaced on the next write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from typing import Callable, Dict, Iterator, Optional, Sequence, Union
+
+import torch
+
+ENV_VAR = "SHVIT_KERNELS_AUTOTUNE"
+CACHE_DIR_ENV_VAR = "SHVIT_KERNELS_CACHE_DIR"
+MODES = ("off", "inference", "all")
+INFERENCE_OPS = frozenset({"conv_bias_act", "ffn_fused", "shsa_fused"})
+# Per backend: a warm-up call, then timed calls until MIN_SECONDS have passed (at least MIN_REPS, at most MAX_REPS).
+MIN_REPS, MAX_REPS, MIN_SECONDS = 3, 25, 0.02
+FORMAT_VERSION = 1
+
+__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "clear", "mode", "set_autotune"]
+
+_global_mode: Optional[str] = None
+_state = threading.local()
+_lock = threading.RLock()
+_choices: Dict[str, str] = {}
+_loaded_path: Optional[str] = None
+
+
+def _normalize(setting: Union[None, bool, str]) -> Optional[str]:
+    if setting is None:
+        return None
+    if setting is True:
+        return "all"
+    if setting is False:
+        return "off"
+    value = str(setting).strip().lower()
+    value = {"1": "all", "true": "all", "on": "all", "0": "off", "false": "off", "": "inference", "auto": "inference"}.get(value, value)
+    if value not in MODES:
+        raise ValueError(f"autotune mode must be one of {MODES} (or True/False), got {setting!r}")
+    return value
+
+
+def set_autotune(setting: Union[None, bool, str]) -> None:
+    """Set the process-wide mode (``None`` goes back to the environment variable, else the default)."""
+    global _global_mode
+    _global_mode = _normalize(setting)
+
+
+@contextlib.contextmanager
+def autotune(setting: Union[bool, str] = True) -> Iterator[None]:
+    """Tune (``True``/``"all"``), tune inference ops only, or not (``False``) inside the block (thread-local)."""
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(_normalize(setting))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def mode() -> str:
+    """The mode in force here: context manager, then :func:`set_autotune`, then the environment, then default."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global_mode is not None:
+        return _global_mode
+    env = os.environ.get(ENV_VAR)
+    if env is not None:
+        try:
+            return _normalize(env)
+        except ValueError as e:
+            raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
+    return "inference"
+
+
+def applies(op: str) -> bool:
+    """Whether an automatic call of ``op`` here is tuned (never while tracing or capturing a CUDA graph)."""
+    m = mode()
+    if m == "off" or (m == "inference" and op not in INFERENCE_OPS):
+        return False
+    if torch.jit.is_tracing() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signatures and the cache file
+# ---------------------------------------------------------------------------------------------------------------
+def _layout(t: torch.Tensor) -> str:
+    if t.is_contiguous():
+        return "nchw" if t.dim() == 4 else "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strides" + ",".join(map(str, t.stride()))
+
+
+def signature(op: str, device_type: str, args: Sequence) -> str:
+    """The key a tuned choice is remembered under."""
+    parts = [op, device_type, f"threads={torch.get_num_threads()}"]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}{_layout(a)}")
+        else:
+            parts.append(repr(a))
+    return " ".join(parts)
+
+
+def _cpu_model() -> str:
+    """'<model name> (family F model M)' from /proc/cpuinfo: the name alone can hide the core generation."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    return name
+
+
+def machine() -> Dict[str, str]:
+    """What a cache file is valid for: CPU model and capability, GPU, torch and package versions."""
+    from . import __version__
+
+    return dict(
+        cpu=_cpu_model(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        torch=torch.__version__,
+        shvit_kernels=__version__,
+    )
+
+
+def cache_path() -> str:
+    """This machine's cache file."""
+    folder = os.environ.get(CACHE_DIR_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "shvit_kernels")
+    digest = hashlib.sha1(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(folder, f"autotune-{digest}.json")
+
+
+def _load() -> None:
+    """Read this machine's cache file once per path (a changed cache folder is read afresh)."""
+    global _loaded_path
+    path = cache_path()
+    if path == _loaded_path:
+        return
+    _loaded_path = path
+    _choices.clear()
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("format") != FORMAT_VERSION or not isinstance(data.get("choices"), dict):
+            raise ValueError("not a shvit_kernels autotune cache")
+        _choices.update({str(k): str(v) for k, v in data["choices"].items()})
+    except (OSError, ValueError, AttributeError) as e:
+        warnings.warn(f"shvit_kernels: ignoring the autotune cache {path} ({e}); it is rewritten on the next tuning",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _save() -> None:
+    path = cache_path()
+    data = dict(format=FORMAT_VERSION, machine=machine(), choices=dict(sorted(_choices.items())))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".tmp", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+    except OSError as e:
+        warnings.warn(f"shvit_kernels: cannot write the autotune cache {path} ({e}); choices stay in memory",
+                      RuntimeWarning, stacklevel=3)
+
+
+def cached_choices() -> Dict[str, str]:
+    """Signature -> backend, as remembered for this machine (the cache file and this process)."""
+    with _lock:
+        _load()
+        return dict(_choices)
+
+
+def clear(delete_file: bool = False) -> None:
+    """Forget the tuned choices (and delete this machine's cache file)."""
+    global _loaded_path
+    with _lock:
+        _choices.clear()
+        _loaded_path = None
+        if delete_file and os.path.exists(cache_path()):
+            os.remove(cache_path())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------
+def _sync(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_kernel(kernel: Callable, args: Sequence, device_type: str) -> float:
+    """Median seconds of ``kernel(*args)`` after one warm-up call."""
+    _sync(device_type)
+    kernel(*args)
+    _sync(device_type)
+    times = []
+    start = time.perf_counter()
+    while len(times) < MIN_REPS or (len(times) < MAX_REPS and time.perf_counter() - start < MIN_SECONDS):
+        t0 = time.perf_counter()
+        kernel(*args)
+        _sync(device_type)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def lookup(key: str) -> Optional[str]:
+    """The remembered backend for a signature, or None."""
+    choice = _choices.get(key)
+    if choice is None and _loaded_path is None:
+        with _lock:
+            _load()
+            choice = _choices.get(key)
+    return choice
+
+
+def tune(key: str, candidates: Dict[str, Callable], args: Sequence, device_type: str) -> str:
+    """Time each candidate backend's kernel on ``args``, remember and return the fastest."""
+    with _lock:
+        _load()
+        if key in _choices and _choices[key] in candidates:
+            return _choices[key]
+        with torch.no_grad():
+            times = {name: time_kernel(kernel, args, device_type) for name, kernel in candidates.items()}
+        best = min(times, key=times.get)
+        _choices[key] = best
+        _save()
+        return best
