@@ -263,8 +263,15 @@ def tune(key: str, candidates: Dict[str, Callable], args: Sequence, device_type:
         _load()
         if key in _choices and _choices[key] in candidates:
             return _choices[key]
+        times = {}
         with torch.no_grad():
-            times = {name: time_kernel(kernel, args, device_type) for name, kernel in candidates.items()}
+            for name, kernel in candidates.items():
+                try:
+                    times[name] = time_kernel(kernel, args, device_type)
+                except Exception:  # noqa: BLE001 - a kernel that fails here is simply not chosen
+                    continue
+        if not times:
+            return next(iter(candidates))  # the fixed order's first; its own call reports the error
         best = min(times, key=times.get)
         _choices[key] = best
         _save()

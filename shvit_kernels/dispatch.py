@@ -20,7 +20,9 @@ Users force a backend with :func:`use_backend` (context manager, thread-local), 
 the ``SHVIT_KERNELS_BACKEND`` environment variable; a forced backend that cannot take a call raises an error
 listing its reasons instead of silently falling back. :func:`prefer_backend` is the lenient form: the backend
 runs what it can and the usual order the rest. When no backend can take a call the error lists every backend's
-reasons.
+reasons. Backends registered with ``verify_first_use`` (triton and cuda, not yet run on a GPU) have each call
+signature's first result checked against the reference; a kernel that fails is disabled for that signature
+with one warning and the reference's result is used (:func:`set_verify`, ``SHVIT_KERNELS_VERIFY=0``: off).
 
 Looking in:
 
@@ -72,6 +74,8 @@ __all__ = [
     "record",
     "register_backend",
     "set_backend",
+    "set_verify",
+    "reset_first_use_checks",
     "unavailable_reasons",
     "usable_backends",
     "use_backend",
@@ -88,6 +92,7 @@ class _Backend:
     kernels: Dict[str, Callable] = field(default_factory=dict)
     not_supported: Dict[str, Reasons] = field(default_factory=dict)
     slower: Dict[str, Reasons] = field(default_factory=dict)
+    verify_first_use: bool = False  # check each call signature's first result against the reference
 
     def not_supported_reasons(self, op: str, device_type: str, args: Mapping[str, object]) -> List[str]:
         if self.device_types is not None and device_type not in self.device_types:
@@ -98,7 +103,13 @@ class _Backend:
         if op not in self.kernels:
             return [f"backend '{self.name}' has no kernel for op '{op}'"]
         check = self.not_supported.get(op)
-        return list(check(**args)) if check is not None else []
+        reasons = list(check(**args)) if check is not None else []
+        if not reasons and self.verify_first_use and _failed_first_use:
+            failure = _failed_first_use.get((self.name, autotune.signature(op, device_type, tuple(args.values()))))
+            if failure is not None:
+                reasons.append(f"disabled for this call signature: its first result failed the check against the "
+                               f"reference ({failure})")
+        return reasons
 
     def slower_reasons(self, op: str, args: Mapping[str, object]) -> List[str]:
         check = self.slower.get(op)
@@ -111,6 +122,11 @@ _state = threading.local()
 _global_forced: Optional[str] = None
 _observers: Tuple[Callable, ...] = ()
 _observers_lock = threading.Lock()
+VERIFY_ENV_VAR = "SHVIT_KERNELS_VERIFY"
+_verify: Optional[bool] = None  # set_verify; None: the environment, else on
+_verified_first_use: set = set()  # (backend, signature) whose first result matched the reference
+_failed_first_use: Dict[Tuple[str, str], str] = {}  # (backend, signature) -> why its first result was rejected
+_verify_lock = threading.Lock()
 
 
 def _backend(name: str) -> _Backend:
@@ -142,12 +158,15 @@ def register_backend(
     kernels: Optional[Mapping[str, Callable]] = None,
     not_supported: Optional[Mapping[str, Reasons]] = None,
     slower: Optional[Mapping[str, Reasons]] = None,
+    verify_first_use: Optional[bool] = None,
 ) -> None:
     """Register (or extend) backend ``name``: the one way a backend tells the dispatcher what it has.
 
     ``device_types``: the device types its kernels run on (None: any). ``availability()``: why it cannot run at
     all. ``kernels``: op -> kernel taking the op's schema arguments positionally. ``not_supported`` and
     ``slower``: op -> reasons function called with the call's arguments by name (see the module docstring).
+    ``verify_first_use``: check each call signature's first result against the reference (see
+    :func:`set_verify`; for backends not yet verified on real hardware).
     Given parts replace what was registered under the same keys; parts not given stay.
     """
     b = _backend(name)
@@ -159,6 +178,8 @@ def register_backend(
         b.device_types = tuple(device_types)
     if availability is not None:
         b.availability = availability
+    if verify_first_use is not None:
+        b.verify_first_use = verify_first_use
     b.kernels.update(kernels or {})
     b.not_supported.update(not_supported or {})
     b.slower.update(slower or {})
@@ -173,7 +194,7 @@ def patched_backend(name: str, *, start_empty: bool = False, **registration) -> 
     """
     saved = _backend(name)
     if start_empty:
-        patched = _Backend(name, device_types=saved.device_types)
+        patched = _Backend(name, device_types=saved.device_types, verify_first_use=saved.verify_first_use)
     else:
         patched = dataclasses.replace(
             saved, kernels=dict(saved.kernels), not_supported=dict(saved.not_supported), slower=dict(saved.slower)
@@ -408,6 +429,81 @@ def _tuned(op: str, device_type: str, args: tuple, named: Mapping[str, object]) 
 def chosen_backend(op: str, device_type: str, *args) -> str:
     """Name of the backend that would run ``op(*args)`` on ``device_type``; raises like the call would."""
     return select(op, device_type, args)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# First-use check of kernels not yet verified on hardware (triton, cuda)
+# ---------------------------------------------------------------------------------------------------------------
+def set_verify(enabled: Optional[bool]) -> None:
+    """Turn the first-use check on or off (``None``: ``SHVIT_KERNELS_VERIFY``, default on)."""
+    global _verify
+    _verify = enabled
+
+
+def reset_first_use_checks() -> None:
+    """Forget which signatures passed or failed their first-use check (they are checked again)."""
+    with _verify_lock:
+        _verified_first_use.clear()
+        _failed_first_use.clear()
+
+
+def verify_enabled() -> bool:
+    if _verify is not None:
+        return _verify
+    return os.environ.get(VERIFY_ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def needs_first_use_check(backend: str, op: str, device_type: str, args: tuple) -> bool:
+    """Whether this call is the first of its signature on a backend registered with ``verify_first_use``."""
+    if not _backends[backend].verify_first_use or not verify_enabled():
+        return False
+    return (backend, autotune.signature(op, device_type, args)) not in _verified_first_use
+
+
+def first_use_check(op: str, device_type: str, backend: str, kernel: Callable, *args):
+    """Run ``kernel`` and the reference on ``args``; return the kernel's result if it errs no more than the
+    tolerance rule allows (and is finite where the reference is), else the reference's, disabling the backend
+    for this call signature with one warning."""
+    import warnings
+
+    import torch
+
+    from .testing import assert_close_to_fp64, to_float64
+
+    key = (backend, autotune.signature(op, device_type, args))
+    reference = _backends["reference"].kernels[op]
+    eager = reference(*args)
+    failure = None
+    try:
+        got = kernel(*args)
+    except Exception as e:  # noqa: BLE001 - any kernel failure disables it for the signature
+        failure = f"{type(e).__name__}: {e}"
+    else:
+        ref64 = reference(*to_float64(args))
+        as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+        try:
+            outputs = list(zip(as_tuple(got), as_tuple(eager), as_tuple(ref64)))
+            assert len(outputs) == len(as_tuple(eager)), "wrong number of outputs"
+            for i, (g, e, r) in enumerate(outputs):
+                finite = torch.isfinite(e)
+                if not bool(finite.all()):  # judge only where the reference is finite; elsewhere match it
+                    assert g.shape == e.shape, f"output {i}: shape {tuple(g.shape)} != {tuple(e.shape)}"
+                    assert torch.equal(torch.isfinite(g), finite), f"output {i}: non-finite values where the reference has none"
+                    g, e, r = g[finite], e[finite], r[finite]
+                assert_close_to_fp64(g, e, r, name=f"output {i}")
+        except AssertionError as e:
+            failure = str(e)
+    with _verify_lock:
+        if failure is None:
+            _verified_first_use.add(key)
+            return got
+        first = key not in _failed_first_use
+        _failed_first_use[key] = failure
+    if first:
+        warnings.warn(f"shvit_kernels: the {backend} kernel for op '{op}' failed its first-use check against the "
+                      f"reference and is disabled for this call signature (the reference's result is used): {failure}",
+                      RuntimeWarning, stacklevel=4)
+    return eager
 
 
 # ---------------------------------------------------------------------------------------------------------------

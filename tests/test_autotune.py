@@ -17,6 +17,8 @@ from shvit_kernels.ops import conv_bn as conv_ops
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a one-thread conv keeps its time on a loaded machine
     monkeypatch.setenv(autotune.CACHE_DIR_ENV_VAR, str(tmp_path))
     monkeypatch.setenv(autotune.ENV_VAR, "inference")
     autotune.set_autotune(None)
@@ -24,6 +26,7 @@ def fresh_cache(tmp_path, monkeypatch):
     yield
     autotune.set_autotune(None)
     autotune.clear()
+    torch.set_num_threads(threads)
 
 
 def slow_planted_cpp(calls):
@@ -31,7 +34,7 @@ def slow_planted_cpp(calls):
 
     def slow(*args):
         calls.append(1)
-        time.sleep(0.02)  # far slower than the reference conv, even on a loaded machine
+        time.sleep(0.05)  # far slower than the reference conv, even on a loaded machine
         return conv_ops.conv_bias_act_reference(*args)
 
     return dispatch.patched_backend("cpp", start_empty=True, availability=lambda: [], kernels={"conv_bias_act": slow})

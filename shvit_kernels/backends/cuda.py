@@ -124,6 +124,7 @@ def register() -> None:
     dispatch.register_backend(
         BACKEND,
         device_types=("cuda",),
+        verify_first_use=True,  # not yet run on a GPU: each signature's first result is checked
         availability=availability_reasons,
         kernels={op: _kernel(op) for op in NOT_SUPPORTED},
         not_supported=NOT_SUPPORTED,

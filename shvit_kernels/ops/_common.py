@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from typing import Callable, Optional, Sequence, Tuple
@@ -68,6 +69,8 @@ def _run_kernel(name: str, args, direct: bool = False):
         done = dispatch.notify(dispatch.DispatchedCall(name, device_type, backend, args, direct))
     else:
         done = ()
+    if dispatch.needs_first_use_check(backend, name, device_type, args):
+        kernel = functools.partial(dispatch.first_use_check, name, device_type, backend, kernel)
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             result = kernel(*args)

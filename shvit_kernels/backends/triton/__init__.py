@@ -122,6 +122,7 @@ def _kernel(op: str):
 dispatch.register_backend(
     BACKEND,
     device_types=("cuda",),
+    verify_first_use=True,  # not yet run on a GPU: each signature's first result is checked
     availability=_availability,
     kernels={op: _kernel(op) for op in KERNEL_MODULES},
     not_supported=NOT_SUPPORTED,
