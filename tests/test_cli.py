@@ -1,14 +1,16 @@
-"""The command line: ``python -m shvit info`` and ``python -m shvit bench``."""
+"""The command line: ``python -m shvit info``, ``bench`` and ``tune``."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def shvit_cli(*args, check=True):
-    res = subprocess.run([sys.executable, "-m", "shvit", *args], capture_output=True, text=True)
+def shvit_cli(*args, check=True, env=None):
+    res = subprocess.run([sys.executable, "-m", "shvit", *args], capture_output=True, text=True,
+                         env=None if env is None else {**os.environ, **env})
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
     return res
@@ -37,6 +39,19 @@ def test_bench_reports_speed_and_agreement(tmp_path):
         assert r["img_per_s"] > 0
         assert r["max_rel_diff_vs_first"] < 1e-4, r
     assert report["environment"]["torch"]
+
+
+def test_tune_fills_the_cache_and_info_lists_it(tmp_path):
+    env = {"SHVIT_KERNELS_CACHE_DIR": str(tmp_path)}
+    out = shvit_cli("tune", "--model", "shvit_s1", "--batch-size", "1", "--img-size", "64", "--device", "cpu",
+                    "--threads", "1", env=env).stdout
+    assert "signatures tuned" in out and str(tmp_path) in out
+    (cache,) = tmp_path.glob("autotune-*.json")
+    choices = json.loads(cache.read_text())["choices"]
+    assert choices and all(k.split()[0] in ("conv_bias_act", "ffn_fused", "shsa_fused") for k in choices)
+    info = shvit_cli("info", env=env).stdout
+    assert f"{len(choices)} tuned signatures" in info
+    assert all(k in info for k in choices)
 
 
 @pytest.mark.parametrize("args,message", [
