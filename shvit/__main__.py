@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default=None, help="also write the JSON report to this file")
     bench.set_defaults(func=cmd_bench)
 
+    from .export import add_export_arguments, cmd_export
+
+    export = sub.add_parser("export", help="write the model as ONNX (standard ops, dynamic batch), checked in ONNX Runtime")
+    add_export_arguments(export)
+    export.set_defaults(func=cmd_export)
+
     from .train import add_train_arguments
 
     train = sub.add_parser("train", help="train a variant on an ImageFolder or synthetic data (torchrun for several processes)")

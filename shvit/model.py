@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shvit_kernels
+from shvit_kernels.tracing import untraced_check
 
 __all__ = [
     "BN_Linear",
@@ -350,6 +351,7 @@ class SHViT(nn.Module):
     # ----------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------
+    @untraced_check
     def check_input(self, x) -> None:
         """Raise a ValueError unless ``x`` is (B, in_chans, H, W) with H, W >= 64 and multiples of 16."""
         expected = (

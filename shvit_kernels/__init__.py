@@ -4,12 +4,15 @@ Functional API (all differentiable, torch.compile-able, autocast-aware):
     conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, fold_bn, fold_shsa
 Backend control:
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+Tracing and export:
+    inline_reference() (context manager; automatic in torch.onnx.export): tracers record the reference's torch ops
 """
 
 from ._dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
 from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
+from .tracing import inline_reference
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
 
 __version__ = "0.1.0"
@@ -25,6 +28,7 @@ __all__ = [
     "fold_bn",
     "fold_shsa",
     "forced_backend",
+    "inline_reference",
     "prefer_backend",
     "set_backend",
     "shsa",

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _common
+from ..tracing import untraced_check
 from ._common import (
     acc_dtype,
     upcast,
@@ -215,6 +216,7 @@ conv_bn_train_op.register_autograd(_conv_bn_train_backward, setup_context=_conv_
 # ---------------------------------------------------------------------------------------------------------
 
 
+@untraced_check
 def check_conv_args(op, x, weight, stride, padding, groups, residual=None, bias=None):
     check_activation(op, x)
     check_tensor(op, "weight", weight, ndim=4, like=x, what="(C_out, C_in / groups, kH, kW)")
