@@ -4,7 +4,9 @@
     fast = shvit.fuse(model)                                   # BatchNorms folded, for inference
 """
 
+from .accelerate import AccelerateError, accelerate
 from .checkpoint import CheckpointError, LoadResult, load_checkpoint, save_checkpoint, timm_to_authors
+from .export import export_onnx
 from .fuse import FusedConv2d, FusedFFN, FusedSHSA, fuse
 from .model import (
     BN_Linear,
@@ -28,6 +30,9 @@ from .model import (
 from .train import convert_sync_batchnorm
 
 __all__ = [
+    "AccelerateError",
+    "accelerate",
+    "export_onnx",
     "CheckpointError",
     "LoadResult",
     "load_checkpoint",
