@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--threads", type=int, default=None, help="CPU threads (choices are kept per thread count)")
     tune.add_argument("--nchw", action="store_true", help="tune for NCHW inputs instead of channels_last")
     tune.set_defaults(func=cmd_tune)
+    from .export import add_export_arguments, cmd_export
+
+    export = sub.add_parser("export", help="write the model as ONNX (standard ops, dynamic batch), checked in ONNX Runtime")
+    add_export_arguments(export)
+    export.set_defaults(func=cmd_export)
 
     from .train import add_train_arguments
 

@@ -29,10 +29,15 @@ def create_model(
     ``pretrained``: None/False for random weights; True for the authors' release; a local path or a URL
     (http(s):// or file://; downloads are cached under $TORCH_HOME/hub/checkpoints). When ``num_classes``
     differs from the checkpoint's, the checkpoint's head is dropped and the new head keeps its initialisation.
-    Other keyword arguments go to :class:`SHViT` (for example ``in_chans``).
+    Other keyword arguments go to :class:`SHViT` (for example ``in_chans``), except timm's
+    ``features_only=True`` (and ``out_indices``), which return a backbone giving the stage maps
+    (:class:`shvit.features.SHViTFeatures`).
     """
     if model_name not in MODEL_CONFIGS:
         raise ValueError(f"unknown SHViT model {model_name!r}; valid names: {', '.join(list_models())}")
+    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the maps of a features_only=True model; pass features_only=True")
     config = {**MODEL_CONFIGS[model_name], **kwargs}
     model = SHViT(num_classes=num_classes, distillation=distillation, **config)
     model.variant = model_name
@@ -40,6 +45,10 @@ def create_model(
     if pretrained:
         source = PRETRAINED_CFGS[model_name]["url"] if pretrained is True else pretrained
         load_pretrained(model, source)
+    if features_only:  # timm's convention: a backbone returning the stage maps (see shvit.features)
+        from .features import SHViTFeatures
+
+        return SHViTFeatures(model, out_indices)
     return model
 
 

@@ -184,26 +184,42 @@ def _fused_replacement(module: nn.Module) -> Optional[nn.Module]:
     return replacement() if replacement is not None else None
 
 
-def _fuse_children(module: nn.Module) -> None:
+def _fuse_children(module: nn.Module) -> int:
+    """Replace every fusable descendant in place; returns how many were replaced."""
+    replaced = 0
     for name, child in module.named_children():
         replacement = _fused_replacement(child)
         if replacement is None:
-            _fuse_children(child)
+            replaced += _fuse_children(child)
         else:
             setattr(module, name, replacement)
+            replaced += 1
+    return replaced
+
+
+def _cannot_fuse(model: nn.Module) -> TypeError:
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    if getattr(model, "is_fused", False) or any(isinstance(m, (FusedConv2d, FusedFFN, FusedSHSA)) for m in model.modules()):
+        return TypeError(f"shvit.fuse: {kind} is already fused (nothing left to fold)")
+    hint = ""
+    if type(model).__name__ == "SHViT":
+        hint = "; for timm's or the authors' SHViT call shvit.accelerate(model) first, then fuse the result"
+    return TypeError(f"shvit.fuse: {kind} has no shvit modules to fuse (Conv2d_BN, FFN, SHSA, BN_Linear){hint}")
 
 
 def fuse(model: nn.Module) -> nn.Module:
     """Return a new eval-mode model with all normalisation folded into weights; ``model`` is left untouched.
 
     Works on a whole :class:`SHViT` or any of its submodules. The result computes the same function as
-    ``model.eval()`` (to fp32 rounding), with fewer and fused op calls.
+    ``model.eval()`` (to fp32 rounding), with fewer and fused op calls. A model with nothing to fuse (already
+    fused, or not built from this package's modules: see :func:`shvit.accelerate`) raises a TypeError.
     """
     fused = copy.deepcopy(model).eval()
     replacement = _fused_replacement(fused)
     if replacement is not None:
         return replacement.eval()
-    _fuse_children(fused)
+    if not _fuse_children(fused):
+        raise _cannot_fuse(model)
     if hasattr(fused, "is_fused"):  # an SHViT
         fused.is_fused = True
     return fused

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shvit_kernels
+from shvit_kernels.tracing import untraced_check
 
 from .fuse import FusedFFN, fuse, fuse_bn_linear, fuse_conv_bn, fuse_shsa, is_same_shape_depthwise
 from .layers import ResidualInForward, bn_step
@@ -341,6 +342,7 @@ class SHViT(nn.Module):
     # ----------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------
+    @untraced_check
     def check_input(self, x) -> None:
         """Raise a ValueError unless ``x`` is (B, in_chans, H, W) with H, W >= 64 and multiples of 16."""
         expected = (

@@ -7,6 +7,8 @@ Backend control:
 Looking in: the ``shvit_kernels.dispatch`` module (usable_backends, explain, observe, record, backend_table).
 Autotuning (on by default for the inference ops): ``shvit_kernels.autotune`` (set_autotune, autotune(),
 env SHVIT_KERNELS_AUTOTUNE, cached_choices).
+Tracing and export:
+    inline_reference() (context manager; automatic in torch.onnx.export): tracers record the reference's torch ops
 """
 
 from . import autotune, dispatch
@@ -15,6 +17,7 @@ from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
 from .ops.sync_batch_norm import sync_batch_norm
+from .tracing import inline_reference
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
 
 __version__ = "0.1.0"
@@ -32,6 +35,7 @@ __all__ = [
     "fold_bn",
     "fold_shsa",
     "forced_backend",
+    "inline_reference",
     "prefer_backend",
     "set_backend",
     "shsa",

@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import dispatch
+from ..tracing import inlining_reference, untraced_check
 
 NAMESPACE = "shvit"
 
@@ -153,6 +154,8 @@ def call_op(op, *args):
     """
     if _plain_eager_call(args):
         return _run_kernel(_op_names[op], args, direct=True)
+    if inlining_reference():  # tracers and exporters record the reference's aten ops (see shvit_kernels.tracing)
+        return dispatch.kernel("reference", _op_names[op])(*args)
     return op(*args)
 
 
@@ -162,6 +165,7 @@ def call_op(op, *args):
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@untraced_check
 def check_tensor(
     op: str,
     name: str,
@@ -191,6 +195,7 @@ def check_tensor(
             raise TypeError(f"{op}: '{name}' has dtype {t.dtype} but 'x' has {like.dtype}; they must match")
 
 
+@untraced_check
 def check_activation(op: str, x) -> None:
     check_tensor(op, "x", x, ndim=4, what="(N, C, H, W)")
     if x.numel() == 0:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
+from ..tracing import untraced_check
 from ._common import (
     acc_dtype,
     upcast,
@@ -216,6 +217,7 @@ register_autograd(conv_bn_train_op, _conv_bn_train_backward, _conv_bn_train_setu
 # ---------------------------------------------------------------------------------------------------------
 
 
+@untraced_check
 def check_conv_args(op, x, weight, stride, padding, groups, residual=None, bias=None):
     check_activation(op, x)
     check_tensor(op, "weight", weight, ndim=4, like=x, what="(C_out, C_in / groups, kH, kW)")

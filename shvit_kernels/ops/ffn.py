@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
+from ..tracing import untraced_check
 from ._common import acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output, register_autograd
 from .conv_bn import conv_bn, fold_bn
 
@@ -78,6 +79,7 @@ def _ffn_backward(ctx, grad_out):
 register_autograd(ffn_fused_op, _ffn_backward, _ffn_setup)
 
 
+@untraced_check
 def check_ffn_args(op, x, w1, b1, w2, b2):
     check_activation(op, x)
     c = x.shape[1]

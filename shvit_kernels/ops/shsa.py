@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import _common
+from ..tracing import untraced_check
 from ._common import acc_dtype, upcast, batch_norm_backward, check_activation, check_param_dtype, check_tensor, define_op, new_output, register_autograd
 from .conv_bn import conv_bn, fold_bn
 
@@ -242,6 +243,7 @@ register_autograd(shsa_train_op, _shsa_train_backward, _shsa_train_setup)
 # ---------------------------------------------------------------------------------------------------------
 
 
+@untraced_check
 def check_shsa_args(op, x, qkv_weight, qk_dim):
     check_activation(op, x)
     check_tensor(op, "qkv_weight", qkv_weight, ndim=4, like=x, same_dtype=True, what="(2*qk_dim + P, P, 1, 1)")

@@ -1,0 +1,58 @@
+"""How the ops look to tracers and exporters.
+
+* :func:`inline_reference`: while it is active, and always during ``torch.onnx.export``, every traced op call
+  runs its pure-PyTorch reference kernel as ordinary torch ops instead of the ``shvit::`` custom op, so
+  ``torch.jit.trace``, ``torch.export`` and both ONNX exporters record standard aten ops (which ONNX has
+  equivalents for). Plain eager calls are unaffected: they already run the chosen kernel directly.
+* :func:`untraced_check`: argument checks read shapes to validate them, not to compute with them. Under
+  ``torch.jit.trace`` each comparison of a traced size would emit a TracerWarning although a constant
+  result is exactly what the trace should hold, so the checks run with TracerWarnings silenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+__all__ = ["inline_reference", "inlining_reference", "untraced_check"]
+
+_state = threading.local()
+_is_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python-level overhead
+
+
+@contextlib.contextmanager
+def inline_reference(enabled: bool = True) -> Iterator[None]:
+    """Trace the ops as their reference torch code (thread-local; nests; ``enabled=False`` turns it off inside)."""
+    previous = getattr(_state, "enabled", None)
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def inlining_reference() -> bool:
+    """True inside :func:`inline_reference` or during ``torch.onnx.export`` (unless turned off explicitly)."""
+    enabled = getattr(_state, "enabled", None)
+    if enabled is not None:
+        return enabled
+    return torch.onnx.is_in_onnx_export()
+
+
+def untraced_check(fn):
+    """Decorator for argument checks: under ``torch.jit.trace`` they run with TracerWarnings silenced."""
+
+    @functools.wraps(fn)
+    def check(*args, **kwargs):
+        if not _is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+
+    return check
