@@ -20,6 +20,7 @@ file that cannot be read is ignored with a warning and replaced on the next writ
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -46,7 +47,8 @@ __all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "clea
 _global_mode: Optional[str] = None
 _state = threading.local()
 _lock = threading.RLock()
-_choices: Dict[str, str] = {}
+_choices: Dict[str, str] = {}  # signature string (as in the cache file) -> backend
+_by_call: Dict[tuple, str] = {}  # the same, keyed by a cheap tuple of the call, for the per-call lookup
 _loaded_path: Optional[str] = None
 
 
@@ -99,14 +101,20 @@ def mode() -> str:
     return "inference"
 
 
-def applies(op: str) -> bool:
+def applies(op: str, device_type: str = "cpu") -> bool:
     """Whether an automatic call of ``op`` here is tuned (never while tracing or capturing a CUDA graph)."""
     m = mode()
     if m == "off" or (m == "inference" and op not in INFERENCE_OPS):
         return False
-    if torch.jit.is_tracing() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if torch.jit.is_tracing() or (device_type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
     return True
+
+
+def call_key(op: str, device_type: str, args: Sequence) -> tuple:
+    """A hashable stand-in for :func:`signature`, cheap enough for every call."""
+    return (op, device_type, torch.get_num_threads(),
+            *[(a.dtype, a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,15 +161,20 @@ def _cpu_model() -> str:
 
 def machine() -> Dict[str, str]:
     """What a cache file is valid for: CPU model and capability, GPU, torch and package versions."""
+    return dict(_machine())
+
+
+@functools.lru_cache(maxsize=None)
+def _machine() -> tuple:
     from . import __version__
 
-    return dict(
+    return tuple(dict(
         cpu=_cpu_model(),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         torch=torch.__version__,
         shvit_kernels=__version__,
-    )
+    ).items())
 
 
 def cache_path() -> str:
@@ -179,6 +192,7 @@ def _load() -> None:
         return
     _loaded_path = path
     _choices.clear()
+    _by_call.clear()
     if not os.path.exists(path):
         return
     try:
@@ -219,6 +233,7 @@ def clear(delete_file: bool = False) -> None:
     global _loaded_path
     with _lock:
         _choices.clear()
+        _by_call.clear()
         _loaded_path = None
         if delete_file and os.path.exists(cache_path()):
             os.remove(cache_path())
@@ -247,21 +262,33 @@ def time_kernel(kernel: Callable, args: Sequence, device_type: str) -> float:
     return statistics.median(times)
 
 
-def lookup(key: str) -> Optional[str]:
-    """The remembered backend for a signature, or None."""
-    choice = _choices.get(key)
-    if choice is None and _loaded_path is None:
+UNTUNED = ""  # remembered for a signature fewer than two backends can run: the fixed order decides
+
+
+def remember_untuned(op: str, device_type: str, args: Sequence) -> None:
+    _by_call[call_key(op, device_type, args)] = UNTUNED
+
+
+def lookup(op: str, device_type: str, args: Sequence) -> Optional[str]:
+    """The remembered backend for this call's signature (:data:`UNTUNED`: none to tune over), or None."""
+    fast = call_key(op, device_type, args)
+    choice = _by_call.get(fast)
+    if choice is None:
         with _lock:
             _load()
-            choice = _choices.get(key)
+            choice = _choices.get(signature(op, device_type, args))
+            if choice is not None:
+                _by_call[fast] = choice
     return choice
 
 
-def tune(key: str, candidates: Dict[str, Callable], args: Sequence, device_type: str) -> str:
+def tune(op: str, device_type: str, args: Sequence, candidates: Dict[str, Callable]) -> str:
     """Time each candidate backend's kernel on ``args``, remember and return the fastest."""
+    key = signature(op, device_type, args)
     with _lock:
         _load()
         if key in _choices and _choices[key] in candidates:
+            _by_call[call_key(op, device_type, args)] = _choices[key]
             return _choices[key]
         times = {}
         with torch.no_grad():
@@ -274,5 +301,6 @@ def tune(key: str, candidates: Dict[str, Callable], args: Sequence, device_type:
             return next(iter(candidates))  # the fixed order's first; its own call reports the error
         best = min(times, key=times.get)
         _choices[key] = best
+        _by_call[call_key(op, device_type, args)] = best
         _save()
         return best

@@ -399,10 +399,16 @@ def _device_type_of(t) -> str:
 def select(op: str, device_type: str, args: tuple) -> Tuple[str, Callable]:
     """(backend, kernel) that will run ``op`` for these positional schema arguments; raises when none can."""
     named = dict(zip(_op_arguments[op], args))
-    if autotune.applies(op) and forced_backend() is None:
-        tuned = _tuned(op, device_type, args, named)
-        if tuned is not None:
-            return tuned, _backends[tuned].kernels[op]
+    forced = _forced()
+    if forced is None or forced[0] is None:  # automatic: the hot path, kept lean (no per-backend bookkeeping)
+        if autotune.applies(op, device_type):
+            tuned = _tuned(op, device_type, args, named)
+            if tuned is not None:
+                return tuned, _backends[tuned].kernels[op]
+        for name in DEFAULT_ORDER.get(device_type, ("reference",)):
+            b = _backends[name]
+            if not b.not_supported_reasons(op, device_type, named) and not b.slower_reasons(op, named):
+                return name, b.kernels[op]
     chosen, *_, error = _choose(op, device_type, named, every=False)
     if chosen is None:
         raise NoBackendError(error)
@@ -412,8 +418,9 @@ def select(op: str, device_type: str, args: tuple) -> Tuple[str, Callable]:
 def _tuned(op: str, device_type: str, args: tuple, named: Mapping[str, object]) -> Optional[str]:
     """The measured-fastest backend that can run the call (timing them on a signature's first call), or None
     when fewer than two can run it (then the fixed order decides)."""
-    key = autotune.signature(op, device_type, args)
-    remembered = autotune.lookup(key)
+    remembered = autotune.lookup(op, device_type, args)
+    if remembered == autotune.UNTUNED:
+        return None
     if remembered is not None and not _backends[remembered].not_supported_reasons(op, device_type, named):
         return remembered
     candidates = {
@@ -422,8 +429,9 @@ def _tuned(op: str, device_type: str, args: tuple, named: Mapping[str, object]) 
         if not _backends[name].not_supported_reasons(op, device_type, named)
     }
     if len(candidates) < 2:
+        autotune.remember_untuned(op, device_type, args)
         return None
-    return autotune.tune(key, candidates, args, device_type)
+    return autotune.tune(op, device_type, args, candidates)
 
 
 def chosen_backend(op: str, device_type: str, *args) -> str:
