@@ -158,7 +158,8 @@ def phase_smoke(work: str, dry_run: bool) -> int:
     from shvit_kernels import _dispatch
     from test_ops import run
 
-    path = os.path.join(work, "smoke.json")
+    shard, shards = (int(v) for v in os.environ.get("GPU_CHECK_SHARD", "0/1").split("/"))
+    path = os.path.join(work, f"smoke_{shard}.json")
     state = load(path, None) or dict(entries={}, backends={}, device=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -174,8 +175,8 @@ def phase_smoke(work: str, dry_run: bool) -> int:
     state["device"] = device
     deadline = time.time() + float(os.environ.get("GPU_CHECK_PHASE_SECONDS", "1e9")) - 10
     sticky = None
-    for key, backend, dtype, cl, name, build in _smoke_entries(dry_run, backends, device):
-        if key in state["entries"]:
+    for index, (key, backend, dtype, cl, name, build) in enumerate(_smoke_entries(dry_run, backends, device)):
+        if index % shards != shard or key in state["entries"]:
             continue  # done before a restart
         if time.time() > deadline:
             state["stopped"] = "phase time box reached"
@@ -534,15 +535,37 @@ class Check:
         self._finish(rec, rc if rc else rc2, timed_out)
 
     def do_smoke(self, rec, t):
+        """Shards in parallel processes (Triton compiles each new kernel on one core; the GPU has room)."""
         end = time.time() + t
-        restarts = 0
-        while True:
-            rc, _, timed_out, _ = self.py_phase("smoke", end - time.time())
-            if rc == 3 and restarts < 3 and end - time.time() > 20:
-                restarts += 1
-                continue
-            break
-        state = load(os.path.join(self.work, "smoke.json"), {}) or {}
+        shards = 1 if self.dry_run or not self.has_cuda else max(1, min(6, (os.cpu_count() or 2) // 2))
+        outcome = {}
+
+        def shard(i):
+            restarts = 0
+            while True:
+                rc, _, timed_out, _ = self.py_phase("smoke", end - time.time(), {"GPU_CHECK_SHARD": f"{i}/{shards}"})
+                if rc == 3 and restarts < 3 and end - time.time() > 20:
+                    restarts += 1
+                    continue
+                outcome[i] = (rc, timed_out, restarts)
+                return
+
+        threads = [threading.Thread(target=shard, args=(i,)) for i in range(shards)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        rc = max(o[0] for o in outcome.values())
+        timed_out = any(o[1] for o in outcome.values())
+        restarts = sum(o[2] for o in outcome.values())
+        state = dict(entries={}, backends={}, device=None, shards=shards)
+        for i in range(shards):
+            part = load(os.path.join(self.work, f"smoke_{i}.json"), {}) or {}
+            state["entries"].update(part.get("entries", {}))
+            state["backends"].update(part.get("backends", {}))
+            state["device"] = part.get("device") or state["device"]
+            if part.get("stopped"):
+                state["stopped"] = part["stopped"]
         self.results["smoke"] = state
         counts = {}
         for row in state.get("entries", {}).values():
