@@ -2,6 +2,7 @@
 # Compiles every csrc/cuda/*.cu for sm_80 and sm_90 with nvcc alone (no GPU, no CUDA build of torch needed):
 # the kernels include only CUDA headers, so this catches compile errors and warnings on any machine with nvcc.
 # Usage: .ci/compile_cuda.sh [arch ...]   (default: 80 90). Exits non-zero on any failure.
+# A quick standalone check; CI runs .ci/build_cuda_ext.sh instead, which builds and links the real extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -27,8 +28,8 @@ for arch in "${archs[@]}"; do
   done
 done
 
-# The torch binding is built only on GPU machines; here we syntax-check it against whatever torch headers are
-# installed (a CPU build lacks one generated CUDA header, stubbed below). Skip with SHVIT_CHECK_BINDINGS=0.
+# Syntax-check the torch binding against whatever torch headers are installed (a CPU build lacks one generated
+# CUDA header, stubbed below). Skip with SHVIT_CHECK_BINDINGS=0.
 if [ "${SHVIT_CHECK_BINDINGS:-1}" = 1 ]; then
   if tinc=$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__) + '/include')" 2>/dev/null) &&
      pinc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])") && command -v g++ >/dev/null; then

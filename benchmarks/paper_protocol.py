@@ -394,15 +394,21 @@ def result_name(r: dict) -> str:
     return f"paper_{r['model']}_{r['img_size']}px_b{r['batch_size']}_{r['device'].split(':')[0]}_{r['dtype']}{threads}.json"
 
 
-def main(argv=None) -> int:
-    from shvit.__main__ import add_bench_arguments, default_batch_size
+def build_parser() -> argparse.ArgumentParser:
+    from shvit.__main__ import add_bench_arguments
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.paper_protocol", description=__doc__.splitlines()[0])
     add_bench_arguments(p)
     p.add_argument("--peers", default=None,
                    help="comma list of peers (eager, eager-cl, compile, compile-max-autotune, cuda-graph, onnxruntime, "
                         "fused, train), 'all' or 'default' (see this module's docstring)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from shvit.__main__ import default_batch_size
+
+    args = build_parser().parse_args(argv)
     default_batch_size(args)
     try:
         return run_paper_suite(args)

@@ -222,6 +222,12 @@ DW_CASES = [
     dict(b=2, c=40, h=9, w=11, stride=2, relu=False, residual=True),
     dict(b=3, c=64, h=17, w=34, stride=2, relu=True, residual=True),
     dict(b=1, c=16, h=7, w=7, stride=1, relu=False, residual=False),
+    # One per NCHW tile (chosen from the output map): 14x14 -> 16x16 tile, 7x7 -> 4 channels x 8x8,
+    # 4x4 -> 16 channels x 4x4 (40 channels: a partial last chunk), and a stride-2 map ending at 4x4.
+    dict(b=2, c=24, h=14, w=14, stride=1, relu=True, residual=True),
+    dict(b=2, c=40, h=14, w=14, stride=2, relu=False, residual=False),
+    dict(b=3, c=40, h=4, w=4, stride=1, relu=True, residual=True),
+    dict(b=2, c=40, h=7, w=7, stride=2, relu=True, residual=False),
 ]
 
 
@@ -332,3 +338,37 @@ def test_gpu_bad_input_errors_name_the_argument():
         dispatch.kernel("cuda", "shsa_fused")(sx, wq, bq[:-1], QK, eps)
     with pytest.raises(RuntimeError, match="'qk_dim' must be 16"):
         dispatch.kernel("cuda", "shsa_fused")(sx, wq, bq, 8, eps)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_gpu_reductions_are_deterministic(cl):
+    """Batch statistics and every gradient summed over the batch come out bit-identical on a second run (the
+    kernels reduce per-block partials in a fixed order; float atomics would differ from run to run)."""
+    k = {op: dispatch.kernel("cuda", op) for op in dispatch.ops()}
+
+    def dw():
+        out, mean, var = k["conv_bn_train"](*bn_args)
+        x, weight, gamma, beta, stride, padding, groups, eps, relu, res = bn_args
+        grads = k["conv_bn_train_backward"](grad_dw, x, weight, gamma, beta, mean, var, out, stride, padding, groups,
+                                            eps, relu, res is not None)
+        return (out, mean, var, *grads)
+
+    def shsa():
+        out, mean, var = k["shsa_train"](*sargs)
+        x, gn_w, gn_b, wq, bn_w, bn_b, qk_dim, gn_eps, bn_eps = sargs
+        grads = k["shsa_train_backward"](grad_shsa, x, gn_w, gn_b, wq, bn_w, bn_b, mean, var, out, qk_dim, gn_eps,
+                                         bn_eps)
+        fused = k["shsa_fused_backward"](grad_shsa, x, wq, fargs[2], out, qk_dim, gn_eps)
+        return (out, mean, var, *grads, *fused)
+
+    bn_args = conv_bn_train_args(device="cuda", cl=cl, b=64, c=64, h=14, w=14, stride=1)
+    grad_dw = torch.randn(64, 64, 14, 14, device="cuda")
+    sargs = shsa_train_args(device="cuda", cl=cl, b=64, c=128, p=64, h=14, w=14)
+    fargs = shsa_fused_args(device="cuda", cl=cl, b=64, c=128, p=64, h=14, w=14)
+    grad_shsa = torch.randn(64, 128, 14, 14, device="cuda")
+    for run in (dw, shsa):
+        first, second = run(), run()
+        for i, (a, b) in enumerate(zip(first, second)):
+            assert torch.equal(a, b), f"{run.__name__} output {i} differs between two runs"

@@ -154,11 +154,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dw_backward(const std::string& op, co
   Tensor grad_x = empty_like_format(x.sizes(), x);
   Tensor wsum = at::empty({c, 10}, f32), sums = at::empty({2, c}, f32);
   Tensor dy = bn ? at::empty({grad_out.numel()}, f32) : Tensor();
+  Tensor partials = at::empty({shvit_dw_backward_workspace(&d.shape)}, f32);
   const shvit_dw_bn bnp{bn ? gamma.data_ptr<float>() : nullptr, bn ? mean.data_ptr<float>() : nullptr,
                         bn ? var.data_ptr<float>() : nullptr, static_cast<float>(eps)};
   check_launch(op, shvit_dw_backward(&d.shape, view4(x), view4(grad_out), view4(out), relu, bnp, sums.data_ptr<float>(),
                                      view4(g), bn ? dy.data_ptr<float>() : nullptr, wsum.data_ptr<float>(),
-                                     view4(grad_x), stream()));
+                                     partials.data_ptr<float>(), view4(grad_x), stream()));
   return {grad_x, wsum, sums, g};
 }
 

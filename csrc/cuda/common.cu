@@ -31,6 +31,14 @@ __global__ void combine_moments_kernel(const float* pmean, const float* pm2, con
   }
 }
 
+__global__ void sum_rows_kernel(const float* parts, int rows, int64_t cols, float* out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float total = 0.f;
+  for (int r = 0; r < rows; ++r) total += parts[r * cols + c];
+  out[c] = total;
+}
+
 __global__ void bn_affine_kernel(const float* mean, const float* var, const float* w, const float* b, float eps,
                                  int c, float* scale, float* shift) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;

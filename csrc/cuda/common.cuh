@@ -96,6 +96,10 @@ cudaError_t dispatch_dtype(shvit_dtype dtype, F&& f) {
 __global__ void combine_moments_kernel(const float* pmean, const float* pm2, const float* pcount, int tiles, int c,
                                        float* mean, float* var);
 
+// out[c] = sum over r < rows of parts[r * cols + c], the rows added in order: a deterministic reduction of
+// per-block partials (float atomics would add them in a different order on every run).
+__global__ void sum_rows_kernel(const float* parts, int rows, int64_t cols, float* out);
+
 // scale = w * rsqrt(var + eps), shift = b - mean * scale (BatchNorm as a per-channel affine map).
 __global__ void bn_affine_kernel(const float* mean, const float* var, const float* w, const float* b, float eps,
                                  int c, float* scale, float* shift);

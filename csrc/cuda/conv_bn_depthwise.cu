@@ -1,8 +1,10 @@
 // Depthwise 3x3 conv (padding 1, stride 1/2) + per-channel affine + residual + ReLU, its batch statistics and
 // its backward. One templated tile kernel serves the passes that need the conv output or its input window:
 // a block owns (image, channel chunk, output tile), stages the input tile with its halo in shared memory
-// (fp32, zero padded), and every thread keeps a single channel so per-channel reductions are per-thread sums
-// followed by one shared-memory and one global atomic per block.
+// (fp32, zero padded), and every thread keeps a single channel. Per-channel reductions (BN statistics, the
+// backward's sums and weight gradient) are deterministic: per-thread sums, warp shuffles and a fixed-order sum
+// inside the block, per-block partials in global memory and a fixed-order reduction over blocks (no float
+// atomics, whose order varies from run to run).
 #include "common.cuh"
 
 namespace shvit {
@@ -10,18 +12,83 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// NCHW: a block is one channel and a 8x32 output tile (threads along W, coalesced).
-// channels_last: 32 channels x 4x4 outputs (threads along C, coalesced).
-template <bool CL>
+// Tile configurations: CC channels x TH x TW outputs per block.
+// channels_last (config kCl): 32 channels x 4x4 outputs (threads along C, coalesced), two outputs per thread.
+// NCHW: one output per thread (CC * TH * TW == kThreads), threads along W; the tile is chosen from the output
+// map so that small maps keep the threads busy (an 8x32 tile leaves 44%, 19% and 6% of them busy on 14x14,
+// 7x7 and 4x4 maps; these keep 77%, 77% and 100%).
+enum TileConfig { kWide = 0, kMap16 = 1, kMap8 = 2, kMap4 = 3, kCl = 4 };
+template <int CFG>
 struct Tile;
 template <>
-struct Tile<false> {
+struct Tile<kWide> {
   static constexpr int CC = 1, TH = 8, TW = 32;
 };
 template <>
-struct Tile<true> {
+struct Tile<kMap16> {
+  static constexpr int CC = 1, TH = 16, TW = 16;
+};
+template <>
+struct Tile<kMap8> {
+  static constexpr int CC = 4, TH = 8, TW = 8;
+};
+template <>
+struct Tile<kMap4> {
+  static constexpr int CC = 16, TH = 4, TW = 4;
+};
+template <>
+struct Tile<kCl> {
   static constexpr int CC = 32, TH = 4, TW = 4;
 };
+
+int tile_config(const shvit_dw_shape* s) {
+  if (s->channels_last) return kCl;
+  const int m = s->oh > s->ow ? s->oh : s->ow;
+  return m > 16 ? kWide : m > 8 ? kMap16 : m > 4 ? kMap8 : kMap4;
+}
+
+struct TileDims {
+  int cc, th, tw;
+};
+TileDims tile_dims(int cfg) {
+  switch (cfg) {
+    case kWide: return {Tile<kWide>::CC, Tile<kWide>::TH, Tile<kWide>::TW};
+    case kMap16: return {Tile<kMap16>::CC, Tile<kMap16>::TH, Tile<kMap16>::TW};
+    case kMap8: return {Tile<kMap8>::CC, Tile<kMap8>::TH, Tile<kMap8>::TW};
+    case kMap4: return {Tile<kMap4>::CC, Tile<kMap4>::TH, Tile<kMap4>::TW};
+    default: return {Tile<kCl>::CC, Tile<kCl>::TH, Tile<kCl>::TW};
+  }
+}
+
+// Per-channel sums over the block of N per-thread values v[0..N), written to red[cc][col0 + k], in a fixed order.
+// A channel's threads are contiguous (NCHW: tid / (kThreads / CC)) or strided (channels_last: tid % CC):
+// contiguous runs are first reduced by warp shuffles within segments of W threads, then each channel's segment
+// totals are added in index order. `seg` holds kThreads x 10 floats. Starts and ends with the block in step.
+template <int CFG, int N>
+__device__ __forceinline__ void block_channel_sums(const float* v, float (*seg)[10], float (*red)[10], int col0) {
+  constexpr int CC = Tile<CFG>::CC;
+  constexpr bool CL = CFG == kCl;
+  constexpr int G = kThreads / CC;                   // threads per channel
+  constexpr int W = CL ? 1 : (G < kWarp ? G : kWarp);  // threads per shuffle segment
+  constexpr int S = G / W;                           // segments per channel
+  static_assert(CL || (G & (G - 1)) == 0, "NCHW tiles need a power-of-two thread count per channel");
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float x = v[k];
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
+    if (tid % W == 0) seg[tid / W][k] = x;
+  }
+  __syncthreads();
+  for (int j = tid; j < CC * N; j += kThreads) {
+    const int cc = j / N, k = j % N;
+    float total = 0.f;
+    for (int i = 0; i < S; ++i) total += seg[CL ? cc + CC * i : cc * S + i][k];
+    red[cc][col0 + k] = total;
+  }
+  __syncthreads();
+}
 
 enum Mode { kForward, kStats, kBackwardSums, kWeightGrad };
 
@@ -38,8 +105,7 @@ struct DwParams {
   const float* var;
   float eps;
   float* sums;      // (2, C)
-  float* wsum;      // (C, 10)
-  float* partials;  // stats: mean [T][C], M2 [T][C], count [T]
+  float* partials;  // stats: mean [T][C], M2 [T][C], count [T]; backward: per-tile sums [T][C][nacc]
   float* dy_ws;     // BN backward: dy, dense in the layout of `dy`
 };
 
@@ -47,14 +113,18 @@ __device__ __forceinline__ int64_t at(const shvit_view& v, int n, int c, int y, 
   return n * v.sn + c * v.sc + y * v.sh + x * v.sw;
 }
 
-template <typename T, bool CL, int MODE>
+template <typename T, int CFG, int MODE>
 __global__ void __launch_bounds__(kThreads) dw_tile_kernel(DwParams p) {
-  using TL = Tile<CL>;
+  using TL = Tile<CFG>;
+  constexpr bool CL = CFG == kCl;
   constexpr int CC = TL::CC, TH = TL::TH, TW = TL::TW;
   constexpr int kPer = CC * TH * TW / kThreads;
+  static_assert(kPer * kThreads == CC * TH * TW, "a tile is a whole number of outputs per thread");
+  static_assert(CL || kPer == 1, "NCHW threads keep one channel only with one output each");
   constexpr int IHmax = (TH - 1) * 2 + 3, IWmax = (TW - 1) * 2 + 3;
   __shared__ float xs[CC * IHmax * IWmax];
   __shared__ float red[CC][10];
+  __shared__ float seg[kThreads][10];
 
   const int s = p.stride;
   const int IH = (TH - 1) * s + 3, IW = (TW - 1) * s + 3;
@@ -86,10 +156,9 @@ __global__ void __launch_bounds__(kThreads) dw_tile_kernel(DwParams p) {
     if (c < p.c && gy >= 0 && gy < p.h && gx >= 0 && gx < p.w) v = load<T>(p.x.data, at(p.x, nb, c, gy, gx));
     xs[CL ? (iy * IW + ix) * CC + cc : (cc * IH + iy) * IW + ix] = v;
   }
-  for (int j = tid; j < CC * 10; j += kThreads) red[j / 10][j % 10] = 0.f;
   __syncthreads();
 
-  const int cc = CL ? tid % CC : 0;
+  const int cc = CL ? tid % CC : tid / (TH * TW);
   const int c = c0 + cc;
   const bool c_ok = c < p.c;
   float wt[9];
@@ -178,20 +247,18 @@ __global__ void __launch_bounds__(kThreads) dw_tile_kernel(DwParams p) {
   }
 
   if (MODE == kForward) return;
+  const int64_t tiles = static_cast<int64_t>(p.n) * tiles_y * tiles_x;
+  const int64_t tile = (static_cast<int64_t>(nb) * tiles_y + ty) * tiles_x + tx;
   if (MODE == kStats) {
     // Tile-local two-pass moments, merged across tiles by combine_moments_kernel.
     const int cnt = min(TH, p.oh - oy0) * min(TW, p.ow - ox0);
-    if (c_ok) atomicAdd(&red[cc][0], acc[0]);
-    __syncthreads();
+    block_channel_sums<CFG, 1>(acc, seg, red, 0);
     const float tmean = red[cc][0] / cnt;
     float m2 = 0.f;
 #pragma unroll
     for (int r = 0; r < kPer; ++r)
       if (valid[r]) m2 += (ys[r] - tmean) * (ys[r] - tmean);
-    if (c_ok) atomicAdd(&red[cc][1], m2);
-    __syncthreads();
-    const int64_t tiles = static_cast<int64_t>(p.n) * tiles_y * tiles_x;
-    const int64_t tile = (static_cast<int64_t>(nb) * tiles_y + ty) * tiles_x + tx;
+    block_channel_sums<CFG, 1>(&m2, seg, red, 1);
     if (tid < CC && c0 + tid < p.c) {
       p.partials[tile * p.c + c0 + tid] = red[tid][0] / cnt;
       p.partials[(tiles + tile) * p.c + c0 + tid] = red[tid][1];
@@ -199,17 +266,35 @@ __global__ void __launch_bounds__(kThreads) dw_tile_kernel(DwParams p) {
     if (tid == 0 && cb == 0) p.partials[2 * tiles * p.c + tile] = static_cast<float>(cnt);
     return;
   }
-  const int nacc = MODE == kBackwardSums ? 2 : 10;
-  if (c_ok)
-    for (int k = 0; k < nacc; ++k) atomicAdd(&red[cc][k], acc[k]);
-  __syncthreads();
+  // This tile's per-channel sums go to partials[tile][channel][k]; reduce_tile_sums_kernel adds the tiles.
+  constexpr int nacc = MODE == kBackwardSums ? 2 : 10;
+  block_channel_sums<CFG, nacc>(acc, seg, red, 0);
   for (int j = tid; j < CC * nacc; j += kThreads) {
     const int ch = c0 + j / nacc, k = j % nacc;
-    if (ch >= p.c) continue;
-    if (MODE == kBackwardSums)
-      atomicAdd(&p.sums[k * p.c + ch], red[j / nacc][k]);
-    else
-      atomicAdd(&p.wsum[ch * 10 + k], red[j / nacc][k]);
+    if (ch < p.c) p.partials[(tile * p.c + ch) * nacc + k] = red[j / nacc][k];
+  }
+}
+
+// out[k * stride_k + ch * stride_c] = sum over tiles, in tile order, of partials[tile][ch][k] (k < nacc).
+// A warp takes 32 consecutive (ch, k) columns (coalesced); its 8 warps split the tiles, then add in warp order.
+__global__ void __launch_bounds__(kThreads) reduce_tile_sums_kernel(const float* partials, int64_t tiles, int c,
+                                                                    int nacc, float* out, int stride_k,
+                                                                    int stride_c) {
+  __shared__ float part[kThreads / kWarp][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t width = static_cast<int64_t>(c) * nacc;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
+  float total = 0.f;
+  if (col < width)
+    for (int64_t t = warp; t < tiles; t += kThreads / kWarp) total += partials[t * width + col];
+  part[warp][lane] = total;
+  __syncthreads();
+  if (warp == 0 && col < width) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / kWarp; ++w) s += part[w][lane];
+    const int ch = static_cast<int>(col / nacc), k = static_cast<int>(col % nacc);
+    out[static_cast<int64_t>(k) * stride_k + static_cast<int64_t>(ch) * stride_c] = s;
   }
 }
 
@@ -264,28 +349,37 @@ DwParams make_params(const shvit_dw_shape* s) {
   return p;
 }
 
-template <bool CL>
-int64_t tile_blocks(const DwParams& p) {
-  using TL = Tile<CL>;
-  return static_cast<int64_t>(p.n) * ceil_div(p.c, TL::CC) * ceil_div(p.oh, TL::TH) * ceil_div(p.ow, TL::TW);
+// Spatial tiles over the batch (a tile spans one chunk of channels; chunks are separate blocks).
+int64_t spatial_tiles(const shvit_dw_shape* s) {
+  const TileDims d = tile_dims(tile_config(s));
+  return static_cast<int64_t>(s->n) * ceil_div(s->oh, d.th) * ceil_div(s->ow, d.tw);
 }
+
+int64_t tile_blocks(const shvit_dw_shape* s) { return spatial_tiles(s) * ceil_div(s->c, tile_dims(tile_config(s)).cc); }
 
 template <int MODE>
 cudaError_t launch_tiles(const shvit_dw_shape* s, const DwParams& p, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(tile_blocks(s));
   return dispatch_dtype(s->dtype, [&](auto t) {
     using T = decltype(t);
-    if (s->channels_last)
-      dw_tile_kernel<T, true, MODE><<<static_cast<unsigned>(tile_blocks<true>(p)), kThreads, 0, stream>>>(p);
-    else
-      dw_tile_kernel<T, false, MODE><<<static_cast<unsigned>(tile_blocks<false>(p)), kThreads, 0, stream>>>(p);
+    switch (tile_config(s)) {
+      case kWide: dw_tile_kernel<T, kWide, MODE><<<blocks, kThreads, 0, stream>>>(p); break;
+      case kMap16: dw_tile_kernel<T, kMap16, MODE><<<blocks, kThreads, 0, stream>>>(p); break;
+      case kMap8: dw_tile_kernel<T, kMap8, MODE><<<blocks, kThreads, 0, stream>>>(p); break;
+      case kMap4: dw_tile_kernel<T, kMap4, MODE><<<blocks, kThreads, 0, stream>>>(p); break;
+      default: dw_tile_kernel<T, kCl, MODE><<<blocks, kThreads, 0, stream>>>(p); break;
+    }
     return cudaGetLastError();
   });
 }
 
-int64_t stats_tiles(const shvit_dw_shape* s) {
-  const DwParams p = make_params(s);
-  return s->channels_last ? tile_blocks<true>(p) / ceil_div(p.c, Tile<true>::CC)
-                          : tile_blocks<false>(p) / ceil_div(p.c, Tile<false>::CC);
+// Adds the per-tile sums of a backward pass (nacc per channel) into out in a fixed order.
+cudaError_t reduce_tiles(const shvit_dw_shape* s, const float* partials, int nacc, float* out, int stride_k,
+                         int stride_c, cudaStream_t stream) {
+  const unsigned blocks = ceil_div(static_cast<int64_t>(s->c) * nacc, kWarp);
+  reduce_tile_sums_kernel<<<blocks, kThreads, 0, stream>>>(partials, spatial_tiles(s), s->c, nacc, out, stride_k,
+                                                           stride_c);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -307,7 +401,11 @@ extern "C" cudaError_t shvit_dw_forward(const shvit_dw_shape* s, shvit_view x, c
 }
 
 extern "C" int64_t shvit_dw_stats_workspace(const shvit_dw_shape* s) {
-  return stats_tiles(s) * (2 * static_cast<int64_t>(s->c) + 1);
+  return spatial_tiles(s) * (2 * static_cast<int64_t>(s->c) + 1);
+}
+
+extern "C" int64_t shvit_dw_backward_workspace(const shvit_dw_shape* s) {
+  return spatial_tiles(s) * static_cast<int64_t>(s->c) * 10;
 }
 
 extern "C" cudaError_t shvit_dw_stats(const shvit_dw_shape* s, shvit_view x, float* partials, float* mean,
@@ -317,7 +415,7 @@ extern "C" cudaError_t shvit_dw_stats(const shvit_dw_shape* s, shvit_view x, flo
   p.partials = partials;
   cudaError_t err = launch_tiles<kStats>(s, p, stream);
   if (err != cudaSuccess) return err;
-  const int64_t tiles = stats_tiles(s);
+  const int64_t tiles = spatial_tiles(s);
   combine_moments_kernel<<<s->c, kThreads, 0, stream>>>(partials, partials + tiles * s->c,
                                                         partials + 2 * tiles * s->c, static_cast<int>(tiles), s->c,
                                                         mean, var);
@@ -326,7 +424,7 @@ extern "C" cudaError_t shvit_dw_stats(const shvit_dw_shape* s, shvit_view x, flo
 
 extern "C" cudaError_t shvit_dw_backward(const shvit_dw_shape* s, shvit_view x, shvit_view grad_out, shvit_view out,
                                          int relu, shvit_dw_bn bn, float* sums, shvit_view g, float* dy_ws,
-                                         float* wsum, shvit_view grad_x, cudaStream_t stream) {
+                                         float* wsum, float* partials, shvit_view grad_x, cudaStream_t stream) {
   DwParams p = make_params(s);
   p.x = x;
   p.grad_out = grad_out;
@@ -339,18 +437,19 @@ extern "C" cudaError_t shvit_dw_backward(const shvit_dw_shape* s, shvit_view x, 
   p.var = bn.var;
   p.eps = bn.eps;
   p.sums = sums;
-  p.wsum = wsum;
+  p.partials = partials;
   p.dy_ws = dy_ws;
   // dy workspace: dense, in the layout of the activations.
   const int64_t C = s->c, OH = s->oh, OW = s->ow;
   p.dy = s->channels_last ? shvit_view{dy_ws, OH * OW * C, 1, OW * C, C} : shvit_view{dy_ws, C * OH * OW, OH * OW, OW, 1};
-  cudaError_t err = cudaMemsetAsync(wsum, 0, sizeof(float) * 10 * C, stream);
-  if (err != cudaSuccess) return err;
+  // Each pass writes per-tile sums to `partials`, reduced in a fixed order before the next pass reads them.
+  cudaError_t err;
   if (bn.bn_weight) {
-    if ((err = cudaMemsetAsync(sums, 0, sizeof(float) * 2 * C, stream)) != cudaSuccess) return err;
     if ((err = launch_tiles<kBackwardSums>(s, p, stream)) != cudaSuccess) return err;
+    if ((err = reduce_tiles(s, partials, 2, sums, static_cast<int>(C), 1, stream)) != cudaSuccess) return err;
   }
   if ((err = launch_tiles<kWeightGrad>(s, p, stream)) != cudaSuccess) return err;
+  if ((err = reduce_tiles(s, partials, 10, wsum, 1, 10, stream)) != cudaSuccess) return err;
 
   const int64_t total = static_cast<int64_t>(s->n) * C * s->h * s->w;
   const unsigned blocks = static_cast<unsigned>(total / kThreads + 1 < (1 << 20) ? total / kThreads + 1 : (1 << 20));

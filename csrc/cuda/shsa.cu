@@ -293,7 +293,6 @@ __global__ void __launch_bounds__(kThreads) attn_backward_q_kernel(Params p) {
   const float scale = rsqrtf(static_cast<float>(Q));
   load_rows(p, b, 0, Q, q0, scale * kLog2e, &sm.qs[0][0]);
   load_dya<T>(p, b, q0, dya);
-  if (threadIdx.x < TQ) dsum[threadIdx.x] = 0.f;
   for (int j = threadIdx.x; j < (p.c - p.p) * TQ; j += kThreads) {
     const int ch = p.p + j / TQ, t = q0 + j % TQ;
     if (t >= p.n) continue;
@@ -310,7 +309,15 @@ __global__ void __launch_bounds__(kThreads) attn_backward_q_kernel(Params p) {
     const int ch = warp + r * kWarps;
     if (ch < p.p) d += dya[ch][lane] * acc[r] * inv_l;
   }
-  atomicAdd(&dsum[lane], d);
+  // D per query: the warps' partial sums added in warp order (sm.as is free until the dq loop).
+  sm.as[warp][lane] = d;
+  __syncthreads();
+  if (warp == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += sm.as[w][lane];
+    dsum[lane] = total;
+  }
   float lse[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -412,7 +419,8 @@ __global__ void __launch_bounds__(kThreads) attn_backward_kv_kernel(Params p) {
 // ---------------------------------------------------------------------------------------------------------
 // Reductions over (B, N) per qkv channel and the BatchNorm backward on the qkv gradient.
 // ---------------------------------------------------------------------------------------------------------
-// s1[o] += sum g; s2[o] += sum g * (raw - mean[o]) when raw is given. grid (O, splits).
+// s1[split][o] = sum g; s2[split][o] = sum g * (raw - mean[o]) when raw is given, over the images of this
+// split (grid (O, splits)); sum_rows_kernel then adds the splits in order.
 __global__ void __launch_bounds__(kThreads) channel_sums_kernel(const float* g, const float* raw, const float* mean,
                                                                 int bsz, int o_count, int n, float* s1, float* s2) {
   __shared__ float scratch[kWarp];
@@ -429,8 +437,8 @@ __global__ void __launch_bounds__(kThreads) channel_sums_kernel(const float* g, 
   a = block_sum(a, scratch);
   if (raw) c = block_sum(c, scratch);
   if (threadIdx.x == 0) {
-    atomicAdd(&s1[o], a);
-    if (raw) atomicAdd(&s2[o], c);
+    s1[blockIdx.y * o_count + o] = a;
+    if (raw) s2[blockIdx.y * o_count + o] = c;
   }
 }
 
@@ -452,7 +460,8 @@ __global__ void bn_backward_kernel(float* g, const float* raw, const float* mean
   }
 }
 
-// grad_w[o, ch] += sum_{b, t} g[b, o, t] xn[b, ch, t]; 32x32 output tile per block, batch split over grid.z.
+// wparts[split][o, ch] = sum_{b in split, t} g[b, o, t] xn[b, ch, t]; 32x32 output tile per block, batch split
+// over grid.z; sum_rows_kernel adds the splits in order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(Params p, float* grad_w) {
   __shared__ float gs[32][33];
@@ -484,7 +493,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(Params p, float* 
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int o = o0 + warp + r * kWarps, ch = c0 + lane;
-    if (o < p.o && ch < p.p) atomicAdd(&grad_w[o * p.p + ch], acc[r]);
+    if (o < p.o && ch < p.p) grad_w[(static_cast<int64_t>(blockIdx.z) * p.o + o) * p.p + ch] = acc[r];
   }
 }
 
@@ -529,9 +538,9 @@ __global__ void __launch_bounds__(kThreads) input_grad_kernel(Params p) {
     for (int r = 0; r < kVRows; ++r) {
       const int ch = warp + r * kWarps;
       const float a = warp_sum(cgw[r]), c = warp_sum(cgb[r]);
-      if (lane == 0 && ch < p.p) {
-        atomicAdd(&p.grad_gn_w[ch], a);
-        atomicAdd(&p.grad_gn_b[ch], c);
+      if (lane == 0 && ch < p.p) {  // per image; sum_rows_kernel adds the images in order
+        p.grad_gn_w[static_cast<int64_t>(b) * p.p + ch] = a;
+        p.grad_gn_b[static_cast<int64_t>(b) * p.p + ch] = c;
       }
     }
   }
@@ -551,9 +560,20 @@ __global__ void __launch_bounds__(kThreads) input_grad_kernel(Params p) {
 // ---------------------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------------------
+// Splits of the batch for the per-channel sums and the weight gradient (partials per split, added in order).
+constexpr int kSumSplits = 32, kWeightSplitBlocks = 512;
+
 struct Workspace {
   float *img_mean, *img_rstd, *qkv, *pmean, *pm2, *pcount, *scale, *shift, *g, *lse, *dsum, *gx, *sums;
+  float *sum_parts, *w_parts, *gn_parts;
 };
+
+unsigned sum_splits(const shvit_shsa_shape* s) { return s->b < kSumSplits ? s->b : kSumSplits; }
+unsigned weight_splits(const shvit_shsa_shape* s) {
+  const unsigned wtiles = ceil_div(2 * Q + s->p, 32) * ceil_div(s->p, 32);
+  const unsigned splits = static_cast<unsigned>(s->b) < kWeightSplitBlocks / wtiles ? s->b : kWeightSplitBlocks / wtiles;
+  return splits > 0 ? splits : 1;
+}
 
 int64_t token_tiles(const shvit_shsa_shape* s) { return static_cast<int64_t>(s->b) * ceil_div(s->n, TQ); }
 
@@ -585,6 +605,9 @@ int64_t carve(const shvit_shsa_shape* s, int train, int backward, float* base, W
     w->dsum = take(static_cast<int64_t>(s->b) * s->n);
     w->gx = take(static_cast<int64_t>(s->b) * s->p * s->n);
     w->sums = take(2 * o);
+    w->sum_parts = take(2 * o * sum_splits(s));
+    w->w_parts = take(static_cast<int64_t>(weight_splits(s)) * o * s->p);
+    w->gn_parts = take(2 * static_cast<int64_t>(s->b) * s->p);
   }
   return used;
 }
@@ -686,36 +709,43 @@ extern "C" cudaError_t shvit_shsa_backward(const shvit_shsa_shape* s, shvit_view
   const size_t gn_smem = sizeof(float) * o * 32;
   return dispatch_dtype(s->dtype, [&](auto t) {
     using T = decltype(t);
-    // Zero the accumulated gradients first so every later failure leaves defined outputs.
-    cudaError_t err = cudaMemsetAsync(grads.grad_w, 0, sizeof(float) * o * s->p, stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(w.sums, 0, sizeof(float) * 2 * o, stream);
-    if (err == cudaSuccess && train) err = cudaMemsetAsync(grads.grad_gn_w, 0, sizeof(float) * s->p, stream);
-    if (err == cudaSuccess && train) err = cudaMemsetAsync(grads.grad_gn_b, 0, sizeof(float) * s->p, stream);
-    if (err == cudaSuccess) err = prologue<T>(s, p, w, train, 1, bn_weight, bn_bias, bn_eps,
-                                              const_cast<float*>(mean), const_cast<float*>(var), stream);
+    // Every gradient below is a sum over the batch: per-split (or per-image) partials added in a fixed order by
+    // sum_rows_kernel, so the results do not change from run to run (float atomics would).
+    cudaError_t err = prologue<T>(s, p, w, train, 1, bn_weight, bn_bias, bn_eps, const_cast<float*>(mean),
+                                  const_cast<float*>(var), stream);
     if (err != cudaSuccess) return err;
+    auto sum_rows = [&](const float* parts, unsigned rows, int64_t cols, float* dst) {
+      sum_rows_kernel<<<ceil_div(cols, kThreads), kThreads, 0, stream>>>(parts, static_cast<int>(rows), cols, dst);
+    };
     const dim3 tiles(s->b, ceil_div(s->n, TQ));
     attn_backward_q_kernel<T><<<tiles, kThreads, 0, stream>>>(p);
     attn_backward_kv_kernel<T><<<tiles, kThreads, 0, stream>>>(p);
-    const dim3 sums_grid(o, s->b < 32 ? s->b : 32);
+    const unsigned ssplits = sum_splits(s);
+    const dim3 sums_grid(o, ssplits);
+    float* s1p = w.sum_parts;
+    float* s2p = w.sum_parts + static_cast<int64_t>(ssplits) * o;
     if (train) {
-      channel_sums_kernel<<<sums_grid, kThreads, 0, stream>>>(w.g, w.qkv, mean, s->b, o, s->n, w.sums, w.sums + o);
+      channel_sums_kernel<<<sums_grid, kThreads, 0, stream>>>(w.g, w.qkv, mean, s->b, o, s->n, s1p, s2p);
+      sum_rows(s1p, ssplits, o, w.sums);
+      sum_rows(s2p, ssplits, o, w.sums + o);
       const int64_t total = static_cast<int64_t>(s->b) * o * s->n;
       const unsigned blocks = static_cast<unsigned>(total / kThreads + 1 < (1 << 16) ? total / kThreads + 1 : (1 << 16));
       bn_backward_kernel<<<blocks, kThreads, 0, stream>>>(w.g, w.qkv, mean, var, bn_weight, bn_eps, w.sums,
                                                           w.sums + o, s->b, o, s->n, grads.grad_bn_w, grads.grad_bn_b);
-      p.grad_gn_w = grads.grad_gn_w;
-      p.grad_gn_b = grads.grad_gn_b;
+      p.grad_gn_w = w.gn_parts;
+      p.grad_gn_b = w.gn_parts + static_cast<int64_t>(s->b) * s->p;
     } else {
-      if ((err = cudaMemsetAsync(grads.grad_bias, 0, sizeof(float) * o, stream)) != cudaSuccess) return err;
-      channel_sums_kernel<<<sums_grid, kThreads, 0, stream>>>(w.g, nullptr, nullptr, s->b, o, s->n, grads.grad_bias,
-                                                              nullptr);
+      channel_sums_kernel<<<sums_grid, kThreads, 0, stream>>>(w.g, nullptr, nullptr, s->b, o, s->n, s1p, nullptr);
+      sum_rows(s1p, ssplits, o, grads.grad_bias);
     }
-    const unsigned wtiles = ceil_div(o, 32) * ceil_div(s->p, 32);
-    const unsigned splits = static_cast<unsigned>(s->b < 512 / static_cast<int>(wtiles) ? s->b : 512 / wtiles);
-    weight_grad_kernel<T><<<dim3(ceil_div(o, 32), ceil_div(s->p, 32), splits > 0 ? splits : 1), kThreads, 0, stream>>>(
-        p, grads.grad_w);
+    const unsigned wsplits = weight_splits(s);
+    weight_grad_kernel<T><<<dim3(ceil_div(o, 32), ceil_div(s->p, 32), wsplits), kThreads, 0, stream>>>(p, w.w_parts);
+    sum_rows(w.w_parts, wsplits, static_cast<int64_t>(o) * s->p, grads.grad_w);
     input_grad_kernel<T><<<s->b, kThreads, gn_smem, stream>>>(p);
+    if (train) {
+      sum_rows(p.grad_gn_w, s->b, s->p, grads.grad_gn_w);
+      sum_rows(p.grad_gn_b, s->b, s->p, grads.grad_gn_b);
+    }
     return cudaGetLastError();
   });
 }

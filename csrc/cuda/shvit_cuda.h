@@ -44,10 +44,11 @@ cudaError_t shvit_dw_stats(const shvit_dw_shape* s, shvit_view x, float* partial
 // Backward. g = relu ? grad_out * (out > 0) : grad_out is written to `g` (activation dtype).
 // Without BN (bn_weight NULL): dy = g. With BN (train): dy = k (g - s1/M - (y - mean) invstd^2 s2/M) with
 // k = bn_weight * invstd, s1 = sum g, s2 = sum g (y - mean) (both returned in sums[0:C], sums[C:2C], which the
-// call zeroes and fills), y = conv(x) recomputed.
-// wsum (C x 10, zeroed here) receives per channel the 9 weight-gradient taps and sum(dy).
+// call fills), y = conv(x) recomputed.
+// wsum (C x 10, written here) receives per channel the 9 weight-gradient taps and sum(dy).
 // dy_ws: fp32 workspace of the output's size (dense, NHWC when channels_last else NCHW), used only with BN.
-// grad_x is written in full.
+// partials: shvit_dw_backward_workspace(s) floats of per-tile sums, so every reduction over the batch is done
+// in a fixed order (the results do not change from run to run). grad_x is written in full.
 typedef struct {
   const float* bn_weight;  // NULL: conv_bias_act backward
   const float* mean;
@@ -55,8 +56,9 @@ typedef struct {
   float eps;
 } shvit_dw_bn;
 
+int64_t shvit_dw_backward_workspace(const shvit_dw_shape* s);
 cudaError_t shvit_dw_backward(const shvit_dw_shape* s, shvit_view x, shvit_view grad_out, shvit_view out, int relu,
-                              shvit_dw_bn bn, float* sums, shvit_view g, float* dy_ws, float* wsum,
+                              shvit_dw_bn bn, float* sums, shvit_view g, float* dy_ws, float* wsum, float* partials,
                               shvit_view grad_x, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------------------
@@ -87,8 +89,9 @@ cudaError_t shvit_shsa_forward(const shvit_shsa_shape* s, shvit_view x, shvit_vi
                                const float* bn_weight, const float* bn_bias, float bn_eps, float* mean, float* var,
                                float* workspace, cudaStream_t stream);
 
-// Backward. grads (fp32, zeroed here): grad_w (2Q+P, P), grad_qkv_bias (2Q+P) [fused] or
-// grad_bn_weight, grad_bn_bias (2Q+P) and grad_gn_weight, grad_gn_bias (P) [train]. grad_x in full.
+// Backward. grads (fp32, written here; sums over the batch in a fixed order): grad_w (2Q+P, P),
+// grad_qkv_bias (2Q+P) [fused] or grad_bn_weight, grad_bn_bias (2Q+P) and grad_gn_weight, grad_gn_bias (P)
+// [train]. grad_x in full.
 typedef struct {
   float* grad_w;
   float* grad_bias;     // fused only
