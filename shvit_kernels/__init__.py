@@ -4,6 +4,8 @@ Functional API (all differentiable, torch.compile-able, autocast-aware):
     conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, fold_bn, fold_shsa
 Backend control:
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+Memory:
+    empty_cache() frees the output blocks the cpp backend keeps for reuse (bounded by SHVIT_CPU_OUTPUT_CACHE_MB)
 """
 
 from ._dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
@@ -12,7 +14,18 @@ from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
 
+# The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
+
+
+def empty_cache() -> int:
+    """Free the output blocks the cpp backend keeps for reuse; returns the bytes freed (0 when it has none).
+
+    Outputs of 4 MiB and more reuse released blocks of the same size (at most 4 per size and
+    ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off).
+    Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again.
+    """
+    return _backends.cpp.empty_output_cache()
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +33,7 @@ __all__ = [
     "chosen_backend",
     "conv_bias_act",
     "conv_bn",
+    "empty_cache",
     "ffn",
     "ffn_fused",
     "fold_bn",
