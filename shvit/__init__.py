@@ -4,6 +4,8 @@
     fast = shvit.fuse(model)                                   # BatchNorms folded, for inference
 """
 
+from shvit_kernels import __version__  # one version for both packages (they ship together)
+
 from .checkpoint import CheckpointError, LoadResult, load_checkpoint, save_checkpoint, timm_to_authors
 from .fuse import FusedConv2d, FusedFFN, FusedSHSA, fuse
 from .model import (
@@ -28,6 +30,7 @@ from .model import (
 from .train import convert_sync_batchnorm
 
 __all__ = [
+    "__version__",
     "CheckpointError",
     "LoadResult",
     "load_checkpoint",
