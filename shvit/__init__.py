@@ -4,6 +4,8 @@
     fast = shvit.fuse(model)                                   # BatchNorms folded, for inference
 """
 
+from shvit_kernels import __version__  # one version for both packages (they ship together)
+
 from .accelerate import AccelerateError, accelerate
 from .checkpoint import CheckpointError, LoadResult, load_checkpoint, save_checkpoint, timm_to_authors
 from .factory import create_model, list_models, shvit_s1, shvit_s2, shvit_s3, shvit_s4
@@ -17,6 +19,7 @@ __all__ = [
     "AccelerateError",
     "accelerate",
     "export_onnx",
+    "__version__",
     "CheckpointError",
     "LoadResult",
     "load_checkpoint",

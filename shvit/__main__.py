@@ -14,16 +14,21 @@ def cmd_info(args) -> int:
     import shvit_kernels
     from shvit_kernels import dispatch
 
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    forced = shvit_kernels.forced_backend()
+    rows = shvit_kernels.backend_table()
+    if args.json:  # one JSON document and nothing else on stdout, so it can be piped into a parser
+        print(json.dumps({
+            "shvit_kernels": shvit_kernels.__version__, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda_device": cuda,
+            "forced_backend": forced, "models": shvit.list_models(), "backends": rows,
+        }, indent=2))
+        return 0
     print(f"shvit-kernels {shvit_kernels.__version__}, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
-    forced = shvit_kernels.forced_backend()
+          f"CUDA {'available: ' + cuda if cuda else 'not available'}")
     print(f"forced backend: {forced or 'none (automatic per call)'}")
     print(f"models: {', '.join(shvit.list_models())}")
-    rows = shvit_kernels.backend_table()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
     for name in dispatch.BACKENDS:
         mine = [r for r in rows if r["backend"] == name]
         usable = [r["op"] for r in mine if r["usable"]]
@@ -103,9 +108,24 @@ def cmd_train(args) -> int:
     return train_main(args)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lists every option's default (options without help text too), except None ("not set")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _describe_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.help is None and action.default not in (None, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+
+
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     """The model-throughput options, shared with the paper suite (``python -m benchmarks.paper_protocol``)."""
-    bench.add_argument("--model", default="shvit_s1")
+    bench.add_argument("--model", default="shvit_s1", help="variant")
     bench.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU (the paper's)")
     bench.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
     bench.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -130,15 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shvit", description="SHViT with fused kernels")
     sub = p.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="versions, and which backends are built and usable (and why not)")
-    info.add_argument("--json", action="store_true", help="print the backend table as JSON")
+    # Every subcommand's --help shows the defaults.
+    defaults = _DefaultsHelpFormatter
+    info = sub.add_parser("info", help="versions, and which backends are built and usable (and why not)",
+                          formatter_class=defaults)
+    info.add_argument("--json", action="store_true", help="print versions and the backend table as one JSON document")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="img/s of the reference model against the fused model on the best backends")
+    bench = sub.add_parser("bench", help="img/s of the reference model against the fused model on the best backends",
+                           formatter_class=defaults)
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    tune = sub.add_parser("tune", help="time the backends for a fused model's op calls and cache the fastest")
+    tune = sub.add_parser("tune", help="time the backends for a fused model's op calls and cache the fastest",
+                          formatter_class=defaults)
     tune.add_argument("--model", default="shvit_s1")
     tune.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
     tune.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
@@ -149,15 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
     from .export import add_export_arguments, cmd_export
 
-    export = sub.add_parser("export", help="write the model as ONNX (standard ops, dynamic batch), checked in ONNX Runtime")
+    export = sub.add_parser("export", help="write the model as ONNX (standard ops, dynamic batch), checked in ONNX Runtime",
+                            formatter_class=defaults)
     add_export_arguments(export)
     export.set_defaults(func=cmd_export)
 
     from .train import add_train_arguments
 
-    train = sub.add_parser("train", help="train a variant on an ImageFolder or synthetic data (torchrun for several processes)")
+    train = sub.add_parser("train", help="train a variant on an ImageFolder or synthetic data (torchrun for several processes)",
+                           formatter_class=defaults)
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
+    for subparser in (info, bench, tune, export, train):
+        _describe_defaults(subparser)
     return p
 
 

@@ -11,6 +11,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -154,8 +155,14 @@ def measure(
             _sync(device)
     samples: Dict[str, List[float]] = {v.name: [] for v in variants}
     counter = 0
+    from tqdm import tqdm
+
+    # A bar with ETA on a terminal (the rounds take rounds x variants x window_s); nothing in logs or pipes.
+    bar = tqdm(total=rounds * len(variants), desc="timing", unit="window", leave=False, file=sys.stderr,
+               disable=not sys.stderr.isatty())
     for _ in range(rounds):
         for v in variants:
+            bar.update()
             with _context(v, device, dtype):
                 _sync(device)
                 start = time.perf_counter()
@@ -170,6 +177,7 @@ def measure(
                         if time.perf_counter() - start >= window_s:
                             break
                 samples[v.name].append((time.perf_counter() - start) / calls)
+    bar.close()
     first = outputs[0]
     results = []
     for v, out in zip(variants, outputs):
@@ -229,6 +237,12 @@ def run_model_bench(
     import shvit
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if rounds < 1 or warmup_s < 0 or window_s <= 0:
+        raise ValueError(f"--rounds must be >= 1, --warmup >= 0 and --window > 0; got {rounds}, {warmup_s}, {window_s}")
     if threads:
         torch.set_num_threads(threads)
     if dtype not in DTYPES:

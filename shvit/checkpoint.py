@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
+import zipfile
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -72,7 +74,16 @@ def read_checkpoint(source: Source, weights_only: bool = True) -> Mapping[str, A
         raise TypeError(f"a checkpoint must be a path, a URL or a dict, got {type(source).__name__}")
     if not os.path.isfile(source):
         raise FileNotFoundError(f"checkpoint file not found: {os.fspath(source)!r}")
-    return torch.load(source, map_location="cpu", weights_only=weights_only)
+    if os.path.getsize(source) == 0:
+        raise CheckpointError(f"checkpoint file {os.fspath(source)!r} is empty")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=weights_only)
+    except (EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # A truncated or corrupt file surfaces as any of these, depending on where it ends.
+        raise CheckpointError(
+            f"cannot read checkpoint {os.fspath(source)!r}: truncated, corrupt or not a torch.save file "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def timm_to_authors(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -104,7 +115,13 @@ def _unpack(obj: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     meta: Dict[str, Any] = {}
     if obj.get("format") == FORMAT or isinstance(obj.get("model"), Mapping):
         meta = {k: obj[k] for k in ("variant", "num_classes", "distillation") if k in obj}
-        state_dict = obj["state_dict"] if obj.get("format") == FORMAT else obj["model"]
+        key = "state_dict" if obj.get("format") == FORMAT else "model"
+        if not isinstance(obj.get(key), Mapping):
+            raise CheckpointError(
+                f"checkpoint has format {obj.get('format')!r} but no '{key}' dict "
+                f"(keys: {_format_keys(sorted(map(str, obj)))})"
+            )
+        state_dict = obj[key]
     elif isinstance(obj.get("state_dict"), Mapping):
         state_dict = obj["state_dict"]
     else:
@@ -203,6 +220,19 @@ def _mismatch_message(model: nn.Module, result: LoadResult, state_dict: Mapping[
     return "\n".join(lines)
 
 
+def _bad_values(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """Entries with NaN / infinite values, and BatchNorm running variances below zero, as 'key (what)'."""
+    bad = []
+    for k, v in state_dict.items():
+        if not v.is_floating_point():
+            continue
+        if not bool(torch.isfinite(v).all()):
+            bad.append(f"{k} (NaN or infinite)")
+        elif k.endswith("running_var") and bool((v < 0).any()):
+            bad.append(f"{k} (negative variance)")
+    return bad
+
+
 def _load_state_dict(
     model: nn.Module, state_dict: Dict[str, torch.Tensor], meta: Mapping[str, Any], strict: bool, drop_head: bool
 ) -> LoadResult:
@@ -220,6 +250,12 @@ def _load_state_dict(
         warnings.warn(message + "\n(strict=False: loading the keys that fit)", stacklevel=3)
     mismatched = {k for k, _, _ in result.mismatched_keys}
     fitting = {k: v for k, v in state_dict.items() if k in model_state and k not in mismatched}
+    bad_values = _bad_values(fitting)
+    if bad_values:
+        message = "checkpoint has values no trained model has: " + _format_keys(bad_values)
+        if strict:
+            raise CheckpointError(message + " (strict=False loads it anyway, with a warning)")
+        warnings.warn(message, stacklevel=3)
     model.load_state_dict(fitting, strict=False)  # copies into the existing tensors (casts dtype, keeps device)
     return result
 

@@ -261,6 +261,24 @@ def check_args(args) -> None:
             bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
         bad(f"--steps must be at least 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        bad(f"--threads must be at least 1, got {args.threads}")
+    if args.workers < 0:
+        bad(f"--workers must be at least 0, got {args.workers}")
+    if args.log_interval < 1:
+        bad(f"--log-interval must be at least 1 (steps), got {args.log_interval}")
+    if not 0 <= args.ema_decay <= 1:
+        bad(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if not 0 <= args.smoothing < 1:
+        bad(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    for name in ("warmup_epochs", "clip_grad", "warmup_lr", "min_lr", "mixup", "cutmix"):
+        value = getattr(args, name)
+        if not 0 <= value < math.inf:
+            bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.lr < math.inf:
+        bad(f"--lr must be a finite number >= 0, got {args.lr}")
+    if args.weight_decay is not None and not 0 <= args.weight_decay < math.inf:
+        bad(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.finetune and args.resume:
         bad("--finetune and --resume exclude each other: --resume continues a run, --finetune starts a new one")
     for name in ("finetune", "resume"):
@@ -329,20 +347,53 @@ def resolve_defaults(args) -> None:
 # Loops
 # --------------------------------------------------------------------------------------------------------
 class Progress:
-    """One stderr line per update (rewritten in place on a terminal): step, loss, lr and images/s."""
+    """Training progress on stderr: a tqdm bar over the run's steps with ETA on a terminal, else one line with
+    the ETA every ``interval`` steps (logs stay readable)."""
 
-    def __init__(self, enabled: bool, interval: int):
+    def __init__(self, enabled: bool, interval: int, total_steps: int = 0, done_steps: int = 0):
         self.enabled, self.interval = enabled, interval
         self.tty = enabled and sys.stderr.isatty()
+        self.total, self.start_done, self.t0 = total_steps, done_steps, time.perf_counter()
+        self.bar = None
+        if self.tty and total_steps:
+            from tqdm import tqdm
 
-    def update(self, text: str, step: int, last: bool) -> None:
+            self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, text: str, step: int, last: bool, global_step: int = 0) -> None:
         if not self.enabled:
             return
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=False)
+            self.bar.update(global_step - self.bar.n)
+            if global_step >= self.total:
+                self.bar.close()
+            return
         if self.tty:
-            sys.stderr.write("\r" + text + ("\n" if last else ""))
+            sys.stderr.write("\r\x1b[K" + text + ("\n" if last else ""))  # \x1b[K: clear the rest of the line
         elif last or step % self.interval == 0:
-            sys.stderr.write(text + "\n")
+            sys.stderr.write(text + self._eta(global_step) + "\n")
         sys.stderr.flush()
+
+    def _eta(self, global_step: int) -> str:
+        done = global_step - self.start_done
+        if not self.total or done <= 0:
+            return ""
+        from tqdm import tqdm
+
+        remaining = (time.perf_counter() - self.t0) / done * (self.total - global_step)
+        return f" [{global_step}/{self.total} steps, ETA {tqdm.format_interval(remaining)}]"
+
+    def write(self, line: str) -> None:
+        """A line of its own on stderr (above the bar when there is one)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def to_device(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
@@ -452,6 +503,11 @@ def _train(args, rank, world, device, main_process) -> dict:
         state = obj.get("train_state") if hasattr(obj, "get") else None
         if state is None:
             raise CheckpointError(f"--resume: {args.resume!r} is not a training checkpoint (to start from its weights use --finetune)")
+        saved_batch = state.get("args", {}).get("batch_size", args.batch_size)
+        if saved_batch != args.batch_size:
+            # Steps per epoch, the schedule and the data order all depend on it: resuming would not be exact.
+            raise ValueError(f"--resume: the run used --batch-size {saved_batch}, got {args.batch_size}; "
+                             "resume with the same batch size (or start a new run with --finetune)")
         load_checkpoint(model, obj)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -475,7 +531,8 @@ def _train(args, rank, world, device, main_process) -> dict:
     val_loader = DataLoader(val_set, sampler=val_sampler, **loader_args)
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    progress = Progress(main_process, args.log_interval)
+    run_steps = min(args.steps, total_steps) if args.steps else total_steps
+    progress = Progress(main_process, args.log_interval, run_steps, start_epoch * steps_per_epoch + start_step)
     params = [p for p in model.parameters() if p.requires_grad]
     global_step = start_epoch * steps_per_epoch + start_step
 
@@ -523,7 +580,7 @@ def _train(args, rank, world, device, main_process) -> dict:
                 progress.update(
                     f"epoch {epoch + 1}/{args.epochs} step {step}/{steps_per_epoch} loss {value:.4f} "
                     f"lr {optimizer.param_groups[0]['lr']:.2e} {seen / max(now - t_last, 1e-9):.1f} img/s",
-                    step, last,
+                    step, last, global_step=global_step,
                 )
                 t_last, seen = now, 0
             if global_step == args.steps:
@@ -539,7 +596,7 @@ def _train(args, rank, world, device, main_process) -> dict:
                 record["val_ema"] = evaluate(ema.module, val_loader, device, args, world)
             if main_process:
                 v = record["val"]
-                print(f"epoch {epoch + 1}: val loss {v['loss']:.4f} top-1 {v['top1']:.2f}% top-5 {v['top5']:.2f}% ({v['images']} images)", file=sys.stderr)
+                progress.write(f"epoch {epoch + 1}: val loss {v['loss']:.4f} top-1 {v['top1']:.2f}% top-5 {v['top5']:.2f}% ({v['images']} images)")
         history["metrics"].append(record)
         if main_process:
             save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, ema, epoch, step, args, history)
@@ -548,6 +605,7 @@ def _train(args, rank, world, device, main_process) -> dict:
         start_step = 0
         if global_step == args.steps:
             break
+    progress.close()
     if main_process and args.save_authors:
         save_checkpoint(model, os.path.join(args.output_dir, "model_authors.pth"), layout="authors")
     return {"losses": history["losses"], "metrics": history["metrics"], "model": model, "checkpoint": ckpt_path}

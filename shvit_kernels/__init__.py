@@ -9,6 +9,9 @@ Autotuning (on by default for the inference ops): ``shvit_kernels.autotune`` (se
 env SHVIT_KERNELS_AUTOTUNE, cached_choices).
 Tracing and export:
     inline_reference() (context manager; automatic in torch.onnx.export): tracers record the reference's torch ops
+    use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+Memory:
+    empty_cache() frees the output blocks the cpp backend keeps for reuse (bounded by SHVIT_CPU_OUTPUT_CACHE_MB)
 """
 
 from . import autotune, dispatch
@@ -20,7 +23,18 @@ from .ops.sync_batch_norm import sync_batch_norm
 from .tracing import inline_reference
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
 
+# The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
+
+
+def empty_cache() -> int:
+    """Free the output blocks the cpp backend keeps for reuse; returns the bytes freed (0 when it has none).
+
+    Outputs of 4 MiB and more reuse released blocks of the same size (at most 4 per size and
+    ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off).
+    Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again.
+    """
+    return _backends.cpp.empty_output_cache()
 
 __all__ = [
     "BACKENDS",
@@ -30,6 +44,7 @@ __all__ = [
     "conv_bias_act",
     "conv_bn",
     "dispatch",
+    "empty_cache",
     "ffn",
     "ffn_fused",
     "fold_bn",

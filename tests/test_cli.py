@@ -21,8 +21,9 @@ def test_info_lists_every_backend_with_reasons():
     assert "torch" in out and "shvit-kernels" in out
     for backend in ("cuda", "triton", "cpp", "reference"):
         assert f"\n{backend}" in out
-    rows = json.loads(shvit_cli("info", "--json").stdout.split("\n", 3)[3])
-    assert all(r["usable"] or r["why"] for r in rows)
+    info = json.loads(shvit_cli("info", "--json").stdout)  # the whole of stdout is one JSON document
+    assert info["torch"] and info["shvit_kernels"] and "shvit_s1" in info["models"]
+    assert all(r["usable"] or r["why"] for r in info["backends"])
 
 
 def test_bench_reports_speed_and_agreement(tmp_path):

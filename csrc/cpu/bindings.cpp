@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_provider", &k::gemm_provider, "Which GEMM the kernels call: 'mkl' or 'aten'");
   m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");
   m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");
+  m.def("set_output_cache_limit", &k::set_output_cache_limit,
+        "Most bytes of output blocks kept for reuse (0: none); frees blocks over it, returns the previous limit");
   m.def("conv_bias_act", &k::conv_bias_act, "shvit::conv_bias_act forward");
   m.def("conv_bias_act_backward", &k::conv_bias_act_backward, "shvit::conv_bias_act_backward");
   m.def("conv_bn_train", &k::conv_bn_train, "shvit::conv_bn_train forward");

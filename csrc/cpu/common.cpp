@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <ATen/native/CPUBlas.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/accumulate.h>
 
@@ -28,6 +29,9 @@ void check_float_tensor(const at::Tensor& t, const char* op, const char* name, i
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": '", name,
               "' must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(ndim < 0 || t.dim() == ndim, op, ": '", name, "' must be ", ndim, "-D, got shape ", t.sizes());
+  // A zero-size dimension anywhere would reach tile sizes and weight packing as a division by zero.
+  TORCH_CHECK(t.numel() > 0, op, ": '", name, "' must not be empty (it has a zero-size dimension), got shape ",
+              t.sizes());
 }
 
 void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
@@ -63,13 +67,25 @@ at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const
 
 namespace {
 
-constexpr size_t kReuseMinBytes = size_t(4) << 20, kMaxCachedBytes = size_t(512) << 20, kMaxBlocksPerSize = 4;
+constexpr size_t kReuseMinBytes = size_t(4) << 20, kDefaultMaxCachedMiB = 512, kMaxBlocksPerSize = 4;
+
+size_t max_cached_bytes_from_env() {
+  const char* off = std::getenv("SHVIT_CPU_OUTPUT_CACHE");
+  if (off && std::string(off) == "0") return 0;
+  const char* mib = std::getenv("SHVIT_CPU_OUTPUT_CACHE_MB");
+  if (!mib || !*mib) return kDefaultMaxCachedMiB << 20;
+  char* end = nullptr;
+  const long long value = std::strtoll(mib, &end, 10);
+  TORCH_CHECK(end && *end == '\0' && value >= 0, "SHVIT_CPU_OUTPUT_CACHE_MB must be a non-negative integer (MiB), got '",
+              mib, "'");
+  return static_cast<size_t>(value) << 20;
+}
 
 struct OutputCache {
   std::mutex mutex;
   std::unordered_map<size_t, std::vector<void*>> free_blocks;  // by size in bytes
   size_t cached_bytes = 0;
-  const bool enabled = !(std::getenv("SHVIT_CPU_OUTPUT_CACHE") && std::string(std::getenv("SHVIT_CPU_OUTPUT_CACHE")) == "0");
+  size_t max_cached_bytes = max_cached_bytes_from_env();  // 0: the cache is off
 };
 
 // Never destroyed: tensors holding cached blocks may be freed after static destructors have run.
@@ -78,18 +94,47 @@ OutputCache& output_cache() {
   return *cache;
 }
 
+// Frees cached blocks, largest first, until at most `limit` bytes stay cached. Caller holds the mutex.
+void trim_locked(OutputCache& cache, size_t limit) {
+  std::vector<size_t> sizes;
+  for (auto& entry : cache.free_blocks) sizes.push_back(entry.first);
+  std::sort(sizes.rbegin(), sizes.rend());
+  for (size_t bytes : sizes) {
+    auto& blocks = cache.free_blocks[bytes];
+    while (cache.cached_bytes > limit && !blocks.empty()) {
+      c10::free_cpu(blocks.back());
+      blocks.pop_back();
+      cache.cached_bytes -= bytes;
+    }
+    if (blocks.empty()) cache.free_blocks.erase(bytes);
+  }
+}
+
 void return_block(void* block, size_t bytes) {
   OutputCache& cache = output_cache();
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
     auto& blocks = cache.free_blocks[bytes];
-    if (blocks.size() < kMaxBlocksPerSize && cache.cached_bytes + bytes <= kMaxCachedBytes) {
+    if (blocks.size() < kMaxBlocksPerSize && cache.cached_bytes + bytes <= cache.max_cached_bytes) {
       blocks.push_back(block);
       cache.cached_bytes += bytes;
       return;
     }
+    if (blocks.empty()) cache.free_blocks.erase(bytes);
   }
   c10::free_cpu(block);
+}
+
+// The deleter context of a cached block (a DataPtr deleter gets one pointer).
+struct CachedBlock {
+  void* data;
+  size_t bytes;
+};
+
+void delete_cached_block(void* context) {
+  auto* block = static_cast<CachedBlock*>(context);
+  return_block(block->data, block->bytes);
+  delete block;
 }
 
 }  // namespace
@@ -97,10 +142,10 @@ void return_block(void* block, size_t bytes) {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   OutputCache& cache = output_cache();
-  if (bytes < kReuseMinBytes || !cache.enabled) return at::empty(sizes, options.memory_format(format));
   void* block = nullptr;
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
+    if (bytes < kReuseMinBytes || cache.max_cached_bytes == 0) return at::empty(sizes, options.memory_format(format));
     auto it = cache.free_blocks.find(bytes);
     if (it != cache.free_blocks.end() && !it->second.empty()) {
       block = it->second.back();
@@ -115,17 +160,33 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
   } else {
     for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) strides[d] = strides[d + 1] * std::max<int64_t>(sizes[d + 1], 1);
   }
-  return at::from_blob(block, sizes, strides, [bytes](void* p) { return_block(p, bytes); }, options);
+  // A resizable storage backed by the CPU allocator, like at::empty's: resize_ / out= into the output reallocate
+  // through that allocator and hand the cached block back (from_blob storages cannot grow, and a failed resize left
+  // a tensor whose sizes outran its storage).
+  c10::DataPtr data(block, new CachedBlock{block, bytes}, &delete_cached_block, c10::Device(c10::kCPU));
+  auto storage = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), bytes, std::move(data),
+                                                       c10::GetCPUAllocator(), /*resizable=*/true);
+  at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(std::move(storage)),
+                                                            c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
+  out.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
+  return out;
+}
+
+int64_t set_output_cache_limit(int64_t max_bytes) {
+  TORCH_CHECK(max_bytes >= 0, "shvit cpp set_output_cache_limit: 'max_bytes' must be >= 0, got ", max_bytes);
+  OutputCache& cache = output_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  const int64_t previous = static_cast<int64_t>(cache.max_cached_bytes);
+  cache.max_cached_bytes = static_cast<size_t>(max_bytes);
+  trim_locked(cache, cache.max_cached_bytes);
+  return previous;
 }
 
 int64_t release_cached_outputs() {
   OutputCache& cache = output_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   const int64_t freed = static_cast<int64_t>(cache.cached_bytes);
-  for (auto& entry : cache.free_blocks)
-    for (void* block : entry.second) c10::free_cpu(block);
-  cache.free_blocks.clear();
-  cache.cached_bytes = 0;
+  trim_locked(cache, 0);
   return freed;
 }
 
@@ -220,6 +281,24 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 
 std::string gemm_provider() { return (sgemm_ && cblas_gemm_bf16bf16f32) ? "mkl" : "aten"; }
 
+bool bf16_brgemm_usable() {
+  // ATen's bf16 brgemm needs oneDNN enabled and an AVX-512 core (it raises otherwise, e.g. on AVX2-only Zen 3);
+  // one tiny call tells, whatever the torch version's checks are.
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool isa_ok = [] {
+    try {
+      const BFloat16 a[2] = {BFloat16(1.f), BFloat16(1.f)}, b[2] = {BFloat16(1.f), BFloat16(1.f)};
+      float c = 0.f;
+      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, &c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c == 2.f;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return isa_ok;
+}
+
 template <>
 void MatB<float>::assign(const float* b, int64_t rows, int64_t cols, int64_t ldb) {
   data = b, k = rows, n = cols, ld = ldb, vnni = false;
@@ -228,7 +307,7 @@ void MatB<float>::assign(const float* b, int64_t rows, int64_t cols, int64_t ldb
 template <>
 void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64_t ldb) {
   k = rows, n = cols;
-  vnni = rows % 2 == 0;
+  vnni = rows % 2 == 0 && bf16_brgemm_usable();
   if (!vnni) {
     data = b, ld = ldb;
     return;
@@ -255,7 +334,7 @@ void MatB<float>::assign_transposed(const float* w, int64_t rows, int64_t cols) 
 template <>
 void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t cols) {
   storage.resize(rows * cols);
-  k = rows, n = cols, ld = cols, vnni = rows % 2 == 0;
+  k = rows, n = cols, ld = cols, vnni = rows % 2 == 0 && bf16_brgemm_usable();
   data = storage.data();
   if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
     static_assert(sizeof(float) == 2 * sizeof(BFloat16), "VNNI pairs are 32-bit");

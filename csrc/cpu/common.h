@@ -55,11 +55,14 @@ at::Tensor contiguous_matrix(const at::Tensor& m);
 // An uninitialised output tensor. Large ones (at least 4 MiB) reuse blocks released by earlier outputs of the same
 // size: fresh pages cost a fault and the kernel's zeroing each, which glibc makes ATen pay on every forward for
 // multi-MiB activations (a 12.8 MB stem output: 1.8 ms to allocate and fill fresh, 0.2 ms reused). The cache holds
-// at most 4 blocks per size and 512 MiB in all; SHVIT_CPU_OUTPUT_CACHE=0 turns it off.
+// at most 4 blocks per size and 512 MiB in all (SHVIT_CPU_OUTPUT_CACHE_MB, or set_output_cache_limit; 0 or
+// SHVIT_CPU_OUTPUT_CACHE=0 turns it off). The outputs are ordinary resizable CPU tensors.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
-// Frees the cached blocks (returns the bytes freed); the bytes cached now.
+// Frees the cached blocks (returns the bytes freed); the bytes cached now; sets the most bytes kept cached (freeing
+// blocks over it) and returns the previous limit.
 int64_t release_cached_outputs();
 int64_t cached_output_bytes();
+int64_t set_output_cache_limit(int64_t max_bytes);
 
 // Bias (or zeros when absent) as a contiguous fp32 vector of length n.
 at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like);
@@ -159,6 +162,10 @@ struct MatB {
   // transpose per call, which for S1's weights cost 1-2 ms of a 43 ms forward. w must outlive the MatB.
   void assign_weight(const at::Tensor& w);
 };
+
+// Whether ATen's bf16 brgemm micro-kernel runs here (oneDNN enabled, AVX-512 core); when not, bf16 GEMMs go
+// through gemm() on plain (non-VNNI) operands.
+bool bf16_brgemm_usable();
 
 // True when the 2-D view of weight w (cols, rows[, 1, 1]) is the transpose of a contiguous (rows, cols) matrix.
 bool is_input_major(const at::Tensor& w);

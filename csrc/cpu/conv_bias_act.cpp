@@ -580,7 +580,9 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
     } else {
       // bf16 im2col needs an even K (VNNI pairs): pad with one zero tap row.
       const int64_t k = s.k_gemm(), k_col = (!s.pointwise() && std::is_same<T, BFloat16>::value) ? k + k % 2 : k;
-      const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || s.kw * s.c_in % 2 == 0);
+      // bf16 row GEMMs read overlapping rows of x in place, which only the VNNI micro-kernel can (even K).
+      const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value ||
+                                               (s.kw * s.c_in % 2 == 0 && bf16_brgemm_usable()));
       if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
         const at::Tensor w_kc = weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();  // (kh, kw, c_in, c_out)
         small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_kc.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);

@@ -185,11 +185,12 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
   return {std::get<0>(grads), std::get<1>(grads)};
 }
 
-// g = relu ? grad_out * (out > 0) : grad_out for n values (exact in any dtype).
+// g = relu ? grad_out * (out > 0) : grad_out for n values (exact in any dtype). A product, as the reference's, so a
+// NaN or infinite grad_out where out <= 0 gives NaN instead of being masked to 0.
 template <typename T>
 inline fVec masked_grad(const T* grad_out, const T* out, bool relu, int64_t n) {
   fVec g = load_n(grad_out, n);
-  if (relu) g = fVec::blendv(fVec(0.f), g, load_n(out, n) > fVec(0.f));
+  if (relu) g = g * fVec::blendv(fVec(0.f), fVec(1.f), load_n(out, n) > fVec(0.f));
   return g;
 }
 

@@ -181,8 +181,8 @@ void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_
                          : activate_hidden<T>(h_acc.data(), h_buf.data(), a.b1, nullptr, r, hd);
     // grad_hidden = (G W2) masked by the ReLU, fp32.
     gemm_mode(cm, false, false, r, hd, c, 0.f, g, ld_act, a.w2, ld(c, hd), gh.data(), ld(r, hd));
-    for (int64_t i = 0; i < r * hd; ++i)
-      if (!(static_cast<float>(hidden[i]) > 0.f)) gh[i] = 0.f;
+    for (int64_t i = 0; i < r * hd; ++i)  // times 0, as the reference's mask: NaN stays NaN
+      if (!(static_cast<float>(hidden[i]) > 0.f)) gh[i] *= 0.f;
     // grad_x = G + grad_hidden W1.
     gemm_mode(cm, false, false, r, c, hd, 0.f, gh.data(), ld(r, hd), a.w1f, ld(hd, c), gx.data(), ld(r, c));
     const int64_t runs = cm ? c : r, run = cm ? r : c;

@@ -91,7 +91,8 @@ void attend_backward_image(const float* qkv, const T* go_n, const T* out_n, bool
   // g = grad_out masked by the ReLU (exact): the first P channels to fp32 (both orientations), the rest straight
   // into grad_x.
   float *g_ya = b.g_ya.data(), *g_ya_t = b.g_ya_t.data();
-  auto masked = [&](int64_t i) { return static_cast<float>(out_n[i]) > 0.f ? go_n[i] : T(0.f); };
+  // grad_out * (out > 0) as the reference's product: a NaN / infinite grad_out where out <= 0 gives NaN.
+  auto masked = [&](int64_t i) { return static_cast<float>(out_n[i]) > 0.f ? go_n[i] : T(static_cast<float>(go_n[i]) * 0.f); };
   if (channels_last) {
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t ch = 0; ch < p; ++ch) g_ya_t[t * p + ch] = g_ya[ch * n + t] = static_cast<float>(masked(t * c + ch));

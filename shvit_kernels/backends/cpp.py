@@ -72,6 +72,14 @@ def set_variant(capability: Optional[str]) -> Optional[str]:
     return previous
 
 
+def empty_output_cache() -> int:
+    """Free the output blocks every loaded build keeps for reuse; returns the bytes freed."""
+    import sys
+
+    loaded = [sys.modules.get(_module_name(c)) for c in CAPABILITIES]
+    return sum(int(m.release_cached_outputs()) for m in loaded if m is not None and hasattr(m, "release_cached_outputs"))
+
+
 def _availability() -> List[str]:
     if _module is not None:
         return []

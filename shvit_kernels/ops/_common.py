@@ -163,6 +163,7 @@ def call_op(op, *args):
 # Argument checks: clear errors naming the argument and what was expected.
 # ---------------------------------------------------------------------------------------------------------
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
 
 @untraced_check
@@ -179,6 +180,8 @@ def check_tensor(
 ) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in SUPPORTED_DEVICE_TYPES:
+        raise ValueError(f"{op}: '{name}' is on the {t.device.type} device; the ops run on CPU and CUDA tensors only")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: '{name}' must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
@@ -193,6 +196,14 @@ def check_tensor(
             raise ValueError(f"{op}: '{name}' is on {t.device} but 'x' is on {like.device}; all tensors must be on one device")
         if same_dtype and t.dtype != like.dtype:
             raise TypeError(f"{op}: '{name}' has dtype {t.dtype} but 'x' has {like.dtype}; they must match")
+    if t.numel() == 0:
+        raise ValueError(f"{op}: '{name}' must not be empty (it has a zero-size dimension), got shape {tuple(t.shape)}")
+
+
+def check_eps(op: str, name: str, eps) -> None:
+    """A normalisation epsilon: a finite number >= 0 (every backend's rule; the cpp kernels check it too)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < float("inf")):
+        raise ValueError(f"{op}: '{name}' must be a finite number >= 0, got {eps!r}")
 
 
 @untraced_check
@@ -220,6 +231,8 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 
 def cast_for_autocast(x: torch.Tensor, *tensors):
     """Cast the activation and the conv weights to the autocast dtype (normalisation parameters stay as they are)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in SUPPORTED_DEVICE_TYPES:
+        return (x, *tensors)  # not castable: the argument checks that follow name the problem
     dtype = autocast_dtype(x)
     if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
         return (x, *tensors)

@@ -27,6 +27,7 @@ from ._common import (
     upcast,
     batch_norm_backward,
     check_activation,
+    check_eps,
     check_param_dtype,
     check_tensor,
     conv_input_grad,
@@ -313,14 +314,17 @@ def conv_bn(
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: 'weight' has dtype {weight.dtype} but 'x' has {x.dtype}; they must match")
     c_out = weight.shape[0]
+    check_eps(op, "eps", eps)
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         check_tensor(op, name, t, shape=(c_out,), like=x)
         check_param_dtype(op, name, t, x)
-    if not training:
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is None:
-                raise ValueError(f"{op}: '{name}' is required when training=False")
+    # Checked in training too, before anything runs: a failed call must leave the running statistics as they were.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None and not training:
+            raise ValueError(f"{op}: '{name}' is required when training=False")
+        if t is not None:
             check_tensor(op, name, t, shape=(c_out,), like=x)
+    if not training:
         w, b = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
         return _common.call_op(conv_bias_act_op, x, w, b, stride, padding, groups, relu, residual)
     if process_group is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output, register_autograd
+from ._common import acc_dtype, check_activation, check_eps, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output, register_autograd
 from .conv_bn import conv_bn, fold_bn
 
 
@@ -103,6 +103,17 @@ def ffn_fused(x, w1, b1, w2, b2) -> torch.Tensor:
     return _common.call_op(ffn_fused_op, x, w1, b1, w2, b2)
 
 
+def _check_ffn_bn_params(op, x, pw1, pw2):
+    """Eval-mode FFN: each BN vector must match its conv's output channels before the folding broadcasts them."""
+    check_activation(op, x)
+    for which, p in (("pw1", pw1), ("pw2", pw2)):
+        check_tensor(op, f"{which}[0] (weight)", p[0], ndim=4, like=x, what="(C_out, C_in, 1, 1)")
+        for i, part in enumerate(("bn_weight", "bn_bias", "running_mean", "running_var"), start=1):
+            if p[i] is None:
+                raise ValueError(f"{op}: '{which}[{i}] ({part})' is required when training=False")
+            check_tensor(op, f"{which}[{i}] ({part})", p[i], shape=(p[0].shape[0],), like=x)
+
+
 def ffn(
     x: torch.Tensor,
     pw1: tuple,
@@ -122,10 +133,12 @@ def ffn(
     for name, p in (("pw1", pw1), ("pw2", pw2)):
         if not isinstance(p, (tuple, list)) or len(p) != 5:
             raise TypeError(f"{op}: '{name}' must be (weight, bn_weight, bn_bias, running_mean, running_var)")
+    check_eps(op, "eps", eps)
     if training:
         bn_args = dict(training=True, momentum=momentum, eps=eps, process_group=process_group)
         hidden = conv_bn(x, *pw1, relu=True, **bn_args)
         return conv_bn(hidden, *pw2, residual=x, **bn_args)
+    _check_ffn_bn_params(op, x, pw1, pw2)
     w1, b1 = fold_bn(pw1[0], pw1[1], pw1[2], pw1[3], pw1[4], eps)
     w2, b2 = fold_bn(pw2[0], pw2[1], pw2[2], pw2[3], pw2[4], eps)
     return ffn_fused(x, w1, b1, w2, b2)

@@ -24,7 +24,7 @@ import torch
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import acc_dtype, upcast, batch_norm_backward, check_activation, check_param_dtype, check_tensor, define_op, new_output, register_autograd
+from ._common import acc_dtype, upcast, batch_norm_backward, check_activation, check_eps, check_param_dtype, check_tensor, define_op, new_output, register_autograd
 from .conv_bn import conv_bn, fold_bn
 
 QK_DIM = 16
@@ -272,6 +272,7 @@ def shsa_fused(x, qkv_weight, qkv_bias, *, qk_dim: int = QK_DIM, gn_eps: float =
     x, qkv_weight = _common.cast_for_autocast(x, qkv_weight)
     p = check_shsa_args(op, x, qkv_weight, qk_dim)
     check_tensor(op, "qkv_bias", qkv_bias, shape=(2 * qk_dim + p,), like=x)
+    check_eps(op, "gn_eps", gn_eps)
     return _common.call_op(shsa_fused_op, x, qkv_weight, qkv_bias.to(x.dtype), qk_dim, float(gn_eps))
 
 
@@ -305,11 +306,15 @@ def shsa(
     for name, t, n in (("gn_weight", gn_weight, p), ("gn_bias", gn_bias, p), ("bn_weight", bn_weight, n_qkv), ("bn_bias", bn_bias, n_qkv)):
         check_tensor(op, name, t, shape=(n,), like=x)
         check_param_dtype(op, name, t, x)
-    if not training:
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is None:
-                raise ValueError(f"{op}: '{name}' is required when training=False")
+    check_eps(op, "gn_eps", gn_eps)
+    check_eps(op, "bn_eps", bn_eps)
+    # Checked in training too, before anything runs: a failed call must leave the running statistics as they were.
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None and not training:
+            raise ValueError(f"{op}: '{name}' is required when training=False")
+        if t is not None:
             check_tensor(op, name, t, shape=(n_qkv,), like=x)
+    if not training:
         w, b = fold_shsa(gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, running_mean, running_var, bn_eps)
         return _common.call_op(shsa_fused_op, x, w, b, qk_dim, float(gn_eps))
     count = x.shape[0] * x.shape[2] * x.shape[3]
