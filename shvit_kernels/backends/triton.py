@@ -23,11 +23,11 @@ def _kernel_modules():
     global _modules, _import_error
     if _modules is None and _import_error is None:
         try:
-            from ..triton import conv_bn, ffn, shsa
+            from ..triton import _util, conv_bn, ffn, shsa
         except ImportError as e:  # triton missing (or too old for the APIs the kernels use)
             _import_error = f"triton is not installed or cannot be imported ({e})"
         else:
-            _modules = {"conv": conv_bn, "ffn": ffn, "shsa": shsa}
+            _modules = {"conv": conv_bn, "ffn": ffn, "shsa": shsa, "util": _util}
     return _modules
 
 
@@ -55,7 +55,7 @@ def _common_reasons(x, *tensors) -> List[str]:
             break
     if any(t is not None and t.device != x.device for t in tensors):
         reasons.append("all tensors must be on x's device")
-    return reasons
+    return reasons + (_kernel_modules()["util"].offset_reasons(x, *tensors) if _kernel_modules() else [])
 
 
 def _conv_bias_act_reasons(x, weight, bias, stride, padding, groups, relu, residual):
@@ -82,11 +82,8 @@ def _conv_bn_train_backward_reasons(grad_out, x, weight, bn_weight, bn_bias, mea
     return _common_reasons(x, grad_out, weight, bn_weight, bn_bias, out) + _conv_group_reasons(x, weight, groups)
 
 
-def _ffn_size_reasons(x):
-    max_c = _kernel_modules()["ffn"].MAX_C if _kernel_modules() else None
-    if max_c is not None and x.shape[1] > max_c:
-        return [f"ffn_fused keeps a (tokens x C) tile on chip; C={x.shape[1]} exceeds {max_c}"]
-    return []
+def _ffn_size_reasons(x, backward=False):
+    return _kernel_modules()["ffn"].size_reasons(x, backward) if _kernel_modules() else []
 
 
 def _ffn_fused_reasons(x, w1, b1, w2, b2):
@@ -94,7 +91,7 @@ def _ffn_fused_reasons(x, w1, b1, w2, b2):
 
 
 def _ffn_fused_backward_reasons(grad_out, x, w1, b1, w2, b2):
-    return _common_reasons(x, grad_out, w1, b1, w2, b2) + _ffn_size_reasons(x)
+    return _common_reasons(x, grad_out, w1, b1, w2, b2) + _ffn_size_reasons(x, True)
 
 
 def _shsa_size_reasons(qkv_weight, qk_dim):
@@ -142,7 +139,7 @@ def _kernel(op: str):
     family = op.split("_")[0]
 
     def run(*args):
-        return getattr(_kernel_modules()[family], op)(*args)
+        return _kernel_modules()["util"].call_or_fall_back(op, getattr(_kernel_modules()[family], op), _dispatch.backend("reference").kernels[op], *args)
 
     run.__name__ = f"triton_{op}"
     return run
