@@ -42,7 +42,7 @@ INFERENCE_OPS = frozenset({"conv_bias_act", "ffn_fused", "shsa_fused"})
 MIN_REPS, MAX_REPS, MIN_SECONDS = 3, 25, 0.02
 FORMAT_VERSION = 1
 
-__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "clear", "mode", "set_autotune"]
+__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "choose", "clear", "mode", "set_autotune"]
 
 _global_mode: Optional[str] = None
 _state = threading.local()
@@ -304,3 +304,15 @@ def tune(op: str, device_type: str, args: Sequence, candidates: Dict[str, Callab
         _by_call[call_key(op, device_type, args)] = best
         _save()
         return best
+
+
+def choose(name: str, device_type: str, args: Sequence, candidates: Dict[str, Callable]) -> str:
+    """The fastest of ``candidates`` (name -> callable taking ``args``) for this signature of ``name``: timed on
+    the signature's first call, then remembered like a backend choice (in memory and in this machine's cache).
+
+    For choices above single ops, e.g. the layout a model runs in. Callers check :func:`mode` themselves.
+    """
+    choice = lookup(name, device_type, args)
+    if choice in candidates:
+        return choice
+    return tune(name, device_type, args, candidates)

@@ -76,6 +76,8 @@ def tensor_reasons(x, **args) -> List[str]:
         reasons.append(f"the triton kernels implement float16, bfloat16 and float32 only, got {', '.join(bad)}")
     if any(t.device != x.device for t in tensors):
         reasons.append("all tensors must be on x's device")
+    if _kernels_import_error() is None:
+        reasons += kernel_module("_util").offset_reasons(*tensors)
     return reasons
 
 
@@ -91,6 +93,8 @@ def ffn_reasons(x, **args) -> List[str]:
     reasons = tensor_reasons(x, **args)
     if x.shape[1] > FFN_MAX_C:
         reasons.append(f"ffn_fused keeps a (tokens x C) tile on chip; C={x.shape[1]} exceeds {FFN_MAX_C}")
+    elif _kernels_import_error() is None:  # tiles that fit this device's shared memory
+        reasons += kernel_module("ffn").size_reasons(x, backward="grad_out" in args)
     return reasons
 
 
@@ -113,7 +117,8 @@ def _kernel(op: str):
     module = KERNEL_MODULES[op]
 
     def run(*args):
-        return getattr(kernel_module(module), op)(*args)
+        kernel = getattr(kernel_module(module), op)
+        return kernel_module("_util").call_or_fall_back(op, kernel, dispatch.kernel("reference", op), *args)
 
     run.__name__ = f"triton_{op}"
     return run

@@ -7,11 +7,74 @@ under ``TRITON_INTERPRET=1`` so the kernels can be tested without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .limits import SUPPORTED_DTYPES
+
+
+# Shared memory per block the launchers size tiles for when no CUDA device says (CPU tensors: the interpreter,
+# or the ahead-of-time check, which sets its target's limit). sm_90's 227 KB by default.
+_target_shared = [232448]
+
+
+@contextlib.contextmanager
+def target_shared_memory(nbytes: int):
+    """Size tiles for ``nbytes`` of shared memory per block on non-CUDA tensors (the AOT check's target)."""
+    _target_shared.append(int(nbytes))
+    try:
+        yield
+    finally:
+        _target_shared.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared(index: int) -> int:
+    try:  # the value Triton itself checks launches against
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001  (older/other drivers: torch's property, else the CUDA minimum)
+        props = torch.cuda.get_device_properties(index)
+        return int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
+
+
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (opt-in maximum on CUDA)."""
+    if device.type == "cuda":
+        return _device_shared(device.index if device.index is not None else torch.cuda.current_device())
+    return _target_shared[-1]
+
+
+INT32_LIMIT = 2 ** 31
+
+
+def offset_reasons(*tensors):
+    """The kernels address memory with int32 offsets: decline (instead of silently wrapping) any tensor whose
+    furthest element, or the scratch the launchers derive from it, is 2**31 elements or more away."""
+    for t in tensors:
+        if t is not None and t.dim() > 0 and t.numel() > 0:
+            span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+            if span >= INT32_LIMIT // 2:  # fp32 scratch of twice the channels (FFN hidden) must fit too
+                return [f"the triton kernels use int32 offsets; a tensor of shape {tuple(t.shape)} spans {span} "
+                        f"elements (limit {INT32_LIMIT // 2}, half of 2**31 for the derived scratch buffers)"]
+    return []
+
+
+def call_or_fall_back(op: str, kernel, fallback, *args):
+    """Run ``kernel``; if Triton finds at launch that a specialization needs more shared memory or registers
+    than the device has (``OutOfResources``, raised before the kernel runs, so no output is half-written),
+    warn and run ``fallback`` (the reference kernel) instead of failing the call."""
+    try:
+        return kernel(*args)
+    except OutOfResources as e:
+        warnings.warn(f"shvit_kernels: {op} (triton) exceeds the device's resources ({e}); "
+                      f"ran the reference kernel instead", RuntimeWarning, stacklevel=3)
+        return fallback(*args)
 
 
 def pow2(n: int, lo: int = 16) -> int:

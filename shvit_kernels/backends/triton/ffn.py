@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import as_nchw_or_cl, check_dtype, empty_like_format, mma, pix_offsets, pow2
+from ._util import as_nchw_or_cl, check_dtype, empty_like_format, mma, pix_offsets, pow2, shared_memory_limit
 from .conv_bn import launch_wgrad
 from .limits import FFN_MAX_C
 
@@ -97,11 +97,44 @@ def _check(op, x, w1, b1, w2, b2, grad_out=None):
 
 
 
-def _blocks(c, backward):
-    """(token tile, padded C, hidden chunk); wide C gets shorter token tiles (tl.dot needs >= 16 rows)."""
+def _blocks(c, backward, dtype, limit):
+    """(token tile, padded C, hidden chunk, pipeline stages) whose shared memory fits ``limit`` bytes, or None.
+
+    The hidden loop's weight chunks are what Triton stages in shared memory: (stages - 1) buffers of two
+    (forward) or three (backward: w1, w2, and w1 again for grad_x) (CP x BH) chunks, plus the (BM x CP) dot
+    operand tile. Wide C gets shorter token tiles (tl.dot needs >= 16 rows), fewer stages, then narrower chunks.
+    """
     cp = pow2(c)
     bm = 32 if cp <= (128 if backward else 256) else 16
-    return bm, cp, 32
+    elt = 4 if backward else torch.empty((), dtype=dtype).element_size()
+    chunks = 3 if backward else 2
+    for stages, bh in ((3, 32), (2, 32), (2, 16), (1, 16)):
+        need = (max(stages - 1, 1) * chunks * cp * bh + bm * cp) * elt + _SMEM_MARGIN
+        if need <= limit:
+            return bm, cp, bh, stages
+    return None
+
+
+_SMEM_MARGIN = 8192  # layout-conversion scratch and barriers on top of the staged operands
+
+
+def size_reasons(x, backward=False):
+    """Why the FFN kernels cannot take ``x`` on its device (for the backend's not_supported_reasons)."""
+    c = x.shape[1]
+    if c > FFN_MAX_C:
+        return [f"ffn_fused keeps a (tokens x C) tile on chip; C={c} exceeds {FFN_MAX_C}"]
+    limit = shared_memory_limit(x.device)
+    if _blocks(c, backward, x.dtype, limit) is None:
+        return [f"ffn_fused{'_backward' if backward else ''}: no tile for C={c} in {x.dtype} fits the device's "
+                f"{limit} bytes of shared memory per block"]
+    return []
+
+
+def _config(op, x, backward):
+    cfg = _blocks(x.shape[1], backward, x.dtype, shared_memory_limit(x.device))
+    if cfg is None:
+        raise ValueError(f"{op} (triton): " + size_reasons(x, backward)[0])
+    return cfg
 
 
 def ffn_fused(x, w1, b1, w2, b2):
@@ -110,13 +143,13 @@ def ffn_fused(x, w1, b1, w2, b2):
     nb, c, h, w = x.shape
     hid = w1.shape[0]
     m = nb * h * w
-    bm, cp, bh = _blocks(c, False)
+    bm, cp, bh, stages = _config("ffn_fused", x, False)
     out = empty_like_format(x.shape, x.dtype, x)
     wd = x.dtype
     _ffn_fwd_kernel[(triton.cdiv(m, bm),)](
         x, w1.reshape(hid, c).to(wd).contiguous(), b1.contiguous(), w2.reshape(c, hid).to(wd).contiguous(),
         b2.contiguous(), out, m, c, hid, h, w, *x.stride(), *out.stride(), BM=bm, CP=cp, BH=bh,
-        num_warps=4 if cp <= 128 else 8)
+        num_warps=4 if cp <= 128 else 8, num_stages=stages)
     return out
 
 
@@ -126,7 +159,7 @@ def ffn_fused_backward(grad_out, x, w1, b1, w2, b2):
     nb, c, h, w = x.shape
     hid = w1.shape[0]
     m = nb * h * w
-    bm, cp, bh = _blocks(c, True)
+    bm, cp, bh, stages = _config("ffn_fused_backward", x, True)
     grid = triton.cdiv(m, bm)
     # fp32 channels-last scratch for the hidden activation and its gradient
     hbuf = torch.empty((nb, hid, h, w), dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
@@ -137,7 +170,7 @@ def ffn_fused_backward(grad_out, x, w1, b1, w2, b2):
     _ffn_bwd_kernel[(grid,)](
         x, grad_out, w1.reshape(hid, c).to(x.dtype).contiguous(), b1.contiguous(), w2.reshape(c, hid).contiguous(),
         hbuf, ghbuf, grad_x, pb1, pb2, m, c, hid, h, w, *x.stride(), *grad_out.stride(), *grad_x.stride(),
-        BM=bm, CP=cp, BH=bh, num_warps=4 if cp <= 128 else 8)
+        BM=bm, CP=cp, BH=bh, num_warps=4 if cp <= 128 else 8, num_stages=stages)
     grad_w1 = launch_wgrad(x, ghbuf, w1.shape, stride=1, pad=0, depthwise=False)
     grad_w2 = launch_wgrad(hbuf, grad_out, w2.shape, stride=1, pad=0, depthwise=False)
     return grad_x, grad_w1.to(w1.dtype), pb1.sum(0).to(b1.dtype), grad_w2.to(w2.dtype), pb2.sum(0).to(b2.dtype)

@@ -464,7 +464,12 @@ class _Dims:
         # one block (the whole image) up to 128 tokens, else 64-token blocks with the online softmax
         self.blk = pow2(self.n) if self.n <= 128 else 64
         self.nblk = triton.cdiv(self.n, self.blk)
-        self.warps = 4 if self.blk * self.pp <= 64 * 64 else 8
+        # 8 warps once a (PP x PP) weight tile or a (PP x block) tile would crowd 4 warps' registers (spills)
+        self.warps = 4 if max(self.blk, self.pp) * self.pp <= 64 * 64 else 8
+        # the input-gradient pass holds three fp32 (rows x PP) weight-gradient accumulators plus the W groups:
+        # shorter token blocks and no pipelining keep its staged tiles within shared memory and registers
+        self.in_blk = min(self.blk, 32) if self.pp >= 128 else self.blk
+        self.in_stages = 1 if self.pp >= 128 else 2
         self.sm_scale = qk_dim ** -0.5
 
 
@@ -552,7 +557,7 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     _shsa_bwd_in_kernel[(d.b,)](
         gqkv, pre, xn, rstd, w32, gwp, gbp, table, grad_out, out, grad_x, pw, pr, pgw, pgb,
         d.c, d.p, d.n, d.q, d.r, *_xs(grad_out), *_xs(out), *_xs(grad_x),
-        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.blk, BC=32, num_warps=d.warps)
+        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, num_warps=d.warps, num_stages=d.in_stages)
     return grad_x, pw.sum(0), pr.sum(0), pgw.sum(0), pgb.sum(0), s2, s1
 
 
