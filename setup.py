@@ -5,7 +5,7 @@
   where the processor has them; the loader picks the best one at run time. ``SHVIT_CPU_CAPABILITIES`` chooses
   which are built: ``native`` (the default for in-place and editable builds: only the best variant this
   processor runs, which is the only one the loader would pick here), ``all`` (the default for wheels, which
-  other processors may install) or a comma-separated list such as ``AVX2,DEFAULT``.
+  other processors may install), a comma-separated list such as ``AVX2,DEFAULT``, or ``none`` (or empty).
   ``SHVIT_NO_EXTENSIONS=1`` builds none.
 * CUDA: ``shvit_kernels._C_cuda`` from ``csrc/cuda`` when torch has CUDA and nvcc is found, or when
   ``FORCE_CUDA=1``; architectures from ``TORCH_CUDA_ARCH_LIST`` (default 8.0;9.0).
@@ -55,6 +55,8 @@ def wanted_cpu_capabilities():
         return list(ALL_CPU_CAPABILITIES)
     if wanted.lower() == "native":
         return [native_cpu_capability()]
+    if wanted.lower() in ("", "none"):  # e.g. a CUDA-only build (tools/gpu_check.sh, .ci/build_cuda_ext.sh)
+        return []
     caps = [c.strip().upper() for c in wanted.split(",") if c.strip()]
     unknown = [c for c in caps if c not in CPU_CAPABILITY_FLAGS]
     if unknown or not caps:
@@ -71,6 +73,8 @@ def cpu_extensions(CppExtension):
     if not sources:
         return []
     caps = wanted_cpu_capabilities()
+    if not caps:
+        return []
     print(f"shvit-kernels: building the C++ CPU extension for {', '.join(caps)} ({len(sources)} sources each)", flush=True)
     exts = []
     for cap in caps:

@@ -465,6 +465,10 @@ def needs_first_use_check(backend: str, op: str, device_type: str, args: tuple) 
     """Whether this call is the first of its signature on a backend registered with ``verify_first_use``."""
     if not _backends[backend].verify_first_use or not verify_enabled():
         return False
+    import torch
+
+    if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # the check syncs with the host, which would invalidate a CUDA-graph capture
     return (backend, autotune.signature(op, device_type, args)) not in _verified_first_use
 
 
