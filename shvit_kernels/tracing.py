@@ -36,12 +36,25 @@ def inline_reference(enabled: bool = True) -> Iterator[None]:
         _state.enabled = previous
 
 
+def _tracing_or_exporting() -> bool:
+    return _is_tracing() or _is_exporting() or torch.compiler.is_compiling()
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def inlining_reference() -> bool:
-    """True inside :func:`inline_reference` or during ``torch.onnx.export`` (unless turned off explicitly)."""
+    """True inside :func:`inline_reference` or during ``torch.onnx.export`` (unless turned off explicitly).
+
+    The exporter's flag is only asked while something traces (it costs microseconds, and op calls off the
+    eager fast path, e.g. in training, happen a hundred times per step).
+    """
     enabled = getattr(_state, "enabled", None)
     if enabled is not None:
         return enabled
-    return torch.onnx.is_in_onnx_export()
+    return _tracing_or_exporting() and torch.onnx.is_in_onnx_export()
 
 
 def untraced_check(fn):
