@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import guess_variant, timm_to_authors
-from .model import FFN, SHSA, Conv2d_BN, SHViT
+from .model import FFN, PRETRAINED_CFGS, SHSA, Conv2d_BN, SHViT
 
 __all__ = ["AccelerateError", "accelerate"]
 
@@ -163,6 +163,8 @@ def accelerate(model: nn.Module) -> SHViT:
 
     fast = SHViT(**config)
     fast.variant = guess_variant(state)
+    if fast.variant is not None:
+        fast.pretrained_cfg = dict(PRETRAINED_CFGS[fast.variant])
     missing, unexpected = _compare_keys(fast.state_dict(), state)
     if missing or unexpected:
         raise AccelerateError(

@@ -13,35 +13,47 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import warnings
-from typing import Iterator
+from typing import Iterator, List, Optional
 
 import torch
 
 __all__ = ["inline_reference", "inlining_reference", "untraced_check"]
 
-_state = threading.local()
-_is_tracing = torch._C._is_tracing  # what torch.jit.is_tracing() asks, without its Python-level overhead
+# A module global rather than a threading.local: torch.compile reads it as a guarded constant.
+_enabled: List[Optional[bool]] = [None]
 
 
 @contextlib.contextmanager
 def inline_reference(enabled: bool = True) -> Iterator[None]:
-    """Trace the ops as their reference torch code (thread-local; nests; ``enabled=False`` turns it off inside)."""
-    previous = getattr(_state, "enabled", None)
-    _state.enabled = bool(enabled)
+    """Trace the ops as their reference torch code (process-wide; nests; ``enabled=False`` turns it off inside)."""
+    previous = _enabled[0]
+    _enabled[0] = bool(enabled)
     try:
         yield
     finally:
-        _state.enabled = previous
+        _enabled[0] = previous
+
+
+def _tracing_or_exporting() -> bool:
+    return torch.jit.is_tracing() or _is_exporting()
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
 
 
 def inlining_reference() -> bool:
-    """True inside :func:`inline_reference` or during ``torch.onnx.export`` (unless turned off explicitly)."""
-    enabled = getattr(_state, "enabled", None)
+    """True inside :func:`inline_reference` or during ``torch.onnx.export`` (unless turned off explicitly).
+
+    The exporter's flag is only asked while something traces (it costs microseconds, and op calls off the
+    eager fast path, e.g. in training, happen a hundred times per step).
+    """
+    enabled = _enabled[0]
     if enabled is not None:
         return enabled
-    return torch.onnx.is_in_onnx_export()
+    return _tracing_or_exporting() and torch.onnx.is_in_onnx_export()
 
 
 def untraced_check(fn):
@@ -49,7 +61,7 @@ def untraced_check(fn):
 
     @functools.wraps(fn)
     def check(*args, **kwargs):
-        if not _is_tracing():
+        if not torch.jit.is_tracing():
             return fn(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -137,4 +137,12 @@ def test_inline_reference_nests_and_follows_onnx_export_flag(monkeypatch):
         assert inlining_reference()
     assert not inlining_reference()
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    assert inlining_reference()
+    assert not inlining_reference()  # only asked while tracing or exporting
+    seen = []
+
+    def record(x):
+        seen.append(inlining_reference())
+        return x * 2
+
+    torch.jit.trace(record, torch.randn(2), check_trace=False)
+    assert seen == [True]
