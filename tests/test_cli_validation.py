@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--workers", "-1"], "--workers must be at least 0"),
 ])
 def test_train_rejects_bad_values(tmp_path, capsys, args, message):
-    assert run_cli(tmp_path, *args) == 2
+    # A tiny run, so that a value accepted by mistake finishes quickly (exit 0) and fails the test.
+    assert run_cli(tmp_path, "--batch-size", "4", "--synthetic-size", "8", "4", "--steps", "2", *args) == 2
     assert message in capsys.readouterr().err
 
 

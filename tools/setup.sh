@@ -13,10 +13,13 @@ PY=${PYTHON:-python3}
 start=$SECONDS
 say() { echo "setup [$((SECONDS - start)) s]: $*"; }
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+torch_info() { "$PY" -W ignore -c "import torch; print(torch.__version__, int(bool(torch.version.cuda or torch.version.hip)))" 2>/dev/null; }
+if ! info=$(torch_info); then
   say "installing torch ${SHVIT_TORCH_VERSION:-2.13.0}"
   "$PY" -m pip install -q "torch==${SHVIT_TORCH_VERSION:-2.13.0}"
+  info=$(torch_info)
 fi
+read -r torch_version torch_gpu <<<"$info"
 # Building in place without build isolation needs setuptools, wheel and (for parallel, incremental builds) ninja.
 "$PY" -c "import sys, setuptools, wheel; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null ||
   "$PY" -m pip install -q "setuptools>=77" wheel
@@ -24,19 +27,19 @@ command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null || "$PY"
 
 extras=${SHVIT_SETUP_EXTRAS:-test}
 with_triton=${SHVIT_WITH_TRITON:-auto}
-if [ "$with_triton" = auto ]; then
-  # Triton compiles for GPUs only: on a CPU-only torch it would add ~1 GB that nothing uses.
-  "$PY" -c "import sys, torch; sys.exit(0 if (torch.version.cuda or torch.version.hip) else 1)" && with_triton=1 || with_triton=0
-fi
+# Triton compiles for GPUs only: on a CPU-only torch it would add ~1 GB that nothing uses.
+[ "$with_triton" = auto ] && with_triton=$torch_gpu
 [ "$with_triton" = 1 ] && extras="$extras,triton"
 
 # Step 2 is skipped when the interpreter, torch, the extras and the packaging files are what they were at the
-# last successful install, and the installed package is this checkout.
+# last successful install, and the installed package is this checkout (found without importing it).
 mkdir -p build
 stamp=build/.setup-stamp
-key="$("$PY" -c 'import sys, torch; print(sys.executable, torch.__version__)') [$extras] $(cat pyproject.toml setup.py | sha256sum | cut -c1-16)"
+here=$(pwd -P)
+key="$PY $torch_version [$extras] $(cat pyproject.toml setup.py | sha256sum | cut -c1-16)"
 installed_here() {
-  (cd / && "$PY" -c "import os, sys, shvit_kernels; sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(shvit_kernels.__file__))) != sys.argv[1])" "$(pwd -P)") 2>/dev/null
+  (cd / && "$PY" -c "import importlib.util as u, os, sys; s = u.find_spec('shvit_kernels')
+sys.exit(not s or os.path.dirname(os.path.dirname(os.path.realpath(s.origin))) != sys.argv[1])" "$here") 2>/dev/null
 }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && installed_here; then
   say "package and dependencies unchanged since the last install ($extras): pip skipped"
@@ -51,7 +54,7 @@ log=build/setup-build.log
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
 # ninja's "[k/n] c++ ... -c csrc/cpu/ffn.cpp ..." lines shortened to "[k/n] csrc/cpu/ffn.cpp"; everything in the log.
 if ! "$PY" setup.py build_ext --inplace 2>&1 | tee "$log" |
-    sed -nuE 's#^(\[[0-9]+/[0-9]+\]) .* -c (/[^ ]*/)?([^ ]+\.(cpp|cu)) .*#  \1 compiling \3#p; s#^(shvit-kernels: .*)#  \1#p; s#^skipping .*(_C_[a-z0-9_]+).*#  \1 is up to date#p'; then
+    sed -nuE 's#^(\[[0-9]+/[0-9]+\]) .* -c (/[^ ]*/)?([^ ]+\.(cpp|cu)) .*#  \1 compiled \3#p; s#^(shvit-kernels: .*)#  \1#p; s#^skipping .*(_C_[a-z0-9_]+).*#  \1 is up to date#p'; then
   echo "setup: the build failed; the end of $log:" >&2
   tail -n 40 "$log" >&2
   exit 1

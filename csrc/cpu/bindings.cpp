@@ -1,5 +1,7 @@
 // Python bindings of one CPU-capability build (no TORCH_LIBRARY registrations, so the DEFAULT / AVX2 / AVX512
 // modules can be imported side by side; shvit_kernels.backends.cpp picks one).
+#include <torch/extension.h>
+
 #include "ops.h"
 
 #define SHVIT_STRINGIFY_(x) #x

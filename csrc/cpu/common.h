@@ -5,7 +5,9 @@
 // these sources can be loaded into one process side by side.
 #pragma once
 
-#include <torch/extension.h>
+// ATen only: torch/extension.h (all of libtorch's C++ API and pybind11) tripled each kernel file's compile time;
+// bindings.cpp is the one file that needs it.
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
