@@ -113,6 +113,7 @@ SHSA_CASES = [
     pytest.param(1, 80, 75, 2, 3, CL, torch.float32, 1.0, id="P75-cl-batch1"),
     pytest.param(2, 20, 20, 1, 1, None, torch.float32, 1.0, id="N1"),
     pytest.param(1, 20, 16, 17, 17, CL, torch.float32, 1.0, id="N289-online-softmax"),
+    pytest.param(1, 80, 72, 7, 7, None, torch.float32, 1.0, id="P72-N49-32-token-blocks"),
     pytest.param(2, 40, 32, 3, 3, CL, torch.float16, 1e4, id="fp16-magnitude-1e4"),
 ]
 

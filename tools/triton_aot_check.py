@@ -311,7 +311,8 @@ def main(argv=None):
     ap.add_argument("--ci", action="store_true",
                     help="the CI run: sm_90, channels_last, fp32 and bf16, covering subset (layouts and fp16 only "
                          "change ==1/divisibility specializations, which --full compiles)")
-    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT))
+    ap.add_argument("--arch", type=int, nargs="+", default=None, choices=sorted(SHARED_LIMIT),
+                    help="compute capabilities (default 90 and 80; --ci: 90)")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -325,7 +326,8 @@ def main(argv=None):
     ap.add_argument("--fail-on-spills", action="store_true", help="also fail when a specialization spills")
     args = ap.parse_args(argv)
     if args.ci:
-        args.full, args.arch, args.layouts, args.dtypes = False, [90], ["cl"], ["fp32", "bf16"]
+        args.full, args.layouts, args.dtypes = False, ["cl"], ["fp32", "bf16"]
+    args.arch = args.arch or ([90] if args.ci else [90, 80])
     out_dir = args.out if args.out is not None else (ROOT / "benchmarks" / "results" if args.full else None)
     failed = False
     for cc in args.arch:

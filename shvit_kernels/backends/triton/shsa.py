@@ -461,11 +461,14 @@ class _Dims:
         self.q = qk_dim
         self.r = 2 * qk_dim + self.p
         self.pp, self.qp = pow2(self.p), pow2(qk_dim)
-        # one block (the whole image) up to 128 tokens, else 64-token blocks with the online softmax
-        self.blk = pow2(self.n) if self.n <= 128 else 64
+        # one block (the whole image) up to 128 tokens, else 64-token blocks with the online softmax; at PP=128
+        # 32-token blocks: the (PP x block) fp32 tiles of x, v and the accumulator next to the (PP x PP) weight
+        # tile otherwise exceed 255 registers per thread (the sm_90 compile spilled 37 KB per thread at 64)
+        big = self.pp >= 128
+        self.blk = pow2(self.n) if self.n <= (32 if big else 128) else (32 if big else 64)
         self.nblk = triton.cdiv(self.n, self.blk)
         # 8 warps once a (PP x PP) weight tile or a (PP x block) tile would crowd 4 warps' registers (spills)
-        self.warps = 4 if max(self.blk, self.pp) * self.pp <= 64 * 64 else 8
+        self.warps = 4 if max(self.blk, self.pp) * self.pp < 64 * 64 else 8  # PP=64 x 64 tokens spilled 44 KB at 4
         # the input-gradient pass holds three fp32 (rows x PP) weight-gradient accumulators plus the W groups:
         # shorter token blocks and no pipelining keep its staged tiles within shared memory and registers
         self.in_blk = min(self.blk, 32) if self.pp >= 128 else self.blk
