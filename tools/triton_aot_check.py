@@ -91,16 +91,15 @@ def _triton_on_cpu(cc: int, record):
     import triton
     from triton import knobs
 
-    from shvit_kernels import _dispatch
-    from shvit_kernels.backends import triton as backend  # noqa: F401  (registers the kernels)
-    from shvit_kernels.triton import _util
+    from shvit_kernels import dispatch
+    from shvit_kernels.backends import triton as backend
+    from shvit_kernels.backends.triton import _util
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
         record(fn.jit_function, compile)
         return True  # skip compile and launch
 
-    b = _dispatch.backend("triton")
-    saved = (b.availability, dict(b.checks), knobs.runtime.jit_cache_hook)
+    saved_hook = knobs.runtime.jit_cache_hook
     saved_driver = triton.runtime.driver._active  # (reset_active() fails where no real driver exists)
     declined = []
 
@@ -113,14 +112,15 @@ def _triton_on_cpu(cc: int, record):
         return reasons
 
     triton.runtime.driver.set_active(_stand_in_driver(cc))
-    b.availability = lambda: []
-    b.checks = {op: waive_device(op, f) for op, f in b.checks.items()}
     knobs.runtime.jit_cache_hook = hook
+    patched = dispatch.patched_backend(
+        "triton", device_types=("cuda", "cpu"), availability=lambda: [], verify_first_use=False,
+        not_supported={op: waive_device(op, f) for op, f in backend.NOT_SUPPORTED.items()})
     try:
-        with _util.target_shared_memory(SHARED_LIMIT[cc]), _dispatch.use_backend("triton", strict=False):
+        with patched, _util.target_shared_memory(SHARED_LIMIT[cc]), dispatch.use_backend("triton", strict=False):
             yield declined
     finally:
-        b.availability, b.checks, knobs.runtime.jit_cache_hook = saved
+        knobs.runtime.jit_cache_hook = saved_hook
         triton.runtime.driver.set_active(saved_driver)
 
 
