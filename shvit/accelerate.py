@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import guess_variant, timm_to_authors
-from .model import FFN, PRETRAINED_CFGS, SHSA, Conv2d_BN, SHViT
+from .model import FFN, SHSA, Conv2d_BN, SHViT
+from .variants import PRETRAINED_CFGS
 
 __all__ = ["AccelerateError", "accelerate"]
 
