@@ -388,7 +388,7 @@ class SHViT(nn.Module):
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
-            or (device_type == "cuda" and torch.cuda.is_current_stream_capturing())
+            or (device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         ):
             return torch.channels_last
         formats = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}

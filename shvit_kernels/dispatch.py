@@ -467,7 +467,7 @@ def needs_first_use_check(backend: str, op: str, device_type: str, args: tuple) 
         return False
     import torch
 
-    if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False  # the check syncs with the host, which would invalidate a CUDA-graph capture
     return (backend, autotune.signature(op, device_type, args)) not in _verified_first_use
 
