@@ -10,7 +10,6 @@ importable (PYTHONPATH). Loading needs no driver: libcuda is opened only when a 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import sys
 
 import torch
@@ -59,14 +58,16 @@ def main(argv) -> int:
     if cuda_backend._module is not module:
         failures.append(f"the cuda backend did not load this build ({cuda_backend._load_error})")
     functions = sorted(n for n in dir(module) if not n.startswith("_"))
-    ops = sorted(cuda_backend.CHECKS)
+    from shvit_kernels import dispatch
+
+    ops = sorted(cuda_backend.NOT_SUPPORTED)
     if functions != ops:
         failures.append(f"extension defines {functions}, backend registers {ops}")
     for op in ops:
         fn = getattr(module, op, None)
         if fn is None:
             continue
-        params = list(inspect.signature(cuda_backend.CHECKS[op]).parameters)
+        params = list(dispatch.op_arguments(op))
         try:
             fn(*cpu_args(op, params))
         except TypeError as e:  # pybind11: the schema's arguments do not match the binding's signature
