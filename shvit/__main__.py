@@ -123,15 +123,21 @@ def _describe_defaults(parser: argparse.ArgumentParser) -> None:
             action.help = "(default: %(default)s)"
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model, input and machine set-up: shared by bench, tune and the paper suite."""
+    parser.add_argument("--model", default="shvit_s1", help="variant")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU (the paper's)")
+    parser.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; tuned choices are kept per thread count)")
+    parser.add_argument("--nchw", action="store_true", help="keep NCHW inputs instead of channels_last")
+
+
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     """The model-throughput options, shared with the paper suite (``python -m benchmarks.paper_protocol``)."""
-    bench.add_argument("--model", default="shvit_s1", help="variant")
-    bench.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU (the paper's)")
-    bench.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
-    bench.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    bench.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    bench.add_argument("--nchw", action="store_true", help="keep NCHW instead of channels_last")
+    add_workload_arguments(bench)
     bench.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per variant")
     bench.add_argument("--window", type=float, default=0.5, help="seconds per timed window")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
@@ -164,13 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="time the backends for a fused model's op calls and cache the fastest",
                           formatter_class=defaults)
-    tune.add_argument("--model", default="shvit_s1")
-    tune.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
-    tune.add_argument("--img-size", type=int, default=None, help="default: the paper's resolution for the model")
-    tune.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    tune.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    tune.add_argument("--threads", type=int, default=None, help="CPU threads (choices are kept per thread count)")
-    tune.add_argument("--nchw", action="store_true", help="tune for NCHW inputs instead of channels_last")
+    add_workload_arguments(tune)
     tune.set_defaults(func=cmd_tune)
     from .export import add_export_arguments, cmd_export
 

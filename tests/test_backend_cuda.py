@@ -5,6 +5,10 @@ The GPU tests (marked ``gpu``) skip unless torch has a CUDA device and ``shvit_k
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -85,16 +89,46 @@ def test_every_op_is_registered_with_reasons():
     assert with_kernel == set(cuda_backend.NOT_SUPPORTED)
 
 
-def test_availability_reasons(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_module", None)
-    monkeypatch.setattr(cuda_backend, "_load_error", "No module named 'shvit_kernels._C_cuda'")
-    (reason,) = cuda_backend.availability_reasons()
-    assert "CUDA extension is not built" in reason and "nvcc" in reason
-    monkeypatch.setattr(cuda_backend, "_module", object())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cuda_backend.availability_reasons() == ["no CUDA device"]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cuda_backend.availability_reasons() == []
+def _in_fresh_process(extension, code: str) -> None:
+    """Run ``code`` in a new interpreter where ``shvit_kernels._C_cuda`` is missing (extension None) or a stand-in
+    module (as a build without a GPU would be), as a user's install would be, not by patching the backend."""
+    prelude = (
+        "import sys, types\n"
+        + ("sys.modules['shvit_kernels._C_cuda'] = None\n" if extension is None
+           else "sys.modules['shvit_kernels._C_cuda'] = types.ModuleType('shvit_kernels._C_cuda')\n")
+    )
+    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_availability_reasons_without_the_extension():
+    _in_fresh_process(None, """
+        import torch
+        from shvit_kernels import dispatch
+        from shvit_kernels.backends import cuda
+        (reason,) = cuda.availability_reasons()
+        assert "CUDA extension is not built" in reason and "nvcc" in reason and "_C_cuda" in reason, reason
+        assert dispatch.unavailable_reasons("cuda") == [reason]
+        x = torch.randn(2, 8, 6, 7)
+        try:
+            dispatch.kernel("cuda", "conv_bias_act")(x, torch.randn(8, 1, 3, 3), None, 1, 1, 8, True, None)
+        except RuntimeError as e:
+            assert "CUDA extension is not built" in str(e), e
+        else:
+            raise AssertionError("the cuda kernel ran without its extension")
+    """)
+
+
+def test_availability_reasons_with_the_extension_and_no_device():
+    _in_fresh_process("stand-in", """
+        import torch
+        from shvit_kernels.backends import cuda
+        torch.cuda.is_available = lambda: False
+        assert cuda.availability_reasons() == ["no CUDA device"], cuda.availability_reasons()
+        torch.cuda.is_available = lambda: True
+        assert cuda.availability_reasons() == []
+    """)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the state of a machine without CUDA or without the extension")
@@ -180,12 +214,6 @@ def test_forcing_cuda_on_cpu_tensors_is_a_clear_error():
     with dispatch.patched_backend("cuda", availability=lambda: []), shvit_kernels.use_backend("cuda"):
         with pytest.raises(RuntimeError, match="backend 'cuda' runs on cuda only, not cpu"):
             shvit_kernels.conv_bias_act(x, weight, None, stride=1, padding=1, groups=x.shape[1])
-
-
-def test_kernel_without_extension_raises_clearly(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "_module", None)
-    with pytest.raises(RuntimeError, match="CUDA extension is not built"):
-        dispatch.kernel("cuda", "shsa_fused")(*shsa_fused_args())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import shvit_kernels as K
+from shvit_kernels import dispatch
 from shvit_kernels.backends import cpp
 
 from helpers import DEVICE
 from shvit_kernels.dispatch import usable_backends
 
-requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(cpp._availability()) or "cpp unavailable")
+requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(dispatch.unavailable_reasons("cpp")) or "cpp unavailable")
 BACKENDS = ["reference", *usable_backends(DEVICE)]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
@@ -49,7 +50,7 @@ def test_zero_hidden_ffn_is_a_clear_error(backend, fmt):
 def test_cpp_kernels_reject_zero_size_weights_directly(fmt):
     """Called without the Python checks (torch.ops / the extension), the C++ kernels raise instead of crashing."""
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=fmt)
-    m = cpp._module
+    m = cpp.extension()
     with pytest.raises(RuntimeError, match="'weight' must not be empty"):
         m.conv_bias_act(x, torch.randn(0, 8, 1, 1), torch.randn(0), 1, 0, 1, False, None)
     with pytest.raises(RuntimeError, match="'w1' must not be empty"):
@@ -94,15 +95,15 @@ def test_output_cache_is_bounded_and_can_be_emptied():
     y = _big_cpp_output()
     nbytes = y.numel() * y.element_size()
     del y
-    assert cpp._module.cached_output_bytes() >= nbytes
-    assert K.empty_cache() >= nbytes and cpp._module.cached_output_bytes() == 0
-    previous = cpp._module.set_output_cache_limit(nbytes - 1)  # smaller than one block: nothing is kept
+    assert cpp.output_cache_bytes() >= nbytes
+    assert K.empty_cache() >= nbytes and cpp.output_cache_bytes() == 0
+    previous = cpp.set_output_cache_limit(nbytes - 1)  # smaller than one block: nothing is kept
     try:
         del_me = _big_cpp_output()
         del del_me
-        assert cpp._module.cached_output_bytes() == 0
+        assert cpp.output_cache_bytes() == 0
     finally:
-        cpp._module.set_output_cache_limit(previous)
+        cpp.set_output_cache_limit(previous)
     assert previous == 512 << 20
 
 
@@ -156,7 +157,7 @@ def test_cpp_ffn_backward_propagates_nan_like_the_reference():
     w1, b1, w2, b2 = torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8)
     g = torch.randn_like(x)
     g[0, 0, 0, 0] = float("nan")
-    got = cpp._module.ffn_fused_backward(g, x, w1, b1, w2, b2)
+    got = cpp.extension().ffn_fused_backward(g, x, w1, b1, w2, b2)
     want = ffn_fused_backward_reference(g, x, w1, b1, w2, b2)
     for a, b in zip(got, want):
         assert torch.equal(a.isnan(), b.isnan())

@@ -22,7 +22,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from shvit_kernels import dispatch  # noqa: E402
 from shvit_kernels.backends import triton as triton_backend  # noqa: E402
-from shvit_kernels.backends.triton import _util, ffn as T_ffn  # noqa: E402
+from shvit_kernels.backends.triton import common as triton_common, ffn as T_ffn  # noqa: E402
+from shvit_kernels.testing import allow_meta_tensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +48,11 @@ def test_aot_compile_check_ci_subset(tmp_path):
 
 def test_ffn_tiles_follow_the_shared_memory_limit():
     x = torch.randn(1, 512, 2, 2)
-    with _util.target_shared_memory(232448):
+    with triton_common.target_shared_memory(232448):
         assert T_ffn.size_reasons(x) == [] and T_ffn.size_reasons(x, backward=True) == []
         bm, cp, bh, stages = T_ffn._config("ffn_fused", x, False)
         assert (stages - 1) * 2 * cp * bh * 4 + bm * cp * 4 <= 232448
-    with _util.target_shared_memory(48 * 1024):  # a device with less shared memory: declined, with the reason
+    with triton_common.target_shared_memory(48 * 1024):  # a device with less shared memory: declined, with the reason
         reasons = T_ffn.size_reasons(x, backward=True)
         assert reasons and "shared memory" in reasons[0] and "C=512" in reasons[0]
         with pytest.raises(ValueError, match="shared memory"):
@@ -68,11 +69,11 @@ def test_out_of_resources_falls_back_to_the_reference():
     ref = dispatch.kernel("reference", "ffn_fused")
     args = (torch.randn(1, 4, 2, 2), torch.randn(8, 4, 1, 1), torch.randn(8), torch.randn(4, 8, 1, 1), torch.randn(4))
     with pytest.warns(RuntimeWarning, match="exceeds the device's resources"):
-        out = _util.call_or_fall_back("ffn_fused", refuses, ref, *args)
+        out = triton_common.call_or_fall_back("ffn_fused", refuses, ref, *args)
     torch.testing.assert_close(out, ref(*args))
     with warnings.catch_warnings():  # other errors are not swallowed
         with pytest.raises(ZeroDivisionError):
-            _util.call_or_fall_back("ffn_fused", lambda *a: 1 / 0, ref, *args)
+            triton_common.call_or_fall_back("ffn_fused", lambda *a: 1 / 0, ref, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,14 +94,11 @@ def _run_fused_model_on_meta(monkeypatch, launches):
     is_autocast_enabled = torch.is_autocast_enabled  # (which has no answer for "meta" in torch 2.13)
     monkeypatch.setattr(torch, "is_autocast_enabled",
                         lambda *a: False if a and a[0] == "meta" else is_autocast_enabled(*a))
-    from shvit_kernels.ops import _common
-
-    # The ops refuse meta tensors for users; here they carry shapes only, so the launchers run without data.
-    monkeypatch.setattr(_common, "SUPPORTED_DEVICE_TYPES", (*_common.SUPPORTED_DEVICE_TYPES, "meta"))
     model = create_model("shvit_s1").eval().fuse().to("meta")
     patched = dispatch.patched_backend("triton", device_types=("meta",), availability=lambda: [], verify_first_use=False,
                                        not_supported={op: (lambda **_: []) for op in triton_backend.NOT_SUPPORTED})
-    with patched, torch.no_grad(), dispatch.use_backend("triton"):
+    # The ops refuse meta tensors for users; here they carry shapes only, so the launchers run without data.
+    with patched, allow_meta_tensors(), torch.no_grad(), dispatch.use_backend("triton"):
         return model(torch.empty(2, 3, 224, 224, device="meta"))
 
 
@@ -130,7 +128,7 @@ def test_sync_check_catches_a_host_sync(monkeypatch, sync):
 
 def test_int32_offsets_are_guarded():
     big = torch.empty(512, 64, 256, 256, device="meta")  # 2**31 elements, no memory
-    reasons = _util.offset_reasons(big)
+    reasons = triton_common.offset_reasons(big)
     assert reasons and "int32" in reasons[0]
-    assert _util.offset_reasons(torch.empty(2, 64, 56, 56)) == []
+    assert triton_common.offset_reasons(torch.empty(2, 64, 56, 56)) == []
     assert any("int32" in r for r in triton_backend.tensor_reasons(big))

@@ -110,14 +110,14 @@ def phase_env(work: str, dry_run: bool) -> int:
 def _judge(got, eager, ref):
     """The numbers behind tests/helpers.assert_close_to_fp64, and its verdict."""
     import torch
-    from shvit_kernels.testing import _FLOOR, assert_close_to_fp64
+    from shvit_kernels.testing import ERROR_FLOOR, assert_close_to_fp64
 
     r = ref.double()
     row = dict(shape_ok=tuple(got.shape) == tuple(r.shape))
     if row["shape_ok"]:
         row["err"] = (got.double() - r).abs().max().item()
         row["eager_err"] = (eager.double() - r).abs().max().item()
-        row["bound"] = 2.0 * row["eager_err"] + _FLOOR[got.dtype] * max(r.abs().max().item(), 1e-30)
+        row["bound"] = 2.0 * row["eager_err"] + ERROR_FLOOR[got.dtype] * max(r.abs().max().item(), 1e-30)
         row["finite"] = bool(torch.isfinite(got).all())
     try:
         assert_close_to_fp64(got, eager, ref)

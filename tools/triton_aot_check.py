@@ -93,7 +93,7 @@ def _triton_on_cpu(cc: int, record):
 
     from shvit_kernels import dispatch
     from shvit_kernels.backends import triton as backend
-    from shvit_kernels.backends.triton import _util
+    from shvit_kernels.backends.triton import common as triton_common
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
         record(fn.jit_function, compile)
@@ -117,7 +117,7 @@ def _triton_on_cpu(cc: int, record):
         "triton", device_types=("cuda", "cpu"), availability=lambda: [], verify_first_use=False,
         not_supported={op: waive_device(op, f) for op, f in backend.NOT_SUPPORTED.items()})
     try:
-        with patched, _util.target_shared_memory(SHARED_LIMIT[cc]), dispatch.use_backend("triton", strict=False):
+        with patched, triton_common.target_shared_memory(SHARED_LIMIT[cc]), dispatch.use_backend("triton", strict=False):
             yield declined
     finally:
         knobs.runtime.jit_cache_hook = saved_hook

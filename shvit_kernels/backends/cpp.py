@@ -72,6 +72,25 @@ def set_variant(capability: Optional[str]) -> Optional[str]:
     return previous
 
 
+def extension() -> Optional[ModuleType]:
+    """The loaded build (its functions are the kernels, without the ops' Python checks), or None."""
+    return _module
+
+
+def output_cache_bytes() -> int:
+    """Bytes the build in use keeps in released output blocks for reuse."""
+    return int(_module.cached_output_bytes()) if _module is not None else 0
+
+
+def set_output_cache_limit(nbytes: int) -> int:
+    """Bound the output-block cache of the build in use (0: keep none); returns the previous bound in bytes."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"'nbytes' must be a non-negative int, got {nbytes!r}")
+    if _module is None:
+        raise RuntimeError("the cpp backend is unavailable: " + "; ".join(_availability()))
+    return int(_module.set_output_cache_limit(nbytes))
+
+
 def empty_output_cache() -> int:
     """Free the output blocks every loaded build keeps for reuse; returns the bytes freed."""
     import sys

@@ -7,15 +7,17 @@ PyTorch's own eager result (the reference run in the kernel's dtype), plus a flo
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ..ops import _common
 from ..ops._common import _output_format
 
 # Smallest error a well-implemented kernel can be held to, relative to the output's magnitude: a few ulps of
 # the dtype. It only matters where PyTorch's own error happens to be ~0 (e.g. exact small sums).
-_FLOOR = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 def assert_close_to_fp64(got, eager, ref64, *, name="output", factor=2.0):
@@ -30,9 +32,21 @@ def assert_close_to_fp64(got, eager, ref64, *, name="output", factor=2.0):
     err = (got.double() - ref).abs().max().item()
     base = (eager.double() - ref).abs().max().item()
     scale = max(ref.abs().max().item(), 1e-30)
-    bound = factor * base + _FLOOR[got.dtype] * scale
+    bound = factor * base + ERROR_FLOOR[got.dtype] * scale
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     assert err <= bound, f"{name}: max error {err:.3e} vs fp64 exceeds {bound:.3e} (eager error {base:.3e}, scale {scale:.3e})"
+
+
+@contextlib.contextmanager
+def allow_meta_tensors() -> Iterator[None]:
+    """Let the ops take meta tensors (refused for users: they carry no data), so that a model's launchers can
+    run on shapes alone, as the Triton ahead-of-time check does."""
+    saved = _common.SUPPORTED_DEVICE_TYPES
+    _common.SUPPORTED_DEVICE_TYPES = (*saved, "meta")
+    try:
+        yield
+    finally:
+        _common.SUPPORTED_DEVICE_TYPES = saved
 
 
 def to_float64(args: Sequence) -> tuple:

@@ -77,7 +77,7 @@ def tensor_reasons(x, **args) -> List[str]:
     if any(t.device != x.device for t in tensors):
         reasons.append("all tensors must be on x's device")
     if _kernels_import_error() is None:
-        reasons += kernel_module("_util").offset_reasons(*tensors)
+        reasons += kernel_module("common").offset_reasons(*tensors)
     return reasons
 
 
@@ -141,7 +141,7 @@ def _kernel(op: str):
 
     def run(*args):
         kernel = getattr(kernel_module(module), op)
-        return kernel_module("_util").call_or_fall_back(op, kernel, dispatch.kernel("reference", op), *args)
+        return kernel_module("common").call_or_fall_back(op, kernel, dispatch.kernel("reference", op), *args)
 
     run.__name__ = f"triton_{op}"
     return run

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import (
+from .common import (
     as_nchw_or_cl,
     chan_combine,
     check_dtype,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import as_nchw_or_cl, check_dtype, empty_like_format, mma, pix_offsets, pow2, shared_memory_limit
+from .common import as_nchw_or_cl, check_dtype, empty_like_format, mma, pix_offsets, pow2, shared_memory_limit
 from .conv_bn import launch_wgrad
 from .limits import FFN_MAX_C
 

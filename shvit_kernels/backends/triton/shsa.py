@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import chan_combine, check_dtype, empty_like_format, mma, pow2, as_nchw_or_cl
+from .common import chan_combine, check_dtype, empty_like_format, mma, pow2, as_nchw_or_cl
 from .limits import SHSA_MAX_P, SHSA_MAX_QK_DIM
 
 LOG2E = 1.4426950408889634
