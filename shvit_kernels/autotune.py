@@ -38,8 +38,13 @@ ENV_VAR = "SHVIT_KERNELS_AUTOTUNE"
 CACHE_DIR_ENV_VAR = "SHVIT_KERNELS_CACHE_DIR"
 MODES = ("off", "inference", "all")
 INFERENCE_OPS = frozenset({"conv_bias_act", "ffn_fused", "shsa_fused"})
-# Per backend: a warm-up call, then timed calls until MIN_SECONDS have passed (at least MIN_REPS, at most MAX_REPS).
+# Per candidate: a warm-up call, then interleaved rounds of one timed call each until MIN_SECONDS per candidate
+# have passed (at least MIN_REPS rounds, at most MAX_REPS).
 MIN_REPS, MAX_REPS, MIN_SECONDS = 3, 25, 0.02
+# A candidate must beat the preferred one (the fixed order's first, or a model's default layout) by more than
+# this to be chosen. On Zen 3 (2026-11-30) a noisy 3-call timing once cached NCHW for S1's layout, 0.76x the
+# channels_last speed, for every later process.
+TIE_MARGIN = 0.03
 FORMAT_VERSION = 1
 
 __all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "choose", "clear", "mode", "set_autotune"]
@@ -247,19 +252,40 @@ def _sync(device_type: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_kernel(kernel: Callable, args: Sequence, device_type: str) -> float:
-    """Median seconds of ``kernel(*args)`` after one warm-up call."""
-    _sync(device_type)
-    kernel(*args)
-    _sync(device_type)
-    times = []
+def time_candidates(candidates: Dict[str, Callable], args: Sequence, device_type: str) -> Dict[str, float]:
+    """Median seconds per call of each candidate on ``args``, the candidates interleaved (one call each per
+    round) so that a load spike or a clock change hits them alike. Each gets one untimed warm-up call first;
+    a candidate that raises is left out. Rounds: at least MIN_REPS, at most MAX_REPS, until MIN_SECONDS per
+    candidate have passed."""
+    alive = {}
+    for name, kernel in candidates.items():
+        try:
+            _sync(device_type)
+            kernel(*args)
+            _sync(device_type)
+            alive[name] = kernel
+        except Exception:  # noqa: BLE001 - a kernel that fails here is simply not chosen
+            continue
+    samples: Dict[str, list] = {name: [] for name in alive}
     start = time.perf_counter()
-    while len(times) < MIN_REPS or (len(times) < MAX_REPS and time.perf_counter() - start < MIN_SECONDS):
-        t0 = time.perf_counter()
-        kernel(*args)
-        _sync(device_type)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    rounds = 0
+    while alive and (rounds < MIN_REPS or (rounds < MAX_REPS and time.perf_counter() - start < MIN_SECONDS * len(alive))):
+        for name, kernel in alive.items():
+            t0 = time.perf_counter()
+            kernel(*args)
+            _sync(device_type)
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def fastest(times: Dict[str, float], preferred: str) -> str:
+    """The fastest candidate, unless it beats ``preferred`` by less than TIE_MARGIN: then ``preferred`` (noise
+    should not move a choice away from the fixed order's first)."""
+    best = min(times, key=times.get)
+    if preferred in times and times[best] > times[preferred] * (1 - TIE_MARGIN):
+        return preferred
+    return best
 
 
 UNTUNED = ""  # remembered for a signature fewer than two backends can run: the fixed order decides
@@ -283,23 +309,18 @@ def lookup(op: str, device_type: str, args: Sequence) -> Optional[str]:
 
 
 def tune(op: str, device_type: str, args: Sequence, candidates: Dict[str, Callable]) -> str:
-    """Time each candidate backend's kernel on ``args``, remember and return the fastest."""
+    """Time the candidates (name -> kernel, preferred first) on ``args``; remember and return the fastest."""
     key = signature(op, device_type, args)
     with _lock:
         _load()
         if key in _choices and _choices[key] in candidates:
             _by_call[call_key(op, device_type, args)] = _choices[key]
             return _choices[key]
-        times = {}
         with torch.no_grad():
-            for name, kernel in candidates.items():
-                try:
-                    times[name] = time_kernel(kernel, args, device_type)
-                except Exception:  # noqa: BLE001 - a kernel that fails here is simply not chosen
-                    continue
+            times = time_candidates(candidates, args, device_type)
         if not times:
             return next(iter(candidates))  # the fixed order's first; its own call reports the error
-        best = min(times, key=times.get)
+        best = fastest(times, preferred=next(iter(candidates)))
         _choices[key] = best
         _by_call[call_key(op, device_type, args)] = best
         _save()
@@ -307,8 +328,9 @@ def tune(op: str, device_type: str, args: Sequence, candidates: Dict[str, Callab
 
 
 def choose(name: str, device_type: str, args: Sequence, candidates: Dict[str, Callable]) -> str:
-    """The fastest of ``candidates`` (name -> callable taking ``args``) for this signature of ``name``: timed on
-    the signature's first call, then remembered like a backend choice (in memory and in this machine's cache).
+    """The fastest of ``candidates`` (name -> callable taking ``args``, the default first) for this signature of
+    ``name``: timed on the signature's first call, then remembered like a backend choice (in memory and in this
+    machine's cache).
 
     For choices above single ops, e.g. the layout a model runs in. Callers check :func:`mode` themselves.
     """

@@ -119,3 +119,29 @@ def test_forced_backends_and_training_ops_are_not_tuned_by_default():
     assert autotune.applies("conv_bias_act") and not autotune.applies("conv_bn_train")
     with autotune.autotune("all"):
         assert autotune.applies("conv_bn_train_backward")
+
+
+def test_candidates_are_timed_interleaved():
+    """One call of each candidate per round, so drift on the machine hits every candidate alike."""
+    order = []
+    candidates = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    times = autotune.time_candidates(candidates, (), "cpu")
+    assert set(times) == {"a", "b", "c"}
+    warmup, timed = order[:3], order[3:]
+    assert warmup == ["a", "b", "c"] and len(timed) >= 3 * autotune.MIN_REPS
+    assert timed == ["a", "b", "c"] * (len(timed) // 3), "the timed calls must alternate between candidates"
+
+
+def test_a_failing_candidate_is_left_out():
+    def broken():
+        raise RuntimeError("no kernel for this")
+
+    times = autotune.time_candidates({"broken": broken, "ok": lambda: None}, (), "cpu")
+    assert list(times) == ["ok"]
+
+
+def test_noise_does_not_move_a_choice_off_the_preferred_candidate():
+    margin = autotune.TIE_MARGIN
+    assert autotune.fastest({"first": 1.0, "second": 1.0 - margin / 2}, preferred="first") == "first"
+    assert autotune.fastest({"first": 1.0, "second": 1.0 - 2 * margin}, preferred="first") == "second"
+    assert autotune.fastest({"first": 1.0, "second": 0.5, "third": 0.4}, preferred="first") == "third"
