@@ -388,6 +388,7 @@ class SHViT(nn.Module):
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
+            or shvit_kernels.tracing.inlining_reference()  # counting or exporting: timing runs would be recorded
             or (device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         ):
             return torch.channels_last

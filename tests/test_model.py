@@ -378,3 +378,89 @@ def test_bn_linear_fold_formula():
     x = torch.randn(4, 12)
     with torch.no_grad():
         torch.testing.assert_close(linear(x), head(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input layout of a fused model (issue #14 point 3): any layout in, the kernels' layout inside, the input's out.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tuning_on(tmp_path, monkeypatch):
+    from shvit_kernels import autotune
+
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV_VAR, str(tmp_path))
+    autotune.clear()
+    with autotune.autotune("inference"):
+        yield autotune
+    autotune.clear()
+
+
+def _first_conv_layout(model, x):
+    from shvit_kernels import dispatch
+
+    with torch.inference_mode(), dispatch.record() as calls:
+        model(x)
+    first = calls[0].args[0]
+    return "channels_last" if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous() else "nchw"
+
+
+def test_fused_model_takes_either_layout_and_answers_in_the_inputs():
+    torch.manual_seed(0)
+    fused = shvit.fuse(randomize_norms(shvit.create_model("shvit_s1", num_classes=10)).eval())
+    x = torch.randn(2, 3, 128, 128)  # the last stage 2x2: the two layouts differ
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        logits, logits_cl = fused(x), fused(x_cl)
+        feats, feats_cl = fused.forward_features(x), fused.forward_features(x_cl)
+        _, stages = fused.forward_intermediates(x)
+        _, stages_cl = fused.forward_intermediates(x_cl)
+    assert max_rel_err(logits, logits_cl) < 1e-5
+    assert feats.is_contiguous() and max_rel_err(feats, feats_cl) < 1e-5
+    assert feats_cl.is_contiguous(memory_format=torch.channels_last) and not feats_cl.is_contiguous()
+    assert all(s.is_contiguous() for s in stages)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in stages_cl)
+
+
+def test_input_layout_settings():
+    fused = shvit.fuse(shvit.create_model("shvit_s1", num_classes=10).eval())
+    x = torch.randn(2, 3, 64, 64)
+    fused.input_layout = "channels_last"
+    assert _first_conv_layout(fused, x) == "channels_last"
+    fused.input_layout = "as_given"
+    assert _first_conv_layout(fused, x) == "nchw"
+    fused.input_layout = "sideways"
+    with pytest.raises(ValueError, match="input_layout must be"):
+        with torch.inference_mode():
+            fused(x)
+
+
+def test_automatic_layout_is_measured_once_per_signature(tuning_on):
+    fused = shvit.fuse(shvit.create_model("shvit_s1", num_classes=10).eval())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fused(x)
+    layouts = {k: v for k, v in tuning_on.cached_choices().items() if k.startswith("model_layout")}
+    assert len(layouts) == 1 and set(layouts.values()) <= {"channels_last", "nchw"}
+    from shvit_kernels import dispatch
+
+    with torch.inference_mode(), dispatch.record() as calls:
+        fused(x)
+    convs = sum(c.op == "conv_bias_act" for c in calls)
+    with torch.inference_mode(), dispatch.record() as calls_again:
+        fused(x)
+    assert len(calls) == len(calls_again) and convs < 40, "a tuned signature must not be timed again"
+
+
+def test_counting_flops_does_not_count_the_layout_tuning(tuning_on):
+    """FlopCounterMode over the ops' reference code: the first call (which would tune the layout) counts the
+    same as later ones (the tuning's timed runs would otherwise be counted, about 9x)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = shvit.fuse(shvit.create_model("shvit_s1", num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    counts = []
+    for _ in range(2):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), shvit_kernels.inline_reference():
+            fused(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
