@@ -7,7 +7,7 @@ residual adds that follow a Conv+BN folded into the same op call, so faster back
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn

@@ -1,4 +1,5 @@
-"""Shared test helpers: running an op case forward and backward on a backend, and comparing backends.
+"""Shared test helpers: running an op case forward and backward on a backend, comparing backends, model
+helpers (non-trivial norms, relative error), the spec's data files, timm, and the tiny training run's arguments.
 
 The tolerance rule and the kernel-vs-reference check are in ``shvit_kernels.testing``; the case builders in
 ``shvit_kernels.testing.cases``.
@@ -6,8 +7,14 @@ The tolerance rule and the kernel-vs-reference check are in ``shvit_kernels.test
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn as nn
 
 import shvit_kernels as K
 from shvit_kernels import dispatch
@@ -53,3 +60,101 @@ def compare_backend(build, dtype, device, channels_last, backend):
         assert_close_to_fp64(got_grads[k], eager_grads[k], ref_grads[k], name=f"grad {k}")
     for k in ref_stats:
         assert_close_to_fp64(got_stats[k], eager_stats[k], ref_stats[k], name=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BN/GroupNorm affine and running statistics, so folding and zero-init branches matter."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_file(name: str) -> Path:
+    """A data file beside the spec: ``SHVIT_SPEC_DIR``, else ``shared/spec`` in or beside the checkout."""
+    candidates = [Path(os.environ["SHVIT_SPEC_DIR"])] if os.environ.get("SHVIT_SPEC_DIR") else []
+    candidates += [REPO / "shared" / "spec", REPO.parent / "shared" / "spec"]
+    for directory in candidates:
+        if (directory / name).is_file():
+            return directory / name
+    pytest.fail(f"reference data {name!r} not found in {[str(c) for c in candidates]}; set SHVIT_SPEC_DIR")
+
+
+def require_timm(*modules: str):
+    """timm (and ``modules`` of it), or a skip; with SHVIT_REQUIRE_TIMM=1 (CI's timm run) a missing one fails."""
+    names = ("timm", *modules)
+    if os.environ.get("SHVIT_REQUIRE_TIMM") == "1":
+        loaded = [importlib.import_module(n) for n in names]
+    else:
+        loaded = [pytest.importorskip(n) for n in names]
+    return loaded[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: a tiny run (S1 widths, one block per stage, 64 px, a few synthetic classes, one CPU thread)
+# ---------------------------------------------------------------------------------------------------------------
+TINY_TRAIN_ARGS = [
+    "--img-size", "64", "--depth", "1", "1", "1", "--synthetic-classes", "4", "--threads", "1",
+    "--warmup-epochs", "0", "--no-lr-scaling", "--lr", "2e-3", "--device", "cpu", "--log-interval", "1000",
+]
+
+
+def parse_train_args(tmp_path, *extra):
+    from shvit.__main__ import build_parser
+
+    return build_parser().parse_args(["train", *TINY_TRAIN_ARGS, "--output-dir", str(tmp_path), *extra])
+
+
+def run_train(tmp_path, *extra):
+    from shvit import train
+
+    return train.train(parse_train_args(tmp_path, *extra))
+
+
+def run_train_cli(tmp_path, *extra):
+    """``main`` in-process: exit status (2 for bad input) with the message on stderr."""
+    from shvit import train
+
+    return train.main(parse_train_args(tmp_path, *extra))
+
+
+def tiny_model(name="shvit_s1", num_classes=4):
+    import shvit
+
+    return shvit.create_model(name, num_classes=num_classes, depth=(1, 1, 1))
+
+
+def authors_to_timm_names(state_dict):
+    """The authors' layout in timm's names (spec section 3), written independently of the loader."""
+    slots = {"0.0": 0, "0.1": 1, "1": 2, "2.0": 3, "2.1": 4}
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"blocks(\d)\.(\d+)\.(.*)$", key)
+        if not m:
+            out[key] = value
+            continue
+        stage, index, rest = int(m[1]), int(m[2]), m[3]
+        if stage == 1:
+            out[f"stages.0.blocks.{index}.{rest}"] = value
+        elif index >= 3:
+            out[f"stages.{stage - 1}.blocks.{index - 3}.{rest}"] = value
+        else:
+            sub = rest.split(".", 1)
+            slot, rest = (f"{index}.{sub[0]}", sub[1]) if index in (0, 2) else (str(index), rest)
+            out[f"stages.{stage - 1}.downsample.{slots[slot]}.{rest}"] = value
+    return out

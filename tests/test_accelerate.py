@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import shvit
 from tests.authors_tree import AuthorsSHViT
-from tests.test_model import max_rel_err, randomize_norms
+from helpers import max_rel_err, randomize_norms, require_timm, spec_file
 
 SIZE = 64
 TRAIN_SIZE = 224  # batch statistics of a few values per channel (64 px: one per image) amplify rounding
@@ -18,9 +18,7 @@ TOLERANCE = 1e-5
 
 
 def _timm():
-    timm = pytest.importorskip("timm")
-    pytest.importorskip("timm.models.shvit")
-    return timm
+    return require_timm("timm.models.shvit")
 
 
 def timm_model(name="shvit_s1", **kwargs):
@@ -161,7 +159,6 @@ def test_fuse_raises_on_what_it_cannot_fuse():
 
 
 def test_authors_tree_matches_the_reference_logits_and_so_does_its_acceleration():
-    from tests.test_reference_equivalence import spec_file
 
     data = torch.load(spec_file("shvit_s1_reference.pt"), map_location="cpu", weights_only=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in data["state_dict"].items()}

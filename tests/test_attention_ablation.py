@@ -6,7 +6,7 @@ import torch
 
 import shvit
 from benchmarks.attention_ablation import MultiHeadMixer, build, gflops_per_image, main
-from tests.test_model import max_rel_err, randomize_norms
+from helpers import max_rel_err, randomize_norms
 
 
 def test_one_head_multi_head_mixer_is_shsa():

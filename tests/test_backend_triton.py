@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-triton = pytest.importorskip("triton", reason="triton is not installed; the Triton kernels cannot be tested")
+pytest.importorskip("triton", reason="triton is not installed; the Triton kernels cannot be tested")
 
 from helpers import DEVICE  # noqa: E402
 from shvit_kernels import dispatch  # noqa: E402

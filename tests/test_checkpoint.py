@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch
 import shvit
 from shvit import checkpoint as ckpt
 from shvit.checkpoint import CheckpointError
+
+from helpers import authors_to_timm_names
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +37,7 @@ def assert_same_weights(a, b, skip_head=False):
     assert not differ, differ[:5]
 
 
-def to_timm(state_dict):
-    """The authors' layout in timm's names (spec section 3), written independently of the loader."""
-    slots = {"0.0": 0, "0.1": 1, "1": 2, "2.0": 3, "2.1": 4}
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r"blocks(\d)\.(\d+)\.(.*)$", key)
-        if not m:
-            out[key] = value
-            continue
-        stage, index, rest = int(m[1]), int(m[2]), m[3]
-        if stage == 1:
-            out[f"stages.0.blocks.{index}.{rest}"] = value
-        elif index >= 3:
-            out[f"stages.{stage - 1}.blocks.{index - 3}.{rest}"] = value
-        else:
-            sub = rest.split(".", 1)
-            slot, rest = (f"{index}.{sub[0]}", sub[1]) if index in (0, 2) else (str(index), rest)
-            out[f"stages.{stage - 1}.downsample.{slots[slot]}.{rest}"] = value
-    return out
+to_timm = authors_to_timm_names
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from shvit import train as shvit_train
 from shvit.__main__ import build_parser, main as shvit_main
 from shvit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
-from test_train import TINY, parse, run, run_cli, tiny_model
+from helpers import run_train as run, run_train_cli as run_cli, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import shvit
 from shvit import train as shvit_train
 from shvit.__main__ import main as cli_main
 from shvit.distill import Distiller, distillation_loss, split_outputs
-from tests.test_train import parse
+from helpers import parse_train_args as parse, require_timm
 
 DISTILL_RUN = ["--steps", "3", "--epochs", "1", "--synthetic-size", "48", "16", "--batch-size", "8", "--no-ema"]
 
@@ -69,7 +69,7 @@ def test_cli_hard_distillation_on_synthetic_data(tmp_path, teacher_checkpoint):
 
 
 def test_timm_teacher_with_local_weights(tmp_path):
-    timm = pytest.importorskip("timm")
+    timm = require_timm()
     weights = tmp_path / "resnet.pth"
     torch.save({"model": timm.create_model("resnet10t", pretrained=False, num_classes=4).state_dict()}, weights)
     result = shvit_train.train(parse(tmp_path, "--distillation", "soft", "--teacher", "resnet10t",

@@ -11,7 +11,7 @@ import torch.nn as nn
 import shvit
 import shvit_kernels
 from shvit.export import export_onnx
-from tests.test_model import max_rel_err, randomize_norms
+from helpers import max_rel_err, randomize_norms
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -7,7 +7,7 @@ import torch
 
 import shvit
 from shvit.features import SHViTFeatures
-from tests.test_model import max_rel_err, randomize_norms
+from helpers import max_rel_err, randomize_norms, require_timm
 
 SIZE = 128
 
@@ -78,8 +78,7 @@ def test_bad_feature_arguments_raise():
 
 
 def test_feature_info_agrees_with_timm():
-    timm = pytest.importorskip("timm")
-    pytest.importorskip("timm.models.shvit")
+    timm = require_timm("timm.models.shvit")
     theirs = timm.create_model("shvit_s3", pretrained=False, features_only=True, out_indices=(0, 2))
     ours = shvit.create_model("shvit_s3", features_only=True, out_indices=(0, 2))
     assert ours.feature_info.channels() == theirs.feature_info.channels()

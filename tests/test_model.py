@@ -14,25 +14,10 @@ import shvit_kernels
 from shvit.fuse import FusedConv2d, FusedFFN, FusedSHSA, fuse_bn_linear
 from shvit.model import BN_Linear, Conv2d_BN, FFN, PatchMerging, Residual, SHSA
 
+from helpers import max_rel_err, randomize_norms
+
 VARIANTS = ["shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4"]
 PARAMS = {"shvit_s1": 6_330_808, "shvit_s2": 11_483_072, "shvit_s3": 14_245_273, "shvit_s4": 16_588_484}
-
-
-def randomize_norms(model: nn.Module) -> nn.Module:
-    """Non-trivial BN/GroupNorm affine and running statistics, so folding and zero-init branches matter."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # --------------------------------------------------------------------------------------------------------

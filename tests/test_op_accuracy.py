@@ -12,9 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shvit_kernels as K
-from helpers import NOT_DIFFERENTIABLE, compare_backend, run
+from helpers import NOT_DIFFERENTIABLE, compare_backend
 from shvit_kernels import dispatch
-from shvit_kernels.testing import assert_close_to_fp64
 from shvit_kernels.testing.cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, shsa_case
 
 def _backend_params():

@@ -11,7 +11,7 @@ import torch
 
 import shvit
 
-from test_checkpoint import to_timm
+from helpers import authors_to_timm_names as to_timm
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

@@ -7,7 +7,6 @@ The data files live beside the spec (``SHVIT_SPEC_DIR``, else ``shared/spec`` in
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,10 @@ import torch
 
 import shvit
 
+from helpers import spec_file
+
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # max |logit error| / max |logit|, fp32
-
-
-def spec_file(name: str) -> Path:
-    candidates = [Path(os.environ["SHVIT_SPEC_DIR"])] if os.environ.get("SHVIT_SPEC_DIR") else []
-    candidates += [REPO / "shared" / "spec", REPO.parent / "shared" / "spec"]
-    for directory in candidates:
-        if (directory / name).is_file():
-            return directory / name
-    pytest.fail(f"reference data {name!r} not found in {[str(c) for c in candidates]}; set SHVIT_SPEC_DIR")
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,14 @@ import torch.nn.functional as F
 
 import shvit
 from shvit import train as shvit_train
-from shvit.__main__ import build_parser
 from shvit.data import SyntheticDataset, collate
 from shvit_kernels import prefer_backend
 from shvit_kernels import dispatch
 
-from helpers import DEVICE
+from helpers import DEVICE, TINY_TRAIN_ARGS, parse_train_args, run_train, run_train_cli, tiny_model
 from shvit_kernels.testing import assert_close_to_fp64
 
-TINY = [
-    "--img-size", "64", "--depth", "1", "1", "1", "--synthetic-classes", "4", "--threads", "1",
-    "--warmup-epochs", "0", "--no-lr-scaling", "--lr", "2e-3", "--device", "cpu", "--log-interval", "1000",
-]
+TINY = TINY_TRAIN_ARGS
 PARITY_STEPS = 30
 
 
@@ -38,21 +34,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def parse(tmp_path, *extra):
-    return build_parser().parse_args(["train", *TINY, "--output-dir", str(tmp_path), *extra])
-
-
-def run(tmp_path, *extra):
-    return shvit_train.train(parse(tmp_path, *extra))
-
-
-def run_cli(tmp_path, *extra):
-    """``main`` in-process: exit status (2 for bad input) with the message on stderr."""
-    return shvit_train.main(parse(tmp_path, *extra))
-
-
-def tiny_model(name="shvit_s1", num_classes=4):
-    return shvit.create_model(name, num_classes=num_classes, depth=(1, 1, 1))
+parse, run, run_cli = parse_train_args, run_train, run_train_cli
 
 
 def parity_run(tmp_path, backend):
