@@ -31,5 +31,4 @@ for spec in "${SHVIT_SPEC_DIR:-}" "$PWD/shared/spec" "$PWD/../shared/spec"; do  
 done
 find "$work" -name '_C_*.so' -delete
 cd "$work"
-SHVIT_REQUIRE_TIMM=1 "$PY" -W "ignore:shvit_kernels: the C++ CPU backend is unavailable:RuntimeWarning" -m pytest -q \
-  -p no:cacheprovider tests/test_accelerate.py tests/test_features.py tests/test_distill.py
+SHVIT_REQUIRE_TIMM=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_accelerate.py tests/test_features.py tests/test_distill.py
