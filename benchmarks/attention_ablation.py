@@ -3,13 +3,14 @@
     python benchmarks/attention_ablation.py                                   # S1, 224 px, batch 16, CPU fp32
     python benchmarks/attention_ablation.py --device cuda --dtype bf16 --batch 256
     python benchmarks/attention_ablation.py --mode train --batch 32           # forward + backward
-    python benchmarks/attention_ablation.py --sizes 64 --reps 1 --rounds 1    # a quick smoke run
+    python benchmarks/attention_ablation.py --sizes 64 --rounds 1 --window 0.05   # a quick smoke run
 
 The same network (stem, stages, FFNs, PatchMerging, head; BatchNorms not folded) with the mixer of every
-attention block ("s" blocks) swapped, everything in plain PyTorch eager so only the mixer differs:
+attention block ("s" blocks) swapped, everything in plain PyTorch eager, every mixer the same module
+(``MultiHeadMixer``) with other widths and head counts, so only those differ:
 
-* ``shsa``: SHViT's single-head attention on the first P channels (query/key dim Q = 16, value dim P); the
-  other C - P channels pass through.
+* ``shsa``: SHViT's single-head attention on the first P channels (one head, query/key dim Q = 16, value dim
+  P); the other C - P channels pass through.
 * ``mhsa-equal``: multi-head attention at equal FLOPs: the same P attended channels, and the same total
   query/key (Q) and value (P) widths split over ``--heads`` heads (Q / h and ceil(P / h) per head), so the
   projections and the attention products cost what SHSA's do; only the number of heads (h score maps
@@ -20,9 +21,10 @@ attention block ("s" blocks) swapped, everything in plain PyTorch eager so only 
 
 Every mixer has SHViT's pre-norm (GroupNorm, one group), Conv+BN qkv projection, ReLU and Conv+BN output
 projection, and the block's residual. Reported per variant: GFLOPs per image (``torch.utils.flop_counter``),
-parameters, img/s (median over ``--rounds`` rounds of ``--reps`` calls, variants in separate processes, in
-turn) and peak memory of one call (CUDA allocator peak; on CPU the peak resident-set growth of a fresh
-process). ``--plot`` writes a bar chart. Results go to results/attention_<model>_<device>_<dtype>_<mode>.json.
+parameters, img/s (the variants interleaved in one process: ``--rounds`` rounds of one ``--window`` each;
+median and min..max over rounds) and the peak memory of one call, each in a fresh process (CUDA allocator
+peak; on the CPU the peak resident-set growth). ``--plot`` writes a bar chart. Results go to
+results/attention_<model>_<device>_<dtype>_<mode>.json.
 """
 
 from __future__ import annotations
@@ -30,22 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import shvit  # noqa: E402
-from benchmarks.highres import _maxrss_bytes, _rss_bytes  # noqa: E402
+from shvit import bench  # noqa: E402
+from benchmarks.device import PeakMemory, git_revision, load_average, run_in_fresh_process  # noqa: E402
 from benchmarks.plain import PlainConv2dBN, to_plain  # noqa: E402
 
 VARIANTS = ("shsa", "mhsa-equal", "mhsa-all", "shsa-fused")
@@ -88,7 +86,9 @@ def build(model_name: str, variant: str, heads: int, all_heads: int, mode: str) 
             if not isinstance(mixer, shvit.Residual) or not isinstance(mixer.m, shvit.SHSA):
                 continue
             attn = mixer.m
-            if variant == "mhsa-equal":
+            if variant == "shsa":
+                block.mixer = MultiHeadMixer(attn.dim, attn.pdim, 1, attn.qk_dim, attn.pdim)
+            elif variant == "mhsa-equal":
                 if attn.qk_dim % heads:
                     raise ValueError(f"--heads {heads} must divide the query/key dim {attn.qk_dim}")
                 block.mixer = MultiHeadMixer(attn.dim, attn.pdim, heads, attn.qk_dim // heads, math.ceil(attn.pdim / heads))
@@ -116,57 +116,41 @@ def shvit_kernels_inline():
     return shvit_kernels.inline_reference()  # the fused ops counted as their reference's torch ops
 
 
-def run_variant(model_name, variant, size, batch, heads, all_heads, mode, device_name, dtype_name, reps, rounds, threads) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+def prepare(model_name, variant, size, batch, heads, all_heads, mode, device_name, dtype_name):
+    """The variant's model and a callable running one step on a batch (forward, or forward + backward)."""
     device, dtype = torch.device(device_name), DTYPES[dtype_name]
     torch.manual_seed(0)
     model = build(model_name, variant, heads, all_heads, mode)
-    flops = gflops_per_image(model, size)
-    params = sum(p.numel() for p in model.parameters())
+    info = dict(gflops_per_image=gflops_per_image(model, size), params=sum(p.numel() for p in model.parameters()))
     model = model.to(device=device, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     train = mode == "train"
     model.train(train)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if not train:
         model = model.to(dtype)
-        x = x.to(dtype)
 
-    def step():
-        if train:
-            with autocast:
-                out = model(x)
-            out.float().mean().backward()
-            for p in model.parameters():
-                p.grad = None
-        else:
-            with torch.inference_mode():
-                model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def step(x):
+        if not train:
+            return model(x)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+        out.float().mean().backward()
+        for p in model.parameters():
+            p.grad = None
+        return out.detach()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base, maxrss_before = _rss_bytes(), _maxrss_bytes()
-    step()  # warm-up, and the call whose peak memory is reported
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _maxrss_bytes() - base if _maxrss_bytes() > maxrss_before else None
-    round_rates = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(reps):
-            step()
-        round_rates.append(batch * reps / (time.perf_counter() - start))
-    return dict(model=model_name, variant=variant, size=size, batch=batch, mode=mode, device=device_name, dtype=dtype_name,
-                threads=torch.get_num_threads(), heads=heads, all_heads=all_heads, gflops_per_image=flops, params=params,
-                img_per_s=statistics.median(round_rates), img_per_s_min=min(round_rates), img_per_s_max=max(round_rates),
-                peak_bytes=peak, reps=reps, rounds=rounds)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    return step, (x if train else x.to(dtype)), info
+
+
+def peak_of_one_call(spec: dict) -> dict:
+    """In a fresh process: the peak memory of one step (the first, as in a fresh serving process)."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    step, x, _ = prepare(**{k: v for k, v in spec.items() if k != "threads"})
+    context = torch.inference_mode() if spec["mode"] == "infer" else torch.enable_grad()
+    with PeakMemory(x.device) as peak, context:
+        step(x)
+    return dict(peak_bytes=peak.bytes, peak_measure=peak.measure)
 
 
 def plot(rows, path: Path) -> None:
@@ -201,44 +185,54 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--reps", type=int, default=5, help="calls per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per variant")
+    p.add_argument("--window", type=float, default=0.5, help="seconds per timed window")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
     p.add_argument("--plot", action="store_true", help="also write a PNG bar chart beside the JSON")
     p.add_argument("--output", default=None)
-    p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one variant in this process
+    p.add_argument("--peak", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak memory, printed
     args = p.parse_args(argv)
-    if args.run:
-        print(json.dumps(run_variant(**json.loads(args.run))))
+    if args.peak:
+        print(json.dumps(peak_of_one_call(json.loads(args.peak))))
         return 0
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or any(v not in VARIANTS for v in variants):
+    variants_wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants_wanted or any(v not in VARIANTS for v in variants_wanted):
         p.error(f"--variants: choose from {', '.join(VARIANTS)}")
     if 16 % args.heads:
         p.error("--heads must divide SHViT's query/key dim 16 (1, 2, 4, 8, 16)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     rows = []
     print(f"{'variant':>11} {'size':>5} {'GFLOPs':>7} {'params M':>8} {'img/s':>9} {'min..max':>17} {'peak MiB':>9}")
     for size in args.sizes:
-        for variant in variants:
+        specs, variants, infos = {}, [], {}
+        for variant in variants_wanted:
             spec = dict(model_name=args.model, variant=variant, size=size, batch=args.batch, heads=args.heads,
-                        all_heads=args.all_heads, mode=args.mode, device_name=args.device, dtype_name=args.dtype,
-                        reps=args.reps, rounds=args.rounds, threads=args.threads)
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", json.dumps(spec)],
-                                  capture_output=True, text=True, env=env)
-            if done.returncode:
-                error = (done.stderr.strip().splitlines() or ["?"])[-1]
-                rows.append(dict(spec, error=error))
-                print(f"{variant:>11} {size:>5}  failed: {error}")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
-            print(f"{variant:>11} {size:>5} {r['gflops_per_image']:>7.3f} {r['params'] / 1e6:>8.2f} {r['img_per_s']:>9.1f} "
-                  f"{r['img_per_s_min']:>8.1f}..{r['img_per_s_max']:<8.1f} {peak:>9}")
+                        all_heads=args.all_heads, mode=args.mode, device_name=args.device, dtype_name=args.dtype)
+            specs[variant] = spec
+            step, x, infos[variant] = prepare(**spec)
+            variants.append(bench.Variant(variant, step, inference=args.mode == "infer"))
+        inputs = [x, torch.randn_like(x), torch.randn_like(x)]
+        timed = {r.name: r for r in bench.measure(variants, inputs, device, dtype, args.warmup, args.window, args.rounds)}
+        for variant in variants_wanted:
+            r = timed[variant]
+            peak = run_in_fresh_process(__file__, "--peak", dict(specs[variant], threads=torch.get_num_threads()))
+            row = dict(specs[variant], **infos[variant], threads=torch.get_num_threads(), img_per_s=r.img_per_s,
+                       img_per_s_min=args.batch * 1e3 / r.ms_per_batch_max, img_per_s_max=args.batch * 1e3 / r.ms_per_batch_min,
+                       rounds=args.rounds, window_s=args.window, peak_bytes=peak.get("peak_bytes"),
+                       peak_measure=peak.get("peak_measure", peak.get("error")))
+            row["model"], row["device"], row["dtype"] = row.pop("model_name"), row.pop("device_name"), row.pop("dtype_name")
+            rows.append(row)
+            mib = "n/a" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.1f}"
+            print(f"{variant:>11} {size:>5} {row['gflops_per_image']:>7.3f} {row['params'] / 1e6:>8.2f} {row['img_per_s']:>9.1f} "
+                  f"{row['img_per_s_min']:>8.1f}..{row['img_per_s_max']:<8.1f} {mib:>9}")
     name = f"attention_{args.model}_{args.device}_{args.dtype}_{args.mode}"
     output = Path(args.output) if args.output else REPO / "benchmarks" / "results" / f"{name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"benchmark": "attention_ablation", "rows": rows}, indent=1) + "\n")
+    environment = dict(bench.environment(device), git=git_revision(), load_average_end=load_average(),
+                       command="python benchmarks/attention_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    output.write_text(json.dumps({"benchmark": "attention_ablation", "environment": environment, "rows": rows}, indent=1) + "\n")
     print(f"wrote {output}")
     if args.plot:
         try:
@@ -246,7 +240,7 @@ def main(argv=None) -> int:
             print(f"wrote {output.with_suffix('.png')}")
         except ImportError:
             print("no plot: matplotlib is not installed (pip install '.[bench]')")
-    return 0 if all("error" not in r for r in rows) else 1
+    return 0 if all(r["peak_bytes"] is not None for r in rows) else 1
 
 
 if __name__ == "__main__":

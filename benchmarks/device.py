@@ -130,3 +130,67 @@ def load_average() -> Optional[List[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory of one call, and running a measurement in a fresh process (peaks do not carry over between runs)
+# ---------------------------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class PeakMemory:
+    """Peak memory of the block above what was allocated at its start: on CUDA the caching allocator's peak; on
+    the CPU the growth of the process's peak resident set over its resident set at the start (an upper bound
+    when the block stays under an earlier peak: run it first in a fresh process). After the block: ``bytes``
+    and ``measure`` (how it was taken)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.bytes: Optional[int] = None
+        self.measure = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._base, self._maxrss_before = _rss_bytes(), _maxrss_bytes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.measure = "cuda max_memory_allocated"
+        else:
+            maxrss = _maxrss_bytes()
+            self.bytes = maxrss - self._base
+            self.measure = "ru_maxrss growth" if maxrss > self._maxrss_before else "under the process's earlier peak (upper bound)"
+
+
+def run_in_fresh_process(script: str, flag: str, spec: dict, timeout: Optional[float] = None) -> dict:
+    """Run ``python script flag JSON(spec)`` with the repository on the path; its last stdout line is a JSON dict.
+    A failure or a timeout comes back as ``dict(spec, error=...)``."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    try:
+        done = subprocess.run([sys.executable, script, flag, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(spec, error=f"timed out after {timeout:.0f} s")
+    if done.returncode:
+        return dict(spec, error=(done.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -28,7 +28,8 @@ def test_equal_flops_variant_has_shsa_flops_and_more_heads():
 
 def test_ablation_script_smoke(tmp_path):
     out = tmp_path / "att.json"
-    assert main(["--sizes", "64", "--batch", "2", "--reps", "1", "--rounds", "1", "--variants", "shsa,mhsa-equal",
+    assert main(["--sizes", "64", "--batch", "2", "--warmup", "0", "--window", "0.01", "--rounds", "2", "--variants", "shsa,mhsa-equal",
                  "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["shsa", "mhsa-equal"] and all(r["img_per_s"] > 0 for r in rows)
+    assert all(r["peak_bytes"] is not None and r["rounds"] == 2 for r in rows)

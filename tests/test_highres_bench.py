@@ -7,7 +7,8 @@ from benchmarks.highres import main
 
 def test_highres_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "highres.json"
-    assert main(["--sizes", "64", "--batches", "1", "--reps", "1", "--variants", "fused,plain", "--output", str(out)]) == 0
+    assert main(["--sizes", "64", "--batches", "1", "--window", "0.01", "--rounds", "2", "--variants", "fused,plain",
+                 "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["size"], r["batch"]) for r in rows] == [("fused", 64, 1), ("plain", 64, 1)]
     for r in rows:
