@@ -22,8 +22,8 @@ attention block ("s" blocks) swapped, everything in plain PyTorch eager, every m
 Every mixer has SHViT's pre-norm (GroupNorm, one group), Conv+BN qkv projection, ReLU and Conv+BN output
 projection, and the block's residual. Reported per variant: GFLOPs per image (``torch.utils.flop_counter``),
 parameters, img/s (the variants interleaved in one process: ``--rounds`` rounds of one ``--window`` each;
-median and min..max over rounds) and the peak memory of one call, each in a fresh process (CUDA allocator
-peak; on the CPU the peak resident-set growth). ``--plot`` writes a bar chart. Results go to
+median and min..max over rounds) and the peak memory of one call after a warm-up call, each in a fresh process
+(CUDA allocator peak; on the CPU the peak resident-set growth). ``--plot`` writes a bar chart. Results go to
 results/attention_<model>_<device>_<dtype>_<mode>.json.
 """
 
@@ -143,12 +143,14 @@ def prepare(model_name, variant, size, batch, heads, all_heads, mode, device_nam
 
 
 def peak_of_one_call(spec: dict) -> dict:
-    """In a fresh process: the peak memory of one step (the first, as in a fresh serving process)."""
+    """In a fresh process: the peak memory of one step, after a warm-up step."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     step, x, _ = prepare(**{k: v for k, v in spec.items() if k != "threads"})
-    context = torch.inference_mode() if spec["mode"] == "infer" else torch.enable_grad()
-    with PeakMemory(x.device) as peak, context:
+    context = torch.inference_mode if spec["mode"] == "infer" else torch.enable_grad
+    with context():
+        step(x)  # one-time initialisation outside the measurement
+    with PeakMemory(x.device) as peak, context():
         step(x)
     return dict(peak_bytes=peak.bytes, peak_measure=peak.measure)
 

@@ -146,10 +146,30 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Peak memory of the block above what was allocated at its start: on CUDA the caching allocator's peak; on
-    the CPU the growth of the process's peak resident set over its resident set at the start (an upper bound
-    when the block stays under an earlier peak: run it first in a fresh process). After the block: ``bytes``
+    the CPU the peak resident set (VmHWM, its mark reset at the start, freed heap memory first handed back to
+    the OS) above the resident set at the start. Where the mark cannot be reset: the growth of the process's
+    lifetime peak (an upper bound when the block stays under an earlier peak). Run a warm-up call before the
+    block, so one-time initialisation (thread pools, library caches) is not counted. After the block: ``bytes``
     and ``measure`` (how it was taken)."""
 
     def __init__(self, device: torch.device):
@@ -162,8 +182,15 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._base, self._maxrss_before = _rss_bytes(), _maxrss_bytes()
+            return self
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self._reset = _reset_peak_rss()
+        self._base, self._maxrss_before = _rss_bytes(), _maxrss_bytes()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,6 +198,9 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
             self.measure = "cuda max_memory_allocated"
+        elif self._reset:
+            self.bytes = max(0, _status_kib("VmHWM") * 1024 - self._base)
+            self.measure = "peak resident set (VmHWM) growth"
         else:
             maxrss = _maxrss_bytes()
             self.bytes = maxrss - self._base

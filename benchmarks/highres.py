@@ -8,9 +8,9 @@ Each row is the fused ``create_model(..., features_only=True)`` backbone (all th
 channels_last) run two ways: ``fused`` on this project's kernels (automatic backend choice) and ``plain``,
 the same weights with plain PyTorch ops (``benchmarks/plain.py``). Per (size, batch), in a process of its own:
 the two variants timed interleaved (``shvit.bench.measure``: a warm-up call, then ``--rounds`` rounds of one
-``--window`` each; median and min over rounds), then each variant's peak memory of one forward in a fresh
-process (CUDA: the allocator's peak; CPU: the growth of the peak resident set). The attention of the last two
-stages is quadratic in tokens: at 2048 px stage 2 has 64x64 = 4096 tokens (a 4096 x 4096 score matrix per
+``--window`` each; median and min over rounds), then each variant's peak memory of one forward (after a
+warm-up forward) in a fresh process (CUDA: the allocator's peak; CPU: the growth of the peak resident set).
+The attention of the last two stages is quadratic in tokens: at 2048 px stage 2 has 64x64 = 4096 tokens (a 4096 x 4096 score matrix per
 image), stage 3 1024.
 """
 
@@ -44,7 +44,7 @@ def _backbone(model_name: str, size: int, batch: int, variant: str, device_name:
 
 
 def peak_of_one_forward(spec: dict) -> dict:
-    """In a fresh process: the peak memory of the first forward."""
+    """In a fresh process: the peak memory of one forward, after a warm-up forward."""
     import torch
 
     from benchmarks.device import PeakMemory
@@ -52,8 +52,10 @@ def peak_of_one_forward(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     backbone, x = _backbone(**{k: v for k, v in spec.items() if k != "threads"})
-    with torch.inference_mode(), PeakMemory(x.device) as peak:
-        maps = backbone(x)
+    with torch.inference_mode():
+        backbone(x)  # one-time initialisation outside the measurement
+        with PeakMemory(x.device) as peak:
+            maps = backbone(x)
     return dict(peak_bytes=int(peak.bytes), peak_measure=peak.measure, map_shapes=[list(m.shape) for m in maps])
 
 

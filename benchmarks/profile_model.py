@@ -37,6 +37,25 @@ def kind(op: str, args) -> str:
     return f"conv_bias_act dense {weight.shape[2]}x{weight.shape[3]} ({x.shape[1]}->{weight.shape[0]})"
 
 
+def flops(op: str, args) -> int:
+    """Multiply-adds x 2 of one call's convolutions / GEMMs (the attention's own products for shsa_fused)."""
+    x = args[0]
+    n, c, h, w = x.shape
+    if op == "conv_bias_act":
+        weight, stride, padding = args[1], args[3], args[4]
+        oh = (h + 2 * padding - weight.shape[2]) // stride + 1
+        ow = (w + 2 * padding - weight.shape[3]) // stride + 1
+        return 2 * n * oh * ow * weight.numel()
+    if op == "ffn_fused":
+        return 4 * n * h * w * args[1].shape[0] * c
+    if op == "shsa_fused":
+        qkv_weight, qk_dim = args[1], args[3]
+        p_dim = qkv_weight.shape[1]
+        tokens = h * w
+        return 2 * n * tokens * qkv_weight.numel() + 2 * n * tokens * tokens * (qk_dim + p_dim)
+    return 0
+
+
 def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters: int, device: torch.device) -> Dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -47,6 +66,7 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     spent: Dict[tuple, float] = collections.defaultdict(float)
     calls: Dict[tuple, int] = collections.Counter()
+    work: Dict[tuple, int] = collections.Counter()
 
     def timer(call):
         """Observer: the kernel's time (inclusive, synchronised on CUDA) under (kind, backend)."""
@@ -58,6 +78,7 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
             bench._sync(device)
             spent[key] += time.perf_counter() - start
             calls[key] += 1
+            work[key] += flops(call.op, call.args)
 
         return done
 
@@ -76,11 +97,15 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
                 fused(x)
             bench._sync(device)
             total_ms = (time.perf_counter() - start) / iters * 1e3
-    rows = [dict(kind=k, backend=b, calls=calls[(k, b)] // iters, ms=spent[(k, b)] / iters * 1e3) for k, b in spent]
+    rows = [dict(kind=k, backend=b, calls=calls[(k, b)] // iters, ms=spent[(k, b)] / iters * 1e3,
+                 gflop_per_s=work[(k, b)] / spent[(k, b)] / 1e9 if work[(k, b)] else None) for k, b in spent]
     rows.sort(key=lambda r: -r["ms"])
     rows.append(dict(kind="outside the ops", backend="torch", calls=0, ms=total_ms - sum(r["ms"] for r in rows)))
+    from benchmarks.device import probe
+
+    ceilings = probe(device, dtypes=(dtype,))
     return dict(model=model_name, dtype=str(dtype).replace("torch.", ""), threads=threads, batch=batch, device=str(device),
-                forward_ms=plain_ms, forward_ms_with_timers=total_ms, rows=rows,
+                forward_ms=plain_ms, forward_ms_with_timers=total_ms, rows=rows, probe=ceilings,
                 environment=bench.environment(device), load_average=os.getloadavg())
 
 
@@ -97,9 +122,12 @@ def main(argv=None) -> int:
     r = profile(args.model, bench.DTYPES[args.dtype], args.threads, args.batch_size, args.iters, torch.device(args.device))
     print(f"{r['model']} {r['dtype']} batch {r['batch']} threads {r['threads']} {r['device']}: forward "
           f"{r['forward_ms']:.2f} ms ({r['forward_ms_with_timers']:.2f} with timers), load {r['load_average'][0]:.2f}")
+    peak = max(r["probe"]["matmul_TFLOPs"].values(), default=0) * 1e3
+    print(f"  measured matmul ceiling: {peak:.0f} GFLOP/s")
     for row in r["rows"]:
         share = row["ms"] / r["forward_ms_with_timers"] * 100
-        print(f"  {row['ms']:8.2f} ms {share:5.1f}%  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+        rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
+        print(f"  {row['ms']:8.2f} ms {share:5.1f}%  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(r, f, indent=2)
