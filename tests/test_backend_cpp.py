@@ -170,6 +170,34 @@ def test_input_major_weights_give_the_same_result(variant, dtype):
 
 
 @requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_pixel_maps_match_the_reference(variant, dtype):
+    """One pixel per image (S1's last stage at 64 px): both layouts are the same bytes and take the pixel-row
+    kernels; the results follow the reference and the layout rule, for plain and input-major weights, with
+    and without a residual, for 1x1 and depthwise convs and the FFN."""
+    module = cpp.load_variant(variant)
+
+    def input_major(w):
+        return w.transpose(0, 1).contiguous().transpose(0, 1)
+
+    x = torch.randn(3, 24, 1, 1)
+    w1, b1, w2, b2 = torch.randn(48, 24, 1, 1) / 5, torch.randn(48), torch.randn(24, 48, 1, 1) / 7, torch.randn(24)
+    dw, w3, residual = torch.randn(24, 1, 3, 3) / 3, torch.randn(24, 24, 1, 1) / 5, torch.randn(3, 24, 1, 1)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        for major in (lambda w: w, input_major):
+            check_kernel(module.ffn_fused, ffn_fused_reference, cast_args((layout, major(w1), b1, major(w2), b2), dtype),
+                         name="ffn_fused one pixel")
+            check_kernel(module.conv_bias_act, conv_bias_act_reference,
+                         cast_args((layout, major(w1), b1, 1, 0, 1, True, None), dtype), name="1x1 one pixel")
+            check_kernel(module.conv_bias_act, conv_bias_act_reference,
+                         cast_args((layout, major(w3), b2, 1, 0, 1, False, residual), dtype), name="1x1 one pixel, residual")
+        for stride in (1, 2):
+            check_kernel(module.conv_bias_act, conv_bias_act_reference,
+                         cast_args((layout, dw, b2, stride, 1, 24, True, residual), dtype), name="depthwise one pixel")
+
+
+@requires_cpp
 def test_best_variant_is_loaded():
     assert cpp.variant() == cpp.runnable_capabilities()[0] or cpp.variant() in VARIANTS
     assert cpp.variant() == VARIANTS[0], "the loader must pick the best built variant the processor runs"

@@ -209,7 +209,9 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
                      const at::Tensor& b2) {
   const FfnShape s = check_ffn_args(kOp, x, w1, b1, w2, b2);
   const auto fmt = activation_format(x);
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  // One pixel per image: both layouts are the same bytes, and the pixel-row kernel reads input-major weights in
+  // place where the NCHW one would copy them per call (see conv_bias_act.cpp).
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast || x.size(2) * x.size(3) == 1;
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(xc.sizes(), xc.options(), fmt);
