@@ -166,7 +166,11 @@ def plot(rows, path: Path) -> None:
     names = [r["variant"] for r in ok]
     for ax, key, label in zip(axes, ("img_per_s", "peak_bytes", "gflops_per_image"), ("img/s", "peak MiB", "GFLOPs / image")):
         values = [(r[key] or 0) / (2**20 if key == "peak_bytes" else 1) for r in ok]
-        ax.bar(names, values, color=["tab:blue" if n.startswith("shsa") else "tab:orange" for n in names])
+        spread = None
+        if key == "img_per_s":  # whiskers: min..max over the interleaved rounds
+            spread = [[v - r["img_per_s_min"] for v, r in zip(values, ok)], [r["img_per_s_max"] - v for v, r in zip(values, ok)]]
+        ax.bar(names, values, yerr=spread, capsize=4,
+               color=["tab:blue" if n.startswith("shsa") else "tab:orange" for n in names])
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30)
     r0 = ok[0]

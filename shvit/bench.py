@@ -101,14 +101,23 @@ def environment(device: torch.device) -> Dict[str, str]:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name with its family and model numbers (AMD family 25 is Zen 3/4, 26 Zen 5)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
     except OSError:
         pass
-    return platform.processor()
+    name = fields.get("model name") or platform.processor()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def _sync(device: torch.device) -> None:

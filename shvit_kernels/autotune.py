@@ -2,8 +2,9 @@
 
 A call signature is (op, device type, every tensor's dtype, shape and layout, the other arguments, the thread
 count). The first automatic call of a signature times each backend that can run it (the measured-slower rules
-are then not used) and keeps the fastest in memory and in a per-machine cache file, so later calls, and later
-processes on the same machine, pay nothing but the lookup.
+are then not used; the candidates interleaved, each call on memory handed back to the OS as inside a model, the
+fixed order's first kept unless another beats it by TIE_MARGIN) and keeps the fastest in memory and in a
+per-machine cache file, so later calls, and later processes on the same machine, pay nothing but the lookup.
 
 Modes (``set_autotune``, the ``autotune`` context manager, or ``SHVIT_KERNELS_AUTOTUNE``):
 
