@@ -55,8 +55,8 @@ def main(argv) -> int:
     from shvit_kernels.backends import cuda as cuda_backend
 
     failures = []
-    if cuda_backend._module is not module:
-        failures.append(f"the cuda backend did not load this build ({cuda_backend._load_error})")
+    if cuda_backend.extension() is not module:
+        failures.append(f"the cuda backend did not load this build ({'; '.join(cuda_backend.availability_reasons())})")
     functions = sorted(n for n in dir(module) if not n.startswith("_"))
     from shvit_kernels import dispatch
 

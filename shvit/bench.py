@@ -84,7 +84,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": shvit_kernels.autotune.machine()["cpu"],  # model name with family and model numbers
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "shvit_kernels": shvit_kernels.__version__,
     }
@@ -98,26 +98,6 @@ def environment(device: torch.device) -> Dict[str, str]:
         except ImportError:
             pass
     return env
-
-
-def _cpu_name() -> str:
-    """The CPU's model name with its family and model numbers (AMD family 25 is Zen 3/4, 26 Zen 5)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
-                    fields[key] = value.strip()
-                if not line.strip() and fields:
-                    break
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor()
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']} model {fields['model']})"
-    return name
 
 
 def _sync(device: torch.device) -> None:

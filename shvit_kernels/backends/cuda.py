@@ -37,6 +37,11 @@ def _load() -> None:
         _module, _load_error = None, str(e)
 
 
+def extension() -> Optional[ModuleType]:
+    """The loaded ``shvit_kernels._C_cuda`` (its functions take the schema's arguments), or None."""
+    return _module
+
+
 def availability_reasons() -> List[str]:
     if _module is None:
         detail = f" ({_load_error})" if _load_error else ""
