@@ -12,6 +12,25 @@ os.environ.setdefault("SHVIT_KERNELS_AUTOTUNE", "off")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_computes_bf16_as_a_gpu():
+    """Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot and truncates fp32 -> bf16 casts; the
+    kernels' bf16 paths are checked with both done as on a GPU (shvit_kernels.testing.triton_interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    try:
+        from shvit_kernels.testing.triton_interpreter import emulate_gpu_bf16
+
+        context = emulate_gpu_bf16()
+        context.__enter__()
+    except ImportError:  # triton is not installed: its tests skip
+        yield
+        return
+    yield
+    context.__exit__(None, None, None)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_reset_backend():
     """Fresh random inputs per test (seeded for reproducibility) and no forced backend leaking between tests."""

@@ -1,8 +1,8 @@
 """Triton kernels called directly, against the reference ops (forward and every backward output).
 
 Without a GPU they run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
-triton is imported). The interpreter mis-computes bf16 ``tl.dot``, so GEMM kernels are checked in fp32 and
-fp16; bf16 is covered on the depthwise (dot-free) path. Tolerance: the project's rule (shvit_kernels.testing.check_kernel):
+triton is imported), with its bf16 ``tl.dot`` and fp32 -> bf16 casts done as a GPU does them (conftest;
+shvit_kernels.testing.triton_interpreter), so every dtype is checked. Tolerance: the project's rule (shvit_kernels.testing.check_kernel):
 error against an fp64 reference at most twice the error of the reference run in the same dtype, plus a tiny floor.
 """
 
@@ -46,6 +46,9 @@ CONV_CASES = [
     pytest.param(2, 12, 20, 3, 5, 1, 1, 0, 1, True, True, CL, torch.float32, id="pw1x1-res-relu-cl"),
     pytest.param(1, 16, 24, 3, 3, 1, 1, 0, 1, True, False, CL, torch.float16, id="pw1x1-fp16"),
     pytest.param(2, 8, 8, 5, 4, 3, 1, 1, 8, True, True, None, torch.float16, id="dw3x3-fp16"),
+    pytest.param(2, 3, 16, 9, 7, 3, 2, 1, 1, True, False, CL, torch.bfloat16, id="stem3x3s2-bf16"),
+    pytest.param(2, 24, 40, 3, 5, 1, 1, 0, 1, True, True, CL, torch.bfloat16, id="pw1x1-res-bf16"),
+    pytest.param(1, 12, 12, 5, 7, 3, 1, 1, 12, True, False, None, torch.bfloat16, id="dw3x3-bf16"),
 ]
 
 
@@ -93,6 +96,8 @@ def test_conv_depthwise_bf16_forward():
     pytest.param(2, 12, 3, 5, None, torch.float32, id="nchw-odd"),
     pytest.param(1, 20, 5, 3, CL, torch.float32, id="cl-batch1"),
     pytest.param(2, 16, 3, 3, CL, torch.float16, id="cl-fp16"),
+    pytest.param(2, 24, 3, 5, CL, torch.bfloat16, id="cl-bf16"),
+    pytest.param(1, 40, 4, 3, None, torch.bfloat16, id="nchw-bf16"),
 ])
 def test_ffn_fused(n, c, h, w, fmt, dtype):
     x = rand(n, c, h, w, dtype=dtype, fmt=fmt)
@@ -115,6 +120,8 @@ SHSA_CASES = [
     pytest.param(1, 20, 16, 17, 17, CL, torch.float32, 1.0, id="N289-online-softmax"),
     pytest.param(1, 80, 72, 7, 7, None, torch.float32, 1.0, id="P72-N49-32-token-blocks"),
     pytest.param(2, 40, 32, 3, 3, CL, torch.float16, 1e4, id="fp16-magnitude-1e4"),
+    pytest.param(2, 48, 40, 5, 5, CL, torch.bfloat16, 1.0, id="bf16-cl"),
+    pytest.param(1, 20, 16, 17, 17, None, torch.bfloat16, 1.0, id="bf16-N289-online-softmax"),
 ]
 
 
@@ -184,3 +191,57 @@ def test_backend_registration_and_reasons():
     assert any("groups" in r for r in reasons("conv_bias_act", x, torch.randn(8, 4, 3, 3), None, 1, 1, 2, False, None))
     assert any("float64" in r for r in reasons("ffn_fused", x.double(), *(torch.randn(1).double(),) * 4))
     assert any("P=130" in r for r in reasons("shsa_fused", torch.randn(1, 130, 2, 2), torch.randn(162, 130, 1, 1), torch.randn(162), Q, 1e-5))
+
+
+def test_interpreter_computes_bf16_dots_and_casts_as_a_gpu():
+    """conftest's emulation: without it the interpreter's bf16 tl.dot multiplies bit patterns and its fp32 ->
+    bf16 cast truncates; with it, exact products summed in fp32 and round-to-nearest-even casts."""
+    import triton as tr
+    import triton.language as tl
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("checks Triton's CPU interpreter")
+
+    @tr.jit
+    def dot_and_cast(a_ptr, b_ptr, c_ptr, r_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+        i, j, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+        a = tl.load(a_ptr + i[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + j[None, :])
+        c = tl.dot(a, b, tl.zeros((M, N), dtype=tl.float32))
+        tl.store(c_ptr + i[:, None] * N + j[None, :], c)
+        tl.store(r_ptr + i[:, None] * N + j[None, :], c.to(tl.bfloat16))
+
+    a, b = torch.randn(16, 32).bfloat16(), torch.randn(32, 16).bfloat16()
+    c, rounded = torch.empty(16, 16), torch.empty(16, 16, dtype=torch.bfloat16)
+    dot_and_cast[(1,)](a, b, c, rounded, 16, 16, 32)
+    torch.testing.assert_close(c, (a.double() @ b.double()).float(), rtol=1e-6, atol=1e-5)
+    assert torch.equal(rounded, c.bfloat16())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU check's cases end to end (forward and autograd backward through the ops), as on a GPU
+# ---------------------------------------------------------------------------------------------------------
+# The small ones of shvit_kernels.testing.cases (the interpreter takes ~20 s for a 64x64 stem): every kernel,
+# the awkward shapes, both weight layouts, train / eval / inference forms.
+SMOKE_CASES = ["conv-infer-stem-odd-3x3s2", "conv-train-stem-odd-3x3s2", "conv-eval-dw3x3s1-odd",
+               "conv-train-dw3x3s1-odd", "conv-eval-1x1-input-major-weight", "conv-train-1x1-input-major-weight",
+               "ffn-odd", "ffn-input-major-weights", "shsa-infer-p75-odd", "shsa-train-p75-odd",
+               "shsa-eval-n1-batch1", "shsa-train-p-equals-c"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", SMOKE_CASES)
+def test_gpu_check_cases_in_the_interpreter(name, dtype):
+    from helpers import compare_backend
+    from shvit_kernels.backends import triton as backend
+    from shvit_kernels.testing.cases import CASES
+
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU, tests/test_op_accuracy.py runs every case on the triton backend")
+
+    def on_cpu(reasons):
+        return lambda *a, **k: [r for r in reasons(*a, **k) if "CUDA tensors only" not in r]
+
+    with dispatch.patched_backend("triton", device_types=("cuda", "cpu"), availability=lambda: [],
+                                  not_supported={op: on_cpu(f) for op, f in backend.NOT_SUPPORTED.items()}):
+        compare_backend(dict(CASES)[name], dtype, "cpu", True, "triton")

@@ -176,3 +176,36 @@ def test_harness_rejects_a_slightly_wrong_kernel(where):
     with dispatch.patched_backend("cpp", start_empty=True, **planted):
         with pytest.raises(AssertionError, match="exceeds"):
             compare_backend(shsa_case(2, 64, 48, 7, 7, None), torch.float32, "cpu", False, "cpp")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The end-to-end comparison near ReLU kinks
+# ---------------------------------------------------------------------------------------------------------------
+def test_upstream_gradient_is_zero_only_where_an_output_flips_sign():
+    from helpers import grad_out_off_kinks
+
+    ref = torch.tensor([[-1.0, 0.0, 1e-6, 2.0]], dtype=torch.float64)
+    low = torch.tensor([[-1.0, 0.0, 0.0, 2.0]], dtype=torch.bfloat16)  # the third element rounded onto the kink
+    grad = grad_out_off_kinks(ref, low)
+    assert grad.dtype == torch.bfloat16
+    assert grad[0, 2] == 0 and (grad[0, [0, 1, 3]] != 0).all()
+
+
+def _conv_case_without_relu_mask():
+    """A planted backend whose conv backward forgets the ReLU mask, which the kink handling must not hide."""
+    reference = dispatch.kernel("reference", "conv_bias_act_backward")
+
+    def maskless(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
+        return reference(grad_out, x, weight, bias, stride, padding, groups, False, residual, out)
+
+    return dispatch.patched_backend("cpp", start_empty=True, availability=lambda: [],
+                                    kernels={"conv_bias_act": dispatch.kernel("reference", "conv_bias_act"),
+                                             "conv_bias_act_backward": maskless})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_missing_relu_mask_still_fails(dtype):
+    case = conv_case(2, 8, 8, 5, 5, 3, 1, 1, True, False, None)
+    compare_backend(case, dtype, "cpu", False, "reference")  # the reference itself passes
+    with _conv_case_without_relu_mask(), pytest.raises(AssertionError, match="grad"):
+        compare_backend(case, dtype, "cpu", False, "cpp")

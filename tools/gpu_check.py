@@ -154,7 +154,7 @@ def phase_smoke(work: str, dry_run: bool) -> int:
     _tests_on_path()
     import torch
 
-    from helpers import run
+    from helpers import backend_vs_fp64
     from shvit_kernels import dispatch
 
     dispatch.set_verify(False)  # judge the kernels' own results, not the first-use check's reference fallback
@@ -186,24 +186,15 @@ def phase_smoke(work: str, dry_run: bool) -> int:
         row = dict(backend=backend, dtype=str(dtype).split(".")[-1], layout="cl" if cl else "nchw", case=name)
         try:
             torch.manual_seed(0)
-            fn, tensors = build(dtype, device, cl)
-            eager_out, eager_grads, eager_stats, grad_out = run(fn, tensors, "reference")
-            with dispatch.record() as calls:
-                got_out, got_grads, got_stats, _ = run(fn, tensors, backend, grad_out, strict=False)
+            calls, compared = backend_vs_fp64(build, dtype, device, cl, backend)
             if device == "cuda":
                 torch.cuda.synchronize()
             row["ran"] = sorted({f"{c.op}:{c.backend}" for c in calls})
-            if all(c.backend != backend for c in calls):
+            if compared is None:
                 reasons = {r for c in calls for r in dispatch.explain(c.op, *c.args).not_supported.get(backend, [])}
                 row.update(status="declined", reasons=sorted(reasons))
             else:
-                ref_out, ref_grads, ref_stats, _ = run(fn, {k: v.double() for k, v in tensors.items()}, "reference",
-                                                       grad_out.double())
-                checks = {"forward": _judge(got_out, eager_out, ref_out)}
-                for k in ref_grads:
-                    checks[f"grad {k}"] = _judge(got_grads[k], eager_grads[k], ref_grads[k])
-                for k in ref_stats:
-                    checks[k] = _judge(got_stats[k], eager_stats[k], ref_stats[k])
+                checks = {name: _judge(*triple) for name, triple in compared.items()}
                 row["checks"] = checks
                 row["status"] = "pass" if all(c["ok"] for c in checks.values()) else "fail"
         except Exception as e:  # one crash must not stop the rest

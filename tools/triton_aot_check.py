@@ -125,7 +125,7 @@ def _triton_on_cpu(cc: int, record):
 
 
 def _run_model(name, mode, dtype, layout, batch):
-    from shvit.model import create_model
+    from shvit import create_model
 
     torch.manual_seed(0)
     res = RESOLUTION.get(name, 224)

@@ -107,33 +107,10 @@ def shsa_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
     return reasons
 
 
-# Measured outside the tolerance rule on an H200 (tools/gpu_check.sh, 2026-11-30, triton 3.6.0; results in
-# benchmarks/results/gpu/2026-11-30-run1): the conv backwards in float16/bfloat16 (grad x of a bf16 1x1 conv up to
-# 5x PyTorch's error, of an fp16 depthwise 3x3 up to 100x) and shsa_train_backward (bf16 grad gn_weight 2.3x,
-# fp32 grad gn_bias 2.8x). Declined until fixed, so the reference (cuDNN) runs them.
-GPU_MEASURED_WRONG = "measured outside the tolerance rule on an H200 (2026-11-30)"
-
-
-def conv_backward_reasons(x, weight, groups, **args) -> List[str]:
-    reasons = conv_reasons(x, weight, groups, **args)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        reasons.append(f"the triton conv backward kernels in {x.dtype} were {GPU_MEASURED_WRONG}")
-    return reasons
-
-
-def shsa_train_backward_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
-    return shsa_reasons(x, qkv_weight, qk_dim, **args) + [f"the triton shsa_train_backward kernel was {GPU_MEASURED_WRONG}"]
-
-
 NOT_SUPPORTED = {
     op: {"conv_bn": conv_reasons, "ffn": ffn_reasons, "shsa": shsa_reasons}[module]
     for op, module in KERNEL_MODULES.items()
 }
-NOT_SUPPORTED.update(
-    conv_bias_act_backward=conv_backward_reasons,
-    conv_bn_train_backward=conv_backward_reasons,
-    shsa_train_backward=shsa_train_backward_reasons,
-)
 
 
 def _kernel(op: str):

@@ -260,7 +260,8 @@ def _grad_prep_kernel(go_ptr, out_ptr, g_ptr, y_ptr, mean_ptr, invstd_ptr, ps_pt
 @triton.jit
 def _bn_grad_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, a_ptr, b_ptr, d_ptr, gy_ptr, M, C, OH, OW,
                     sg_n, sg_c, sg_h, sg_w, BM: tl.constexpr, BC: tl.constexpr):
-    """BN backward through batch statistics: gy = a * (g - b - x_hat * d), written as fp32 (M, C)."""
+    """BN backward through batch statistics: gy = a * (g - b - x_hat * d), written as an (M, C) matrix in gy's
+    dtype (the activations' dtype: the GEMMs after it take it on tensor cores, as PyTorch's autocast does)."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     m_mask = offs_m < M
@@ -276,7 +277,7 @@ def _bn_grad_kernel(g_ptr, y_ptr, mean_ptr, invstd_ptr, a_ptr, b_ptr, d_ptr, gy_
     d = tl.load(d_ptr + offs_c, mask=c_mask, other=0.0)
     x_hat = (y - mean[None, :]) * invstd[None, :]
     gy = a[None, :] * (g - b[None, :] - x_hat * d[None, :])
-    tl.store(gy_ptr + offs_m[:, None] * C + offs_c[None, :], gy, mask=mask)
+    tl.store(gy_ptr + offs_m[:, None] * C + offs_c[None, :], gy.to(gy_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,8 +302,8 @@ def _out_hw(h, w, kh, kw, stride, pad):
     return (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
 
 
-def _scratch(shape, device):
-    return torch.empty(shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
+def _scratch(shape, device, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
 def launch_conv(src, weight, out, *, stride, pad, depthwise, transposed=False, bias=None,
@@ -471,9 +472,11 @@ def conv_bn_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, o
     mean, invstd = mean.float().contiguous(), torch.rsqrt(var.float() + eps).contiguous()
     g, sum_g, sum_gx = _grad_prep(grad_out, out, relu, y, mean, invstd)
     a = (bn_weight.float() * invstd).contiguous()
-    gy = torch.empty_like(y)
+    # The conv-output gradient in x's dtype: in fp16/bf16 the input- and weight-gradient GEMMs run on tensor
+    # cores (fp32 accumulation), as PyTorch's own mixed-precision backward does.
+    gy = _scratch(y.shape, x.device, x.dtype)
     _bn_grad_kernel[_ew_grid(m, co)](
         g, y, mean, invstd, a, sum_g / m, sum_gx / m, gy, m, co, oh, ow, *g.stride(), BM=EW_BM, BC=EW_BC,
         num_warps=4)
-    grad_x, grad_w = _conv_backward_from(gy, x, weight.float(), stride, padding, groups)
+    grad_x, grad_w = _conv_backward_from(gy, x, weight.to(x.dtype), stride, padding, groups)
     return grad_x, grad_w.to(weight.dtype), sum_gx.to(bn_weight.dtype), sum_g.to(bn_bias.dtype), g

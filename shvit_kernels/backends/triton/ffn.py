@@ -3,7 +3,8 @@
 Forward: one program per tile of tokens keeps its (tokens x C) input tile and a (tokens x C) fp32 output
 accumulator on chip and walks the hidden dimension in chunks, so the hidden activation never reaches memory.
 Backward: one pass recomputes the hidden chunks, accumulates grad_x on chip and writes the hidden activation
-and its gradient (fp32 scratch) for the two weight-gradient reductions, which reuse the conv kernels.
+and its gradient (scratch in x's dtype) for the two weight-gradient reductions, which reuse the conv kernels.
+Every GEMM takes its operands in x's dtype with fp32 accumulation (tensor cores in fp16/bf16).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _ffn_bwd_kernel(x_ptr, g_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, gh_ptr, gx_ptr,
     x = tl.load(x_ptr + pix_offsets(offs_m, H, W, sx_n, sx_h, sx_w)[:, None] + offs_c[None, :] * sx_c,
                 mask=mask, other=0.0)
     g = tl.load(g_ptr + pix_offsets(offs_m, H, W, sg_n, sg_h, sg_w)[:, None] + offs_c[None, :] * sg_c,
-                mask=mask, other=0.0).to(tl.float32)
-    acc = g  # the residual path
+                mask=mask, other=0.0)
+    g_op = g.to(x.dtype)  # GEMM operands in x's dtype: tensor cores in fp16/bf16, exact fp32 products in fp32
+    acc = g.to(tl.float32)  # the residual path
     for h0 in range(0, HID, BH):
         offs_h = h0 + tl.arange(0, BH)
         h_mask = offs_h < HID
@@ -66,19 +68,19 @@ def _ffn_bwd_kernel(x_ptr, g_ptr, w1_ptr, b1_ptr, w2_ptr, h_ptr, gh_ptr, gx_ptr,
         w1c = tl.load(w1_ptr + offs_h[None, :] * C + offs_c[:, None], mask=c_mask[:, None] & h_mask[None, :], other=0.0)
         hid = mma(x, w1c, tl.zeros((BM, BH), dtype=tl.float32))
         hid += tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)[None, :]
-        hid = tl.maximum(hid, 0.0).to(x.dtype).to(tl.float32)
+        hid = tl.maximum(hid, 0.0).to(x.dtype)  # as the forward rounds it
         w2c = tl.load(w2_ptr + offs_c[:, None] * HID + offs_h[None, :], mask=c_mask[:, None] & h_mask[None, :],
-                      other=0.0).to(tl.float32)
-        gh = mma(g, w2c, tl.zeros((BM, BH), dtype=tl.float32))
+                      other=0.0)
+        gh = mma(g_op, w2c, tl.zeros((BM, BH), dtype=tl.float32))
         gh = tl.where((hid > 0) & hm, gh, 0.0)
         so = offs_m[:, None] * HID + offs_h[None, :]
         tl.store(h_ptr + so, hid, mask=hm)
-        tl.store(gh_ptr + so, gh, mask=hm)
+        tl.store(gh_ptr + so, gh.to(gh_ptr.dtype.element_ty), mask=hm)
         tl.store(pb1_ptr + pid * HID + offs_h, tl.sum(gh, axis=0), mask=h_mask)
         w1r = tl.load(w1_ptr + offs_h[:, None] * C + offs_c[None, :], mask=h_mask[:, None] & c_mask[None, :],
-                      other=0.0).to(tl.float32)
-        acc = mma(gh, w1r, acc)
-    tl.store(pb2_ptr + pid * C + offs_c, tl.sum(g, axis=0), mask=c_mask)
+                      other=0.0)
+        acc = mma(gh.to(x.dtype), w1r, acc)
+    tl.store(pb2_ptr + pid * C + offs_c, tl.sum(g.to(tl.float32), axis=0), mask=c_mask)
     oo = pix_offsets(offs_m, H, W, so_n, so_h, so_w)
     tl.store(gx_ptr + oo[:, None] + offs_c[None, :] * so_c, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
@@ -161,14 +163,16 @@ def ffn_fused_backward(grad_out, x, w1, b1, w2, b2):
     m = nb * h * w
     bm, cp, bh, stages = _config("ffn_fused_backward", x, True)
     grid = triton.cdiv(m, bm)
-    # fp32 channels-last scratch for the hidden activation and its gradient
-    hbuf = torch.empty((nb, hid, h, w), dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+    # Channels-last scratch for the hidden activation (exact in x's dtype, as the forward rounds it) and its
+    # gradient, in x's dtype: the weight-gradient GEMMs then run on tensor cores in fp16/bf16.
+    hbuf = torch.empty((nb, hid, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     ghbuf = torch.empty_like(hbuf)
     pb1 = torch.empty((grid, hid), dtype=torch.float32, device=x.device)
     pb2 = torch.empty((grid, c), dtype=torch.float32, device=x.device)
     grad_x = empty_like_format(x.shape, x.dtype, x)
     _ffn_bwd_kernel[(grid,)](
-        x, grad_out, w1.reshape(hid, c).to(x.dtype).contiguous(), b1.contiguous(), w2.reshape(c, hid).contiguous(),
+        x, grad_out, w1.reshape(hid, c).to(x.dtype).contiguous(), b1.contiguous(),
+        w2.reshape(c, hid).to(x.dtype).contiguous(),
         hbuf, ghbuf, grad_x, pb1, pb2, m, c, hid, h, w, *x.stride(), *grad_out.stride(), *grad_x.stride(),
         BM=bm, CP=cp, BH=bh, num_warps=4 if cp <= 128 else 8, num_stages=stages)
     grad_w1 = launch_wgrad(x, ghbuf, w1.shape, stride=1, pad=0, depthwise=False)
