@@ -4,8 +4,9 @@
 1. Capture: a stand-in Triton driver reports a CUDA target (sm_90 or sm_80); Triton's JIT cache hook records
    each launch's signature, constexprs, specialization attributes and options and skips the launch. The
    models run on CPU tensors with the triton backend forced (its "CUDA tensors only" reason is waived; every
-   other decline stays and is reported): eval (fused, model in the dtype) and train (forward + backward,
-   autocast as ``shvit train`` does), fp32 / fp16 / bf16, NCHW and channels_last, for the chosen batches.
+   other decline stays and is reported): eval (fused, model in the dtype), train (forward + backward,
+   autocast as ``shvit train`` does) and fused_backward (gradients through a fused model), fp32 / fp16 /
+   bf16, NCHW and channels_last, for the chosen batches.
    Kernels never execute, so this is fast; the launchers' tile choice sees the target's shared-memory limit.
 2. Compile: each distinct specialization once, with the real compiler (``triton.compile`` of an
    ``ASTSource``) for the target. Shared memory comes from the metadata, registers and spill bytes from
@@ -45,7 +46,7 @@ MODELS = ("shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4")
 RESOLUTION = {"shvit_s4": 256}  # the paper's input sizes; others 224
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "cl")
-MODES = ("eval", "train")
+MODES = ("eval", "train", "fused_backward")  # fused_backward: gradients through a fused model (FFN backward)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,6 +137,9 @@ def _run_model(name, mode, dtype, layout, batch):
         model = model.eval().fuse().to(dtype)
         with torch.no_grad():
             model(x.to(dtype))
+    elif mode == "fused_backward":
+        model = model.eval().fuse().to(dtype)
+        model(x.to(dtype).requires_grad_()).float().sum().backward()
     else:
         model.train()
         x = x.repeat(2, 1, 1, 1) if batch == 1 else x  # the head's BatchNorm needs two samples to train

@@ -98,11 +98,13 @@ def _residual_act_store(v, offs_m, offs_c, mask, OH, OW, r_ptr, o_ptr, sr_n, sr_
 def _conv_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
                       M, CI, H, W, CO, OH, OW,
                       sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
+                      sw_k, sw_n, sw_h, sw_w,
                       KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                       TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                       RELU: tl.constexpr, STATS: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # w is (KH*KW, CI, CO) contiguous: one (CI, CO) GEMM operand per tap.
+    # The weight is read in place through its strides: one (CI, CO) GEMM operand per tap, element (k, n) of
+    # tap (kh, kw) at k * sw_k + n * sw_n + kh * sw_h + kw * sw_w (the transposed pass swaps sw_k and sw_n).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -117,7 +119,7 @@ def _conv_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
             kk = k0 + offs_k
             k_mask = kk < CI
             a = tl.load(x_ptr + xo[:, None] + kk[None, :] * sx_c, mask=ok[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + (t * CI + kk)[:, None] * CO + offs_n[None, :],
+            b = tl.load(w_ptr + (t // KW) * sw_h + (t % KW) * sw_w + kk[:, None] * sw_k + offs_n[None, :] * sw_n,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc = mma(a, b, acc)
     _conv_epilogue(acc, pid_m, offs_m, m_mask, offs_n, n_mask, OH, OW, CO, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
@@ -128,10 +130,11 @@ def _conv_gemm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
 def _conv_dw_kernel(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
                     M, C, H, W, OH, OW,
                     sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
+                    sw_c, sw_h, sw_w,
                     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                     TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                     RELU: tl.constexpr, STATS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    # w is (KH*KW, C) contiguous.
+    # The (C, 1, KH, KW) weight is read in place through its strides.
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -142,7 +145,7 @@ def _conv_dw_kernel(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
     for t in tl.static_range(KH * KW):
         xo, ok = _gather(offs_m, m_mask, t // KW, t % KW, OH, OW, H, W, sx_n, sx_h, sx_w, STRIDE, PAD, TRANSPOSED)
         a = tl.load(x_ptr + xo[:, None] + offs_c[None, :] * sx_c, mask=ok[:, None] & c_mask[None, :], other=0.0)
-        wv = tl.load(w_ptr + t * C + offs_c, mask=c_mask, other=0.0)
+        wv = tl.load(w_ptr + (t // KW) * sw_h + (t % KW) * sw_w + offs_c * sw_c, mask=c_mask, other=0.0)
         acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
     _conv_epilogue(acc, pid_m, offs_m, m_mask, offs_c, c_mask, OH, OW, C, b_ptr, r_ptr, o_ptr, ps_ptr, pm_ptr,
                    sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w, HAS_BIAS, HAS_RES, RELU, STATS)
@@ -310,21 +313,22 @@ def launch_conv(src, weight, out, *, stride, pad, depthwise, transposed=False, b
                 residual=None, relu=False, stats=False):
     """Run one conv (or, transposed, the input gradient of one) from ``src`` into ``out``.
 
-    ``weight`` has the conv's own layout (C_out, C_in/groups, kH, kW). fp32 scratch buffers are
-    channels-last 4-D tensors, so kernels can also index them as (M, C) matrices. Returns per-tile
-    (sum, m2, count) when ``stats``.
+    ``weight`` has the conv's own shape (C_out, C_in/groups, kH, kW), in any strides (read in place: no
+    per-call copy; it must already be in ``src``'s dtype). fp32 scratch buffers are channels-last 4-D tensors,
+    so kernels can also index them as (M, C) matrices. Returns per-tile (sum, m2, count) when ``stats``.
     """
     nb, ci, h, w = src.shape
     kh, kw = weight.shape[2:]
     co, oh, ow = out.shape[1:]
     m = nb * oh * ow
-    dt = src.dtype
+    if weight.dtype != src.dtype:
+        raise TypeError(f"{OP} (triton): the weight ({weight.dtype}) must be in the input's dtype ({src.dtype})")
     if depthwise:
-        wt = weight.reshape(weight.shape[0], kh * kw).t().to(dt).contiguous()
+        w_strides = (weight.stride(0), weight.stride(2), weight.stride(3))
         bm, bn = 32, min(64, pow2(co))
-    else:
-        perm = (2, 3, 0, 1) if transposed else (2, 3, 1, 0)
-        wt = weight.permute(*perm).to(dt).contiguous()
+    else:  # GEMM K runs over the weight's input channels (its output channels when transposed)
+        k_dim, n_dim = (0, 1) if transposed else (1, 0)
+        w_strides = (weight.stride(k_dim), weight.stride(n_dim), weight.stride(2), weight.stride(3))
         bm, bn, bk = 64, min(64, pow2(co)), min(32, pow2(ci))
     grid = (triton.cdiv(m, bm), triton.cdiv(co, bn))
     ps = pm = None
@@ -336,13 +340,13 @@ def launch_conv(src, weight, out, *, stride, pad, depthwise, transposed=False, b
         bias if bias is not None else dummy, residual if residual is not None else dummy, out,
         ps if stats else dummy, pm if stats else dummy,
     )
-    tail = (*strides4(src), *strides4(residual), *out.stride())
+    tail = (*strides4(src), *strides4(residual), *out.stride(), *w_strides)
     flags = dict(KH=kh, KW=kw, STRIDE=stride, PAD=pad, TRANSPOSED=transposed, HAS_BIAS=bias is not None,
                  HAS_RES=residual is not None, RELU=relu, STATS=stats, num_warps=4)
     if depthwise:
-        _conv_dw_kernel[grid](src, wt, *common, m, co, h, w, oh, ow, *tail, BM=bm, BC=bn, **flags)
+        _conv_dw_kernel[grid](src, weight, *common, m, co, h, w, oh, ow, *tail, BM=bm, BC=bn, **flags)
     else:
-        _conv_gemm_kernel[grid](src, wt, *common, m, ci, h, w, co, oh, ow, *tail, BM=bm, BN=bn, BK=bk, **flags)
+        _conv_gemm_kernel[grid](src, weight, *common, m, ci, h, w, co, oh, ow, *tail, BM=bm, BN=bn, BK=bk, **flags)
     if stats:
         counts = torch.full((grid[0],), float(bm), dtype=torch.float32, device=src.device)
         counts[-1] = m - bm * (grid[0] - 1)

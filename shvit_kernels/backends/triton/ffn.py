@@ -104,14 +104,16 @@ def _blocks(c, backward, dtype, limit):
 
     The hidden loop's weight chunks are what Triton stages in shared memory: (stages - 1) buffers of two
     (forward) or three (backward: w1, w2, and w1 again for grad_x) (CP x BH) chunks, plus the (BM x CP) dot
-    operand tile. Wide C gets shorter token tiles (tl.dot needs >= 16 rows), fewer stages, then narrower chunks.
+    operand tiles (x; the backward's grad_out too: without it the fp32 C=256 backward needed 233,472 bytes). Wide C gets shorter token tiles (tl.dot needs >= 16 rows), fewer stages, then narrower chunks.
     """
     cp = pow2(c)
-    bm = 32 if cp <= (128 if backward else 256) else 16
     elt = 4 if backward else torch.empty((), dtype=dtype).element_size()
+    # 16-token tiles from 256 channels in fp32 or the backward (32 x 256 fp32 tiles spilled 9.5 KB per thread)
+    bm = 32 if cp <= (256 if elt == 2 else 128) else 16
     chunks = 3 if backward else 2
+    tiles = 2 if backward else 1  # (BM x CP) dot operands: x, and the backward's grad_out
     for stages, bh in ((3, 32), (2, 32), (2, 16), (1, 16)):
-        need = (max(stages - 1, 1) * chunks * cp * bh + bm * cp) * elt + _SMEM_MARGIN
+        need = (max(stages - 1, 1) * chunks * cp * bh + tiles * bm * cp) * elt + _SMEM_MARGIN
         if need <= limit:
             return bm, cp, bh, stages
     return None

@@ -86,11 +86,12 @@ def _project(w_ptr, r0, NR, P, offs_p, p_mask, xop, RP: tl.constexpr):
 
 @triton.jit
 def _row_affine(v, cs_ptr, csh_ptr, r0, NR, RP: tl.constexpr):
+    """v * scale + shift per row; a null ``cs_ptr`` is a scale of one (inference: the qkv bias only)."""
     offs_r = tl.arange(0, RP)
     r_mask = offs_r < NR
-    cs = tl.load(cs_ptr + r0 + offs_r, mask=r_mask, other=0.0)
-    csh = tl.load(csh_ptr + r0 + offs_r, mask=r_mask, other=0.0)
-    return v * cs[:, None] + csh[:, None]
+    if cs_ptr is not None:
+        v = v * tl.load(cs_ptr + r0 + offs_r, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+    return v + tl.load(csh_ptr + r0 + offs_r, mask=r_mask, other=0.0).to(tl.float32)[:, None]
 
 
 @triton.jit
@@ -465,14 +466,22 @@ class _Dims:
         # 32-token blocks: the (PP x block) fp32 tiles of x, v and the accumulator next to the (PP x PP) weight
         # tile otherwise exceed 255 registers per thread (the sm_90 compile spilled 37 KB per thread at 64)
         big = self.pp >= 128
-        self.blk = pow2(self.n) if self.n <= (32 if big else 128) else (32 if big else 64)
+        # fp32 at PP=128: 16-token blocks (32 spilled 14-17 KB per thread in the projection and forward kernels)
+        wide = 16 if big and x.element_size() == 4 else (32 if big else 64)
+        self.blk = pow2(self.n) if self.n <= (wide if big else 128) else wide
         self.nblk = triton.cdiv(self.n, self.blk)
+        # the backward's attention passes hold more fp32 tiles (q, k, v, g, p, dq or dk/dv) than the forward:
+        # at most 32 tokens (16 at PP=128) per block (64 spilled ~1 KB per thread at PP=64)
+        self.bwd_blk = min(self.blk, 16 if big else 32)
+        self.bwd_nblk = triton.cdiv(self.n, self.bwd_blk)
         # 8 warps once a (PP x PP) weight tile or a (PP x block) tile would crowd 4 warps' registers (spills)
         self.warps = 4 if max(self.blk, self.pp) * self.pp < 64 * 64 else 8  # PP=64 x 64 tokens spilled 44 KB at 4
         # the input-gradient pass holds three fp32 (rows x PP) weight-gradient accumulators plus the W groups:
         # shorter token blocks and no pipelining keep its staged tiles within shared memory and registers
-        self.in_blk = min(self.blk, 32) if self.pp >= 128 else self.blk
+        self.in_blk = min(self.blk, 16) if self.pp >= 128 else min(self.blk, 32)
         self.in_stages = 1 if self.pp >= 128 else 2
+        # ... and at PP=128 its (PP x PP) fp32 accumulator alone is 64 registers per thread at 8 warps: 16 warps
+        self.in_warps = 16 if self.pp >= 128 else self.warps
         self.sm_scale = qk_dim ** -0.5
 
 
@@ -484,7 +493,7 @@ def _attention_forward(x, qkv_weight, cs, csh, gw, gb, d, gn_eps):
     out = empty_like_format(x.shape, x.dtype, x)
     w2 = qkv_weight.reshape(d.r, d.p).to(x.dtype).contiguous()
     _shsa_fwd_kernel[(d.b, d.nblk)](
-        x, w2, cs, csh, gw if gw is not None else cs, gb if gb is not None else cs, out,
+        x, w2, cs, csh, gw if gw is not None else csh, gb if gb is not None else csh, out,
         d.c, d.p, d.n, d.q, *_xs(x), *_xs(out), float(gn_eps), d.sm_scale * LOG2E,
         AFFINE=gw is not None, QP=d.qp, PP=d.pp, BQ=d.blk, BK=d.blk, BC=32, num_warps=d.warps)
     return out
@@ -494,8 +503,8 @@ def shsa_fused(x, qkv_weight, qkv_bias, qk_dim, gn_eps):
     _check("shsa_fused", x, qkv_weight, qk_dim, (("qkv_weight", qkv_weight), ("qkv_bias", qkv_bias)))
     x = as_nchw_or_cl(x)
     d = _Dims(x, qkv_weight, qk_dim)
-    cs = torch.ones(d.r, dtype=torch.float32, device=x.device)
-    return _attention_forward(x, qkv_weight, cs, qkv_bias.float().contiguous(), None, None, d, gn_eps)
+    # no scale (None) and the bias in its own dtype: nothing is allocated, filled or cast per call
+    return _attention_forward(x, qkv_weight, None, qkv_bias.contiguous(), None, None, d, gn_eps)
 
 
 def shsa_train(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn_eps, bn_eps):
@@ -530,17 +539,17 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     rstd = torch.empty((d.b,), dtype=f32, device=dev)
     gwp = gw if train else cs
     gbp = gb if train else cs
-    _shsa_proj_kernel[(d.b, d.nblk)](
+    _shsa_proj_kernel[(d.b, d.bwd_nblk)](  # exact fp32 operands: the backward's (smaller) blocks
         x, w32, gwp, gbp, pre, xn, rstd, pre, pre, d.p, d.n, d.q, d.r, *_xs(x), float(gn_eps),
-        AFFINE=train, STORE=True, QP=d.qp, PP=d.pp, BN=d.blk, num_warps=d.warps)
+        AFFINE=train, STORE=True, QP=d.qp, PP=d.pp, BN=d.bwd_blk, num_warps=d.warps)
     gqkv = torch.empty_like(pre)
     lse = torch.empty((d.b, d.n), dtype=f32, device=dev)
     dd = torch.empty_like(lse)
     args = (pre, cs, csh, grad_out, out, gqkv, lse, dd, d.p, d.n, d.q, d.r, *_xs(grad_out), *_xs(out),
             d.sm_scale * LOG2E, d.sm_scale)
-    meta = dict(QP=d.qp, PP=d.pp, BQ=d.blk, BK=d.blk, num_warps=d.warps)
-    _shsa_bwd_q_kernel[(d.b, d.nblk)](*args, **meta)
-    _shsa_bwd_kv_kernel[(d.b, d.nblk)](*args, **meta)
+    meta = dict(QP=d.qp, PP=d.pp, BQ=d.bwd_blk, BK=d.bwd_blk, num_warps=d.warps)
+    _shsa_bwd_q_kernel[(d.b, d.bwd_nblk)](*args, **meta)
+    _shsa_bwd_kv_kernel[(d.b, d.bwd_nblk)](*args, **meta)
     s1 = s2 = None
     if train:
         bn_weight, mean, var, bn_eps = bn
@@ -560,7 +569,7 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     _shsa_bwd_in_kernel[(d.b,)](
         gqkv, pre, xn, rstd, w32, gwp, gbp, table, grad_out, out, grad_x, pw, pr, pgw, pgb,
         d.c, d.p, d.n, d.q, d.r, *_xs(grad_out), *_xs(out), *_xs(grad_x),
-        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, num_warps=d.warps, num_stages=d.in_stages)
+        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, num_warps=d.in_warps, num_stages=d.in_stages)
     return grad_x, pw.sum(0), pr.sum(0), pgw.sum(0), pgb.sum(0), s2, s1
 
 
