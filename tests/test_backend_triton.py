@@ -217,6 +217,19 @@ def test_interpreter_computes_bf16_dots_and_casts_as_a_gpu():
     torch.testing.assert_close(c, (a.double() @ b.double()).float(), rtol=1e-6, atol=1e-5)
     assert torch.equal(rounded, c.bfloat16())
 
+    @tr.jit
+    def tf32x3_dot(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+        i, j, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+        a = tl.load(a_ptr + i[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + j[None, :])
+        tl.store(c_ptr + i[:, None] * N + j[None, :], tl.dot(a, b, input_precision="tf32x3"))
+
+    a, b = torch.randn(16, 64), torch.randn(64, 16)
+    tf32x3_dot[(1,)](a, b, c, 16, 16, 64)
+    exact = a.double() @ b.double()
+    err = (c.double() - exact).abs().max().item()
+    assert 0 < err < 1e-4, err  # not the interpreter's exact fp32 products, yet about fp32's accuracy
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The GPU check's cases end to end (forward and autograd backward through the ops), as on a GPU

@@ -129,6 +129,17 @@ def mma(a, b, acc):
 
 
 @triton.jit
+def mma_fp32(a, b, acc, TF32X3: tl.constexpr):
+    """acc + a @ b for fp32 operands: exact fp32 products, or (TF32X3) three TF32 tensor-core products per
+    term (the operands split into high and low TF32 parts; about fp32's accuracy at tensor-core speed). For the
+    fp32 intermediates of an fp16/bf16 op's backward, where rounding them to the op's dtype loses too much."""
+    if TF32X3:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def pix_offsets(offs_m, OH, OW, s_n, s_h, s_w):
     """Memory offsets of flattened output pixels m = (n, oh, ow) for a tensor with strides (s_n, s_h, s_w)."""
     n = offs_m // (OH * OW)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chan_combine, check_dtype, empty_like_format, mma, pow2, as_nchw_or_cl
+from .common import as_nchw_or_cl, chan_combine, check_dtype, empty_like_format, mma, mma_fp32, pow2
 from .limits import SHSA_MAX_P, SHSA_MAX_QK_DIM
 
 LOG2E = 1.4426950408889634
@@ -76,11 +76,14 @@ def _load_xn(xb, offs_p, p_mask, offs_n, n_mask, s_c, s_t, mean, rstd, gw_ptr, g
 
 
 @triton.jit
-def _project(w_ptr, r0, NR, P, offs_p, p_mask, xop, RP: tl.constexpr):
-    """Rows r0 .. r0+NR of W (2Q+P, P) times the (P, tokens) operand: (RP, tokens) fp32."""
+def _project(w_ptr, r0, NR, P, offs_p, p_mask, xop, RP: tl.constexpr, TC: tl.constexpr):
+    """Rows r0 .. r0+NR of W (2Q+P, P) times the (P, tokens) operand: (RP, tokens) fp32. TC: fp32 operands on
+    tensor cores (tf32x3)."""
     offs_r = tl.arange(0, RP)
     wt = tl.load(w_ptr + (r0 + offs_r)[:, None] * P + offs_p[None, :],
                  mask=(offs_r < NR)[:, None] & p_mask[None, :], other=0.0)
+    if xop.dtype == tl.float32:
+        return mma_fp32(wt.to(tl.float32), xop, tl.zeros((RP, xop.shape[1]), dtype=tl.float32), TC)
     return mma(wt.to(xop.dtype), xop, tl.zeros((RP, xop.shape[1]), dtype=tl.float32))
 
 
@@ -123,7 +126,7 @@ def _online_attention(q, kv_src, N, BK: tl.constexpr, qk_scale,
                       xb, offs_p, p_mask, s_c, s_t, mean, rstd, gw_ptr, gb_ptr, w_ptr, P, QK,
                       pre_b, cs_ptr, csh_ptr,
                       FROM_PRE: tl.constexpr, AFFINE: tl.constexpr, EXACT: tl.constexpr,
-                      QP: tl.constexpr, PP: tl.constexpr):
+                      QP: tl.constexpr, PP: tl.constexpr, TC: tl.constexpr):
     """softmax(q^T k) v^T for one query tile against all keys: returns (ya (PP, BQ) fp32, log2-sum-exp).
 
     k and v come from x (recomputed per key block) or, in the backward, from the fp32 pre-affine scratch.
@@ -136,14 +139,20 @@ def _online_attention(q, kv_src, N, BK: tl.constexpr, qk_scale,
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < N
         k, v = _keys_values(offs_k, k_mask, N, xb, offs_p, p_mask, s_c, s_t, mean, rstd, gw_ptr, gb_ptr, w_ptr,
-                            P, QK, pre_b, cs_ptr, csh_ptr, FROM_PRE, AFFINE, EXACT, QP, PP)
-        s = mma(tl.trans(q), k.to(q.dtype), tl.zeros((BQ, BK), dtype=tl.float32)) * qk_scale
+                            P, QK, pre_b, cs_ptr, csh_ptr, FROM_PRE, AFFINE, EXACT, QP, PP, TC)
+        if EXACT:
+            s = mma_fp32(tl.trans(q), k, tl.zeros((BQ, BK), dtype=tl.float32), TC) * qk_scale
+        else:
+            s = mma(tl.trans(q), k.to(q.dtype), tl.zeros((BQ, BK), dtype=tl.float32)) * qk_scale
         s = tl.where(k_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = mma(v, tl.trans(p.to(v.dtype)), acc * alpha[None, :])
+        if EXACT:
+            acc = mma_fp32(v, tl.trans(p), acc * alpha[None, :], TC)
+        else:
+            acc = mma(v, tl.trans(p.to(v.dtype)), acc * alpha[None, :])
         m_i = m_new
     return acc / l_i[None, :], m_i + tl.log2(l_i)
 
@@ -151,14 +160,14 @@ def _online_attention(q, kv_src, N, BK: tl.constexpr, qk_scale,
 @triton.jit
 def _keys_values(offs_k, k_mask, N, xb, offs_p, p_mask, s_c, s_t, mean, rstd, gw_ptr, gb_ptr, w_ptr, P, QK,
                  pre_b, cs_ptr, csh_ptr, FROM_PRE: tl.constexpr, AFFINE: tl.constexpr, EXACT: tl.constexpr,
-                 QP: tl.constexpr, PP: tl.constexpr):
+                 QP: tl.constexpr, PP: tl.constexpr, TC: tl.constexpr):
     if FROM_PRE:
         k = _load_rows(pre_b, QK, QK, N, offs_k, k_mask, QP)
         v = _load_rows(pre_b, 2 * QK, P, N, offs_k, k_mask, PP)
     else:
         _, xop = _load_xn(xb, offs_p, p_mask, offs_k, k_mask, s_c, s_t, mean, rstd, gw_ptr, gb_ptr, AFFINE, EXACT)
-        k = _project(w_ptr, QK, QK, P, offs_p, p_mask, xop, QP)
-        v = _project(w_ptr, 2 * QK, P, P, offs_p, p_mask, xop, PP)
+        k = _project(w_ptr, QK, QK, P, offs_p, p_mask, xop, QP, TC)
+        v = _project(w_ptr, 2 * QK, P, P, offs_p, p_mask, xop, PP, TC)
     k = _row_affine(k, cs_ptr, csh_ptr, QK, QK, QP)
     v = _row_affine(v, cs_ptr, csh_ptr, 2 * QK, P, PP)
     if not EXACT:  # the reference forward holds qkv in x's dtype
@@ -184,10 +193,10 @@ def _shsa_fwd_kernel(x_ptr, w_ptr, cs_ptr, csh_ptr, gw_ptr, gb_ptr, o_ptr,
     offs_q = tl.program_id(1) * BQ + tl.arange(0, BQ)
     q_mask = offs_q < N
     _, xop = _load_xn(xb, offs_p, p_mask, offs_q, q_mask, sx_c, sx_t, mean, rstd, gw_ptr, gb_ptr, AFFINE, False)
-    q = _row_affine(_project(w_ptr, 0, QK, P, offs_p, p_mask, xop, QP), cs_ptr, csh_ptr, 0, QK, QP)
+    q = _row_affine(_project(w_ptr, 0, QK, P, offs_p, p_mask, xop, QP, False), cs_ptr, csh_ptr, 0, QK, QP)
     q = q.to(x_ptr.dtype.element_ty)
     ya, _ = _online_attention(q, 0, N, BK, qk_scale, xb, offs_p, p_mask, sx_c, sx_t, mean, rstd, gw_ptr, gb_ptr,
-                              w_ptr, P, QK, w_ptr, cs_ptr, csh_ptr, False, AFFINE, False, QP, PP)
+                              w_ptr, P, QK, w_ptr, cs_ptr, csh_ptr, False, AFFINE, False, QP, PP, False)
     ya = tl.maximum(ya, 0.0)
     tl.store(ob + offs_p[:, None] * so_c + offs_q[None, :] * so_t, ya.to(o_ptr.dtype.element_ty),
              mask=p_mask[:, None] & q_mask[None, :])
@@ -214,7 +223,7 @@ def _row_stats(v, valid, ps_ptr, pm_ptr, row, r0, NR, RP: tl.constexpr):
 def _shsa_proj_kernel(x_ptr, w_ptr, gw_ptr, gb_ptr, pre_ptr, xn_ptr, rstd_ptr, ps_ptr, pm_ptr,
                       P, N, QK, R, sx_b, sx_c, sx_t, gn_eps,
                       AFFINE: tl.constexpr, STORE: tl.constexpr, QP: tl.constexpr, PP: tl.constexpr,
-                      BN: tl.constexpr):
+                      BN: tl.constexpr, TC: tl.constexpr):
     """Raw qkv = W GroupNorm(x) for one token block: per-row statistics (training forward, x's dtype as the
     reference rounds) or, STORE, the exact fp32 qkv, xn and 1/std written to scratch (backward)."""
     b = tl.program_id(0)
@@ -226,9 +235,9 @@ def _shsa_proj_kernel(x_ptr, w_ptr, gw_ptr, gb_ptr, pre_ptr, xn_ptr, rstd_ptr, p
     offs_n = nb * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     xn, xop = _load_xn(xb, offs_p, p_mask, offs_n, n_mask, sx_c, sx_t, mean, rstd, gw_ptr, gb_ptr, AFFINE, STORE)
-    pq = _project(w_ptr, 0, QK, P, offs_p, p_mask, xop, QP)
-    pk = _project(w_ptr, QK, QK, P, offs_p, p_mask, xop, QP)
-    pv = _project(w_ptr, 2 * QK, P, P, offs_p, p_mask, xop, PP)
+    pq = _project(w_ptr, 0, QK, P, offs_p, p_mask, xop, QP, TC)
+    pk = _project(w_ptr, QK, QK, P, offs_p, p_mask, xop, QP, TC)
+    pv = _project(w_ptr, 2 * QK, P, P, offs_p, p_mask, xop, PP, TC)
     if STORE:
         pre_b = pre_ptr + b * R * N
         _store_rows(pre_b, pq, 0, QK, N, offs_n, n_mask, QP)
@@ -256,29 +265,29 @@ def _bwd_block(pre_ptr, R, N, P, PP: tl.constexpr, BLK: tl.constexpr):
 def _scratch_kv(pre_b, offs_k, k_mask, N, offs_p, p_mask, cs_ptr, csh_ptr, P, QK, QP: tl.constexpr, PP: tl.constexpr):
     """Exact fp32 k and v for a key block, from the backward's pre-affine qkv scratch."""
     return _keys_values(offs_k, k_mask, N, pre_b, offs_p, p_mask, 0, 0, 0.0, 1.0, cs_ptr, cs_ptr, cs_ptr, P, QK,
-                        pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP)
+                        pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP, False)
 
 
 @triton.jit
 def _shsa_bwd_q_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse_ptr, dd_ptr,
                        P, N, QK, R, sg_b, sg_c, sg_t, so_b, so_c, so_t, qk_scale, sm_scale,
-                       QP: tl.constexpr, PP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+                       QP: tl.constexpr, PP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
     """dq for one query block; also stores its log2-sum-exp and D = sum_c g * ya for the dk/dv pass."""
     b, pre_b, offs_p, p_mask, offs_q, q_mask = _bwd_block(pre_ptr, R, N, P, PP, BQ)
     q = _row_affine(_load_rows(pre_b, 0, QK, N, offs_q, q_mask, QP), cs_ptr, csh_ptr, 0, QK, QP)
     g = _masked_grad(go_ptr + b * sg_b, out_ptr + b * so_b, offs_p, p_mask, offs_q, q_mask, sg_c, sg_t, so_c, so_t)
     ya, lse = _online_attention(q, 0, N, BK, qk_scale, pre_b, offs_p, p_mask, 0, 0, 0.0, 1.0, cs_ptr, cs_ptr,
-                                cs_ptr, P, QK, pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP)
+                                cs_ptr, P, QK, pre_b, cs_ptr, csh_ptr, True, False, True, QP, PP, TC)
     dd = tl.sum(g * ya, axis=0)
     dq = tl.zeros((QP, BQ), dtype=tl.float32)
     for k0 in range(0, N, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < N
         k, v = _scratch_kv(pre_b, offs_k, k_mask, N, offs_p, p_mask, cs_ptr, csh_ptr, P, QK, QP, PP)
-        s = mma(tl.trans(q), k, tl.zeros((BQ, BK), dtype=tl.float32)) * qk_scale
+        s = mma_fp32(tl.trans(q), k, tl.zeros((BQ, BK), dtype=tl.float32), TC) * qk_scale
         p = tl.where(k_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        g_attn = mma(tl.trans(g), v, tl.zeros((BQ, BK), dtype=tl.float32))
-        dq = mma(k, tl.trans(p * (g_attn - dd[:, None])), dq)
+        g_attn = mma_fp32(tl.trans(g), v, tl.zeros((BQ, BK), dtype=tl.float32), TC)
+        dq = mma_fp32(k, tl.trans(p * (g_attn - dd[:, None])), dq, TC)
     _store_rows(gqkv_ptr + b * R * N, dq * sm_scale, 0, QK, N, offs_q, q_mask, QP)
     tl.store(lse_ptr + b * N + offs_q, lse, mask=q_mask)
     tl.store(dd_ptr + b * N + offs_q, dd, mask=q_mask)
@@ -287,7 +296,7 @@ def _shsa_bwd_q_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse_
 @triton.jit
 def _shsa_bwd_kv_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse_ptr, dd_ptr,
                         P, N, QK, R, sg_b, sg_c, sg_t, so_b, so_c, so_t, qk_scale, sm_scale,
-                        QP: tl.constexpr, PP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+                        QP: tl.constexpr, PP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, TC: tl.constexpr):
     """dk and dv for one key block, looping over all query blocks."""
     b, pre_b, offs_p, p_mask, offs_k, k_mask = _bwd_block(pre_ptr, R, N, P, PP, BK)
     k, v = _scratch_kv(pre_b, offs_k, k_mask, N, offs_p, p_mask, cs_ptr, csh_ptr, P, QK, QP, PP)
@@ -301,11 +310,11 @@ def _shsa_bwd_kv_kernel(pre_ptr, cs_ptr, csh_ptr, go_ptr, out_ptr, gqkv_ptr, lse
         # padded queries get lse = +inf, so their probabilities are exactly 0
         lse = tl.load(lse_ptr + b * N + offs_q, mask=q_mask, other=float("inf"))
         dd = tl.load(dd_ptr + b * N + offs_q, mask=q_mask, other=0.0)
-        s = mma(tl.trans(q), k, tl.zeros((BQ, BK), dtype=tl.float32)) * qk_scale
+        s = mma_fp32(tl.trans(q), k, tl.zeros((BQ, BK), dtype=tl.float32), TC) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        dv = mma(g, p, dv)
-        g_attn = mma(tl.trans(g), v, tl.zeros((BQ, BK), dtype=tl.float32))
-        dk = mma(q, p * (g_attn - dd[:, None]), dk)
+        dv = mma_fp32(g, p, dv, TC)
+        g_attn = mma_fp32(tl.trans(g), v, tl.zeros((BQ, BK), dtype=tl.float32), TC)
+        dk = mma_fp32(q, p * (g_attn - dd[:, None]), dk, TC)
     g_b = gqkv_ptr + b * R * N
     _store_rows(g_b, dk * sm_scale, QK, QK, N, offs_k, k_mask, QP)
     _store_rows(g_b, dv, 2 * QK, P, N, offs_k, k_mask, PP)
@@ -331,7 +340,7 @@ def _graw_rows(g_b, pre_b, r0, NR, R, N, offs_n, n_mask, bn_ptr, TRAIN: tl.const
 
 @triton.jit
 def _input_grad_tile(g_b, pre_b, xn_b, w_ptr, bn_ptr, gw, gb, offs_p, p_mask, offs_n, n_mask, P, N, QK, R,
-                     TRAIN: tl.constexpr, QP: tl.constexpr, PP: tl.constexpr):
+                     TRAIN: tl.constexpr, QP: tl.constexpr, PP: tl.constexpr, TC: tl.constexpr):
     """For one token block: xn, the GEMM input xg, the raw-qkv gradients and g_xg = W^T g_raw (all fp32)."""
     xn = _load_rows(xn_b, 0, P, N, offs_n, n_mask, PP)
     if TRAIN:
@@ -346,9 +355,9 @@ def _input_grad_tile(g_b, pre_b, xn_b, w_ptr, bn_ptr, gw, gb, offs_p, p_mask, of
     wq = tl.load(w_ptr + offs_qr[:, None] * P + offs_p[None, :], mask=(offs_qr < QK)[:, None] & p_mask[None, :], other=0.0)
     wk = tl.load(w_ptr + (QK + offs_qr)[:, None] * P + offs_p[None, :], mask=(offs_qr < QK)[:, None] & p_mask[None, :], other=0.0)
     wv = tl.load(w_ptr + (2 * QK + offs_p)[:, None] * P + offs_p[None, :], mask=p_mask[:, None] & p_mask[None, :], other=0.0)
-    gxg = mma(tl.trans(wq), gq, tl.zeros((PP, offs_n.shape[0]), dtype=tl.float32))
-    gxg = mma(tl.trans(wk), gk, gxg)
-    gxg = mma(tl.trans(wv), gv, gxg)
+    gxg = mma_fp32(tl.trans(wq), gq, tl.zeros((PP, offs_n.shape[0]), dtype=tl.float32), TC)
+    gxg = mma_fp32(tl.trans(wk), gk, gxg, TC)
+    gxg = mma_fp32(tl.trans(wv), gv, gxg, TC)
     return xn, xg, gq, gk, gv, gxg
 
 
@@ -357,7 +366,7 @@ def _shsa_bwd_in_kernel(gqkv_ptr, pre_ptr, xn_ptr, rstd_ptr, w_ptr, gw_ptr, gb_p
                         go_ptr, out_ptr, gx_ptr, pw_ptr, pr_ptr, pgw_ptr, pgb_ptr,
                         C, P, N, QK, R, sg_b, sg_c, sg_t, so_b, so_c, so_t, sx_b, sx_c, sx_t,
                         TRAIN: tl.constexpr, QP: tl.constexpr, PP: tl.constexpr, BN: tl.constexpr,
-                        BC: tl.constexpr):
+                        BC: tl.constexpr, TC: tl.constexpr):
     """Per image: projection backward (grad W partials, W^T g), GroupNorm backward, pass-through channels."""
     b = tl.program_id(0)
     g_b = gqkv_ptr + b * R * N
@@ -385,10 +394,10 @@ def _shsa_bwd_in_kernel(gqkv_ptr, pre_ptr, xn_ptr, rstd_ptr, w_ptr, gw_ptr, gb_p
         offs_n = n0 + tl.arange(0, BN)
         n_mask = offs_n < N
         xn, xg, gq, gk, gv, gxg = _input_grad_tile(g_b, pre_b, xn_b, w_ptr, bn_ptr, gw, gb, offs_p, p_mask, offs_n,
-                                                   n_mask, P, N, QK, R, TRAIN, QP, PP)
-        acc_q = mma(gq, tl.trans(xg), acc_q)
-        acc_k = mma(gk, tl.trans(xg), acc_k)
-        acc_v = mma(gv, tl.trans(xg), acc_v)
+                                                   n_mask, P, N, QK, R, TRAIN, QP, PP, TC)
+        acc_q = mma_fp32(gq, tl.trans(xg), acc_q, TC)
+        acc_k = mma_fp32(gk, tl.trans(xg), acc_k, TC)
+        acc_v = mma_fp32(gv, tl.trans(xg), acc_v, TC)
         sum_q += tl.sum(gq, axis=1)
         sum_k += tl.sum(gk, axis=1)
         sum_v += tl.sum(gv, axis=1)
@@ -405,7 +414,7 @@ def _shsa_bwd_in_kernel(gqkv_ptr, pre_ptr, xn_ptr, rstd_ptr, w_ptr, gw_ptr, gb_p
         offs_n = n0 + tl.arange(0, BN)
         n_mask = offs_n < N
         xn, xg, gq, gk, gv, gxg = _input_grad_tile(g_b, pre_b, xn_b, w_ptr, bn_ptr, gw, gb, offs_p, p_mask, offs_n,
-                                                   n_mask, P, N, QK, R, TRAIN, QP, PP)
+                                                   n_mask, P, N, QK, R, TRAIN, QP, PP, TC)
         gx = rstd * (gxg * gw[:, None] - m1 - xn * m2)
         tl.store(gx_ptr + b * sx_b + offs_p[:, None] * sx_c + offs_n[None, :] * sx_t, gx.to(gx_ptr.dtype.element_ty),
                  mask=p_mask[:, None] & n_mask[None, :])
@@ -518,7 +527,7 @@ def shsa_train(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, gn
     pm = torch.empty_like(ps)
     _shsa_proj_kernel[(d.b, d.nblk)](
         x, w2, gw, gb, ps, ps, ps, ps, pm, d.p, d.n, d.q, d.r, *_xs(x), float(gn_eps),
-        AFFINE=True, STORE=False, QP=d.qp, PP=d.pp, BN=d.blk, num_warps=d.warps)
+        AFFINE=True, STORE=False, QP=d.qp, PP=d.pp, BN=d.blk, TC=False, num_warps=d.warps)
     counts = torch.full((d.nblk,), float(d.blk), dtype=torch.float32, device=x.device)
     counts[-1] = d.n - d.blk * (d.nblk - 1)
     mean, var = chan_combine(ps, pm, counts.repeat(d.b), d.b * d.n)
@@ -533,6 +542,10 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     summed over the batch: (grad_x, grad_W, sum of raw-qkv grads, grad_gn_w, grad_gn_b, grad_bn_w, grad_bn_b)."""
     dev, f32 = x.device, torch.float32
     train = bn is not None
+    # The backward's GEMMs take exact fp32 intermediates (qkv, softmax gradients): rounded to fp16/bf16 they
+    # missed the tolerance rule 3-8x (emulated tensor-core rounding on the CPU). For an fp16/bf16 op they run as
+    # tf32x3 on tensor cores (about fp32's accuracy); for an fp32 op as exact fp32 products.
+    tc = x.dtype != torch.float32
     w32 = qkv_weight.reshape(d.r, d.p).float().contiguous()
     pre = torch.empty((d.b, d.r, d.n), dtype=f32, device=dev)
     xn = torch.empty((d.b, d.p, d.n), dtype=f32, device=dev)
@@ -541,13 +554,13 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     gbp = gb if train else cs
     _shsa_proj_kernel[(d.b, d.bwd_nblk)](  # exact fp32 operands: the backward's (smaller) blocks
         x, w32, gwp, gbp, pre, xn, rstd, pre, pre, d.p, d.n, d.q, d.r, *_xs(x), float(gn_eps),
-        AFFINE=train, STORE=True, QP=d.qp, PP=d.pp, BN=d.bwd_blk, num_warps=d.warps)
+        AFFINE=train, STORE=True, QP=d.qp, PP=d.pp, BN=d.bwd_blk, TC=tc, num_warps=d.warps)
     gqkv = torch.empty_like(pre)
     lse = torch.empty((d.b, d.n), dtype=f32, device=dev)
     dd = torch.empty_like(lse)
     args = (pre, cs, csh, grad_out, out, gqkv, lse, dd, d.p, d.n, d.q, d.r, *_xs(grad_out), *_xs(out),
             d.sm_scale * LOG2E, d.sm_scale)
-    meta = dict(QP=d.qp, PP=d.pp, BQ=d.bwd_blk, BK=d.bwd_blk, num_warps=d.warps)
+    meta = dict(QP=d.qp, PP=d.pp, BQ=d.bwd_blk, BK=d.bwd_blk, TC=tc, num_warps=d.warps)
     _shsa_bwd_q_kernel[(d.b, d.bwd_nblk)](*args, **meta)
     _shsa_bwd_kv_kernel[(d.b, d.bwd_nblk)](*args, **meta)
     s1 = s2 = None
@@ -569,7 +582,7 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     _shsa_bwd_in_kernel[(d.b,)](
         gqkv, pre, xn, rstd, w32, gwp, gbp, table, grad_out, out, grad_x, pw, pr, pgw, pgb,
         d.c, d.p, d.n, d.q, d.r, *_xs(grad_out), *_xs(out), *_xs(grad_x),
-        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, num_warps=d.in_warps, num_stages=d.in_stages)
+        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, TC=tc, num_warps=d.in_warps, num_stages=d.in_stages)
     return grad_x, pw.sum(0), pr.sum(0), pgw.sum(0), pgb.sum(0), s2, s1
 
 
