@@ -130,3 +130,20 @@ def test_paper_suite_tiny_run_and_render(tmp_path, monkeypatch):
 def test_unknown_peer_is_an_error():
     with pytest.raises(ValueError, match="unknown"):
         paper_protocol.parse_peers("eager,warp-drive", torch.device("cpu"))
+
+
+def test_training_profile_counts_a_backward_as_twice_its_forward():
+    from benchmarks.profile_train import _kind_and_flops
+    from shvit_kernels import dispatch
+
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(16, 8, 3, 3)
+    conv = (x, w, torch.ones(16), torch.zeros(16), 2, 1, 1, 1e-5, True, None)
+    label, forward = _kind_and_flops("conv_bn_train", conv)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.conv2d(x, w, None, 2, 1)
+    assert label == "conv_bn_train dense 3x3 (8->16)" and forward == counter.get_total_flops()
+    names = dispatch.op_arguments("conv_bn_train_backward")
+    grad = torch.randn(2, 16, 3, 3)
+    backward_args = tuple({"grad_out": grad, **dict(zip(dispatch.op_arguments("conv_bn_train"), conv))}.get(n)
+                          for n in names)
+    assert _kind_and_flops("conv_bn_train_backward", backward_args) == (label, 2 * forward)
