@@ -107,9 +107,9 @@ def _blocks(c, backward, dtype, limit):
     operand tiles (x; the backward's grad_out too: without it the fp32 C=256 backward needed 233,472 bytes). Wide C gets shorter token tiles (tl.dot needs >= 16 rows), fewer stages, then narrower chunks.
     """
     cp = pow2(c)
-    elt = 4 if backward else torch.empty((), dtype=dtype).element_size()
+    elt = torch.empty((), dtype=dtype).element_size()  # both passes stage their operands in x's dtype
     # 16-token tiles from 256 channels in fp32 or the backward (32 x 256 fp32 tiles spilled 9.5 KB per thread)
-    bm = 32 if cp <= (256 if elt == 2 else 128) else 16
+    bm = 32 if cp <= (256 if elt == 2 and not backward else 128) else 16
     chunks = 3 if backward else 2
     tiles = 2 if backward else 1  # (BM x CP) dot operands: x, and the backward's grad_out
     for stages, bh in ((3, 32), (2, 32), (2, 16), (1, 16)):

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_nchw_or_cl, chan_combine, check_dtype, empty_like_format, mma, mma_fp32, pow2
+from .common import (as_nchw_or_cl, chan_combine, check_dtype, empty_like_format, mma, mma_fp32, pow2,
+                     shared_memory_limit)
 from .limits import SHSA_MAX_P, SHSA_MAX_QK_DIM
 
 LOG2E = 1.4426950408889634
@@ -491,6 +492,9 @@ class _Dims:
         self.in_stages = 1 if self.pp >= 128 else 2
         # ... and at PP=128 its (PP x PP) fp32 accumulator alone is 64 registers per thread at 8 warps: 16 warps
         self.in_warps = 16 if self.pp >= 128 else self.warps
+        # tf32x3 in that pass needs sm_90's resources: on sm_80 (164 KB per block) it needed 198,656 bytes of shared
+        # memory at PP=128 and spilled 18 KB per thread at PP=64; there it takes exact fp32 products instead
+        self.in_tc = shared_memory_limit(x.device) >= 200 * 1024
         self.sm_scale = qk_dim ** -0.5
 
 
@@ -582,7 +586,8 @@ def _backward(grad_out, x, qkv_weight, out, d, gn_eps, cs, csh, gw=None, gb=None
     _shsa_bwd_in_kernel[(d.b,)](
         gqkv, pre, xn, rstd, w32, gwp, gbp, table, grad_out, out, grad_x, pw, pr, pgw, pgb,
         d.c, d.p, d.n, d.q, d.r, *_xs(grad_out), *_xs(out), *_xs(grad_x),
-        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, TC=tc, num_warps=d.in_warps, num_stages=d.in_stages)
+        TRAIN=train, QP=d.qp, PP=d.pp, BN=d.in_blk, BC=32, TC=tc and d.in_tc, num_warps=d.in_warps,
+        num_stages=d.in_stages)
     return grad_x, pw.sum(0), pr.sum(0), pgw.sum(0), pgb.sum(0), s2, s1
 
 
