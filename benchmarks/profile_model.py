@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 
@@ -56,6 +56,42 @@ def flops(op: str, args) -> int:
     return 0
 
 
+class OpTimer:
+    """A dispatch observer: each kernel call's time (inclusive, synchronised on CUDA), call count and FLOPs,
+    under the key ``classify(call)`` gives with the call's FLOPs."""
+
+    def __init__(self, device: torch.device, classify: Callable):
+        self.device, self.classify = device, classify
+        self.spent: Dict[tuple, float] = collections.defaultdict(float)
+        self.calls: Dict[tuple, int] = collections.Counter()
+        self.work: Dict[tuple, int] = collections.Counter()
+
+    def __call__(self, call):
+        key, products = self.classify(call)
+        bench._sync(self.device)
+        start = time.perf_counter()
+
+        def done():
+            bench._sync(self.device)
+            self.spent[key] += time.perf_counter() - start
+            self.calls[key] += 1
+            self.work[key] += products
+
+        return done
+
+    def rows(self, iters: int, names: tuple) -> list:
+        """One dict per key (its parts under ``names``): calls per iteration, ms per iteration, GFLOP/s."""
+        return [dict(zip(names, key), calls=self.calls[key] // iters, ms=self.spent[key] / iters * 1e3,
+                     gflop_per_s=self.work[key] / self.spent[key] / 1e9 if self.work[key] else None)
+                for key in self.spent]
+
+
+def write_json(path: str, result: Dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
 def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters: int, device: torch.device) -> Dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -64,23 +100,7 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
     fused = shvit.fuse(model).to(dtype).to(memory_format=torch.channels_last)
     size = bench.PAPER_IMG_SIZE[model_name]
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    spent: Dict[tuple, float] = collections.defaultdict(float)
-    calls: Dict[tuple, int] = collections.Counter()
-    work: Dict[tuple, int] = collections.Counter()
-
-    def timer(call):
-        """Observer: the kernel's time (inclusive, synchronised on CUDA) under (kind, backend)."""
-        key = (kind(call.op, call.args), call.backend)
-        bench._sync(device)
-        start = time.perf_counter()
-
-        def done():
-            bench._sync(device)
-            spent[key] += time.perf_counter() - start
-            calls[key] += 1
-            work[key] += flops(call.op, call.args)
-
-        return done
+    timer = OpTimer(device, lambda call: ((kind(call.op, call.args), call.backend), flops(call.op, call.args)))
 
     with torch.inference_mode():
         for _ in range(3):
@@ -97,8 +117,7 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
                 fused(x)
             bench._sync(device)
             total_ms = (time.perf_counter() - start) / iters * 1e3
-    rows = [dict(kind=k, backend=b, calls=calls[(k, b)] // iters, ms=spent[(k, b)] / iters * 1e3,
-                 gflop_per_s=work[(k, b)] / spent[(k, b)] / 1e9 if work[(k, b)] else None) for k, b in spent]
+    rows = timer.rows(iters, ("kind", "backend"))
     rows.sort(key=lambda r: -r["ms"])
     rows.append(dict(kind="outside the ops", backend="torch", calls=0, ms=total_ms - sum(r["ms"] for r in rows)))
     from benchmarks.device import probe
@@ -129,9 +148,7 @@ def main(argv=None) -> int:
         rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
         print(f"  {row['ms']:8.2f} ms {share:5.1f}%  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(r, f, indent=2)
-            f.write("\n")
+        write_json(args.output, r)
     return 0
 
 

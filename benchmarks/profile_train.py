@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shvit  # noqa: E402
 from benchmarks.plain import to_plain  # noqa: E402
-from benchmarks.profile_model import flops, kind  # noqa: E402
+from benchmarks.profile_model import OpTimer, flops, kind, write_json  # noqa: E402
 from shvit import bench  # noqa: E402
 from shvit_kernels import dispatch  # noqa: E402
 
@@ -104,32 +103,17 @@ def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rou
             step_ms[name].append((time.perf_counter() - start) / iters * 1e3)
 
     # Per-op times of the fused step, by phase.
-    spent: Dict[tuple, float] = collections.defaultdict(float)
-    calls: Dict[tuple, int] = collections.Counter()
-    work: Dict[tuple, int] = collections.Counter()
-
-    def timer(call):
+    def classify(call):
         phase = "backward" if call.op.endswith("_backward") else "forward"
         label, products = _kind_and_flops(call.op, call.args)
-        key = (phase, label, call.backend)
-        bench._sync(device)
-        start = time.perf_counter()
+        return (phase, label, call.backend), products
 
-        def done():
-            bench._sync(device)
-            spent[key] += time.perf_counter() - start
-            calls[key] += 1
-            work[key] += products
-
-        return done
-
+    timer = OpTimer(device, classify)
     phases: Dict[str, float] = collections.defaultdict(float)
     with dispatch.observe(timer):
         for _ in range(iters):
             fused.step(phases)
-    rows = [dict(phase=p, kind=k, backend=b, calls=calls[(p, k, b)] // iters, ms=spent[(p, k, b)] / iters * 1e3,
-                 gflop_per_s=work[(p, k, b)] / spent[(p, k, b)] / 1e9 if work[(p, k, b)] else None)
-            for p, k, b in spent]
+    rows = timer.rows(iters, ("phase", "kind", "backend"))
     rows.sort(key=lambda r: (r["phase"] != "forward", -r["ms"]))
     for phase in ("forward", "backward"):
         inside = sum(r["ms"] for r in rows if r["phase"] == phase)
@@ -167,9 +151,7 @@ def main(argv=None) -> int:
         rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
         print(f"  {row['phase']:9} {row['ms']:8.2f} ms  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(r, f, indent=2)
-            f.write("\n")
+        write_json(args.output, r)
     return 0
 
 
