@@ -86,6 +86,15 @@ class OpTimer:
                 for key in self.spent]
 
 
+def print_ceiling_and_rows(result: Dict, columns: Callable, extra: str = "") -> None:
+    """The measured matmul ceiling, then one line per row: ``columns(row)`` + ms, GFLOP/s, calls, kind, backend."""
+    peak = max(result["probe"]["matmul_TFLOPs"].values(), default=0) * 1e3
+    print(f"  measured matmul ceiling: {peak:.0f} GFLOP/s{extra}")
+    for row in result["rows"]:
+        rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
+        print(f"  {columns(row)}  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+
+
 def write_json(path: str, result: Dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
@@ -141,12 +150,7 @@ def main(argv=None) -> int:
     r = profile(args.model, bench.DTYPES[args.dtype], args.threads, args.batch_size, args.iters, torch.device(args.device))
     print(f"{r['model']} {r['dtype']} batch {r['batch']} threads {r['threads']} {r['device']}: forward "
           f"{r['forward_ms']:.2f} ms ({r['forward_ms_with_timers']:.2f} with timers), load {r['load_average'][0]:.2f}")
-    peak = max(r["probe"]["matmul_TFLOPs"].values(), default=0) * 1e3
-    print(f"  measured matmul ceiling: {peak:.0f} GFLOP/s")
-    for row in r["rows"]:
-        share = row["ms"] / r["forward_ms_with_timers"] * 100
-        rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
-        print(f"  {row['ms']:8.2f} ms {share:5.1f}%  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+    print_ceiling_and_rows(r, lambda row: f"{row['ms']:8.2f} ms {row['ms'] / r['forward_ms_with_timers'] * 100:5.1f}%")
     if args.output:
         write_json(args.output, r)
     return 0

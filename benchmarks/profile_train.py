@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shvit  # noqa: E402
 from benchmarks.plain import to_plain  # noqa: E402
-from benchmarks.profile_model import OpTimer, flops, kind, write_json  # noqa: E402
+from benchmarks.profile_model import OpTimer, flops, kind, print_ceiling_and_rows, write_json  # noqa: E402
 from shvit import bench  # noqa: E402
 from shvit_kernels import dispatch  # noqa: E402
 
@@ -119,7 +119,8 @@ def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rou
         inside = sum(r["ms"] for r in rows if r["phase"] == phase)
         rows.append(dict(phase=phase, kind="outside the ops", backend="torch", calls=0,
                          ms=phases[phase] / iters * 1e3 - inside))
-    rows.append(dict(phase="optimizer", kind="AdamW step", backend="torch", calls=1, ms=phases["optimizer"] / iters * 1e3))
+    rows.append(dict(phase="optimizer", kind="AdamW step", backend="torch", calls=1,
+                     ms=phases["optimizer"] / iters * 1e3))
     from benchmarks.device import probe
 
     return dict(model=model_name, img_size=size, batch=batch, threads=threads, amp=amp, device=str(device),
@@ -143,13 +144,10 @@ def main(argv=None) -> int:
     r = profile(args.model, args.batch_size, args.threads, args.amp, args.iters, args.rounds, torch.device(args.device))
     fused, plain = r["step_ms"]["fused"], r["step_ms"]["plain eager"]
     print(f"{r['model']} {r['img_size']}px batch {r['batch']} threads {r['threads']} amp {r['amp']} {r['device']}: "
-          f"step {fused:.1f} ms fused, {plain:.1f} ms plain eager ({plain / fused:.2f}x), load {r['load_average'][0]:.2f}")
-    peak = max(r["probe"]["matmul_TFLOPs"].values(), default=0) * 1e3
-    print(f"  measured matmul ceiling: {peak:.0f} GFLOP/s; phases with timers: "
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in r["phases_ms_with_timers"].items()))
-    for row in r["rows"]:
-        rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
-        print(f"  {row['phase']:9} {row['ms']:8.2f} ms  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+          f"step {fused:.1f} ms fused, {plain:.1f} ms plain eager ({plain / fused:.2f}x), "
+          f"load {r['load_average'][0]:.2f}")
+    phases = ", ".join(f"{k} {v:.1f} ms" for k, v in r["phases_ms_with_timers"].items())
+    print_ceiling_and_rows(r, lambda row: f"{row['phase']:9} {row['ms']:8.2f} ms", f"; phases with timers: {phases}")
     if args.output:
         write_json(args.output, r)
     return 0

@@ -3,8 +3,8 @@
 
 1. Capture: a stand-in Triton driver reports a CUDA target (sm_90 or sm_80); Triton's JIT cache hook records
    each launch's signature, constexprs, specialization attributes and options and skips the launch. The
-   models run on CPU tensors with the triton backend forced (its "CUDA tensors only" reason is waived; every
-   other decline stays and is reported): eval (fused, model in the dtype), train (forward + backward,
+   models run on CPU tensors with the triton backend forced (its device list widened to take them; every
+   decline stays and is reported): eval (fused, model in the dtype), train (forward + backward,
    autocast as ``shvit train`` does) and fused_backward (gradients through a fused model), fp32 / fp16 /
    bf16, NCHW and channels_last, for the chosen batches.
    Kernels never execute, so this is fast; the launchers' tile choice sees the target's shared-memory limit.
@@ -104,9 +104,9 @@ def _triton_on_cpu(cc: int, record):
     saved_driver = triton.runtime.driver._active  # (reset_active() fails where no real driver exists)
     declined = []
 
-    def waive_device(op, check):
+    def recording_declines(op, check):
         def reasons(*args, **kwargs):
-            rs = [r for r in check(*args, **kwargs) if "CUDA tensors only" not in r]
+            rs = check(*args, **kwargs)
             if rs:
                 declined.append((op, rs))
             return rs
@@ -116,7 +116,7 @@ def _triton_on_cpu(cc: int, record):
     knobs.runtime.jit_cache_hook = hook
     patched = dispatch.patched_backend(
         "triton", device_types=("cuda", "cpu"), availability=lambda: [], verify_first_use=False,
-        not_supported={op: waive_device(op, f) for op, f in backend.NOT_SUPPORTED.items()})
+        not_supported={op: recording_declines(op, f) for op, f in backend.NOT_SUPPORTED.items()})
     try:
         with patched, triton_common.target_shared_memory(SHARED_LIMIT[cc]), dispatch.use_backend("triton", strict=False):
             yield declined

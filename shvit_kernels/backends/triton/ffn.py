@@ -104,7 +104,8 @@ def _blocks(c, backward, dtype, limit):
 
     The hidden loop's weight chunks are what Triton stages in shared memory: (stages - 1) buffers of two
     (forward) or three (backward: w1, w2, and w1 again for grad_x) (CP x BH) chunks, plus the (BM x CP) dot
-    operand tiles (x; the backward's grad_out too: without it the fp32 C=256 backward needed 233,472 bytes). Wide C gets shorter token tiles (tl.dot needs >= 16 rows), fewer stages, then narrower chunks.
+    operand tiles (x; the backward's grad_out too: without it the fp32 C=256 backward needed 233,472 bytes).
+    Wide C gets shorter token tiles (tl.dot needs >= 16 rows), fewer stages, then narrower chunks.
     """
     cp = pow2(c)
     elt = torch.empty((), dtype=dtype).element_size()  # both passes stage their operands in x's dtype
