@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <functional>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -98,10 +99,50 @@ inline fVec round_to(const fVec& v) {
   }
 }
 
-// kVec doubles (two Vectorized<double>), for fp64 accumulation of fp32 vectors.
-using dVec = at::vec::VectorizedN<double, 2>;
-static_assert(dVec::size() == kVec, "two double vectors must hold one float vector");
-inline dVec widen(const fVec& v) { return at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v)); }
+// kVec doubles as two native double vectors, for fp64 accumulation of fp32 vectors. A plain pair rather than ATen's
+// VectorizedN, whose copies went through the stack in pieces of another width (store-forwarding stalls that made
+// conv_bn_train's fp64 variance pass most of its cost).
+struct dVec {
+  using Half = at::vec::Vectorized<double>;
+  static constexpr int64_t kHalf = Half::size();
+  Half lo, hi;
+  dVec() = default;
+  explicit dVec(double v) : lo(v), hi(v) {}
+  dVec(const Half& l, const Half& h) : lo(l), hi(h) {}
+  friend dVec operator+(const dVec& a, const dVec& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+  friend dVec operator-(const dVec& a, const dVec& b) { return {a.lo - b.lo, a.hi - b.hi}; }
+  friend dVec operator*(const dVec& a, const dVec& b) { return {a.lo * b.lo, a.hi * b.hi}; }
+  // The first n lanes of v, the rest of base.
+  static dVec set(const dVec& base, const dVec& v, int64_t n) {
+    return {Half::set(base.lo, v.lo, std::min(n, kHalf)), n > kHalf ? Half::set(base.hi, v.hi, n - kHalf) : base.hi};
+  }
+  void store(double* p, int64_t n) const {
+    lo.store(p, static_cast<int>(std::min(n, kHalf)));
+    if (n > kHalf) hi.store(p + kHalf, static_cast<int>(n - kHalf));
+  }
+};
+static_assert(2 * dVec::kHalf == kVec, "two double vectors must hold one float vector");
+
+inline float sum_lanes(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
+inline double sum_lanes(const dVec& v) { return at::vec::vec_reduce_all<double>(std::plus<dVec::Half>(), v.lo + v.hi); }
+
+// ATen has no vector float -> double conversion (its generic one goes through memory element by element).
+inline dVec widen(const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  return {dVec::Half(_mm512_cvtps_pd(_mm512_castps512_ps256(f))),
+          dVec::Half(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  return {dVec::Half(_mm256_cvtps_pd(_mm256_castps256_ps128(f))), dVec::Half(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)))};
+#else
+  __at_align__ float lanes[kVec];
+  v.store(lanes);
+  __at_align__ double wide[kVec];
+  for (int64_t i = 0; i < kVec; ++i) wide[i] = lanes[i];
+  return {dVec::Half::loadu(wide), dVec::Half::loadu(wide + dVec::kHalf)};
+#endif
+}
 
 // out[i] = act(acc[i] + bias + residual[i]) for a contiguous run of n values. The bias either varies along the
 // run (bias_run, channels_last rows) or is one value for the run (bias_const, NCHW rows). acc may alias out.

@@ -38,7 +38,7 @@ struct ChannelParams {
   }
 };
 
-// Per-channel sums of K quantities: contrib(offset, count, params) returns K vectors (fVec for Acc = float, dVec for
+// Per-channel sums of K quantities: contrib(offset, count, params, v) sets K vectors v (fVec for Acc = float, dVec for
 // Acc = double) for the `count` values at `offset`; lanes past `count` are masked or never read here. Tasks (one
 // channel in NCHW, 256 rows in channels_last) do not depend on the thread count, so neither does the result. fp32
 // sums restart every short block (256 values of one image's channel, or 16 rows) into fp64 totals, for about pairwise
@@ -48,7 +48,6 @@ template <int K, typename Acc, int P, typename F>
 void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F contrib, double* out /* K x C */) {
   using AccVec = std::conditional_t<std::is_same_v<Acc, float>, fVec, dVec>;
   const AccVec zero(Acc(0));
-  auto add = [](const auto& a, const auto& b) { return a + b; };
   if (!l.channels_last) {
     constexpr int64_t kBlock = 16 * kVec;
     at::parallel_for(0, l.c, 1, [&](int64_t c0, int64_t c1) {
@@ -59,7 +58,7 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
         AccVec acc[K];
         auto flush = [&] {
           for (int k = 0; k < K; ++k) {
-            total[k] += at::vec::vec_reduce_all<Acc>(add, acc[k]);
+            total[k] += sum_lanes(acc[k]);
             acc[k] = zero;
           }
         };
@@ -69,7 +68,8 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
           for (int64_t b0 = 0; b0 < l.plane; b0 += kBlock) {
             for (int64_t i = b0; i < std::min(l.plane, b0 + kBlock); i += kVec) {
               const int64_t m = std::min(kVec, l.plane - i);
-              const auto v = contrib(base + i, m, pv);
+              AccVec v[K];
+              contrib(base + i, m, pv, v);
               for (int k = 0; k < K; ++k) acc[k] = acc[k] + (m == kVec ? v[k] : AccVec::set(zero, v[k], m));
             }
             if (std::is_same_v<Acc, float>) flush();
@@ -105,7 +105,8 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
         for (int k = 0; k < K; ++k) acc[k] = zero;
         for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
           for (int64_t r = b0; r < std::min(r1, b0 + kBlockRows); ++r) {
-            const auto v = contrib(r * l.c + c0, m, pv);
+            AccVec v[K];
+            contrib(r * l.c + c0, m, pv, v);
             for (int k = 0; k < K; ++k) acc[k] = acc[k] + v[k];  // lanes past m are never read
           }
           if (std::is_same_v<Acc, float>) flush();
@@ -177,9 +178,23 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
-// dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts.
+// dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. A 1x1 stride-1 conv in channels_last is
+// two GEMMs on the (pixels, channels) matrices, the input gradient written into a reused output block: faster here
+// than ATen's convolution_backward (about 12% on S1's shapes) and free of the page faults of a fresh multi-MiB output.
 std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                               int64_t stride, int64_t padding, int64_t groups) {
+  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
+  const auto fmt = activation_format(x);
+  if (pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
+    const int64_t cin = x.size(1), cout = weight.size(0), rows = x.numel() / cin;
+    const at::Tensor x_rows = x.to(at::kFloat).permute({0, 2, 3, 1}).reshape({rows, cin});
+    const at::Tensor dy_rows = dy.permute({0, 2, 3, 1}).reshape({rows, cout});
+    const at::Tensor w = weight.to(at::kFloat).reshape({cout, cin});
+    at::Tensor gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
+    at::Tensor gx_rows = gx.permute({0, 2, 3, 1}).view({rows, cin});
+    at::mm_out(gx_rows, dy_rows, w);
+    return {gx, at::mm(dy_rows.t(), x_rows).view(weight.sizes())};
+  }
   auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
                                         {padding}, {1}, false, {0}, groups, {true, true, false});
   return {std::get<0>(grads), std::get<1>(grads)};
@@ -245,9 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
     // is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does.
     std::vector<double> sums(2 * c);
     reduce_per_channel<2, double>(l, ChannelParams<1>{{mean.data_ptr<float>()}},
-                                  [&](int64_t i, int64_t n, const fVec* pv) {
+                                  [&](int64_t i, int64_t n, const fVec* pv, dVec* v) {
                                     const dVec d = widen(load_n(yp + i, n)) - widen(pv[0]);
-                                    return std::array<dVec, 2>{d, d * d};
+                                    v[0] = d;
+                                    v[1] = d * d;
                                   }, sums.data());
     const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous(), beta = bn_bias.to(at::kFloat).contiguous();
     const double count = static_cast<double>(l.count());
@@ -296,15 +312,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const at::Tensor var_f = var.to(at::kFloat).contiguous();
   std::vector<float> invstd(c), a(c), b(c), d(c);
   for (int64_t ch = 0; ch < c; ++ch) invstd[ch] = 1.f / std::sqrt(var_f.data_ptr<float>()[ch] + static_cast<float>(eps));
-  at::Tensor g = at::empty_like(go), dy = at::empty_like(go, go.options().dtype(at::kFloat));
+  // dy overwrites the recomputed y (this call's own buffer) when both are fp32: one multi-MiB allocation less.
+  at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
+  at::Tensor dy = y.scalar_type() == at::kFloat ? y : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
   std::vector<double> sums(2 * c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
     using T = scalar_t;
     const T *yp = y.data_ptr<T>(), *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
     // sum(g) and sum(g (y - mean)); the latter times invstd is sum(g x_hat).
-    reduce_per_channel<2, float>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv) {
-      const fVec gv = masked_grad(gp + i, outp + i, relu, n);
-      return std::array<fVec, 2>{gv, gv * (load_n(yp + i, n) - pv[0])};
+    reduce_per_channel<2, float>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv, fVec* v) {
+      v[0] = masked_grad(gp + i, outp + i, relu, n);
+      v[1] = v[0] * (load_n(yp + i, n) - pv[0]);
     }, sums.data());
     const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous();
     const double count = static_cast<double>(l.count());
@@ -345,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   const auto fmt = activation_format(x);
   const at::Tensor go = grad_out.contiguous(fmt), outc = out.contiguous(fmt);
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, out_shape[0], c, out_shape[2] * out_shape[3]};
-  at::Tensor g = at::empty_like(go);
+  at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
   std::vector<double> sums(c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bias_act_backward", [&] {
     using T = scalar_t;
@@ -354,8 +372,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
     map_per_channel(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
       store_n(masked_grad(gp + i, outp + i, relu, n), g_out + i, n);
     });
-    reduce_per_channel<1, float>(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*) {
-      return std::array<fVec, 1>{load_n(g_out + i, n)};
+    reduce_per_channel<1, float>(l, ChannelParams<0>{}, [&](int64_t i, int64_t n, const fVec*, fVec* v) {
+      v[0] = load_n(g_out + i, n);
     }, sums.data());
   });
   auto [gx, gw] = conv_grads(g.to(at::kFloat), x.contiguous(fmt), weight, stride, padding, groups);
