@@ -35,7 +35,7 @@ def cpu_args(op: str, params):
     values = {
         "x": x, "grad_out": torch.randn_like(x), "out": torch.randn_like(x),
         "weight": torch.randn(c, 1, 3, 3), "bias": torch.randn(c), "residual": None, "has_residual": False,
-        "stride": 1, "padding": 1, "groups": c, "relu": True, "eps": 1e-5,
+        "stride": 1, "padding": 1, "groups": c, "relu": True, "eps": 1e-5, "input_grad": True,
         "bn_weight": torch.ones(c if conv else o), "bn_bias": torch.zeros(c if conv else o),
         "mean": torch.zeros(c if conv else o), "var": torch.ones(c if conv else o),
         "qkv_weight": torch.randn(o, p, 1, 1), "qkv_bias": torch.randn(o), "gn_weight": torch.ones(p),

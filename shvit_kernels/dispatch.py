@@ -38,7 +38,7 @@ import dataclasses
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from . import autotune
 
@@ -118,6 +118,7 @@ class _Backend:
 
 _backends: Dict[str, _Backend] = {name: _Backend(name) for name in BACKENDS}
 _op_arguments: Dict[str, Tuple[str, ...]] = {}
+_op_defaults: Dict[str, Tuple[Any, ...]] = {}  # values of the trailing arguments that have a schema default
 _state = threading.local()
 _global_forced: Optional[str] = None
 _observers: Tuple[Callable, ...] = ()
@@ -138,9 +139,23 @@ def _backend(name: str) -> _Backend:
 # ---------------------------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------------------------
-def define_op_arguments(op: str, names: Sequence[str]) -> None:
-    """Record an op's schema argument names (``define_op`` does this), by which reasons functions are called."""
+def define_op_arguments(op: str, names: Sequence[str], defaults: Sequence[Any] = ()) -> None:
+    """Record an op's schema argument names (``define_op`` does this), by which reasons functions are called, and
+    the defaults of its trailing arguments."""
     _op_arguments[op] = tuple(names)
+    _op_defaults[op] = tuple(defaults)
+
+
+def with_defaults(op: str, args: Sequence[Any]) -> Tuple[Any, ...]:
+    """``args`` completed with the schema defaults of the trailing arguments left out: every kernel gets them all
+    (a custom-op call passes only those given)."""
+    missing = len(_op_arguments[op]) - len(args)
+    if missing <= 0:
+        return tuple(args)
+    defaults = _op_defaults.get(op, ())
+    if missing > len(defaults):
+        raise TypeError(f"{op}: expected {len(_op_arguments[op])} arguments {_op_arguments[op]}, got {len(args)}")
+    return (*args, *defaults[len(defaults) - missing:])
 
 
 def op_arguments(op: str) -> Tuple[str, ...]:

@@ -283,9 +283,15 @@ def test_conv_training_kernels_match_reference(dtype, channels_last, label, args
     x, w, gamma, beta, stride, pad, groups, eps, relu, res = args
     out, mean, var = conv_bn_train_reference(*args)
     grad = torch.randn_like(out)
-    bwd = (grad, x, w, gamma, beta, mean, var, out, stride, pad, groups, eps, relu, res is not None)
+    bwd = (grad, x, w, gamma, beta, mean, var, out, stride, pad, groups, eps, relu, res is not None, True)
     _check_outputs(m.conv_bn_train_backward, conv_bn_train_backward_reference, bwd, dtype, channels_last,
                    f"conv_bn_train_backward {label}")
+    # Without the input gradient: zeros in its place, every other output as before.
+    cast = cast_args(bwd, dtype, channels_last, keep_fp32_vectors=True)
+    full, skipped = m.conv_bn_train_backward(*cast), m.conv_bn_train_backward(*cast[:-1], False)
+    assert skipped[0].shape == full[0].shape and skipped[0].dtype == full[0].dtype and not skipped[0].any()
+    for a, b in zip(full[1:], skipped[1:]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
     bias = torch.randn(w.shape[0])
     out = conv_bias_act_reference(x, w, bias, stride, pad, groups, relu, res)
     bwd = (grad, x, w, bias, stride, pad, groups, relu, res, out)
@@ -477,9 +483,9 @@ def _bad_calls():
          "more than one value per channel"),
         ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 3, 1e-5, False, None), "'groups' = 3"),
         ("conv_bn_train_backward", (torch.randn(2, 16, 5, 4), x, w, torch.ones(16), torch.zeros(16), torch.zeros(16),
-                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False), "'grad_out' must have shape"),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True), "'grad_out' must have shape"),
         ("conv_bn_train_backward", (torch.randn(2, 16, 5, 5), x, w, torch.ones(16), torch.zeros(16), torch.zeros(15),
-                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False), "'mean' must have shape"),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True), "'mean' must have shape"),
         ("conv_bias_act_backward", (torch.randn(2, 16, 5, 5), x, w, None, 1, 0, 1, True, None, torch.randn(2, 16, 5, 5).bfloat16()),
          "'out' has dtype"),
         ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),

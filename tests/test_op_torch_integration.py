@@ -105,6 +105,33 @@ def _shsa_args():
     return fn, t
 
 
+@pytest.mark.parametrize("backend", dispatch.usable_backends("cpu", include_reference=True))
+def test_conv_bn_backward_skips_the_input_gradient_autograd_does_not_need(backend):
+    """A network's first conv (its input needs no gradient) asks its backward for no input gradient; a conv whose
+    input needs one gets it, equal to the one computed without the flag."""
+    calls = []
+    real = dispatch.kernel(backend, "conv_bn_train_backward")
+
+    def spy(*args):
+        calls.append(args[dispatch.op_arguments("conv_bn_train_backward").index("input_grad")])
+        return real(*args)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    weight = torch.randn(8, 3, 3, 3, requires_grad=True)
+    gamma, beta = torch.rand(8) + 0.5, torch.randn(8)
+    grads = {}
+    with dispatch.patched_backend(backend, kernels={"conv_bn_train_backward": spy}), K.use_backend(backend):
+        for needs in (False, True):
+            xi = x.clone().requires_grad_(needs)
+            weight.grad = None
+            K.conv_bn(xi, weight, gamma, beta, None, None, stride=2, padding=1, training=True, relu=True).square().sum().backward()
+            grads[needs] = (weight.grad.clone(), xi.grad)
+    assert calls == [False, True]
+    assert grads[False][1] is None and grads[True][1] is not None and grads[True][1].abs().sum() > 0
+    torch.testing.assert_close(grads[False][0], grads[True][0], rtol=0, atol=0)
+
+
 def test_use_backend_forces_and_restores():
     fn, t = _shsa_args()
     args = (t["x"], t["qkv_weight"], t["qkv_bias"], 16, 1e-5)

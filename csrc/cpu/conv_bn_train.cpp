@@ -178,11 +178,11 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
-// dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. A 1x1 stride-1 conv in channels_last is
+// dL/dx (zeros unless input_grad) and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. A 1x1 stride-1 conv in channels_last is
 // two GEMMs on the (pixels, channels) matrices, the input gradient written into a reused output block: faster here
 // than ATen's convolution_backward (about 12% on S1's shapes) and free of the page faults of a fresh multi-MiB output.
 std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                                              int64_t stride, int64_t padding, int64_t groups) {
+                                              int64_t stride, int64_t padding, int64_t groups, bool input_grad) {
   const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
   const auto fmt = activation_format(x);
   if (pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
@@ -192,11 +192,13 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     const at::Tensor w = weight.to(at::kFloat).reshape({cout, cin});
     at::Tensor gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
     at::Tensor gx_rows = gx.permute({0, 2, 3, 1}).view({rows, cin});
-    at::mm_out(gx_rows, dy_rows, w);
+    if (input_grad) at::mm_out(gx_rows, dy_rows, w); else gx.zero_();
     return {gx, at::mm(dy_rows.t(), x_rows).view(weight.sizes())};
   }
   auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
-                                        {padding}, {1}, false, {0}, groups, {true, true, false});
+                                        {padding}, {1}, false, {0}, groups, {input_grad, true, false});
+  // Without the input gradient (a network's first conv: 40% of its backward on S1's stem) it comes back as zeros.
+  if (!input_grad) return {at::zeros(x.sizes(), x.options().dtype(at::kFloat).memory_format(fmt)), std::get<1>(grads)};
   return {std::get<0>(grads), std::get<1>(grads)};
 }
 
@@ -294,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
-    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual) {
+    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad) {
   constexpr const char* op = "shvit cpp conv_bn_train_backward";
   (void)has_residual;  // the residual only shapes the ReLU mask, which `out` already holds
   check_conv_train_args(op, x, weight, stride, padding, groups);
@@ -343,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
                       store_n(pv[2] * (gv - pv[3] - x_hat * pv[4]), dyp + i, n);
                     });
   });
-  auto [gx, gw] = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups);
+  auto [gx, gw] = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
   return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
 }
@@ -376,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
       v[0] = load_n(g_out + i, n);
     }, sums.data());
   });
-  auto [gx, gw] = conv_grads(g.to(at::kFloat), x.contiguous(fmt), weight, stride, padding, groups);
+  auto [gx, gw] = conv_grads(g.to(at::kFloat), x.contiguous(fmt), weight, stride, padding, groups, true);
   const auto bias_dtype = (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
   return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(),
           as_param_grad(sums, 0, c, bias_dtype), g};

@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
-    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual);
+    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace shvit_cpu

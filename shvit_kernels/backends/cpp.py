@@ -203,7 +203,7 @@ SLOWER = {
 
 def _kernel(name: str):
     def run(*args):
-        return getattr(_module, name)(*args)
+        return getattr(_module, name)(*dispatch.with_defaults(name, args))
 
     run.__name__ = f"cpp_{name}"
     return run

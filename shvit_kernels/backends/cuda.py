@@ -117,7 +117,7 @@ def _kernel(op: str):
     def run(*args):
         if _module is None:
             raise RuntimeError(f"shvit_kernels cuda backend: {availability_reasons()[0]}")
-        return getattr(_module, op)(*args)
+        return getattr(_module, op)(*dispatch.with_defaults(op, args))
 
     run.__name__ = f"cuda_{op}"
     run.__qualname__ = run.__name__

@@ -83,11 +83,11 @@ def _run_kernel(name: str, args, direct: bool = False):
 
 
 def schema_argument_names(schema: str) -> Tuple[str, ...]:
-    """``("x", "weight", ...)`` from ``"(Tensor x, Tensor weight, ...) -> ..."``."""
+    """``("x", "weight", ...)`` from ``"(Tensor x, Tensor weight, ..., bool flag=True) -> ..."``."""
     inside = re.match(r"\s*\((.*?)\)\s*->", schema, re.S)
     if inside is None:
         raise ValueError(f"cannot read the argument list of schema {schema!r}")
-    return tuple(part.split()[-1] for part in inside.group(1).split(","))
+    return tuple(part.split("=")[0].split()[-1] for part in inside.group(1).split(","))
 
 
 def define_op(name: str, schema: str, reference: Callable, fake: Callable):
@@ -100,13 +100,14 @@ def define_op(name: str, schema: str, reference: Callable, fake: Callable):
     if tuple(inspect.signature(reference).parameters) != names:
         raise TypeError(f"{name}: the reference's parameters {tuple(inspect.signature(reference).parameters)} "
                         f"differ from the schema's {names}")
-    dispatch.define_op_arguments(name, names)
     dispatch.register_backend("reference", kernels={name: reference})
 
     def impl(*args):
-        return _run_kernel(name, args)
+        return _run_kernel(name, dispatch.with_defaults(name, args))
 
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+    dispatch.define_op_arguments(
+        name, names, [a.default_value for a in op._opoverload._schema.arguments if a.has_default_value()])
     op.register_fake(fake)
     _op_names[op] = name
     return op

@@ -83,17 +83,22 @@ def conv_bias_act_backward_reference(grad_out, x, weight, bias, stride, padding,
 
 
 def conv_bn_train_backward_reference(
-    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
+    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
+    input_grad=True,
 ):
     # The conv output is recomputed rather than saved; the residual is additive, so it only shapes the ReLU
-    # mask, which ``out`` already holds.
+    # mask, which ``out`` already holds. input_grad=False (x needs no gradient, as a network's first conv): the
+    # input gradient is not computed and comes back as zeros.
     acc = acc_dtype(x.dtype)
     g = (grad_out * (out > 0)) if relu else grad_out.clone()
     y = F.conv2d(x, weight, None, stride, padding, 1, groups).to(acc)
     invstd = torch.rsqrt(var.to(acc) + eps)
     x_hat = (y - mean.to(acc)[None, :, None, None]) * invstd[None, :, None, None]
     grad_y, grad_gamma, grad_beta = batch_norm_backward(g.to(acc), x_hat, bn_weight.to(acc), invstd, (0, 2, 3))
-    grad_x = conv_input_grad(x.shape, weight.to(acc), grad_y, stride, padding, groups)
+    if input_grad:
+        grad_x = conv_input_grad(x.shape, weight.to(acc), grad_y, stride, padding, groups)
+    else:
+        grad_x = torch.zeros_like(x)
     grad_w = conv_weight_grad(x.to(acc), weight.shape, grad_y, stride, padding, groups)
     return (
         grad_x.to(x.dtype),
@@ -137,7 +142,8 @@ def _conv_bn_train_fake(x, weight, bn_weight, bn_bias, stride, padding, groups, 
 
 
 def _conv_bn_train_backward_fake(
-    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
+    grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
+    input_grad=True,
 ):
     args = (grad_out, x, weight)
     return (
@@ -172,7 +178,8 @@ conv_bn_train_op = define_op(
 conv_bn_train_backward_op = define_op(
     "conv_bn_train_backward",
     "(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
-    "Tensor out, int stride, int padding, int groups, float eps, bool relu, bool has_residual) "
+    "Tensor out, int stride, int padding, int groups, float eps, bool relu, bool has_residual, "
+    "bool input_grad=True) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     conv_bn_train_backward_reference,
     _conv_bn_train_backward_fake,
@@ -204,9 +211,10 @@ def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weight, bn_weight, bn_bias, mean, var, out = ctx.saved_tensors
     stride, padding, groups, eps, relu, has_residual = ctx.conv
     gx, gw, gg, gb, gr = conv_bn_train_backward_op(
-        grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual
+        grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
+        ctx.needs_input_grad[0],
     )
-    return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
+    return (gx if ctx.needs_input_grad[0] else None), gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
 
 
 register_autograd(conv_bias_act_op, _conv_bias_act_backward, _conv_bias_act_setup)

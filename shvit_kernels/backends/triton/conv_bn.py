@@ -443,10 +443,13 @@ def conv_bn_train(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, r
     return out, mean, var
 
 
-def _conv_backward_from(gy, x, weight, stride, padding, groups):
-    """(grad_x in x's dtype and layout, fp32 grad_w) from the conv-output gradient ``gy``."""
-    grad_x = empty_like_format(x.shape, x.dtype, x)
-    launch_conv(gy, weight, grad_x, stride=stride, pad=padding, depthwise=groups != 1, transposed=True)
+def _conv_backward_from(gy, x, weight, stride, padding, groups, input_grad=True):
+    """(grad_x in x's dtype and layout, zeros when not input_grad; fp32 grad_w) from the conv-output gradient."""
+    if input_grad:
+        grad_x = empty_like_format(x.shape, x.dtype, x)
+        launch_conv(gy, weight, grad_x, stride=stride, pad=padding, depthwise=groups != 1, transposed=True)
+    else:
+        grad_x = torch.zeros_like(x)
     grad_w = launch_wgrad(x, gy, weight.shape, stride=stride, pad=padding, depthwise=groups != 1)
     return grad_x, grad_w
 
@@ -462,7 +465,7 @@ def conv_bias_act_backward(grad_out, x, weight, bias, stride, padding, groups, r
 
 
 def conv_bn_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps,
-                           relu, has_residual):
+                           relu, has_residual, input_grad=True):
     check_conv_call("conv_bn_train_backward", x, weight, stride, padding, groups)
     check_dtype("conv_bn_train_backward", "grad_out", grad_out)
     grad_out, x, out = as_nchw_or_cl(grad_out), as_nchw_or_cl(x), as_nchw_or_cl(out)
@@ -482,5 +485,5 @@ def conv_bn_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, o
     _bn_grad_kernel[_ew_grid(m, co)](
         g, y, mean, invstd, a, sum_g / m, sum_gx / m, gy, m, co, oh, ow, *g.stride(), BM=EW_BM, BC=EW_BC,
         num_warps=4)
-    grad_x, grad_w = _conv_backward_from(gy, x, weight.to(x.dtype), stride, padding, groups)
+    grad_x, grad_w = _conv_backward_from(gy, x, weight.to(x.dtype), stride, padding, groups, input_grad)
     return grad_x, grad_w.to(weight.dtype), sum_gx.to(bn_weight.dtype), sum_g.to(bn_bias.dtype), g
