@@ -194,6 +194,15 @@ class SHSA(ResidualInForward, nn.Module):
         return fuse_shsa(self)
 
 
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over H and W, (N, C, H, W) -> (N, C). A channels_last x is pooled as the (N, H, W, C) array it is, so
+    its gradient comes back channels_last: pooled in NCHW order the gradient came back NCHW, and every fused
+    backward downstream (the whole last stage, from the head's pooling) copied it to channels_last first."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).mean((1, 2))
+    return x.mean((2, 3))
+
+
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
     """Round to the nearest multiple of ``divisor`` (ties up), never more than 10% below ``v`` (timm's rule)."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
@@ -215,7 +224,7 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The 1x1 convs act on a 1x1 map: as linear layers on (B, C) they skip a convolution's setup per call
         # (on CPU about 0.3 ms each for microseconds of arithmetic). Same parameters and result.
-        gate = F.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias)
+        gate = F.linear(spatial_mean(x), self.fc1.weight.flatten(1), self.fc1.bias)
         gate = F.linear(self.act(gate), self.fc2.weight.flatten(1), self.fc2.bias)
         return x * gate.sigmoid()[:, :, None, None]
 
@@ -444,7 +453,7 @@ class SHViT(nn.Module):
         return intermediates if intermediates_only else (self._like_input(x, given), intermediates)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = spatial_mean(x)
         if pre_logits:
             return x
         if not self.distillation:
