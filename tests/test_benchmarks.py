@@ -147,3 +147,41 @@ def test_training_profile_counts_a_backward_as_twice_its_forward():
     backward_args = tuple({"grad_out": grad, **dict(zip(dispatch.op_arguments("conv_bn_train"), conv))}.get(n)
                           for n in names)
     assert _kind_and_flops("conv_bn_train_backward", backward_args) == (label, 2 * forward)
+
+
+def _train_vs_peers(argv):
+    """benchmarks/train_vs_peers.py's main() in this process; it sets the thread count, which is put back."""
+    from benchmarks import train_vs_peers
+
+    threads = torch.get_num_threads()
+    try:
+        return train_vs_peers.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_train_vs_peers_tiny_run_reports_medians_ratios_and_targets(tmp_path):
+    out = tmp_path / "train_vs_peers.json"
+    assert _train_vs_peers(["--img-size", "64", "--batch-size", "2", "--steps", "1", "--rounds", "2", "--warmup", "1",
+                            "--variants", "fused,eager", "--skip-peak", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["cpu"] and data["environment"]["torch"] and data["round_orders"] == [
+        ["fused", "eager"], ["eager", "fused"]]
+    for name in ("fused", "eager"):
+        v = data["variants"][name]
+        assert len(v["ms_per_step_rounds"]) == 2 and v["ms_per_step_median"] > 0 and v["img_per_s_median"] > 0
+        assert len(v["warmup_step_s"]) == 1 and "peak_bytes" not in v
+    speed = data["ratios"]["fused_vs_eager"]["speed"]
+    assert speed == pytest.approx(data["variants"]["eager"]["ms_per_step_median"]
+                                  / data["variants"]["fused"]["ms_per_step_median"])
+    assert data["targets"]["speed_vs_eager"] == {"target": 1.3, "measured": speed, "met": speed >= 1.3}
+    assert data["targets"]["speed_vs_compile"]["met"] is None  # compile not run: no verdict
+    assert data["targets"]["memory_vs_eager"]["met"] is None  # --skip-peak
+
+
+def test_train_vs_peers_peak_of_a_step_in_a_fresh_process(tmp_path):
+    out = tmp_path / "train_vs_peers.json"
+    assert _train_vs_peers(["--img-size", "64", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--warmup", "1",
+                            "--variants", "eager", "--output", str(out)]) == 0
+    eager = json.loads(out.read_text())["variants"]["eager"]
+    assert eager["peak_bytes"] > 0 and "peak" in eager["peak_measure"] and "peak_error" not in eager
