@@ -197,8 +197,9 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
   }
   auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
                                         {padding}, {1}, false, {0}, groups, {input_grad, true, false});
-  // Without the input gradient (a network's first conv: 40% of its backward on S1's stem) it comes back as zeros.
-  if (!input_grad) return {at::zeros(x.sizes(), x.options().dtype(at::kFloat).memory_format(fmt)), std::get<1>(grads)};
+  // Without the input gradient (a network's first conv: 40% of its backward on S1's stem) it comes back as zeros,
+  // in a reused block: fresh zeros of the input's size cost page faults on every step.
+  if (!input_grad) return {empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt).zero_(), std::get<1>(grads)};
   return {std::get<0>(grads), std::get<1>(grads)};
 }
 
