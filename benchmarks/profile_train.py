@@ -79,14 +79,20 @@ class Trainee:
                 phases[name] += b - a
 
 
-def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rounds: int, device: torch.device) -> Dict:
-    torch.set_num_threads(threads)
+def training_setup(model_name: str, img_size: int, batch: int, device: torch.device):
+    """The model a training benchmark starts from (fixed seed, channels_last, train mode), and its fixed synthetic
+    channels_last batch and labels."""
     torch.manual_seed(0)
-    size = bench.PAPER_IMG_SIZE[model_name]
     model = shvit.create_model(model_name).to(device, memory_format=torch.channels_last).train()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    return model, x, labels
+
+
+def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rounds: int, device: torch.device) -> Dict:
+    torch.set_num_threads(threads)
+    model, x, labels = training_setup(model_name, bench.PAPER_IMG_SIZE[model_name], batch, device)
     fused = Trainee(model, x, labels, amp)
     plain = Trainee(to_plain(model), x, labels, amp)  # a deep copy: its own weights and optimizer
     for t in (fused, plain):

@@ -32,7 +32,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable as a script
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable as a script
 
 import torch
 
@@ -45,24 +46,13 @@ from benchmarks.device import (
 )
 from benchmarks.plain import to_plain
 from benchmarks.profile_model import write_json
-from benchmarks.profile_train import Trainee
+from benchmarks.profile_train import Trainee, training_setup
 from shvit import bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("fused", "eager", "compile")
 # Issue #16: fused speed / peer speed at least this much; fused peak memory / eager's at most this much.
 TARGETS = {"speed_vs_eager": 1.3, "speed_vs_compile": 1.0, "memory_vs_eager": 0.70}
 PEAK_TIMEOUT_S = 1800  # one fresh process: imports, a compile and two steps
-
-
-def setup(model_name: str, img_size: int, batch: int):
-    """The model every variant starts from (fixed seed), and the fixed synthetic batch and labels."""
-    torch.manual_seed(0)
-    model = shvit.create_model(model_name).to(memory_format=torch.channels_last).train()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (batch,), generator=g)
-    return model, x, labels
 
 
 def make_variant(name: str, model: torch.nn.Module, x, labels, amp: str) -> Trainee:
@@ -81,7 +71,7 @@ def make_variant(name: str, model: torch.nn.Module, x, labels, amp: str) -> Trai
 def peak_of_one_step(spec: dict) -> dict:
     """In a fresh process (peaks do not carry over): one variant's peak memory of a step after a warm-up step."""
     torch.set_num_threads(spec["threads"])
-    model, x, labels = setup(spec["model"], spec["img_size"], spec["batch"])
+    model, x, labels = training_setup(spec["model"], spec["img_size"], spec["batch"], torch.device("cpu"))
     trainee = make_variant(spec["variant"], model, x, labels, spec["amp"])
     del model
     trainee.step()  # compilation, optimizer state, thread pools and autotuning stay outside the measurement
@@ -92,7 +82,7 @@ def peak_of_one_step(spec: dict) -> dict:
 
 def time_variants(args, names):
     """Warm-up seconds per step, and ms per step in interleaved rounds (order rotated each round)."""
-    model, x, labels = setup(args.model, args.img_size, args.batch_size)
+    model, x, labels = training_setup(args.model, args.img_size, args.batch_size, torch.device("cpu"))
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (~2 s): not the first variant's
     trainees, report = {}, {}
     for name in names:

@@ -152,7 +152,7 @@ def with_defaults(op: str, args: Sequence[Any]) -> Tuple[Any, ...]:
     missing = len(_op_arguments[op]) - len(args)
     if missing <= 0:
         return tuple(args)
-    defaults = _op_defaults.get(op, ())
+    defaults = _op_defaults[op]
     if missing > len(defaults):
         raise TypeError(f"{op}: expected {len(_op_arguments[op])} arguments {_op_arguments[op]}, got {len(args)}")
     return (*args, *defaults[len(defaults) - missing:])

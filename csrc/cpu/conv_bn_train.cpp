@@ -178,29 +178,30 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
-// dL/dx (zeros unless input_grad) and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. A 1x1 stride-1 conv in channels_last is
-// two GEMMs on the (pixels, channels) matrices, the input gradient written into a reused output block: faster here
-// than ATen's convolution_backward (about 12% on S1's shapes) and free of the page faults of a fresh multi-MiB output.
+// dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. Without input_grad (a network's first
+// conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back as zeros. A 1x1 stride-1 conv in
+// channels_last is two GEMMs on the (pixels, channels) matrices: faster here than ATen's convolution_backward
+// (about 12% on S1's shapes). Input gradients (and the zeros) go to reused output blocks: a fresh multi-MiB one
+// page-faults on every step.
 std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                               int64_t stride, int64_t padding, int64_t groups, bool input_grad) {
   const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
   const auto fmt = activation_format(x);
+  at::Tensor gx = input_grad ? at::Tensor() : empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt).zero_();
   if (pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
     const int64_t cin = x.size(1), cout = weight.size(0), rows = x.numel() / cin;
     const at::Tensor x_rows = x.to(at::kFloat).permute({0, 2, 3, 1}).reshape({rows, cin});
     const at::Tensor dy_rows = dy.permute({0, 2, 3, 1}).reshape({rows, cout});
-    const at::Tensor w = weight.to(at::kFloat).reshape({cout, cin});
-    at::Tensor gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
-    at::Tensor gx_rows = gx.permute({0, 2, 3, 1}).view({rows, cin});
-    if (input_grad) at::mm_out(gx_rows, dy_rows, w); else gx.zero_();
+    if (input_grad) {
+      gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
+      at::Tensor gx_rows = gx.permute({0, 2, 3, 1}).view({rows, cin});
+      at::mm_out(gx_rows, dy_rows, weight.to(at::kFloat).reshape({cout, cin}));
+    }
     return {gx, at::mm(dy_rows.t(), x_rows).view(weight.sizes())};
   }
   auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
                                         {padding}, {1}, false, {0}, groups, {input_grad, true, false});
-  // Without the input gradient (a network's first conv: 40% of its backward on S1's stem) it comes back as zeros,
-  // in a reused block: fresh zeros of the input's size cost page faults on every step.
-  if (!input_grad) return {empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt).zero_(), std::get<1>(grads)};
-  return {std::get<0>(grads), std::get<1>(grads)};
+  return {input_grad ? std::get<0>(grads) : gx, std::get<1>(grads)};
 }
 
 // g = relu ? grad_out * (out > 0) : grad_out for n values (exact in any dtype). A product, as the reference's, so a

@@ -214,7 +214,7 @@ def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var):
         grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
         ctx.needs_input_grad[0],
     )
-    return (gx if ctx.needs_input_grad[0] else None), gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
+    return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
 
 
 register_autograd(conv_bias_act_op, _conv_bias_act_backward, _conv_bias_act_setup)
