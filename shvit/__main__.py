@@ -22,6 +22,7 @@ def cmd_info(args) -> int:
             "shvit_kernels": shvit_kernels.__version__, "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda_device": cuda,
             "forced_backend": forced, "models": shvit.list_models(), "backends": rows,
+            "autotune_machine": shvit_kernels.autotune.machine(),
         }, indent=2))
         return 0
     print(f"shvit-kernels {shvit_kernels.__version__}, torch {torch.__version__}, "
@@ -47,6 +48,7 @@ def cmd_info(args) -> int:
     choices = autotune.cached_choices()
     print(f"\nautotune: {autotune.mode()} (set {autotune.ENV_VAR}=off|inference|all); "
           f"{len(choices)} tuned signatures in {autotune.cache_path()}")
+    print("  for: " + ", ".join(f"{k} {v}" for k, v in autotune.machine().items()))
     for signature, backend in choices.items():
         print(f"  {backend:9s} {signature}")
     return 0

@@ -5,6 +5,8 @@ count). The first automatic call of a signature times each backend that can run 
 are then not used; the candidates interleaved, each call on memory handed back to the OS as inside a model, the
 fixed order's first kept unless another beats it by TIE_MARGIN) and keeps the fastest in memory and in a
 per-machine cache file, so later calls, and later processes on the same machine, pay nothing but the lookup.
+Backends register the settings that change how fast their kernels are (``register_setting``: the C++ kernels'
+bf16 arithmetic); they are part of the machine key, so each setting has its own choices.
 
 Modes (``set_autotune``, the ``autotune`` context manager, or ``SHVIT_KERNELS_AUTOTUNE``):
 
@@ -14,7 +16,8 @@ Modes (``set_autotune``, the ``autotune`` context manager, or ``SHVIT_KERNELS_AU
 
 Forced or preferred backends (``use_backend``, ``prefer_backend``, ...) are never tuned over. The cache file is
 ``$SHVIT_KERNELS_CACHE_DIR`` (default ``~/.cache/shvit_kernels``) ``/autotune-<machine>.json``, the machine
-being the CPU model and capability, the GPU name, and the torch and package versions. Writes are atomic; a
+being the CPU model and capability, the GPU name, the torch and package versions and the registered settings.
+Writes are atomic; a
 file that cannot be read is ignored with a warning and replaced on the next write.
 """
 
@@ -48,7 +51,8 @@ MIN_REPS, MAX_REPS, MIN_SECONDS = 3, 25, 0.02
 TIE_MARGIN = 0.03
 FORMAT_VERSION = 1
 
-__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "choose", "clear", "mode", "set_autotune"]
+__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "choose", "clear", "mode",
+           "register_setting", "set_autotune", "settings_changed"]
 
 _global_mode: Optional[str] = None
 _state = threading.local()
@@ -56,6 +60,7 @@ _lock = threading.RLock()
 _choices: Dict[str, str] = {}  # signature string (as in the cache file) -> backend
 _by_call: Dict[tuple, str] = {}  # the same, keyed by a cheap tuple of the call, for the per-call lookup
 _loaded_path: Optional[str] = None
+_settings: Dict[str, Callable[[], Optional[str]]] = {}  # name -> current value (None: not applicable here)
 
 
 def _normalize(setting: Union[None, bool, str]) -> Optional[str]:
@@ -166,8 +171,30 @@ def _cpu_model() -> str:
 
 
 def machine() -> Dict[str, str]:
-    """What a cache file is valid for: CPU model and capability, GPU, torch and package versions."""
-    return dict(_machine())
+    """What a cache file is valid for: CPU model and capability, GPU, torch and package versions, and each
+    registered setting that applies here."""
+    key = dict(_machine())
+    for name, current in sorted(_settings.items()):
+        value = current()
+        if value is not None:
+            key[name] = value
+    return key
+
+
+def register_setting(name: str, current: Callable[[], Optional[str]]) -> None:
+    """Make ``current()`` (a string, or None where it does not apply) part of the machine key: a backend setting
+    that changes which backend is fastest. Call :func:`settings_changed` whenever its value changes."""
+    with _lock:
+        _settings[name] = current
+    settings_changed()
+
+
+def settings_changed() -> None:
+    """Re-read the machine key: the choices in force become those kept for the new settings."""
+    global _loaded_path
+    with _lock:
+        _by_call.clear()
+        _loaded_path = None
 
 
 @functools.lru_cache(maxsize=None)

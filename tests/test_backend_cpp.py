@@ -149,6 +149,57 @@ def test_variant_matches_reference(variant, dtype, channels_last, op, reference,
 
 
 @requires_cpp
+@pytest.mark.parametrize("mode", ("dot", "fp32"))
+def test_each_bf16_products_mode_matches_reference(mode):
+    """The grids above run bf16 in the mode this processor measured faster; here each mode, forced, on every
+    variant: every forward op case and the ffn / shsa backward cases in both layouts."""
+    for variant in VARIANTS:
+        module = cpp.load_variant(variant)
+        try:
+            previous = module.set_bf16_products(mode)
+        except RuntimeError as e:
+            assert mode == "dot" and "not usable here" in str(e)
+            pytest.skip(f"bf16 pair products cannot run on this processor: {e}")
+        try:
+            assert module.bf16_widened() == (mode == "fp32")
+            for channels_last in (False, True):
+                for op, reference, label, args in OP_CASES:
+                    _check_against_reference(getattr(module, op), reference, args, torch.bfloat16,
+                                             channels_last=channels_last, name=f"{variant} {mode} {op} {label}")
+                for label, (x, w1, b1, w2, b2) in ffn_cases():
+                    bwd = (torch.randn_like(x), x, w1, b1.bfloat16(), w2, b2.bfloat16())
+                    _check_outputs(module.ffn_fused_backward, ffn_fused_backward_reference, bwd, torch.bfloat16,
+                                   channels_last, f"{variant} {mode} ffn_fused_backward {label}")
+                for label, (x, w, b, qk, eps) in shsa_cases():
+                    out = shsa_fused_reference(x, w, b, qk, eps)
+                    bwd = (torch.randn_like(out), x, w, b.bfloat16(), out, qk, eps)
+                    _check_outputs(module.shsa_fused_backward, shsa_fused_backward_reference, bwd, torch.bfloat16,
+                                   channels_last, f"{variant} {mode} shsa_fused_backward {label}")
+        finally:
+            module.set_bf16_products(previous)
+
+
+def test_bf16_products_setting_is_validated_and_keys_the_autotune_cache():
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    with pytest.raises(RuntimeError, match="'auto', 'dot' or 'fp32'"):
+        cpp.set_bf16_products("fast")
+    previous = cpp.set_bf16_products("fp32")
+    try:
+        assert cpp.bf16_products() == "fp32"
+        assert shvit_kernels.autotune.machine()["cpu_bf16_products"] == "fp32"
+        fp32_path = shvit_kernels.autotune.cache_path()
+        try:
+            cpp.set_bf16_products("dot")
+        except RuntimeError:
+            return  # no bf16 micro-kernel here: only one mode, one cache
+        assert shvit_kernels.autotune.machine()["cpu_bf16_products"] == "dot"
+        assert shvit_kernels.autotune.cache_path() != fp32_path
+    finally:
+        cpp.set_bf16_products(previous)
+
+
+@requires_cpp
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_input_major_weights_give_the_same_result(variant, dtype):
@@ -641,13 +692,23 @@ def test_declined_call_falls_back_to_reference():
 @requires_cpp
 def test_slower_call_goes_to_reference_unless_cpp_is_forced():
     """An NCHW stem conv runs on ATen automatically (measured faster) but on the C++ kernel when cpp is forced;
-    in channels_last fp32 the C++ kernel is the automatic choice."""
+    in channels_last fp32, and bf16 widened to fp32, the C++ kernel is the automatic choice."""
     x = torch.randn(2, 16, 12, 12)
     w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
     args = (x, w, b, 2, 1, 1, True, None)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert dispatch.chosen_backend("conv_bias_act", "cpu", x_cl, *args[1:]) == "cpp"
-    assert dispatch.chosen_backend("conv_bias_act", "cpu", x_cl.bfloat16(), w.bfloat16(), *args[2:]) == "reference"
+    bf16_args = (x_cl.bfloat16(), w.bfloat16(), *args[2:])
+    previous = cpp.set_bf16_products("fp32")
+    try:
+        assert dispatch.chosen_backend("conv_bias_act", "cpu", *bf16_args) == "cpp"
+        try:
+            cpp.set_bf16_products("dot")
+            assert dispatch.chosen_backend("conv_bias_act", "cpu", *bf16_args) == "reference"
+        except RuntimeError as e:
+            assert "not usable here" in str(e)
+    finally:
+        cpp.set_bf16_products(previous)
     assert dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "reference"
     with shvit_kernels.use_backend("cpp"):
         assert dispatch.chosen_backend("conv_bias_act", "cpu", *args) == "cpp"

@@ -11,6 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace k = shvit_cpu;
   m.attr("CPU_CAPABILITY") = SHVIT_STRINGIFY(CPU_CAPABILITY);
   m.def("gemm_provider", &k::gemm_provider, "Which GEMM the kernels call: 'mkl' or 'aten'");
+  m.def("bf16_products", &k::bf16_products, "How bf16 GEMMs multiply: 'auto', 'dot' (bf16 pairs) or 'fp32' (widened)");
+  m.def("set_bf16_products", &k::set_bf16_products, "Set 'auto', 'dot' or 'fp32'; returns the previous mode");
+  m.def("bf16_widened", &k::bf16_widened, "Whether bf16 GEMMs multiply in fp32 now ('auto' measured on first use)");
   m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");
   m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");
   m.def("set_output_cache_limit", &k::set_output_cache_limit,

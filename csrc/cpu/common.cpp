@@ -5,6 +5,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/accumulate.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -22,6 +24,11 @@ void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, in
 
 namespace shvit_cpu {
 inline namespace CPU_CAPABILITY {
+
+namespace {
+// Column panel per micro-kernel call, so the panel of B stays in L2 while every row of A streams past it.
+constexpr int64_t kPanelCols = 128;
+}  // namespace
 
 void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t ndim) {
   TORCH_CHECK(t.defined(), op, ": '", name, "' must be a tensor, got None");
@@ -251,6 +258,12 @@ void gemm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
   }
 }
 
+// dst = the rows x cols matrix at src (leading dimension ld) widened to fp32, contiguous (ld = cols).
+void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
+  dst.resize(std::max<int64_t>(rows * cols, 1));
+  for (int64_t r = 0; r < rows; ++r) widen_run(src + r * ld, dst.data() + r * cols, cols);
+}
+
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= INT32_MAX, "shvit cpp gemm: ", what, " = ", v, " exceeds the 32-bit BLAS interface");
   return static_cast<int>(v);
@@ -272,6 +285,13 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
           const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (bf16_widened()) {
+    thread_local std::vector<float> a_wide, b_wide;
+    const int64_t a_cols = ta ? m : k, b_cols = tb ? k : n;
+    widen_matrix(a, ta ? k : m, a_cols, lda, a_wide);
+    widen_matrix(b, tb ? n : k, b_cols, ldb, b_wide);
+    return gemm(ta, tb, m, n, k, alpha, a_wide.data(), a_cols, b_wide.data(), b_cols, beta, c, ldc);
+  }
   if (!cblas_gemm_bf16bf16f32) return gemm_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kBFloat16);
   constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, as_int(m, "m"), as_int(n, "n"),
@@ -299,6 +319,81 @@ bool bf16_brgemm_usable() {
   return isa_ok;
 }
 
+void widen_run(const BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) load_f(src + i).store(dst + i);
+  if (i < n) load_f(src + i, n - i).store(dst + i, n - i);
+}
+
+namespace {
+
+enum Bf16Mode : int { kAuto = 0, kDot = 1, kFp32 = 2 };
+
+Bf16Mode parse_bf16_mode(const std::string& mode, const char* source) {
+  if (mode == "auto") return kAuto;
+  if (mode == "dot") return kDot;
+  if (mode == "fp32") return kFp32;
+  TORCH_CHECK(false, source, " must be 'auto', 'dot' or 'fp32', got '", mode, "'");
+}
+
+std::atomic<int>& bf16_mode() {
+  static std::atomic<int> mode([] {
+    const char* env = std::getenv("SHVIT_CPU_BF16_PRODUCTS");
+    return static_cast<int>(env && *env ? parse_bf16_mode(env, "SHVIT_CPU_BF16_PRODUCTS") : kAuto);
+  }());
+  return mode;
+}
+
+// Best of a few runs of one micro-kernel call on a B panel of the shape matmul uses (seconds).
+template <typename T>
+double time_brgemm(int64_t m, int64_t n, int64_t k, bool vnni) {
+  std::vector<T> a(m * k, T(0.5f)), b(k * n, T(0.25f));
+  std::vector<float> c(m * n);
+  double best = 1e30;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a.data(), b.data(), c.data(), vnni);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  at::native::cpublas::brgemm_release(vnni);
+  return best;
+}
+
+// Whether bf16 pair products beat widening to fp32 on this processor: without the VNNI micro-kernel they cannot
+// run at all; with it, a 192 x 128 x 256 product of each kind is timed (about a millisecond in all).
+bool measured_widening_faster() {
+  if (!bf16_brgemm_usable()) return true;
+  const double dot = time_brgemm<BFloat16>(192, kPanelCols, 256, true);
+  const double fp32 = time_brgemm<float>(192, kPanelCols, 256, false);
+  return fp32 < dot;
+}
+
+}  // namespace
+
+std::string bf16_products() {
+  switch (bf16_mode().load()) {
+    case kDot: return "dot";
+    case kFp32: return "fp32";
+    default: return "auto";
+  }
+}
+
+std::string set_bf16_products(const std::string& mode) {
+  const Bf16Mode next = parse_bf16_mode(mode, "set_bf16_products: mode");
+  TORCH_CHECK(next != kDot || bf16_brgemm_usable(),
+              "set_bf16_products: 'dot' needs ATen's bf16 micro-kernel (oneDNN on an AVX-512 core), not usable here");
+  const std::string previous = bf16_products();
+  bf16_mode().store(next);
+  return previous;
+}
+
+bool bf16_widened() {
+  const int mode = bf16_mode().load();
+  if (mode != kAuto) return mode == kFp32;
+  static const bool widen = measured_widening_faster();
+  return widen;
+}
+
 template <>
 void MatB<float>::assign(const float* b, int64_t rows, int64_t cols, int64_t ldb) {
   data = b, k = rows, n = cols, ld = ldb, vnni = false;
@@ -307,6 +402,12 @@ void MatB<float>::assign(const float* b, int64_t rows, int64_t cols, int64_t ldb
 template <>
 void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64_t ldb) {
   k = rows, n = cols;
+  widened = bf16_widened();
+  if (widened) {
+    data = b, ld = cols, vnni = false;
+    widen_matrix(b, rows, cols, ldb, wide);
+    return;
+  }
   vnni = rows % 2 == 0 && bf16_brgemm_usable();
   if (!vnni) {
     data = b, ld = ldb;
@@ -334,9 +435,15 @@ void MatB<float>::assign_transposed(const float* w, int64_t rows, int64_t cols) 
 template <>
 void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t cols) {
   storage.resize(rows * cols);
-  k = rows, n = cols, ld = cols, vnni = rows % 2 == 0 && bf16_brgemm_usable();
+  k = rows, n = cols, ld = cols, widened = bf16_widened();
+  vnni = !widened && rows % 2 == 0 && bf16_brgemm_usable();
   data = storage.data();
-  if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
+  if (widened) {
+    std::vector<float> w_wide;
+    widen_matrix(w, cols, rows, rows, w_wide);
+    wide.resize(std::max<int64_t>(rows * cols, 1));
+    transpose_blocked(w_wide.data(), cols, rows, wide.data());
+  } else if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
     static_assert(sizeof(float) == 2 * sizeof(BFloat16), "VNNI pairs are 32-bit");
     transpose_blocked(reinterpret_cast<const float*>(w), cols, rows / 2, reinterpret_cast<float*>(storage.data()));
   } else {
@@ -362,15 +469,28 @@ void MatB<T>::assign_weight(const at::Tensor& w) {
 template void MatB<float>::assign_weight(const at::Tensor&);
 template void MatB<BFloat16>::assign_weight(const at::Tensor&);
 
-namespace {
-// Column panel per micro-kernel call, so the panel of B stays in L2 while every row of A streams past it.
-constexpr int64_t kPanelCols = 128;
-}  // namespace
-
 template <typename T>
 void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc, bool accumulate) {
   if (m == 0 || b.n == 0) return;
   const bool fp32 = std::is_same<T, float>::value;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (b.widened) {
+      // Rows may overlap (lda < k): widen the span they cover and keep lda; else each row, packed (ld = k).
+      thread_local std::vector<float> a_wide;
+      int64_t lda_wide = lda;
+      if (lda < b.k) {
+        const int64_t span = (m - 1) * lda + b.k;
+        a_wide.resize(span);
+        widen_run(a, a_wide.data(), span);
+      } else {
+        widen_matrix(a, m, b.k, lda, a_wide);
+        lda_wide = b.k;
+      }
+      MatB<float> b_wide;
+      b_wide.assign(b.wide.data(), b.k, b.n, b.n);
+      return matmul<float>(m, a_wide.data(), lda_wide, b_wide, c, ldc, accumulate);
+    }
+  }
   if (!fp32 && !b.vnni) {
     TORCH_CHECK(lda >= b.k, "shvit cpp matmul: overlapping A rows (lda ", lda, " < k ", b.k, ") need an even k in bf16");
     return gemm(false, false, m, b.n, b.k, 1.f, a, lda, b.data, b.ld, accumulate ? 1.f : 0.f, c, ldc);

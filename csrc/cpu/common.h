@@ -196,6 +196,9 @@ struct MatB {
   int64_t k = 0, n = 0, ld = 0;
   bool vnni = false;
   std::vector<T> storage;
+  // bf16 when bf16_widened(): B held as fp32 in `wide` (k x n, row-major, ld = n) and multiplied in fp32.
+  bool widened = false;
+  std::vector<float> wide;
   void assign(const T* b, int64_t rows, int64_t cols, int64_t ldb);
   // B = w^T for a row-major w (cols x rows), as conv and FFN weights are stored: one blocked transpose, which for
   // bf16 with even rows is directly the VNNI layout (each (k, k + 1) pair of a row of w is one 32-bit element).
@@ -209,6 +212,19 @@ struct MatB {
 // Whether ATen's bf16 brgemm micro-kernel runs here (oneDNN enabled, AVX-512 core); when not, bf16 GEMMs go
 // through gemm() on plain (non-VNNI) operands.
 bool bf16_brgemm_usable();
+
+// How bf16 GEMMs multiply: "dot", bf16 pair products (AVX512_BF16 or AMX, through the VNNI micro-kernel), or
+// "fp32", operands widened to fp32 (exactly) and multiplied by fp32 FMAs. Both accumulate in fp32. "auto" times
+// both micro-kernels once per process and keeps the faster: an Intel Xeon without AMX ran VDPBF16PS at half its
+// fp32 FMA rate (92 vs 191 GFLOP/s, 2026-12-01), so bf16 products lost there. SHVIT_CPU_BF16_PRODUCTS sets the
+// initial mode; set_bf16_products returns the previous one.
+std::string bf16_products();
+std::string set_bf16_products(const std::string& mode);
+// The mode in force, "auto" resolved (measured on first use).
+bool bf16_widened();
+
+// dst[i] = float(src[i]) for a contiguous run (exact).
+void widen_run(const BFloat16* src, float* dst, int64_t n);
 
 // True when the 2-D view of weight w (cols, rows[, 1, 1]) is the transpose of a contiguous (rows, cols) matrix.
 bool is_input_major(const at::Tensor& w);

@@ -182,9 +182,11 @@ inline void conv_tile_dispatch(int64_t width, const float* const* rows, int64_t 
                           acc_out, ld_acc);
 }
 
-// w_blocks: (c_out / kChannelBlock rounded up, kh, kw * c_in, kChannelBlock) fp32, zero past c_out.
-void blocked_conv_channels_last(const float* x, const float* w_blocks, const float* bias, const float* residual,
-                                bool relu, float* out, const ConvShape& s) {
+// w_blocks: (c_out / kChannelBlock rounded up, kh, kw * c_in, kChannelBlock) fp32, zero past c_out. bf16 input
+// rows are widened as they are copied into the padded rows (bf16_widened()).
+template <typename T>
+void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* bias, const T* residual, bool relu,
+                                T* out, const ConvShape& s) {
   const int64_t c = s.c_in, k_row = s.kw * c, step = s.stride * c, padded_w = s.w + 2 * s.pad;
   const int64_t blocks = ceil_div(s.c_out, kChannelBlock), c_pad = blocks * kChannelBlock;
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
@@ -205,7 +207,11 @@ void blocked_conv_channels_last(const float* x, const float* w_blocks, const flo
         const int64_t slot = ih % s.kh;
         float* slot_data = padded.data() + slot * padded_w * c;
         if (slot_row[slot] != n * s.h + ih) {
-          std::copy_n(x + (n * s.h + ih) * s.w * c, s.w * c, slot_data + s.pad * c);
+          if constexpr (std::is_same_v<T, float>) {
+            std::copy_n(x + (n * s.h + ih) * s.w * c, s.w * c, slot_data + s.pad * c);
+          } else {
+            widen_run(x + (n * s.h + ih) * s.w * c, slot_data + s.pad * c, s.w * c);
+          }
           slot_row[slot] = n * s.h + ih;
         }
         rows[i] = slot_data;
@@ -217,7 +223,7 @@ void blocked_conv_channels_last(const float* x, const float* w_blocks, const flo
         for (int64_t ih = next_top + std::max<int64_t>(0, s.kh - s.stride); ih < next_top + s.kh; ++ih) {
           if (ih < 0 || ih >= s.h) continue;
           const char* src = reinterpret_cast<const char*>(x + (n * s.h + ih) * s.w * c);
-          for (int64_t byte = 0; byte < s.w * c * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(src + byte);
+          for (int64_t byte = 0; byte < s.w * c * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(src + byte);
         }
       }
       for (int64_t b = 0; b < blocks; ++b) {
@@ -239,12 +245,12 @@ void blocked_conv_channels_last(const float* x, const float* w_blocks, const flo
   });
 }
 
-// Dense kxk channels_last without im2col: fp32 register-blocked, bf16 one GEMM per kernel row (its VNNI bf16
-// products beat fp32 FMAs; needs an even kw * c_in).
+// Dense kxk channels_last without im2col: register-blocked in fp32 (bf16 widened when bf16_widened()), else bf16
+// one GEMM per kernel row on bf16 pair products (needs an even kw * c_in).
 template <typename T>
 void dense_conv_channels_last(const T* x, const at::Tensor& weight, const float* bias, const T* residual, bool relu,
                               T* out, const ConvShape& s) {
-  if constexpr (std::is_same_v<T, float>) {
+  if (std::is_same_v<T, float> || bf16_widened()) {
     // (c_out, c_in, kh, kw) -> (block, kh, kw, c_in, kChannelBlock), zero-padded past c_out
     const int64_t blocks = ceil_div(s.c_out, kChannelBlock);
     const at::Tensor w_blocks =
@@ -584,7 +590,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       // bf16 im2col needs an even K (VNNI pairs): pad with one zero tap row.
       const int64_t k = s.k_gemm(), k_col = (!s.pointwise() && std::is_same<T, BFloat16>::value) ? k + k % 2 : k;
       // bf16 row GEMMs read overlapping rows of x in place, which only the VNNI micro-kernel can (even K).
-      const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value ||
+      const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || bf16_widened() ||
                                                (s.kw * s.c_in % 2 == 0 && bf16_brgemm_usable()));
       if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
         const at::Tensor w_kc = weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();  // (kh, kw, c_in, c_out)

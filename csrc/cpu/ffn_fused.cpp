@@ -31,36 +31,81 @@ FfnShape check_ffn_args(const char* op, const at::Tensor& x, const at::Tensor& w
   return s;
 }
 
-// Hidden activation of a tile in the storage dtype (bf16 rounds it, as the reference does); for fp32 the
-// accumulator is activated in place.
-template <typename T>
-T* activate_hidden(float* acc, T* hidden_buf, const float* b1_run, const float* b1_rows, int64_t rows, int64_t cols) {
-  T* hidden = std::is_same<T, float>::value ? reinterpret_cast<T*>(acc) : hidden_buf;
-  for (int64_t r = 0; r < rows; ++r)
-    epilogue_run(acc + r * cols, b1_run, b1_rows ? b1_rows[r] : 0.f, static_cast<const T*>(nullptr), true,
-                 hidden + r * cols, cols);
-  return hidden;
+// The forward kernels take T (the storage dtype) and C, the dtype the GEMMs multiply: T, or float for bf16 when
+// bf16_widened() (operands widened once, exactly, and the hidden activation kept in fp32).
+
+// Hidden activation of a tile: relu(acc + b1), rounded to T as the reference's hidden tensor is. With C = float it
+// stays in the fp32 accumulator (rounded in place, so the second GEMM reads it without another pass); otherwise it
+// is stored in T.
+template <typename T, typename C>
+const C* activate_hidden(float* acc, C* hidden_buf, const float* b1_run, const float* b1_rows, int64_t rows,
+                         int64_t cols) {
+  if constexpr (std::is_same_v<C, float>) {
+    const fVec zero(0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = acc + r * cols;
+      const fVec bias_splat(b1_rows ? b1_rows[r] : 0.f);
+      int64_t i = 0;
+      for (; i + kVec <= cols; i += kVec) {
+        const fVec v = load_f(row + i) + (b1_run ? load_f(b1_run + i) : bias_splat);
+        store_f(round_to<T>(at::vec::maximum(v, zero)), row + i);
+      }
+      if (i < cols) {
+        const fVec v = load_f(row + i, cols - i) + (b1_run ? load_f(b1_run + i, cols - i) : bias_splat);
+        store_f(round_to<T>(at::vec::maximum(v, zero)), row + i, cols - i);
+      }
+    }
+    return acc;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      epilogue_run(acc + r * cols, b1_run, b1_rows ? b1_rows[r] : 0.f, static_cast<const C*>(nullptr), true,
+                   hidden_buf + r * cols, cols);
+    return hidden_buf;
+  }
+}
+
+// rows x cols of src (leading dimension ld) as C, contiguous: src itself when C is T, else widened into buf.
+template <typename T, typename C>
+const C* as_compute(const T* src, int64_t rows, int64_t cols, int64_t ld, std::vector<C>& buf, int64_t* ld_out) {
+  if constexpr (std::is_same_v<T, C>) {
+    *ld_out = ld;
+    return src;
+  } else {
+    buf.resize(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) widen_run(src + r * ld, buf.data() + r * cols, cols);
+    *ld_out = cols;
+    return buf.data();
+  }
+}
+
+// A weight as C (a widened copy, in the same layout, when C is float and the weight bf16).
+template <typename C>
+at::Tensor weight_as(const at::Tensor& w) {
+  return std::is_same_v<C, float> ? w.to(at::kFloat) : w;
 }
 
 // channels_last: x is a (pixels, C) row-major matrix; hidden tile (rows, H) = x_tile W1^T, with w1 (H, C) and
 // w2 (C, H) as stored.
-template <typename T>
+template <typename T, typename C>
 void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const at::Tensor& w2, const float* b2, T* out,
                        const FfnShape& s) {
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
-  MatB<T> w1_kn, w2_kn;
-  w1_kn.assign_weight(w1);
-  w2_kn.assign_weight(w2);
+  const at::Tensor w1_c = weight_as<C>(w1), w2_c = weight_as<C>(w2);
+  MatB<C> w1_kn, w2_kn;
+  w1_kn.assign_weight(w1_c);
+  w2_kn.assign_weight(w2_c);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<float> hidden_acc(tile * hd), out_acc(fp32 ? 0 : tile * c);
-    std::vector<T> hidden_buf(fp32 ? 0 : tile * hd);
+    std::vector<C> hidden_buf(std::is_same_v<C, float> ? 0 : tile * hd), x_buf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
-      matmul(nr, x + r0 * c, c, w1_kn, hidden_acc.data(), hd);
-      const T* hidden = activate_hidden<T>(hidden_acc.data(), hidden_buf.data(), b1, nullptr, nr, hd);
+      int64_t ldx = 0;
+      const C* x_tile = as_compute<T, C>(x + r0 * c, nr, c, c, x_buf, &ldx);
+      matmul(nr, x_tile, ldx, w1_kn, hidden_acc.data(), hd);
+      const C* hidden = activate_hidden<T, C>(hidden_acc.data(), hidden_buf.data(), b1, nullptr, nr, hd);
       T* out_tile = out + r0 * c;
       float* acc = fp32 ? reinterpret_cast<float*>(out_tile) : out_acc.data();
       matmul(nr, hidden, hd, w2_kn, acc, c);
@@ -70,25 +115,28 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   });
 }
 
-// NCHW: per image, x is a (C, pixels) matrix; hidden tile (H, cols) = W1 x[:, tile].
-template <typename T>
-void ffn_nchw(const T* x, const T* w1, const float* b1, const T* w2, const float* b2, T* out, const FfnShape& s) {
+// NCHW: per image, x is a (C, pixels) matrix; hidden tile (H, cols) = W1 x[:, tile]. w1 (H, C) and w2 (C, H) are
+// contiguous matrices in C.
+template <typename T, typename C>
+void ffn_nchw(const T* x, const C* w1, const float* b1, const C* w2, const float* b2, T* out, const FfnShape& s) {
   const int64_t c = s.c, hd = s.hidden, pixels = s.pixels;
   const int64_t tile = pixels_per_tile(pixels, hd + c);
   const int64_t tiles_per_image = ceil_div(pixels, tile);
   const bool fp32 = std::is_same<T, float>::value;
   at::parallel_for(0, s.batch * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
-    MatB<T> x_tile, hidden_tile;
+    MatB<C> x_tile, hidden_tile;
     std::vector<float> hidden_acc(hd * tile), out_acc(fp32 ? 0 : c * tile);
-    std::vector<T> hidden_buf(fp32 ? 0 : hd * tile);
+    std::vector<C> hidden_buf(std::is_same_v<C, float> ? 0 : hd * tile), x_buf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, np = std::min(tile, pixels - p0);
       const T* x_n = x + n * c * pixels + p0;
       T* out_n = out + n * c * pixels + p0;
-      x_tile.assign(x_n, c, np, pixels);
+      int64_t ldx = 0;
+      const C* x_c = as_compute<T, C>(x_n, c, np, pixels, x_buf, &ldx);
+      x_tile.assign(x_c, c, np, ldx);
       matmul(hd, w1, c, x_tile, hidden_acc.data(), np);
-      const T* hidden = activate_hidden<T>(hidden_acc.data(), hidden_buf.data(), nullptr, b1, hd, np);
+      const C* hidden = activate_hidden<T, C>(hidden_acc.data(), hidden_buf.data(), nullptr, b1, hd, np);
       float* acc = fp32 ? reinterpret_cast<float*>(out_n) : out_acc.data();
       const int64_t ldc = fp32 ? pixels : np;
       hidden_tile.assign(hidden, hd, np, np);
@@ -97,6 +145,19 @@ void ffn_nchw(const T* x, const T* w1, const float* b1, const T* w2, const float
         epilogue_run(acc + ch * ldc, nullptr, b2[ch], x_n + ch * pixels, false, out_n + ch * pixels, np);
     }
   });
+}
+
+// Forward in compute type C (see above).
+template <typename T, typename C>
+void ffn_forward(const at::Tensor& xc, const at::Tensor& w1, const float* b1, const at::Tensor& w2, const float* b2,
+                 at::Tensor& out, bool channels_last, const FfnShape& s) {
+  if (channels_last) {
+    ffn_channels_last<T, C>(xc.data_ptr<T>(), w1, b1, w2, b2, out.data_ptr<T>(), s);
+  } else {
+    const at::Tensor w1c = contiguous_matrix(weight_as<C>(w1).reshape({s.hidden, s.c}));
+    const at::Tensor w2c = contiguous_matrix(weight_as<C>(w2).reshape({s.c, s.hidden}));
+    ffn_nchw<T, C>(xc.data_ptr<T>(), w1c.data_ptr<C>(), b1, w2c.data_ptr<C>(), b2, out.data_ptr<T>(), s);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -215,17 +276,14 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
   at::Tensor out = empty_output(xc.sizes(), xc.options(), fmt);
-  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_ffn_fused", [&] {
-    using T = scalar_t;
-    if (channels_last) {
-      ffn_channels_last<T>(xc.data_ptr<T>(), w1, b1f.data_ptr<float>(), w2, b2f.data_ptr<float>(), out.data_ptr<T>(), s);
-    } else {
-      const at::Tensor w1c = contiguous_matrix(w1.reshape({s.hidden, s.c}));
-      const at::Tensor w2c = contiguous_matrix(w2.reshape({s.c, s.hidden}));
-      ffn_nchw<T>(xc.data_ptr<T>(), w1c.data_ptr<T>(), b1f.data_ptr<float>(), w2c.data_ptr<T>(), b2f.data_ptr<float>(),
-                  out.data_ptr<T>(), s);
-    }
-  });
+  const float *b1_ptr = b1f.data_ptr<float>(), *b2_ptr = b2f.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    ffn_forward<float, float>(xc, w1, b1_ptr, w2, b2_ptr, out, channels_last, s);
+  } else if (bf16_widened()) {
+    ffn_forward<BFloat16, float>(xc, w1, b1_ptr, w2, b2_ptr, out, channels_last, s);
+  } else {
+    ffn_forward<BFloat16, BFloat16>(xc, w1, b1_ptr, w2, b2_ptr, out, channels_last, s);
+  }
   return out;
 }
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import dispatch
+from .. import autotune, dispatch
 
 BACKEND = "cpp"
 # Best first; a processor that has a capability can run every one after it.
@@ -67,8 +67,33 @@ def variant() -> Optional[str]:
 def set_variant(capability: Optional[str]) -> Optional[str]:
     """Switch the build the kernels call (None: the best one); returns the previous capability. For tests."""
     global _module
-    previous = variant()
+    previous, products = variant(), (_module.bf16_products() if _module is not None else None)
     _module = _load_best() if capability is None else load_variant(capability)
+    if products is not None and _module is not None:
+        try:  # each build keeps its own setting: carry it over where the new build can run it
+            _module.set_bf16_products(products)
+        except RuntimeError:
+            _module.set_bf16_products("auto")
+    autotune.settings_changed()
+    return previous
+
+
+def bf16_products() -> Optional[str]:
+    """How the kernels multiply bf16 now: ``"dot"`` (bf16 pair products: AVX512_BF16 or AMX) or ``"fp32"``
+    (operands widened, exactly, and multiplied by fp32 FMAs); both accumulate in fp32. None when the backend is
+    unavailable. The default (``"auto"``) times both once per process and keeps the faster."""
+    if _module is None:
+        return None
+    return "fp32" if _module.bf16_widened() else "dot"
+
+
+def set_bf16_products(mode: str) -> str:
+    """``"auto"``, ``"dot"`` or ``"fp32"`` (also ``SHVIT_CPU_BF16_PRODUCTS``); returns the previous setting.
+    ``"dot"`` raises where the bf16 micro-kernel cannot run."""
+    if _module is None:
+        raise RuntimeError("set_bf16_products: the cpp backend is unavailable: " + "; ".join(_availability()))
+    previous = _module.set_bf16_products(mode)
+    autotune.settings_changed()
     return previous
 
 
@@ -150,13 +175,16 @@ def conv_slower_reasons(x, weight, stride, padding, groups, **_) -> List[str]:
             return []
         # Stem convs 3x3 stride 2, batch 16, channels_last, ms, oneDNN incl. ReLU / cpp (2026-11-25, 1 thread):
         # fp32 S1 3->16 2.06/1.44, 16->32 4.21/2.84, 32->64 2.22/2.24, 64->128 1.90/1.96; S4 28->56 12.7/11.1,
-        # 56->112 9.09/9.64, 112->224 8.47/7.94 (2 threads: 0.96-1.54x). bf16: cpp slower on all (0.6-0.9x).
-        if x.dtype == torch.float32 and _is_channels_last(x):
+        # 56->112 9.09/9.64, 112->224 8.47/7.94 (2 threads: 0.96-1.54x). bf16 on bf16 pair products: cpp slower on
+        # all (0.6-0.9x); bf16 widened to fp32 (the same register-blocked kernel), Intel Xeon family 6 model 207,
+        # 2026-12-01, S1: 3->16 4.76/3.55, 16->32 6.17/4.54, 32->64 5.53/3.70, 64->128 5.17/3.50.
+        if _is_channels_last(x) and (x.dtype == torch.float32 or bf16_products() == "fp32"):
             return []
         return [
-            "dense (groups=1) kxk convolutions go to ATen except in fp32 channels_last: the cpp kernels measured "
-            f"slower than oneDNN's on the rest; got weight {tuple(weight.shape)}, stride {stride}, {x.dtype}, "
-            f"{'channels_last' if _is_channels_last(x) else 'NCHW'}"
+            "dense (groups=1) kxk convolutions go to ATen except in channels_last in fp32 (or bf16 widened to fp32): "
+            f"the cpp kernels measured slower than oneDNN's on the rest; got weight {tuple(weight.shape)}, stride "
+            f"{stride}, {x.dtype}, {'channels_last' if _is_channels_last(x) else 'NCHW'}, bf16 products "
+            f"{bf16_products()}"
         ]
     if not _is_channels_last(x):
         # The NCHW stencil measured at about half the speed of ATen's.
@@ -210,6 +238,8 @@ def _kernel(name: str):
 
 
 _module = _load_best()
+# Whether bf16 is multiplied in pairs or widened decides which backend is fastest for a bf16 call.
+autotune.register_setting("cpu_bf16_products", bf16_products)
 dispatch.register_backend(
     BACKEND,
     device_types=("cpu",),
