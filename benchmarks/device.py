@@ -108,6 +108,12 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
         result["gemm_candidates_TFLOPs"][name] = {"mm": mm, "conv1x1": conv}
         result["matmul_TFLOPs"][name] = max(mm, conv)
     result["matmul_size"] = size
+    if device.type == "cpu":
+        from shvit_kernels.backends import cpp
+
+        # Per core (one thread): the arithmetic limits the op rates are read against.
+        result["core_peak_GFLOPs"] = {kind: cpp.peak_gflops(kind) for kind in ("fp32_fma", "bf16_dot")}
+        result["bf16_products"] = cpp.bf16_products()
     return result
 
 

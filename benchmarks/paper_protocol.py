@@ -47,8 +47,8 @@ from benchmarks.plain import to_plain
 
 ALL_PEERS = ("eager", "eager-cl", "compile", "compile-max-autotune", "cuda-graph", "onnxruntime", "fused", "train")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# Random batches for the low-precision top-1 agreement check (16 x batch images).
-AGREEMENT_BATCHES = 16
+# Images for the low-precision top-1 agreement check (whole batches, at least this many).
+AGREEMENT_IMAGES = 1024
 
 
 def default_peers(device: torch.device) -> List[str]:
@@ -332,7 +332,8 @@ def run_paper_suite(args) -> int:
 
     agreement = {}
     if dtype != torch.float32 and "fused" in peers:
-        agreement = low_precision_agreement(model, fused, size, args.batch_size, AGREEMENT_BATCHES, fmt)
+        agreement = low_precision_agreement(model, fused, size, args.batch_size,
+                                              -(-AGREEMENT_IMAGES // args.batch_size), fmt)
         print(f"{args.dtype} fused vs fp32 fused on {agreement['images']} random images: top-1 agreement "
               f"{agreement['top1_agreement']:.4f}, max relative logit error {agreement['max_rel_logit_err']:.2e}")
 

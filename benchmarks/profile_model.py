@@ -88,11 +88,30 @@ class OpTimer:
 
 def print_ceiling_and_rows(result: Dict, columns: Callable, extra: str = "") -> None:
     """The measured matmul ceiling, then one line per row: ``columns(row)`` + ms, GFLOP/s, calls, kind, backend."""
-    peak = max(result["probe"]["matmul_TFLOPs"].values(), default=0) * 1e3
+    probe = result["probe"]
+    peak = max(probe["matmul_TFLOPs"].values(), default=0) * 1e3
     print(f"  measured matmul ceiling: {peak:.0f} GFLOP/s{extra}")
+    arithmetic = arithmetic_peak(result)
+    if arithmetic:
+        cores = probe.get("core_peak_GFLOPs", {})
+        print(f"  measured per-core peaks: fp32 FMA {cores.get('fp32_fma', 0):.0f}, bf16 dot products "
+              f"{cores.get('bf16_dot', 0):.0f} GFLOP/s; bf16 multiplied as {probe.get('bf16_products')}; "
+              f"% below: of {arithmetic:.0f} GFLOP/s ({result['threads']} thread(s), the faster arithmetic for "
+              f"{result['dtype']})")
     for row in result["rows"]:
         rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
-        print(f"  {columns(row)}  {rate}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+        share = f" {row['gflop_per_s'] / arithmetic * 100:4.0f}%" if arithmetic and row.get("gflop_per_s") else " " * 6
+        print(f"  {columns(row)}  {rate}{share}  x{row['calls']:<3d} {row['kind']} [{row['backend']}]")
+
+
+def arithmetic_peak(result: Dict) -> float:
+    """The arithmetic limit of the run (GFLOP/s): the faster measured per-core peak usable in its dtype, times
+    its threads (0.0 off the CPU or when not measured)."""
+    cores = result["probe"].get("core_peak_GFLOPs")
+    if not cores:
+        return 0.0
+    usable = [cores.get("fp32_fma", 0.0)] + ([cores.get("bf16_dot", 0.0)] if result["dtype"] == "bfloat16" else [])
+    return max(usable) * result["threads"]
 
 
 def write_json(path: str, result: Dict) -> None:

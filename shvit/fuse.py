@@ -35,10 +35,11 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
 class FusedConv2d(ResidualInForward, nn.Conv2d):
     """Conv2d with bias run through ``shvit_kernels.conv_bias_act`` (optionally + residual, ReLU).
 
-    On CPU an fp32 1x1 weight is kept input-channel major (see :func:`input_major`): the C++ GEMMs take W^T as
-    their B operand and read that layout in place, where a contiguous weight costs a transpose on every call
-    (1-2 ms of S1's 43 ms batch-16 forward). Every backend accepts either layout with the same result. Other
-    dtypes (bf16 is repacked into VNNI pairs per call anyway, faster from the plain layout), other devices, and
+    On CPU an fp32 or bf16 1x1 weight is kept input-channel major (see :func:`input_major`): the C++ GEMMs take
+    W^T as their B operand and read that layout in place (bf16: widened, or packed into pairs, row by row), where
+    a contiguous weight costs a transpose on every call (fp32: 1-2 ms of S1's 43 ms batch-16 forward; bf16 widened
+    to fp32: up to 1.4x an FFN call on S4's last stage, pair products: no difference; Intel Xeon family 6 model
+    207, 2026-12-01). Every backend accepts either layout with the same result. Other dtypes, other devices, and
     convs whose kernels want the plain layout (``input_major_on_cpu = False``) keep the weight contiguous. The
     layout follows ``.to()`` / ``.cuda()`` / ``.float()`` / ``.bfloat16()``.
     """
@@ -54,7 +55,8 @@ class FusedConv2d(ResidualInForward, nn.Conv2d):
     def lay_out_weight(self) -> None:
         w = self.weight
         pointwise = tuple(w.shape[2:]) == (1, 1) and self.groups == 1
-        if pointwise and self.input_major_on_cpu and w.device.type == "cpu" and w.dtype == torch.float32:
+        cpu_gemm_dtype = w.dtype in (torch.float32, torch.bfloat16)
+        if pointwise and self.input_major_on_cpu and w.device.type == "cpu" and cpu_gemm_dtype:
             w.data = input_major(w)
         elif not w.is_contiguous():
             w.data = w.contiguous()

@@ -89,7 +89,7 @@ def test_paper_suite_bf16_reports_agreement_with_fp32(tmp_path, monkeypatch):
     """A bf16 run keeps ONNX Runtime in fp32 as its yardstick and reports top-1 agreement with the fp32 model."""
     pytest.importorskip("onnxruntime")
     monkeypatch.setattr(paper_protocol, "probe", lambda device, dtypes: {})
-    monkeypatch.setattr(paper_protocol, "AGREEMENT_BATCHES", 3)
+    monkeypatch.setattr(paper_protocol, "AGREEMENT_IMAGES", 5)  # three batches of 2
     assert paper_protocol.run_paper_suite(_suite_args(tmp_path, "eager,onnxruntime,fused", "bf16")) == 0
     data = json.loads((tmp_path / "paper.json").read_text())
     assert "ONNX Runtime CPU (fp32)" in [r["name"] for r in data["inference"]]

@@ -327,7 +327,7 @@ def test_fuse_leaves_the_original_untouched_and_folds_everything():
     assert type(fused.head) is nn.Linear
 
 
-def test_fused_1x1_weights_are_input_major_in_fp32_on_cpu_only():
+def test_fused_1x1_weights_are_input_major_in_fp32_and_bf16_on_cpu_only():
     """The C++ GEMMs read an input-channel-major 1x1 weight in place; the layout follows the device."""
     fused = shvit.fuse(randomize_norms(shvit.create_model("shvit_s1")).eval())
     pw1 = fused.blocks1[0].ffn.m.pw1.weight
@@ -337,10 +337,12 @@ def test_fused_1x1_weights_are_input_major_in_fp32_on_cpu_only():
     for module in fused.modules():
         if isinstance(module, FusedConv2d) and module.kernel_size != (1, 1):
             assert module.weight.is_contiguous()
-    # Conversions keep the rule: fp32 on the CPU input major (also after channels_last), otherwise plain.
+    # Conversions keep the rule: fp32 and bf16 on the CPU input major (also after channels_last), otherwise plain.
     fused.to(memory_format=torch.channels_last)
     assert fused.blocks1[0].ffn.m.pw1.weight.transpose(0, 1).is_contiguous()
-    assert fused.bfloat16().blocks1[0].ffn.m.pw1.weight.is_contiguous()
+    bf16 = fused.bfloat16().blocks1[0].ffn.m.pw1.weight
+    assert not bf16.is_contiguous() and bf16.transpose(0, 1).is_contiguous()
+    assert fused.half().blocks1[0].ffn.m.pw1.weight.is_contiguous()
     assert not fused.float().blocks1[0].ffn.m.pw1.weight.is_contiguous()
     meta = copy.deepcopy(fused).to("meta")
     assert meta.blocks1[0].ffn.m.pw1.weight.is_contiguous()

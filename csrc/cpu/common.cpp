@@ -327,6 +327,75 @@ void widen_run(const BFloat16* src, float* dst, int64_t n) {
 
 namespace {
 
+// Independent accumulator chains: enough to cover the FMA latency times two ports on current cores.
+constexpr int kPeakChains = 16;
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// The native vector type, so the compiler barrier below can keep `a` in a register.
+#if defined(CPU_CAPABILITY_AVX512)
+using NativeVec = __m512;
+inline NativeVec fma_native(NativeVec a, NativeVec b, NativeVec c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(CPU_CAPABILITY_AVX2)
+using NativeVec = __m256;
+inline NativeVec fma_native(NativeVec a, NativeVec b, NativeVec c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+
+double fp32_fma_gflops(int64_t iters) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  NativeVec acc[kPeakChains];
+  for (int i = 0; i < kPeakChains; ++i) acc[i] = fVec(1e-3f * i);
+  NativeVec a = fVec(1.0001f), b = fVec(0.9999f);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < kPeakChains; ++i) acc[i] = fma_native(a, b, acc[i]);
+    asm volatile("" : "+x"(a));  // keeps the loop from being folded
+  }
+  const double s = seconds_since(start);
+  float sink = 0.f;
+  for (int i = 0; i < kPeakChains; ++i) sink += sum_lanes(fVec(acc[i]));
+  asm volatile("" : : "r"(sink));
+  return iters * kPeakChains * 2.0 * kVec / s / 1e9;
+#else
+  (void)iters;
+  return 0.0;  // no vector FMA in the portable build
+#endif
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((target("avx512bf16"))) double bf16_dot_gflops(int64_t iters) {
+  __m512 acc[kPeakChains];
+  for (int i = 0; i < kPeakChains; ++i) acc[i] = _mm512_setzero_ps();
+  __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = a;  // bf16 1.0
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < kPeakChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    asm volatile("" : "+x"(a));
+  }
+  const double s = seconds_since(start);
+  float sink = 0.f;
+  for (int i = 0; i < kPeakChains; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+  asm volatile("" : : "r"(sink));
+  return iters * kPeakChains * 64.0 / s / 1e9;
+}
+#endif
+
+}  // namespace
+
+double peak_gflops(const std::string& kind) {
+  constexpr int64_t kIters = 1 << 20;
+  if (kind == "fp32_fma") return std::max(fp32_fma_gflops(kIters), fp32_fma_gflops(kIters));
+  TORCH_CHECK(kind == "bf16_dot", "peak_gflops: kind must be 'fp32_fma' or 'bf16_dot', got '", kind, "'");
+#if defined(CPU_CAPABILITY_AVX512)
+  if (__builtin_cpu_supports("avx512bf16")) return std::max(bf16_dot_gflops(kIters), bf16_dot_gflops(kIters));
+#endif
+  return 0.0;
+}
+
+namespace {
+
 enum Bf16Mode : int { kAuto = 0, kDot = 1, kFp32 = 2 };
 
 Bf16Mode parse_bf16_mode(const std::string& mode, const char* source) {

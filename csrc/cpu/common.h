@@ -226,6 +226,11 @@ bool bf16_widened();
 // dst[i] = float(src[i]) for a contiguous run (exact).
 void widen_run(const BFloat16* src, float* dst, int64_t n);
 
+// The arithmetic peak of one core, measured by a register-resident loop (tens of ms): "fp32_fma" (this build's
+// vector width; 0 in the portable build) or "bf16_dot" (512-bit VDPBF16PS, 64 flops each; 0 where this build or
+// processor has none).
+double peak_gflops(const std::string& kind);
+
 // True when the 2-D view of weight w (cols, rows[, 1, 1]) is the transpose of a contiguous (rows, cols) matrix.
 bool is_input_major(const at::Tensor& w);
 

@@ -87,6 +87,14 @@ def bf16_products() -> Optional[str]:
     return "fp32" if _module.bf16_widened() else "dot"
 
 
+def peak_gflops(kind: str) -> float:
+    """One core's arithmetic peak, measured by a register-resident loop of the build in use (tens of ms):
+    ``"fp32_fma"`` or ``"bf16_dot"`` (512-bit VDPBF16PS). 0.0 where the build or processor has none."""
+    if _module is None:
+        return 0.0
+    return float(_module.peak_gflops(kind))
+
+
 def set_bf16_products(mode: str) -> str:
     """``"auto"``, ``"dot"`` or ``"fp32"`` (also ``SHVIT_CPU_BF16_PRODUCTS``); returns the previous setting.
     ``"dot"`` raises where the bf16 micro-kernel cannot run."""
