@@ -42,13 +42,15 @@ def load(paths: List[str]) -> Tuple[List[dict], List[dict]]:
         elif "benchmarks" in data and isinstance(data.get("shvit"), dict):
             ops.append(data)
     order = {"fp32": 0, "bf16": 1, "fp16": 2}
-    paper.sort(key=lambda r: (r["model"], r["device"], order.get(r["dtype"], 3), r["threads"]))
+    paper.sort(key=lambda r: (r["model"], r["device"], order.get(r["dtype"], 3), r["threads"], r.get("channels_last") is False))
     return paper, ops
 
 
 def setting(r: dict) -> str:
     threads = f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}" if r["device"] == "cpu" else ""
-    return f"{r['model'].replace('shvit_', '').upper()} {r['img_size']}px b{r['batch_size']} {r['device']} {r['dtype']}{threads}"
+    layout = ", NCHW input" if r.get("channels_last") is False else ""  # earlier files lack the field: channels_last
+    return (f"{r['model'].replace('shvit_', '').upper()} {r['img_size']}px b{r['batch_size']} {r['device']} "
+            f"{r['dtype']}{threads}{layout}")
 
 
 def _fmt(v: float) -> str:
