@@ -96,8 +96,7 @@ def print_ceiling_and_rows(result: Dict, columns: Callable, extra: str = "") -> 
         cores = probe.get("core_peak_GFLOPs", {})
         print(f"  measured per-core peaks: fp32 FMA {cores.get('fp32_fma', 0):.0f}, bf16 dot products "
               f"{cores.get('bf16_dot', 0):.0f} GFLOP/s; bf16 multiplied as {probe.get('bf16_products')}; "
-              f"% below: of {arithmetic:.0f} GFLOP/s ({result['threads']} thread(s), the faster arithmetic for "
-              f"{result['dtype']})")
+              f"% below: of {arithmetic:.0f} GFLOP/s ({result['threads']} thread(s), the faster arithmetic usable)")
     for row in result["rows"]:
         rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
         share = f" {row['gflop_per_s'] / arithmetic * 100:4.0f}%" if arithmetic and row.get("gflop_per_s") else " " * 6
@@ -110,7 +109,8 @@ def arithmetic_peak(result: Dict) -> float:
     cores = result["probe"].get("core_peak_GFLOPs")
     if not cores:
         return 0.0
-    usable = [cores.get("fp32_fma", 0.0)] + ([cores.get("bf16_dot", 0.0)] if result["dtype"] == "bfloat16" else [])
+    bf16 = result.get("dtype") == "bfloat16" or result.get("amp") == "bf16"  # an inference or a training profile
+    usable = [cores.get("fp32_fma", 0.0)] + ([cores.get("bf16_dot", 0.0)] if bf16 else [])
     return max(usable) * result["threads"]
 
 

@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +90,11 @@ def training_setup(model_name: str, img_size: int, batch: int, device: torch.dev
     return model, x, labels
 
 
-def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rounds: int, device: torch.device) -> Dict:
+def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rounds: int, device: torch.device,
+            img_size: Optional[int] = None) -> Dict:
     torch.set_num_threads(threads)
-    model, x, labels = training_setup(model_name, bench.PAPER_IMG_SIZE[model_name], batch, device)
+    size = img_size or bench.PAPER_IMG_SIZE[model_name]
+    model, x, labels = training_setup(model_name, size, batch, device)
     fused = Trainee(model, x, labels, amp)
     plain = Trainee(to_plain(model), x, labels, amp)  # a deep copy: its own weights and optimizer
     for t in (fused, plain):
@@ -139,6 +141,7 @@ def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rou
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shvit_s1", choices=shvit.list_models())
+    p.add_argument("--img-size", type=int, help="default: the paper's resolution for the model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="write the JSON here too")
     args = p.parse_args(argv)
-    r = profile(args.model, args.batch_size, args.threads, args.amp, args.iters, args.rounds, torch.device(args.device))
+    r = profile(args.model, args.batch_size, args.threads, args.amp, args.iters, args.rounds, torch.device(args.device),
+                args.img_size)
     fused, plain = r["step_ms"]["fused"], r["step_ms"]["plain eager"]
     print(f"{r['model']} {r['img_size']}px batch {r['batch']} threads {r['threads']} amp {r['amp']} {r['device']}: "
           f"step {fused:.1f} ms fused, {plain:.1f} ms plain eager ({plain / fused:.2f}x), "

@@ -149,6 +149,27 @@ def test_training_profile_counts_a_backward_as_twice_its_forward():
     assert _kind_and_flops("conv_bn_train_backward", backward_args) == (label, 2 * forward)
 
 
+def test_training_profile_tiny_run_has_both_phases_and_the_optimizer(monkeypatch, tmp_path, capsys):
+    from benchmarks import device, profile_train
+
+    monkeypatch.setattr(device, "probe", lambda device, dtypes: {
+        "matmul_TFLOPs": {"bf16": 0.1}, "core_peak_GFLOPs": {"fp32_fma": 100.0, "bf16_dot": 50.0},
+        "bf16_products": "fp32"})
+    threads = torch.get_num_threads()
+    out = tmp_path / "profile_train.json"
+    try:
+        assert profile_train.main(["--img-size", "64", "--batch-size", "2", "--iters", "1", "--rounds", "1",
+                                   "--amp", "bf16", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads(out.read_text())
+    assert r["img_size"] == 64 and r["amp"] == "bf16" and set(r["step_ms"]) == {"fused", "plain eager"}
+    assert {row["phase"] for row in r["rows"]} == {"forward", "backward", "optimizer"}
+    for phase in ("forward", "backward"):
+        assert any(row["phase"] == phase and row["kind"] == "conv_bn_train 1x1" and row["ms"] > 0 for row in r["rows"])
+    assert "of 100 GFLOP/s (1 thread(s)" in capsys.readouterr().out  # the faster arithmetic usable in bf16
+
+
 def _train_vs_peers(argv):
     """benchmarks/train_vs_peers.py's main() in this process; it sets the thread count, which is put back."""
     from benchmarks import train_vs_peers
