@@ -515,16 +515,19 @@ void MatB<float>::assign_transposed(const float* w, int64_t rows, int64_t cols) 
 
 template <>
 void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t cols) {
-  storage.resize(rows * cols);
   k = rows, n = cols, ld = cols, widened = bf16_widened();
   vnni = !widened && rows % 2 == 0 && bf16_brgemm_usable();
-  data = storage.data();
   if (widened) {
     std::vector<float> w_wide;
     widen_matrix(w, cols, rows, rows, w_wide);
     wide.resize(std::max<int64_t>(rows * cols, 1));
     transpose_blocked(w_wide.data(), cols, rows, wide.data());
-  } else if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
+    data = nullptr;  // the widened copy is the operand
+    return;
+  }
+  storage.resize(rows * cols);
+  data = storage.data();
+  if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
     static_assert(sizeof(float) == 2 * sizeof(BFloat16), "VNNI pairs are 32-bit");
     transpose_blocked(reinterpret_cast<const float*>(w), cols, rows / 2, reinterpret_cast<float*>(storage.data()));
   } else {
