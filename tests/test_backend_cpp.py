@@ -8,6 +8,7 @@ also called directly so each variant is checked, including kernels the dispatche
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -177,6 +178,32 @@ def test_each_bf16_products_mode_matches_reference(mode):
                                    channels_last, f"{variant} {mode} shsa_fused_backward {label}")
         finally:
             module.set_bf16_products(previous)
+
+
+def test_peak_gflops_measures_and_names_a_bad_kind():
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    with pytest.raises(RuntimeError, match="kind must be 'fp32_fma' or 'bf16_dot', got 'fp64'"):
+        in_use().peak_gflops("fp64")
+    assert cpp.peak_gflops("bf16_dot") >= 0.0
+    if cpp.variant() != "DEFAULT":  # the portable build has no vector FMA loop
+        assert cpp.peak_gflops("fp32_fma") > 1.0
+
+
+def test_a_bad_bf16_products_variable_is_a_clear_error():
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    code = textwrap.dedent("""
+        from shvit_kernels.backends import cpp
+        try:
+            cpp.bf16_products()
+        except RuntimeError as e:
+            print(str(e).splitlines()[0])
+    """)
+    env = {**os.environ, "SHVIT_CPU_BF16_PRODUCTS": "fast"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "SHVIT_CPU_BF16_PRODUCTS must be 'auto', 'dot' or 'fp32', got 'fast'" in out.stdout
 
 
 def test_bf16_products_setting_is_validated_and_keys_the_autotune_cache():

@@ -258,12 +258,6 @@ void gemm_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
   }
 }
 
-// dst = the rows x cols matrix at src (leading dimension ld) widened to fp32, contiguous (ld = cols).
-void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
-  dst.resize(std::max<int64_t>(rows * cols, 1));
-  for (int64_t r = 0; r < rows; ++r) widen_run(src + r * ld, dst.data() + r * cols, cols);
-}
-
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= INT32_MAX, "shvit cpp gemm: ", what, " = ", v, " exceeds the 32-bit BLAS interface");
   return static_cast<int>(v);
@@ -319,10 +313,9 @@ bool bf16_brgemm_usable() {
   return isa_ok;
 }
 
-void widen_run(const BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + kVec <= n; i += kVec) load_f(src + i).store(dst + i);
-  if (i < n) load_f(src + i, n - i).store(dst + i, n - i);
+void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
+  dst.resize(std::max<int64_t>(rows * cols, 1));
+  for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * ld, dst.data() + r * cols, cols);
 }
 
 namespace {
@@ -434,7 +427,7 @@ double time_brgemm(int64_t m, int64_t n, int64_t k, bool vnni) {
   for (int rep = 0; rep < 7; ++rep) {
     const auto start = std::chrono::steady_clock::now();
     at::native::cpublas::brgemm(m, n, k, k, n, n, false, a.data(), b.data(), c.data(), vnni);
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    best = std::min(best, seconds_since(start));
   }
   at::native::cpublas::brgemm_release(vnni);
   return best;
@@ -565,7 +558,7 @@ void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int6
       if (lda < b.k) {
         const int64_t span = (m - 1) * lda + b.k;
         a_wide.resize(span);
-        widen_run(a, a_wide.data(), span);
+        at::vec::convert(a, a_wide.data(), span);
       } else {
         widen_matrix(a, m, b.k, lda, a_wide);
         lda_wide = b.k;

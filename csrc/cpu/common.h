@@ -223,8 +223,8 @@ std::string set_bf16_products(const std::string& mode);
 // The mode in force, "auto" resolved (measured on first use).
 bool bf16_widened();
 
-// dst[i] = float(src[i]) for a contiguous run (exact).
-void widen_run(const BFloat16* src, float* dst, int64_t n);
+// dst = the rows x cols bf16 matrix at src (leading dimension ld) widened, exactly, to a contiguous fp32 matrix.
+void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst);
 
 // The arithmetic peak of one core, measured by a register-resident loop (tens of ms): "fp32_fma" (this build's
 // vector width; 0 in the portable build) or "bf16_dot" (512-bit VDPBF16PS, 64 flops each; 0 where this build or

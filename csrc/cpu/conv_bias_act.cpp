@@ -210,7 +210,7 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
           if constexpr (std::is_same_v<T, float>) {
             std::copy_n(x + (n * s.h + ih) * s.w * c, s.w * c, slot_data + s.pad * c);
           } else {
-            widen_run(x + (n * s.h + ih) * s.w * c, slot_data + s.pad * c, s.w * c);
+            at::vec::convert(x + (n * s.h + ih) * s.w * c, slot_data + s.pad * c, s.w * c);
           }
           slot_row[slot] = n * s.h + ih;
         }

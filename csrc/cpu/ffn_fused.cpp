@@ -71,8 +71,7 @@ const C* as_compute(const T* src, int64_t rows, int64_t cols, int64_t ld, std::v
     *ld_out = ld;
     return src;
   } else {
-    buf.resize(rows * cols);
-    for (int64_t r = 0; r < rows; ++r) widen_run(src + r * ld, buf.data() + r * cols, cols);
+    widen_matrix(src, rows, cols, ld, buf);
     *ld_out = cols;
     return buf.data();
   }
