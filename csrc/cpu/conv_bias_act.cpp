@@ -396,87 +396,120 @@ inline fVec load_channels(const T* p, int64_t count) {
   return kFull ? load_f(p) : load_f(p, count);
 }
 
-// One output pixel for one block of channels: the taps [i_lo, i_hi) x [j_lo, j_hi) that fall inside the image.
-// kInterior (all nine inside) unrolls completely so the nine weight vectors stay in registers.
-template <bool kFull, bool kInterior, typename T>
-inline fVec depthwise_pixel(const T* top_left, int64_t row_stride, int64_t col_stride, const fVec* wt, fVec acc,
-                            int64_t i_lo, int64_t i_hi, int64_t j_lo, int64_t j_hi, int64_t count) {
-  if (kInterior) {
-    i_lo = j_lo = 0;
-    i_hi = j_hi = 3;
+// One output row segment [ow0, ow0 + kOut) for kBlocks vectors of channels from c0: every input vector is loaded
+// once per kernel row and feeds the (up to three) outputs it touches, and the kBlocks * kOut accumulators stay in
+// registers as independent FMA chains (one pixel's nine taps in a row were a latency-bound chain: 4x4 and 7x7
+// rows, which had no interior group of four, ran at a fifth of the FMA rate). Taps outside the image are skipped.
+template <int kOut, int kStride, int kBlocks, bool kFull, typename T>
+inline void depthwise_segment(const T* const* in_rows, const float* taps, const fVec* bias, const T* residual, bool relu,
+                              T* out, int64_t c, int64_t w, int64_t ow0, int64_t count) {
+  constexpr int kIn = (kOut - 1) * kStride + 3;  // input columns the segment reads
+  fVec acc[kBlocks][kOut];
+#pragma GCC unroll 2
+  for (int b = 0; b < kBlocks; ++b)
+#pragma GCC unroll 8
+    for (int o = 0; o < kOut; ++o) acc[b][o] = bias[b];
+  const int64_t iw0 = ow0 * kStride - 1;
+  for (int i = 0; i < 3; ++i) {
+    if (!in_rows[i]) continue;
+    fVec wt[kBlocks][3];
+#pragma GCC unroll 2
+    for (int b = 0; b < kBlocks; ++b)
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; ++j) wt[b][j] = load_channels<kFull>(taps + (i * 3 + j) * c + b * kVec, count);
+#pragma GCC unroll 32
+    for (int q = 0; q < kIn; ++q) {
+      const int64_t iw = iw0 + q;
+      if (iw < 0 || iw >= w) continue;
+#pragma GCC unroll 2
+      for (int b = 0; b < kBlocks; ++b) {
+        const fVec v = load_channels<kFull>(in_rows[i] + iw * c + b * kVec, count);
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j) {
+          const int o = (q - j) / kStride;  // output column fed by input column q through tap j
+          if (q >= j && (q - j) % kStride == 0 && o < kOut) acc[b][o] = at::vec::fmadd(v, wt[b][j], acc[b][o]);
+        }
+      }
+    }
   }
-#pragma GCC unroll 3
-  for (int64_t i = i_lo; i < i_hi; ++i)
-#pragma GCC unroll 3
-    for (int64_t j = j_lo; j < j_hi; ++j)
-      acc = at::vec::fmadd(load_channels<kFull>(top_left + i * row_stride + j * col_stride, count), wt[i * 3 + j], acc);
-  return acc;
+  const fVec zero(0.f);
+#pragma GCC unroll 2
+  for (int b = 0; b < kBlocks; ++b)
+#pragma GCC unroll 8
+    for (int o = 0; o < kOut; ++o) {
+      const int64_t offset = (ow0 + o) * c + b * kVec;
+      fVec v = acc[b][o];
+      if (residual) v = v + load_channels<kFull>(residual + offset, count);
+      if (relu) v = at::vec::maximum(v, zero);
+      if (kFull) store_f(v, out + offset); else store_f(v, out + offset, count);
+    }
 }
 
-// One output row, one block of channels (kFull: a whole vector of them).
-template <bool kFull, typename T>
-void depthwise_row_block(const T* x_n, const float* taps, const float* bias, const T* residual, bool relu, T* out,
-                         const ConvShape& s, int64_t oh, int64_t c0, int64_t count) {
-  const int64_t c = s.c_in, row_stride = s.w * c;
-  fVec wt[9];
-  for (int t = 0; t < 9; ++t) wt[t] = load_channels<kFull>(taps + t * c + c0, count);
-  const fVec b = load_channels<kFull>(bias + c0, count), zero(0.f);
-  const int64_t i_lo = std::max<int64_t>(0, 1 - oh * s.stride), i_hi = std::min<int64_t>(3, s.h + 1 - oh * s.stride);
-  const bool rows_inside = i_lo == 0 && i_hi == 3;
-  auto finish = [&](fVec acc, int64_t ow) {
-    const int64_t o = ow * c + c0;
-    if (residual) acc = acc + load_channels<kFull>(residual + o, count);
-    if (relu) acc = at::vec::maximum(acc, zero);
-    if (kFull) store_f(acc, out + o); else store_f(acc, out + o, count);
-  };
-  // Interior pixels four at a time: one pixel's nine FMAs form a dependency chain, four chains overlap.
-  constexpr int64_t kPixels = 4;
-  const int64_t ow_lo = rows_inside ? std::min<int64_t>(1, s.out_w) : s.out_w;  // ow * stride - 1 >= 0
-  const int64_t ow_hi = rows_inside ? std::max<int64_t>(ow_lo, std::min<int64_t>(s.out_w, (s.w - 2) / s.stride + 1)) : s.out_w;
-  for (int64_t ow = ow_lo; ow + kPixels <= ow_hi; ow += kPixels) {
-    const T* top_left = x_n + (oh * s.stride - 1) * row_stride + (ow * s.stride - 1) * c + c0;
-    fVec acc[kPixels] = {b, b, b, b};
-#pragma GCC unroll 3
-    for (int64_t i = 0; i < 3; ++i)
-#pragma GCC unroll 3
-      for (int64_t j = 0; j < 3; ++j)
-#pragma GCC unroll 4
-        for (int64_t p = 0; p < kPixels; ++p)
-          acc[p] = at::vec::fmadd(load_channels<kFull>(top_left + i * row_stride + (j + p * s.stride) * c, count),
-                                  wt[i * 3 + j], acc[p]);
-    for (int64_t p = 0; p < kPixels; ++p) finish(acc[p], ow + p);
+constexpr int kSegment = 8;  // outputs per segment: 2 blocks x 8 = 16 accumulators, 6 taps, loads: < 32 registers
+
+// A row segment of n (1..kSegment) outputs: n as a template argument, so the loops above unroll completely.
+template <int kStride, int kBlocks, bool kFull, typename T>
+void depthwise_segment_n(int n, const T* const* in_rows, const float* taps, const fVec* bias, const T* residual,
+                         bool relu, T* out, int64_t c, int64_t w, int64_t ow0, int64_t count) {
+  switch (n) {
+#define SHVIT_DW_SEGMENT(N) \
+  case N: return depthwise_segment<N, kStride, kBlocks, kFull>(in_rows, taps, bias, residual, relu, out, c, w, ow0, count);
+    SHVIT_DW_SEGMENT(1) SHVIT_DW_SEGMENT(2) SHVIT_DW_SEGMENT(3) SHVIT_DW_SEGMENT(4)
+    SHVIT_DW_SEGMENT(5) SHVIT_DW_SEGMENT(6) SHVIT_DW_SEGMENT(7) SHVIT_DW_SEGMENT(8)
+#undef SHVIT_DW_SEGMENT
+    default: TORCH_CHECK(false, "shvit depthwise: bad segment length ", n);
   }
-  const int64_t grouped_end = ow_lo + (ow_hi - ow_lo) / kPixels * kPixels;
-  auto single = [&](int64_t ow) {
-    const int64_t j_lo = std::max<int64_t>(0, 1 - ow * s.stride), j_hi = std::min<int64_t>(3, s.w + 1 - ow * s.stride);
-    // Pointer to tap (0, 0), which may lie in the padding; only in-image taps are read.
-    const T* top_left = x_n + (oh * s.stride - 1) * row_stride + (ow * s.stride - 1) * c + c0;
-    fVec acc = (rows_inside && j_lo == 0 && j_hi == 3)
-                   ? depthwise_pixel<kFull, true>(top_left, row_stride, c, wt, b, 0, 3, 0, 3, count)
-                   : depthwise_pixel<kFull, false>(top_left, row_stride, c, wt, b, i_lo, i_hi, j_lo, j_hi, count);
-    finish(acc, ow);
-  };
-  for (int64_t ow = 0; ow < ow_lo; ++ow) single(ow);
-  for (int64_t ow = grouped_end; ow < s.out_w; ++ow) single(ow);
+}
+
+// One output row, kBlocks channel vectors from c0, in segments of at most kSegment outputs of near-equal length
+// (a 14-wide row is two of 7, not 8 + 6).
+template <int kStride, int kBlocks, bool kFull, typename T>
+void depthwise_row_blocks(const T* const* in_rows, const float* taps, const float* bias, const T* residual, bool relu,
+                          T* out, const ConvShape& s, int64_t c0, int64_t count) {
+  fVec b[kBlocks];
+  for (int k = 0; k < kBlocks; ++k) b[k] = load_channels<kFull>(bias + c0 + k * kVec, count);
+  const T* rows[3];
+  for (int i = 0; i < 3; ++i) rows[i] = in_rows[i] ? in_rows[i] + c0 : nullptr;
+  const int64_t segments = ceil_div(s.out_w, kSegment);
+  for (int64_t g = 0, ow0 = 0; g < segments; ++g) {
+    const int64_t n = (s.out_w - ow0) / (segments - g);
+    depthwise_segment_n<kStride, kBlocks, kFull>(static_cast<int>(n), rows, taps + c0, b, residual ? residual + c0 : nullptr,
+                                                 relu, out + c0, s.c_in, s.w, ow0, count);
+    ow0 += n;
+  }
+}
+
+template <int kStride, typename T>
+void depthwise_channels_last_stride(const T* x, const float* taps, const float* bias, const T* residual, bool relu,
+                                    T* out, const ConvShape& s) {
+  const int64_t c = s.c_in;
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h;
+      const T* rows[3];
+      for (int i = 0; i < 3; ++i) {
+        const int64_t ih = oh * kStride - 1 + i;
+        rows[i] = (ih >= 0 && ih < s.h) ? x + (n * s.h + ih) * s.w * c : nullptr;
+      }
+      const int64_t out_row = r * s.out_w * c;
+      const T* res_row = residual ? residual + out_row : nullptr;
+      int64_t c0 = 0;
+      for (; c0 + 2 * kVec <= c; c0 += 2 * kVec)
+        depthwise_row_blocks<kStride, 2, true>(rows, taps, bias, res_row, relu, out + out_row, s, c0, kVec);
+      for (; c0 + kVec <= c; c0 += kVec)
+        depthwise_row_blocks<kStride, 1, true>(rows, taps, bias, res_row, relu, out + out_row, s, c0, kVec);
+      if (c0 < c) depthwise_row_blocks<kStride, 1, false>(rows, taps, bias, res_row, relu, out + out_row, s, c0, c - c0);
+    }
+  });
 }
 
 // taps: (9, C) fp32, so one tap's weights for a block of channels are one vector load.
 template <typename T>
 void depthwise_channels_last(const T* x, const float* taps, const float* bias, const T* residual, bool relu, T* out,
                              const ConvShape& s) {
-  const int64_t c = s.c_in;
-  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / s.out_h, oh = r % s.out_h;
-      const T* x_n = x + n * s.h * s.w * c;
-      const int64_t out_row = r * s.out_w * c;
-      const T* res_row = residual ? residual + out_row : nullptr;
-      int64_t c0 = 0;
-      for (; c0 + kVec <= c; c0 += kVec)
-        depthwise_row_block<true>(x_n, taps, bias, res_row, relu, out + out_row, s, oh, c0, kVec);
-      if (c0 < c) depthwise_row_block<false>(x_n, taps, bias, res_row, relu, out + out_row, s, oh, c0, c - c0);
-    }
-  });
+  if (s.stride == 1) return depthwise_channels_last_stride<1>(x, taps, bias, residual, relu, out, s);
+  TORCH_CHECK(s.stride == 2, "shvit depthwise: stride must be 1 or 2, got ", s.stride);
+  depthwise_channels_last_stride<2>(x, taps, bias, residual, relu, out, s);
 }
 
 // NCHW: each (image, channel) plane is widened into a zero-bordered fp32 copy, so the stencil needs no bounds

@@ -104,6 +104,9 @@ def _conv_cases(training):
         (f"conv-{tag}-dw3x3s1-residual", conv_case(2, 128, 128, 14, 14, 3, 1, 128, False, True, training)),
         (f"conv-{tag}-dw3x3s1-odd", conv_case(1, 75, 75, 5, 7, 3, 1, 75, True, False, training)),
         (f"conv-{tag}-dw3x3s2-relu", conv_case(2, 96, 96, 14, 14, 3, 2, 96, True, False, training)),
+        # Rows wider than one register segment (8 outputs), every row a border row, channels in 2-, 1- and part-vector blocks.
+        (f"conv-{tag}-dw3x3s1-wide", conv_case(1, 40, 40, 2, 17, 3, 1, 40, True, True, training)),
+        (f"conv-{tag}-dw3x3s2-wide", conv_case(1, 48, 48, 3, 21, 3, 2, 48, False, True, training)),
         (f"conv-{tag}-1x1-relu", conv_case(2, 224, 448, 7, 7, 1, 1, 1, True, False, training)),
         (f"conv-{tag}-1x1-residual", conv_case(2, 320, 320, 4, 4, 1, 1, 1, False, True, training)),
         (f"conv-{tag}-1x1-input-major-weight", conv_case(2, 48, 80, 5, 3, 1, 1, 1, True, True, training, input_major=True)),
