@@ -402,7 +402,8 @@ class SHViT(nn.Module):
         ):
             return torch.channels_last
         formats = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
-        candidates = {name: (lambda t, f=f: self._features(t.contiguous(memory_format=f))) for name, f in formats.items()}
+        moves = {"channels_last": shvit_kernels.to_channels_last, "nchw": lambda t: t.contiguous()}
+        candidates = {name: (lambda t, move=move: self._features(move(t))) for name, move in moves.items()}
         name = shvit_kernels.autotune.choose(f"model_layout {self.variant or type(self).__name__}", device_type, (x,),
                                              candidates)
         return formats[name]
@@ -410,6 +411,8 @@ class SHViT(nn.Module):
     def _enter(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         fmt = self._run_layout(x)
+        if fmt is torch.channels_last:
+            return shvit_kernels.to_channels_last(x)
         return x if fmt is None else x.contiguous(memory_format=fmt)
 
     @staticmethod

@@ -10,6 +10,8 @@ env SHVIT_KERNELS_AUTOTUNE, cached_choices).
 Tracing and export:
     inline_reference() (context manager; automatic in torch.onnx.export): tracers record the reference's torch ops
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+Layout:
+    to_channels_last(x): x.contiguous(memory_format=torch.channels_last), at copy speed for CPU image batches
 Memory:
     empty_cache() frees the output blocks the cpp backend keeps for reuse (bounded by SHVIT_CPU_OUTPUT_CACHE_MB)
 """
@@ -22,6 +24,7 @@ from .ops.shsa import fold_shsa, shsa, shsa_fused
 from .ops.sync_batch_norm import sync_batch_norm
 from .tracing import inline_reference
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
+from .layout import to_channels_last
 
 # The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
@@ -56,5 +59,6 @@ __all__ = [
     "shsa",
     "shsa_fused",
     "sync_batch_norm",
+    "to_channels_last",
     "use_backend",
 ]

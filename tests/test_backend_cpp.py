@@ -784,3 +784,43 @@ def test_unavailable_backend_reports_reason():
 def test_load_variant_rejects_unknown_capability():
     with pytest.raises(ValueError, match="unknown CPU capability"):
         cpp.load_variant("SSE9")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_to_channels_last_kernel_matches_aten(variant):
+    """Each variant's NCHW -> channels_last copy: the values and strides of ATen's, for 1-4 channels and each
+    dtype it takes; None (ATen's turn) for what it does not take."""
+    module = cpp.load_variant(variant)
+    for c in (2, 3, 4):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(3, c, 37, 29).to(dtype)  # pixels not a multiple of the kernel's pixel block
+            out = module.to_channels_last(x)
+            expected = x.contiguous(memory_format=torch.channels_last)
+            assert out is not None, (c, dtype)
+            assert out.stride() == expected.stride() and torch.equal(out, expected), (variant, c, dtype)
+    big = torch.randn(2, 3, 70, 70)  # more pixels than one block, each image split over blocks
+    assert torch.equal(module.to_channels_last(big), big.contiguous(memory_format=torch.channels_last))
+    # One channel is both layouts at once, as is one pixel: nothing to move.
+    for declined in (torch.randn(2, 1, 4, 4), torch.randn(2, 3, 1, 1), torch.randn(2, 5, 4, 4),
+                     torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last),
+                     torch.randn(2, 3, 4, 8)[..., ::2], torch.randn(2, 3, 4, 4, dtype=torch.float64),
+                     torch.randn(0, 3, 4, 4)):
+        assert module.to_channels_last(declined) is None
+    with pytest.raises(RuntimeError, match="'x' must be 4-D"):
+        module.to_channels_last(torch.randn(3, 4, 4))
+
+
+@requires_cpp
+def test_public_to_channels_last_is_atens_copy_in_every_case():
+    for x in (torch.randn(2, 3, 9, 7), torch.randn(2, 8, 9, 7), torch.randn(2, 3, 9, 14)[..., ::2],
+              torch.randn(2, 3, 9, 7).to(memory_format=torch.channels_last)):
+        out = shvit_kernels.to_channels_last(x)
+        expected = x.contiguous(memory_format=torch.channels_last)
+        assert out.stride() == expected.stride() and torch.equal(out, expected)
+    # A gradient still flows (the call goes to ATen's copy, which autograd sees).
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    shvit_kernels.to_channels_last(x).square().sum().backward()
+    assert torch.equal(x.grad, 2 * x.detach())
+    compiled = torch.compile(lambda t: shvit_kernels.to_channels_last(t) * 2, fullgraph=True)
+    y = torch.randn(2, 3, 5, 5)
+    assert torch.equal(compiled(y), 2 * y.contiguous(memory_format=torch.channels_last))

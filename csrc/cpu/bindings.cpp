@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");
   m.def("set_output_cache_limit", &k::set_output_cache_limit,
         "Most bytes of output blocks kept for reuse (0: none); frees blocks over it, returns the previous limit");
+  m.def("to_channels_last", &k::to_channels_last,
+        "A contiguous NCHW x with at most 4 channels copied to channels_last; None for other x");
   m.def("conv_bias_act", &k::conv_bias_act, "shvit::conv_bias_act forward");
   m.def("conv_bias_act_backward", &k::conv_bias_act_backward, "shvit::conv_bias_act_backward");
   m.def("conv_bn_train", &k::conv_bn_train, "shvit::conv_bn_train forward");

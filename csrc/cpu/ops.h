@@ -51,5 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
     int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad);
 
+// x (N, C, H, W), contiguous NCHW with at most 4 channels, copied to channels_last at copy speed; nullopt for any
+// other x (ATen's copy serves those as well).
+std::optional<at::Tensor> to_channels_last(const at::Tensor& x);
+
 }  // namespace CPU_CAPABILITY
 }  // namespace shvit_cpu
