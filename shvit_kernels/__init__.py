@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 def empty_cache() -> int:
     """Free the output blocks the cpp backend keeps for reuse; returns the bytes freed (0 when it has none).
 
-    Outputs of 4 MiB and more reuse released blocks of the same size (at most 4 per size and
+    Outputs of 256 KiB and more reuse released blocks of the same size (at most 4 per size and
     ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off).
     Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again.
     """

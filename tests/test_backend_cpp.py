@@ -621,7 +621,7 @@ def test_bad_input_gives_clear_error(op, args, message):
 # ---------------------------------------------------------------------------------------------------------------
 @requires_cpp
 def test_large_outputs_reuse_released_blocks():
-    """Outputs of 4 MiB and more come from a cache of released blocks; reused memory still gives exact results."""
+    """Outputs of 256 KiB and more come from a cache of released blocks; reused memory still gives exact results."""
     module = in_use()
     module.release_cached_outputs()
     x = torch.randn(2, 64, 96, 96).contiguous(memory_format=torch.channels_last)  # 4.7 MB in and out
@@ -637,6 +637,15 @@ def test_large_outputs_reuse_released_blocks():
     torch.testing.assert_close(again, want, rtol=0, atol=0)
     del again, want
     assert module.release_cached_outputs() >= x.numel() * 4 and module.cached_output_bytes() == 0
+    # S1's stage-1 activations (1.6 MB) too: glibc gave them fresh pages on every forward.
+    mid = torch.randn(16, 128, 14, 14).contiguous(memory_format=torch.channels_last)
+    taps, bias = torch.randn(128, 1, 3, 3), torch.randn(128)
+    first = module.conv_bias_act(mid, taps, bias, 1, 1, 128, False, mid)
+    ptr = first.data_ptr()
+    del first
+    assert module.cached_output_bytes() == mid.numel() * 4
+    assert module.conv_bias_act(mid, taps, bias, 1, 1, 128, False, mid).data_ptr() == ptr
+    module.release_cached_outputs()
 
 
 def _explain_as_if_built(op, *args):

@@ -74,7 +74,7 @@ at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const
 
 namespace {
 
-constexpr size_t kReuseMinBytes = size_t(4) << 20, kDefaultMaxCachedMiB = 512, kMaxBlocksPerSize = 4;
+constexpr size_t kReuseMinBytes = size_t(256) << 10, kDefaultMaxCachedMiB = 512, kMaxBlocksPerSize = 4;
 
 size_t max_cached_bytes_from_env() {
   const char* off = std::getenv("SHVIT_CPU_OUTPUT_CACHE");

@@ -55,9 +55,11 @@ at::Tensor transposed(const at::Tensor& m);
 // weight, which the NCHW kernels read as the A operand of W X).
 at::Tensor contiguous_matrix(const at::Tensor& m);
 
-// An uninitialised output tensor. Large ones (at least 4 MiB) reuse blocks released by earlier outputs of the same
+// An uninitialised output tensor. Ones of at least 256 KiB reuse blocks released by earlier outputs of the same
 // size: fresh pages cost a fault and the kernel's zeroing each, which glibc makes ATen pay on every forward for
-// multi-MiB activations (a 12.8 MB stem output: 1.8 ms to allocate and fill fresh, 0.2 ms reused). The cache holds
+// activations of a MiB and more (a 12.8 MB stem output: 1.8 ms to allocate and fill fresh, 0.2 ms reused). With
+// only 4 MiB and more cached, S1's 1.6-3.2 MB activations still took 1,500-2,700 faults per forward at ~1.8 us each
+// (Xeon 6/207 VM, 2026-12-01): the forward ran 4% faster without them. The cache holds
 // at most 4 blocks per size and 512 MiB in all (SHVIT_CPU_OUTPUT_CACHE_MB, or set_output_cache_limit; 0 or
 // SHVIT_CPU_OUTPUT_CACHE=0 turns it off). The outputs are ordinary resizable CPU tensors.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
