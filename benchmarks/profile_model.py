@@ -1,10 +1,14 @@
 """Where the fused model's forward time goes: each shvit op call timed (inclusive), grouped by kind.
 
-    python benchmarks/profile_model.py --model shvit_s1 --dtype fp32 --threads 1 [--output FILE]
+    python benchmarks/profile_model.py --model shvit_s1 --dtype fp32 --threads 1 [--onnxruntime] [--output FILE]
 
 Every kernel the dispatcher picks is timed by a dispatch observer (CPU: wall clock; CUDA: synchronised), so the groups
 add up to the kernels' time, and "outside the ops" is the rest of the forward (plain torch layers such as
 the squeeze-excite gate and the head, plus Python and dispatch overhead).
+
+``--onnxruntime`` (CPU, fp32) also profiles ONNX Runtime on the same folded model (its own per-node timer), grouped
+the same way, so the two can be compared kind by kind; its 1x1 convs include the attention's q/k/v projections and
+both halves of each FFN, which are separate kinds on the fused side.
 """
 
 from __future__ import annotations
@@ -156,6 +160,72 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
                 environment=bench.environment(device), load_average=os.getloadavg())
 
 
+def onnxruntime_kind(node: dict) -> str:
+    """A profiled ONNX Runtime node's kind, named like :func:`kind` for convolutions."""
+    op = node["args"].get("op_name", "?")
+    shapes = node["args"].get("input_type_shape") or []
+    if op in ("Conv", "FusedConv") and len(shapes) >= 2:
+        (weight,) = shapes[1].values()
+        if weight[1] == 1:
+            return f"Conv depthwise {weight[2]}x{weight[3]}"
+        if weight[2:] == [1, 1]:
+            return "Conv 1x1"
+        (x,) = shapes[0].values()
+        return f"Conv dense {weight[2]}x{weight[3]} ({x[1]}->{weight[0]})"
+    return op
+
+
+def profile_onnxruntime(model_name: str, threads: int, batch: int, iters: int) -> Dict:
+    """ONNX Runtime's per-node kernel time on the fused model's plain-torch twin (fp32, CPU), grouped by kind."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from benchmarks.plain import to_plain
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = shvit.create_model(model_name).eval()
+    bench._randomize_bn(model)
+    plain = to_plain(shvit.fuse(model)).eval()
+    size = bench.PAPER_IMG_SIZE[model_name]
+    x = torch.randn(batch, 3, size, size)
+    folder = tempfile.mkdtemp(prefix="shvit_ort_profile_")
+    path = os.path.join(folder, "model.onnx")
+    torch.onnx.export(plain, (x,), path, dynamo=True, opset_version=18, input_names=["x"], output_names=["logits"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    feed = {"x": x.numpy()}
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, feed)
+    start = time.perf_counter()
+    for _ in range(iters):
+        session.run(None, feed)
+    run_ms = (time.perf_counter() - start) / iters * 1e3
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(folder, "profile")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(3):  # warm-up runs are profiled too: count them
+        session.run(None, feed)
+    for _ in range(iters):
+        session.run(None, feed)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    runs = iters + 3
+    spent, calls = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            spent[onnxruntime_kind(e)] += e["dur"] / 1e3
+            calls[onnxruntime_kind(e)] += 1
+    rows = [dict(kind=k, ms=v / runs, calls=calls[k] // runs) for k, v in spent.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    return dict(model=model_name, threads=threads, batch=batch, run_ms=run_ms, node_ms=sum(r["ms"] for r in rows),
+                rows=rows, onnxruntime=ort.__version__)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shvit_s1", choices=shvit.list_models())
@@ -164,12 +234,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--onnxruntime", action="store_true", help="also profile ONNX Runtime on the same folded model")
     p.add_argument("--output", help="write the JSON here too")
     args = p.parse_args(argv)
+    if args.onnxruntime and (args.device != "cpu" or args.dtype != "fp32"):
+        p.error("--onnxruntime compares fp32 CPU runs: use --device cpu --dtype fp32")
     r = profile(args.model, bench.DTYPES[args.dtype], args.threads, args.batch_size, args.iters, torch.device(args.device))
     print(f"{r['model']} {r['dtype']} batch {r['batch']} threads {r['threads']} {r['device']}: forward "
           f"{r['forward_ms']:.2f} ms ({r['forward_ms_with_timers']:.2f} with timers), load {r['load_average'][0]:.2f}")
     print_ceiling_and_rows(r, lambda row: f"{row['ms']:8.2f} ms {row['ms'] / r['forward_ms_with_timers'] * 100:5.1f}%")
+    if args.onnxruntime:
+        o = r["onnxruntime"] = profile_onnxruntime(args.model, args.threads, args.batch_size, args.iters)
+        print(f"ONNX Runtime {o['onnxruntime']}, same folded model: run {o['run_ms']:.2f} ms, its node timer "
+              f"{o['node_ms']:.2f} ms")
+        for row in o["rows"][:12]:
+            print(f"  {row['ms']:8.2f} ms  x{row['calls']:<3d} {row['kind']}")
     if args.output:
         write_json(args.output, r)
     return 0

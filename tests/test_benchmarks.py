@@ -206,3 +206,37 @@ def test_train_vs_peers_peak_of_a_step_in_a_fresh_process(tmp_path):
                             "--variants", "eager", "--output", str(out)]) == 0
     eager = json.loads(out.read_text())["variants"]["eager"]
     assert eager["peak_bytes"] > 0 and "peak" in eager["peak_measure"] and "peak_error" not in eager
+
+
+def test_onnxruntime_nodes_are_grouped_like_the_fused_ops():
+    from benchmarks.profile_model import onnxruntime_kind
+
+    def node(op, *shapes):
+        return {"args": {"op_name": op, "input_type_shape": [{"float": list(s)} for s in shapes]}}
+
+    assert onnxruntime_kind(node("Conv", (16, 128, 14, 14), (128, 1, 3, 3))) == "Conv depthwise 3x3"
+    assert onnxruntime_kind(node("FusedConv", (16, 128, 14, 14), (256, 128, 1, 1))) == "Conv 1x1"
+    assert onnxruntime_kind(node("Conv", (16, 16, 112, 112), (32, 16, 3, 3))) == "Conv dense 3x3 (16->32)"
+    assert onnxruntime_kind(node("Softmax", (16, 49, 49))) == "Softmax"
+
+
+def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from benchmarks import device, profile_model
+
+    monkeypatch.setattr(device, "probe", lambda device, dtypes: {
+        "matmul_TFLOPs": {"fp32": 0.1}, "core_peak_GFLOPs": {"fp32_fma": 100.0}, "bf16_products": "fp32"})
+    monkeypatch.setitem(profile_model.bench.PAPER_IMG_SIZE, "shvit_s1", 64)
+    threads = torch.get_num_threads()
+    out = tmp_path / "profile.json"
+    try:
+        assert profile_model.main(["--batch-size", "1", "--iters", "1", "--onnxruntime", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    o = json.loads(out.read_text())["onnxruntime"]
+    kinds = {row["kind"]: row for row in o["rows"]}
+    assert kinds["Conv 1x1"]["ms"] > 0 and "Conv dense 3x3 (3->16)" in kinds, sorted(kinds)
+    assert o["node_ms"] > 0 and "same folded model" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        profile_model.main(["--dtype", "bf16", "--onnxruntime"])
