@@ -6,7 +6,8 @@ are then not used; the candidates interleaved, each call on memory handed back t
 fixed order's first kept unless another beats it by TIE_MARGIN) and keeps the fastest in memory and in a
 per-machine cache file, so later calls, and later processes on the same machine, pay nothing but the lookup.
 Backends register the settings that change how fast their kernels are (``register_setting``: the C++ kernels'
-bf16 arithmetic); they are part of the machine key, so each setting has its own choices.
+bf16 arithmetic, and which build of them is loaded); they are part of the machine key, so each setting has its own
+choices.
 
 Modes (``set_autotune``, the ``autotune`` context manager, or ``SHVIT_KERNELS_AUTOTUNE``):
 

@@ -227,6 +227,30 @@ def test_bf16_products_setting_is_validated_and_keys_the_autotune_cache():
 
 
 @requires_cpp
+def test_the_loaded_build_keys_the_autotune_cache(tmp_path, monkeypatch):
+    """Choices timed on one build of the kernels are not reused by another (a rebuild, another variant)."""
+    assert shvit_kernels.autotune.machine()["cpu_build"] == cpp.build_id()
+    assert cpp.build_id().startswith(cpp.variant() + "-")
+    assert str(os.path.getsize(cpp.extension().__file__)) in cpp.build_id()
+    before = shvit_kernels.autotune.cache_path()
+    rebuilt = tmp_path / "rebuilt.so"
+    rebuilt.write_bytes(b"a rebuilt extension")
+
+    class Rebuilt:  # what the loader would hold after a rebuild: the same capability, another file
+        CPU_CAPABILITY = cpp.variant()
+        __file__ = str(rebuilt)
+        bf16_widened = staticmethod(cpp.extension().bf16_widened)
+
+    with monkeypatch.context() as m:
+        m.setattr(cpp, "_module", Rebuilt)
+        shvit_kernels.autotune.settings_changed()
+        assert shvit_kernels.autotune.machine()["cpu_build"] == f"{cpp.variant()}-19-{rebuilt.stat().st_mtime_ns}"
+        assert shvit_kernels.autotune.cache_path() != before
+    shvit_kernels.autotune.settings_changed()
+    assert shvit_kernels.autotune.cache_path() == before
+
+
+@requires_cpp
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_input_major_weights_give_the_same_result(variant, dtype):

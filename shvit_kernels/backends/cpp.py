@@ -10,6 +10,7 @@ through each op's ``not_supported_reasons``.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from types import ModuleType
 from typing import Dict, List, Optional
@@ -103,6 +104,19 @@ def set_bf16_products(mode: str) -> str:
     previous = _module.set_bf16_products(mode)
     autotune.settings_changed()
     return previous
+
+
+def build_id() -> Optional[str]:
+    """The build in use as its capability, file size and modification time (None when unavailable). Part of the
+    autotune machine key: choices timed against one build of the kernels are not reused for another, so a rebuilt
+    or upgraded extension is measured afresh (the package version alone stays the same across development builds)."""
+    if _module is None:
+        return None
+    path = getattr(_module, "__file__", None)
+    if not path or not os.path.exists(path):
+        return _module.CPU_CAPABILITY
+    st = os.stat(path)
+    return f"{_module.CPU_CAPABILITY}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def extension() -> Optional[ModuleType]:
@@ -248,6 +262,7 @@ def _kernel(name: str):
 _module = _load_best()
 # Whether bf16 is multiplied in pairs or widened decides which backend is fastest for a bf16 call.
 autotune.register_setting("cpu_bf16_products", bf16_products)
+autotune.register_setting("cpu_build", build_id)
 dispatch.register_backend(
     BACKEND,
     device_types=("cpu",),
