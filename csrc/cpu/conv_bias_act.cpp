@@ -410,6 +410,9 @@ inline void depthwise_segment(const T* const* in_rows, const float* taps, const 
 #pragma GCC unroll 8
     for (int o = 0; o < kOut; ++o) acc[b][o] = bias[b];
   const int64_t iw0 = ow0 * kStride - 1;
+  // Only the first column (the left padding) and the last (the right padding, or past an odd row for stride 2) can
+  // fall outside the row: two flags instead of a bounds check per column.
+  const bool skip_first = iw0 < 0, skip_last = iw0 + kIn - 1 >= w;
   for (int i = 0; i < 3; ++i) {
     if (!in_rows[i]) continue;
     fVec wt[kBlocks][3];
@@ -420,7 +423,7 @@ inline void depthwise_segment(const T* const* in_rows, const float* taps, const 
 #pragma GCC unroll 32
     for (int q = 0; q < kIn; ++q) {
       const int64_t iw = iw0 + q;
-      if (iw < 0 || iw >= w) continue;
+      if ((q == 0 && skip_first) || (q == kIn - 1 && skip_last)) continue;
 #pragma GCC unroll 2
       for (int b = 0; b < kBlocks; ++b) {
         const fVec v = load_channels<kFull>(in_rows[i] + iw * c + b * kVec, count);
