@@ -121,15 +121,26 @@ class OnnxRuntimeModel:
                 errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(e).__name__}: {str(e)[:200]}")
         else:
             raise Skipped("torch.onnx.export failed: " + " | ".join(errors))
+        self.threads = threads
+        self.session = self.new_session()
+        self.input_name = self.session.get_inputs()[0].name
+
+    def new_session(self, profile_prefix: Optional[str] = None):
+        """A CPU session of the exported model; with ``profile_prefix``, one that records ONNX Runtime's per-node
+        profile (``end_profiling()`` writes it next to that prefix)."""
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle intra-op workers would otherwise spin after each run and steal the cores from the variant timed
         # next (with 2 threads the fused model measured ~7% slower right after ONNX Runtime than elsewhere).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        return ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])

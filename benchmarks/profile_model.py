@@ -177,40 +177,27 @@ def onnxruntime_kind(node: dict) -> str:
 
 def profile_onnxruntime(model_name: str, threads: int, batch: int, iters: int) -> Dict:
     """ONNX Runtime's per-node kernel time on the fused model's plain-torch twin (fp32, CPU), grouped by kind."""
-    import tempfile
-
     import onnxruntime as ort
 
+    from benchmarks.paper_protocol import OnnxRuntimeModel
     from benchmarks.plain import to_plain
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = shvit.create_model(model_name).eval()
     bench._randomize_bn(model)
-    plain = to_plain(shvit.fuse(model)).eval()
     size = bench.PAPER_IMG_SIZE[model_name]
     x = torch.randn(batch, 3, size, size)
-    folder = tempfile.mkdtemp(prefix="shvit_ort_profile_")
-    path = os.path.join(folder, "model.onnx")
-    torch.onnx.export(plain, (x,), path, dynamo=True, opset_version=18, input_names=["x"], output_names=["logits"])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    feed = {"x": x.numpy()}
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    runner = OnnxRuntimeModel(to_plain(shvit.fuse(model)).eval(), x, threads)
     for _ in range(3):
-        session.run(None, feed)
+        runner(x)
     start = time.perf_counter()
     for _ in range(iters):
-        session.run(None, feed)
+        runner(x)
     run_ms = (time.perf_counter() - start) / iters * 1e3
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(folder, "profile")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    for _ in range(3):  # warm-up runs are profiled too: count them
-        session.run(None, feed)
-    for _ in range(iters):
+    session = runner.new_session(profile_prefix=os.path.join(os.path.dirname(runner.path), "profile"))
+    feed = {runner.input_name: x.numpy()}
+    for _ in range(3 + iters):  # warm-up runs are profiled too: counted below
         session.run(None, feed)
     with open(session.end_profiling()) as f:
         events = json.load(f)
@@ -223,7 +210,7 @@ def profile_onnxruntime(model_name: str, threads: int, batch: int, iters: int) -
     rows = [dict(kind=k, ms=v / runs, calls=calls[k] // runs) for k, v in spent.items()]
     rows.sort(key=lambda r: -r["ms"])
     return dict(model=model_name, threads=threads, batch=batch, run_ms=run_ms, node_ms=sum(r["ms"] for r in rows),
-                rows=rows, onnxruntime=ort.__version__)
+                rows=rows, onnxruntime=ort.__version__, exporter=runner.exporter)
 
 
 def main(argv=None) -> int:

@@ -18,12 +18,14 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     0.7 ms, one thread, Xeon 6/207). Everything else, and any call that autograd, a tracer or torch.compile
     would see, is ATen's copy (same values: a copy is exact).
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"to_channels_last: 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"to_channels_last: 'x' must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     ext = cpp.extension()
     if (
         ext is None
-        or not isinstance(x, torch.Tensor)
         or x.device.type != "cpu"
-        or x.dim() != 4
         or (x.requires_grad and torch.is_grad_enabled())
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()

@@ -854,6 +854,10 @@ def test_public_to_channels_last_is_atens_copy_in_every_case():
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     shvit_kernels.to_channels_last(x).square().sum().backward()
     assert torch.equal(x.grad, 2 * x.detach())
+    with pytest.raises(TypeError, match="'x' must be a torch.Tensor, got list"):
+        shvit_kernels.to_channels_last([1.0])
+    with pytest.raises(ValueError, match=r"'x' must be a 4-D \(N, C, H, W\) tensor, got shape \(3, 4, 4\)"):
+        shvit_kernels.to_channels_last(torch.randn(3, 4, 4))
     compiled = torch.compile(lambda t: shvit_kernels.to_channels_last(t) * 2, fullgraph=True)
     y = torch.randn(2, 3, 5, 5)
     assert torch.equal(compiled(y), 2 * y.contiguous(memory_format=torch.channels_last))

@@ -38,16 +38,22 @@ std::optional<at::Tensor> to_channels_last(const at::Tensor& x) {
     return std::nullopt;
   at::Tensor out = empty_output(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
   const int64_t pixels = x.size(2) * x.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "shvit_to_channels_last", [&] {
-    const scalar_t* src = x.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    switch (c) {
-      case 1: return interleave_planes<1>(src, dst, x.size(0), pixels);
-      case 2: return interleave_planes<2>(src, dst, x.size(0), pixels);
-      case 3: return interleave_planes<3>(src, dst, x.size(0), pixels);
-      default: return interleave_planes<4>(src, dst, x.size(0), pixels);
-    }
-  });
+  // A copy moves bits: one instantiation per element size serves fp32 and the two 16-bit types.
+  auto run = [&](auto element) {
+    using E = decltype(element);
+    const E* src = static_cast<const E*>(x.data_ptr());
+    E* dst = static_cast<E*>(out.data_ptr());
+    // One channel is channels_last already (declined above): 2 to kMaxChannels here.
+    static_assert(kMaxChannels == 4, "one interleave_planes instantiation per channel count");
+    if (c == 2) return interleave_planes<2>(src, dst, x.size(0), pixels);
+    if (c == 3) return interleave_planes<3>(src, dst, x.size(0), pixels);
+    interleave_planes<4>(src, dst, x.size(0), pixels);
+  };
+  if (x.element_size() == 4) {
+    run(uint32_t{});
+  } else {
+    run(uint16_t{});
+  }
   return out;
 }
 
