@@ -394,6 +394,9 @@ class SHViT(nn.Module):
         device_type = x.device.type
         if (
             shvit_kernels.autotune.mode() == "off"
+            # Timed under a forced backend the choice would hold for automatic dispatch too (S1 at batch 1: the
+            # reference's near-equal times cached NCHW, 2.9x slower on the cpp kernels; Intel Xeon, 2026-12-01).
+            or shvit_kernels.dispatch.forced_backend() is not None
             or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or torch.jit.is_tracing()
@@ -404,8 +407,10 @@ class SHViT(nn.Module):
         formats = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
         moves = {"channels_last": shvit_kernels.to_channels_last, "nchw": lambda t: t.contiguous()}
         candidates = {name: (lambda t, move=move: self._features(move(t))) for name, move in moves.items()}
-        name = shvit_kernels.autotune.choose(f"model_layout {self.variant or type(self).__name__}", device_type, (x,),
-                                             candidates)
+        # "model_input_layout": caches from before the forced-backend rule may hold "model_layout" entries timed
+        # under one; they are left unread.
+        name = shvit_kernels.autotune.choose(f"model_input_layout {self.variant or type(self).__name__}", device_type,
+                                             (x,), candidates)
         return formats[name]
 
     def _enter(self, x: torch.Tensor) -> torch.Tensor:

@@ -425,7 +425,7 @@ def test_automatic_layout_is_measured_once_per_signature(tuning_on):
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         fused(x)
-    layouts = {k: v for k, v in tuning_on.cached_choices().items() if k.startswith("model_layout")}
+    layouts = {k: v for k, v in tuning_on.cached_choices().items() if k.startswith("model_input_layout")}
     assert len(layouts) == 1 and set(layouts.values()) <= {"channels_last", "nchw"}
     from shvit_kernels import dispatch
 
@@ -435,6 +435,19 @@ def test_automatic_layout_is_measured_once_per_signature(tuning_on):
     with torch.inference_mode(), dispatch.record() as calls_again:
         fused(x)
     assert len(calls) == len(calls_again) and convs < 40, "a tuned signature must not be timed again"
+
+
+def test_layout_is_not_timed_under_a_forced_backend(tuning_on):
+    """A choice timed under a forced backend would hold for automatic dispatch: forcing takes channels_last."""
+    fused = shvit.fuse(shvit.create_model("shvit_s1", num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    for forcing in (shvit_kernels.use_backend("reference"), shvit_kernels.prefer_backend("reference")):
+        with forcing:
+            assert _first_conv_layout(fused, x) == "channels_last"
+    assert not [k for k in tuning_on.cached_choices() if k.startswith("model_input_layout")]
+    with torch.inference_mode():
+        fused(x)  # automatic: now it is timed
+    assert [k for k in tuning_on.cached_choices() if k.startswith("model_input_layout")]
 
 
 def test_counting_flops_does_not_count_the_layout_tuning(tuning_on):
