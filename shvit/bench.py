@@ -1,7 +1,9 @@
 """Model throughput: the reference model against the fused model on the best backends, measured side by side.
 
 Variants run interleaved in one process (one timed window of each per round, rounds repeated), so drift in
-clock speed or machine load hits them alike; medians and the spread over rounds are reported.
+clock speed or machine load hits them alike; medians and the spread over rounds are reported, and each variant's
+speed against the first per round (:func:`paired_speedup`): on a shared machine whose speed drifts by tens of percent
+within a run, the ratio within a round is steadier than the ratio of two medians.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,6 +48,16 @@ class Result:
     rounds: int
     max_rel_diff_vs_first: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)  # e.g. peak memory of a training step
+    ms_per_round: List[float] = field(default_factory=list)  # ms per batch in each round, in round order
+
+
+def paired_speedup(ms_per_round: Sequence[float], reference_ms_per_round: Sequence[float]) -> Optional[Tuple[float, float, float]]:
+    """Speed over the reference within each round (reference ms / ms): (median, min, max) over the rounds, or None
+    when either has no per-round times or they differ in number (results saved before rounds were kept)."""
+    if not ms_per_round or len(ms_per_round) != len(reference_ms_per_round):
+        return None
+    ratios = [ref / mine for mine, ref in zip(ms_per_round, reference_ms_per_round)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 @dataclass
@@ -67,13 +79,16 @@ class Report:
         width = max([28] + [len(r.name) + 2 for r in self.results])
         lines = [
             f"{self.model} batch {self.batch_size} {self.img_size}px {self.device} {self.dtype} threads {self.threads}",
-            f"{'variant':<{width}}{'img/s':>12}{'ms/batch (median)':>20}{'min..max':>20}{'speed-up':>10}{'max rel diff':>14}",
+            f"{'variant':<{width}}{'img/s':>12}{'ms/batch (median)':>20}{'min..max':>20}{'speed-up':>10}"
+            f"{'per round (min..max)':>24}{'max rel diff':>14}",
         ]
         for r in self.results:
             spread = f"{r.ms_per_batch_min:.2f}..{r.ms_per_batch_max:.2f}"
+            paired = paired_speedup(r.ms_per_round, self.results[0].ms_per_round)
+            per_round = f"{paired[0]:.2f}x ({paired[1]:.2f}..{paired[2]:.2f})" if paired else "n/a"
             lines.append(
                 f"{r.name:<{width}}{r.img_per_s:>12.1f}{r.ms_per_batch_median:>20.2f}{spread:>20}"
-                f"{r.img_per_s / base:>9.2f}x{r.max_rel_diff_vs_first:>14.2e}"
+                f"{r.img_per_s / base:>9.2f}x{per_round:>24}{r.max_rel_diff_vs_first:>14.2e}"
             )
         return "\n".join(lines)
 
@@ -173,7 +188,8 @@ def measure(
         s = samples[v.name]
         med = statistics.median(s)
         diff = ((out - first).abs().max() / first.abs().max().clamp_min(1e-30)).item()
-        results.append(Result(v.name, inputs[0].shape[0] / med, med * 1e3, min(s) * 1e3, max(s) * 1e3, rounds, diff))
+        results.append(Result(v.name, inputs[0].shape[0] / med, med * 1e3, min(s) * 1e3, max(s) * 1e3, rounds, diff,
+                              ms_per_round=[t * 1e3 for t in s]))
     return results
 
 

@@ -5,6 +5,7 @@ These check that the machinery works, not how fast anything is; they stay short 
 
 import argparse
 import json
+import statistics
 
 import pytest
 import torch
@@ -240,3 +241,30 @@ def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
     assert o["node_ms"] > 0 and "same folded model" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         profile_model.main(["--dtype", "bf16", "--onnxruntime"])
+
+
+def test_paired_speedup_is_the_median_of_ratios_within_rounds():
+    from shvit.bench import paired_speedup
+
+    # A drifting machine: the reference's rounds slow down with the variant's, 2x apart in every round.
+    assert paired_speedup([10.0, 20.0, 40.0], [20.0, 40.0, 80.0]) == (2.0, 2.0, 2.0)
+    assert paired_speedup([10.0, 10.0, 10.0], [5.0, 20.0, 30.0]) == (2.0, 0.5, 3.0)
+    assert paired_speedup([], [1.0]) is None and paired_speedup([1.0], [1.0, 2.0]) is None
+
+
+def test_measure_keeps_every_rounds_time_and_render_shows_the_paired_ratio():
+    from shvit import bench
+
+    model = torch.nn.Conv2d(3, 4, 3)
+    variants = [bench.Variant("a", model), bench.Variant("b", model)]
+    results = bench.measure(variants, [torch.randn(1, 3, 8, 8)], torch.device("cpu"), torch.float32, 0.0, 0.002, 3)
+    assert [len(r.ms_per_round) for r in results] == [3, 3]
+    assert statistics.median(results[1].ms_per_round) == pytest.approx(results[1].ms_per_batch_median)
+    rows = [dict(name=r.name, img_per_s=r.img_per_s, ms_per_batch_median=r.ms_per_batch_median,
+                 ms_per_batch_min=r.ms_per_batch_min, ms_per_batch_max=r.ms_per_batch_max,
+                 max_rel_diff_vs_first=0.0, ms_per_round=r.ms_per_round) for r in results]
+    table = render.detail_table({"results": rows}, "results")
+    expected = bench.paired_speedup(results[1].ms_per_round, results[0].ms_per_round)
+    assert f"{expected[0]:.2f}x ({expected[1]:.2f}..{expected[2]:.2f})" in table
+    rows[1].pop("ms_per_round")  # results saved before rounds were kept
+    assert "| n/a |" in render.detail_table({"results": rows}, "results")
