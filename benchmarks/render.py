@@ -105,7 +105,8 @@ def detail_table(r: dict, key: str) -> str:
         return ""
     base = rows[0]["img_per_s"]
     mem = key == "training"
-    head = "| method | img/s (median) | min..max | ms/batch | vs first | per round (min..max) | max rel. diff | setup s |"
+    head = ("| method | img/s (median) | min..max | ms/batch | vs first | per round (min..max) | max rel. diff | "
+            "setup s |")
     head += " saved for backward MiB | peak alloc. MiB |" if mem else ""
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for x in rows:

@@ -51,7 +51,8 @@ class Result:
     ms_per_round: List[float] = field(default_factory=list)  # ms per batch in each round, in round order
 
 
-def paired_speedup(ms_per_round: Sequence[float], reference_ms_per_round: Sequence[float]) -> Optional[Tuple[float, float, float]]:
+def paired_speedup(ms_per_round: Sequence[float],
+                   reference_ms_per_round: Sequence[float]) -> Optional[Tuple[float, float, float]]:
     """Speed over the reference within each round (reference ms / ms): (median, min, max) over the rounds, or None
     when either has no per-round times or they differ in number (results saved before rounds were kept)."""
     if not ms_per_round or len(ms_per_round) != len(reference_ms_per_round):

@@ -149,8 +149,9 @@ constexpr int64_t kChannelBlock = kChannelVecs * kVec;
 constexpr int64_t kPixelBlock = kVec >= 16 ? 14 : 6;
 
 // prefetch .. prefetch_end: input the next output row reads, requested a line per step so that the loads overlap
-// this row's arithmetic; one burst of requests per row stalled on the few line-fill buffers (16 -> 32 at 112 px:
-// 1.14x, 32 -> 64 at 56: 1.06x; Intel Xeon family 6 model 207, 2026-12-01). Advanced past what was requested.
+// this row's arithmetic; one burst of requests per row stalled on the few line-fill buffers (two interleaved runs:
+// 16 -> 32 at 112 px 1.12-1.14x, 32 -> 64 at 56 1.05-1.06x; Intel Xeon family 6 model 207, 2026-12-01). Advanced past
+// what was requested.
 template <int64_t MB>
 inline void conv_tile(const float* const* rows, int64_t offset, int64_t kh, int64_t k_row, int64_t step, const float* w,
                       float* acc_out, int64_t ld_acc, const char*& prefetch, const char* prefetch_end) {
@@ -291,8 +292,9 @@ template <int KH, int KW, int C, typename T>
 void small_cin_conv_channels_last(const T* x, const float* w_kc, const float* bias, const T* residual, bool relu,
                                   T* out, const ConvShape& s) {
   // 8 pixels: 8 FMA chains where 4 left the FMA latency exposed; the 27 weight vectors no longer all fit in registers
-  // beside them, and the compiler reloads a few from L1 (3 -> 16 at 224 px: 67 -> 82 GFLOP/s fp32, 59 -> 71 bf16;
-  // 3 -> 28: 1.12x; Intel Xeon family 6 model 207, 2026-12-01).
+  // beside them, and the compiler reloads a few from L1. With a group of 4 for the remainder: 3 -> 16 at 224 px
+  // 67 -> 83-88 GFLOP/s fp32 (bf16, 8 only: 59 -> 71), 3 -> 28 at 256 px 60 -> 78 (Intel Xeon family 6 model 207,
+  // 2026-12-01).
   constexpr int K = KH * KW * C, kPixels = 8;
   constexpr bool kFloat = std::is_same<T, float>::value;
   const int64_t c_out = s.c_out, row = s.w * C, step = s.stride * C;
