@@ -84,11 +84,12 @@ def _run_kernel(name: str, args, direct: bool = False, remember: bool = False):
         after()
     normalized = _normalize_outputs(result, args)
     if remember and not checked and not _capturing(device_type):
-        key = _eager_key(name, args)  # after the choice: a first call may have loaded the autotune cache
-        if key is not None:
-            if len(_remembered) >= _REMEMBERED_LIMIT:  # many shapes (dynamic sizes): start afresh
-                _remembered.clear()
-            _remembered[key] = (kernel, not _same_outputs(normalized, result))
+        if len(_remembered) >= _REMEMBERED_LIMIT:  # many shapes (dynamic sizes): start afresh
+            _remembered.clear()
+        try:  # the key after the choice: a first call may have loaded the autotune cache
+            _remembered[_eager_key(name, args)] = (kernel, not _same_outputs(normalized, result))
+        except TypeError:  # an argument that cannot be hashed: not remembered
+            pass
     return normalized
 
 
@@ -104,15 +105,10 @@ _REMEMBERED_LIMIT = 4096
 _remembered: dict = {}  # _eager_key -> (kernel, whether its outputs need the layout rule)
 
 
-def _eager_key(name: str, args) -> Optional[tuple]:
-    """The call's signature and the dispatcher's state, hashable; None when an argument is not hashable."""
-    key = (name, dispatch.selection_state(), torch.get_num_threads(),
-           *[(a.dtype, a.shape, a.stride(), a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+def _eager_key(name: str, args) -> tuple:
+    """The call's signature and the dispatcher's state (hashing it raises TypeError for an unhashable argument)."""
+    return (name, dispatch.selection_state(), torch.get_num_threads(),
+            *[(a.dtype, a.shape, a.stride(), a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
 
 
 def _capturing(device_type: str) -> bool:
@@ -134,8 +130,10 @@ def remembered_call(op, args):
         return MISS  # the checks name the problem
     if dispatch.has_observers() or not _plain_eager_call(args):
         return MISS
-    key = _eager_key(_op_names[op], args)
-    entry = _remembered.get(key) if key is not None else None
+    try:
+        entry = _remembered.get(_eager_key(_op_names[op], args))
+    except TypeError:  # an argument that cannot be hashed: never remembered
+        return MISS
     if entry is None:
         return MISS
     kernel, normalize = entry
