@@ -9,6 +9,8 @@ backward + AdamW step on a fixed synthetic batch, channels_last. Variants (``--v
 the same weights (one model built with a fixed seed), each with its own copy of them and its own AdamW:
 
   fused    the project's model (shvit_kernels ops, automatic backend choice, the user's defaults)
+  fused-keep-all / fused-keep-none   the same with every training Conv+BN keeping its conv output for the
+           backward pass / recomputing every one there (``shvit_kernels.keep_conv_outputs``: speed against memory)
   eager    the same modules on plain torch ops (benchmarks/plain.py)
   compile  torch.compile(eager), default mode
 
@@ -38,6 +40,7 @@ sys.path.insert(0, ROOT)  # runnable as a script
 import torch
 
 import shvit
+import shvit_kernels
 from benchmarks.device import (
     PeakMemory,
     git_revision,
@@ -49,14 +52,28 @@ from benchmarks.profile_model import write_json
 from benchmarks.profile_train import Trainee, training_setup
 from shvit import bench
 
-VARIANTS = ("fused", "eager", "compile")
+VARIANTS = ("fused", "eager", "compile", "fused-keep-all", "fused-keep-none")
 # Issue #16: fused speed / peer speed at least this much; fused peak memory / eager's at most this much.
 TARGETS = {"speed_vs_eager": 1.3, "speed_vs_compile": 1.0, "memory_vs_eager": 0.70}
 PEAK_TIMEOUT_S = 1800  # one fresh process: imports, a compile and two steps
 
 
+class KeepingTrainee(Trainee):
+    """A fused-model trainee whose steps run under one ``shvit_kernels.keep_conv_outputs`` setting."""
+
+    def __init__(self, keep: str, *args):
+        super().__init__(*args)
+        self.keep = keep
+
+    def step(self, phases=None) -> None:
+        with shvit_kernels.keep_conv_outputs(self.keep):
+            super().step(phases)
+
+
 def make_variant(name: str, model: torch.nn.Module, x, labels, amp: str) -> Trainee:
     """One variant on its own copy of ``model``'s weights, with its own AdamW (used by timing and peak alike)."""
+    if name.startswith("fused-keep-"):
+        return KeepingTrainee(name[len("fused-keep-"):], copy.deepcopy(model), x, labels, amp)
     if name == "fused":
         net = copy.deepcopy(model)
     elif name == "eager":
@@ -160,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (compile compiles here)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default="fused,eager,compile", help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--skip-peak", action="store_true", help="no peak-memory measurement (saves a process per variant)")
     p.add_argument("--output", default=None, help="JSON file (default: under benchmarks/results/)")
     p.add_argument("--peak", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak memory, as JSON

@@ -15,6 +15,7 @@ Without ``--data-dir`` the built-in synthetic dataset is used, so the command ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -235,6 +236,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (backend default: inductor; aot_eager skips code generation)")
     s.add_argument("--backend", default=None, help=f"prefer this shvit_kernels backend ({', '.join(shvit_kernels.BACKENDS)}); ops it lacks run on the reference")
+    s.add_argument("--keep-conv-outputs", default=None, metavar="all|none|MACS",
+                   help="which Conv+BN ops keep their conv output for backward instead of recomputing it: all (fastest, "
+                        "most memory), none (least memory), or those costing at least MACS multiply-adds per output "
+                        "value (default: shvit_kernels' threshold)")
     s.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (DDP)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads per process")
@@ -287,6 +292,12 @@ def check_args(args) -> None:
             bad(f"--{name}: checkpoint file not found: {path!r}")
     if args.backend is not None and args.backend not in shvit_kernels.BACKENDS:
         bad(f"--backend must be one of {', '.join(shvit_kernels.BACKENDS)}, got {args.backend!r}")
+    if args.keep_conv_outputs is not None:
+        try:
+            with shvit_kernels.keep_conv_outputs(args.keep_conv_outputs):  # validates, then restores
+                pass
+        except ValueError:
+            bad(f"--keep-conv-outputs must be all, none or a number of multiply-adds >= 0, got {args.keep_conv_outputs!r}")
     if min(args.synthetic_size) < 1 or args.synthetic_classes < 1:
         bad("--synthetic-size and --synthetic-classes must be positive")
     if args.compile is not None:
@@ -446,7 +457,10 @@ def train(args) -> dict:
     rank, world, device = setup_distributed(args.device)
     main_process = rank == 0
     try:
-        with shvit_kernels.prefer_backend(args.backend):
+        keep = args.keep_conv_outputs
+        with shvit_kernels.prefer_backend(args.backend), (
+            shvit_kernels.keep_conv_outputs(keep) if keep is not None else contextlib.nullcontext()
+        ):
             result = _train(args, rank, world, device, main_process)
         if world > 1:
             # Leave together: a gloo peer torn down while the other still talks to it can abort that process

@@ -14,11 +14,14 @@ Layout:
     to_channels_last(x): x.contiguous(memory_format=torch.channels_last), at copy speed for CPU image batches
 Memory:
     empty_cache() frees the output blocks the cpp backend keeps for reuse (bounded by SHVIT_CPU_OUTPUT_CACHE_MB)
+    keep_conv_outputs(min_macs) (context manager) / set_keep_conv_outputs(min_macs), env
+    SHVIT_KERNELS_KEEP_CONV_OUTPUTS: which training Conv+BN ops keep their conv output for backward (faster)
+    instead of recomputing it (less memory)
 """
 
 from . import autotune, dispatch
 from .dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
-from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn
+from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn, keep_conv_outputs, set_keep_conv_outputs
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
 from .ops.sync_batch_norm import sync_batch_norm
@@ -54,8 +57,10 @@ __all__ = [
     "fold_shsa",
     "forced_backend",
     "inline_reference",
+    "keep_conv_outputs",
     "prefer_backend",
     "set_backend",
+    "set_keep_conv_outputs",
     "shsa",
     "shsa_fused",
     "sync_batch_norm",

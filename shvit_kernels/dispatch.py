@@ -360,6 +360,9 @@ def _named(op: str, args: tuple, kwargs: dict) -> Dict[str, object]:
         raise TypeError(f"op '{op}' takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
     named = dict(zip(names, args))
     named.update(kwargs)
+    defaults = _op_defaults[op]  # of the trailing arguments, as a call of the op may leave them out
+    for name, value in zip(names[len(names) - len(defaults):], defaults):
+        named.setdefault(name, value)
     missing = [n for n in names if n not in named]
     if missing:
         raise TypeError(f"op '{op}': missing arguments {missing}")

@@ -381,16 +381,19 @@ def conv_train_cases():
 @pytest.mark.parametrize("label,args", conv_train_cases(), ids=[c[0] for c in conv_train_cases()])
 def test_conv_training_kernels_match_reference(dtype, channels_last, label, args):
     m = in_use()
-    _check_outputs(m.conv_bn_train, conv_bn_train_reference, args, dtype, channels_last, f"conv_bn_train {label}")
+    for keep in (False, True):  # the conv output kept for the backward, or an empty slot
+        _check_outputs(m.conv_bn_train, conv_bn_train_reference, (*args, keep), dtype, channels_last,
+                       f"conv_bn_train {label} keep_conv_output={keep}")
     x, w, gamma, beta, stride, pad, groups, eps, relu, res = args
-    out, mean, var = conv_bn_train_reference(*args)
+    out, mean, var, y = conv_bn_train_reference(*args, True)
     grad = torch.randn_like(out)
     bwd = (grad, x, w, gamma, beta, mean, var, out, stride, pad, groups, eps, relu, res is not None, True)
-    _check_outputs(m.conv_bn_train_backward, conv_bn_train_backward_reference, bwd, dtype, channels_last,
-                   f"conv_bn_train_backward {label}")
+    for conv_output in (None, y):  # recomputed, or the forward's kept one
+        _check_outputs(m.conv_bn_train_backward, conv_bn_train_backward_reference, (*bwd, conv_output), dtype,
+                       channels_last, f"conv_bn_train_backward {label} kept={conv_output is not None}")
     # Without the input gradient: zeros in its place, every other output as before.
     cast = cast_args(bwd, dtype, channels_last, keep_fp32_vectors=True)
-    full, skipped = m.conv_bn_train_backward(*cast), m.conv_bn_train_backward(*cast[:-1], False)
+    full, skipped = m.conv_bn_train_backward(*cast, None), m.conv_bn_train_backward(*cast[:-1], False, None)
     assert skipped[0].shape == full[0].shape and skipped[0].dtype == full[0].dtype and not skipped[0].any()
     for a, b in zip(full[1:], skipped[1:]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
@@ -539,13 +542,15 @@ def test_conv_bn_train_is_the_reference_bit_for_bit(variant, threads, channels_l
             for dtype in DTYPES:
                 low = [_layout(a.to(dtype), channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
                        for a in args]
-                (out, mean, var) = cpp.load_variant(variant).conv_bn_train(*low)
-                ref_out, ref_mean, ref_var = conv_bn_train_reference(*low)
-                name = f"{variant} {label} {dtype}"
-                assert torch.equal(mean, ref_mean), name
-                same = var == ref_var
-                assert same.all() or dtype == torch.bfloat16, name
-                assert torch.equal(out[:, same], ref_out[:, same]), name
+                ref_out, ref_mean, ref_var, ref_y = conv_bn_train_reference(*low, True)
+                for keep in (False, True):
+                    out, mean, var, y = cpp.load_variant(variant).conv_bn_train(*low, keep)
+                    name = f"{variant} {label} {dtype} keep_conv_output={keep}"
+                    assert torch.equal(mean, ref_mean), name
+                    same = var == ref_var
+                    assert same.all() or dtype == torch.bfloat16, name
+                    assert torch.equal(out[:, same], ref_out[:, same]), name
+                    assert torch.equal(y, ref_y) if keep else y.numel() == 0, name
 
 
 @requires_cpp
@@ -555,7 +560,7 @@ def test_conv_bn_train_statistics_do_not_cancel():
     w = torch.eye(8).reshape(8, 8, 1, 1)
     for channels_last in (False, True):
         xx = _layout(x + 100.0, channels_last)
-        _, mean, var = in_use().conv_bn_train(xx, w, torch.ones(8), torch.zeros(8), 1, 0, 1, 1e-5, False, None)
+        _, mean, var, _ = in_use().conv_bn_train(xx, w, torch.ones(8), torch.zeros(8), 1, 0, 1, 1e-5, False, None, False)
         ref = xx.double().var(dim=(0, 2, 3), unbiased=False)
         torch.testing.assert_close(var.double(), ref, rtol=1e-3, atol=0)
         torch.testing.assert_close(mean.double(), xx.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
@@ -577,17 +582,20 @@ def _bad_calls():
         ("conv_bias_act", (x, torch.randn(8, 1, 5, 5), None, 1, 2, 8, False, None), "depthwise 3x3"),
         ("conv_bias_act", (x, w, None, 0, 0, 1, False, None), "'stride' must be >= 1"),
         ("conv_bias_act", (x, torch.randn(4, 8, 9, 9), None, 1, 0, 1, False, None), "smaller than the kernel"),
-        ("conv_bn_train", (x, w, torch.ones(15), torch.zeros(16), 1, 0, 1, 1e-5, False, None), "'bn_weight' must have shape [16]"),
-        ("conv_bn_train", (x, torch.randn(16, 3, 3, 3), torch.ones(16), torch.zeros(16), 1, 1, 1, 1e-5, False, None),
+        ("conv_bn_train", (x, w, torch.ones(15), torch.zeros(16), 1, 0, 1, 1e-5, False, None, False), "'bn_weight' must have shape [16]"),
+        ("conv_bn_train", (x, torch.randn(16, 3, 3, 3), torch.ones(16), torch.zeros(16), 1, 1, 1, 1e-5, False, None, False),
          "expects 3 input channels but 'x' has 8"),
-        ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 1, -1.0, False, None), "'eps' must be >= 0"),
-        ("conv_bn_train", (x[:1, :, :1, :1], w, torch.ones(16), torch.zeros(16), 1, 0, 1, 1e-5, False, None),
+        ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 1, -1.0, False, None, False), "'eps' must be >= 0"),
+        ("conv_bn_train", (x[:1, :, :1, :1], w, torch.ones(16), torch.zeros(16), 1, 0, 1, 1e-5, False, None, False),
          "more than one value per channel"),
-        ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 3, 1e-5, False, None), "'groups' = 3"),
+        ("conv_bn_train", (x, w, torch.ones(16), torch.zeros(16), 1, 0, 3, 1e-5, False, None, False), "'groups' = 3"),
         ("conv_bn_train_backward", (torch.randn(2, 16, 5, 4), x, w, torch.ones(16), torch.zeros(16), torch.zeros(16),
-                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True), "'grad_out' must have shape"),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True, None), "'grad_out' must have shape"),
+        ("conv_bn_train_backward", (torch.randn(2, 16, 5, 5), x, w, torch.ones(16), torch.zeros(16), torch.zeros(16),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True,
+                                    torch.randn(2, 16, 5, 4)), "'conv_output' must have shape"),
         ("conv_bn_train_backward", (torch.randn(2, 16, 5, 5), x, w, torch.ones(16), torch.zeros(16), torch.zeros(15),
-                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True), "'mean' must have shape"),
+                                    torch.ones(16), torch.randn(2, 16, 5, 5), 1, 0, 1, 1e-5, True, False, True, None), "'mean' must have shape"),
         ("conv_bias_act_backward", (torch.randn(2, 16, 5, 5), x, w, None, 1, 0, 1, True, None, torch.randn(2, 16, 5, 5).bfloat16()),
          "'out' has dtype"),
         ("ffn_fused", (x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8)), "'w2' must have shape"),

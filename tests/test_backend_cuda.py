@@ -187,6 +187,20 @@ def test_depthwise_3x3_shape_is_accepted():
         assert cuda_reasons("conv_bias_act", *conv_bias_act_args(stride=stride)) == []
 
 
+def test_kept_conv_outputs_are_declined():
+    """The cuda Conv+BN pair recomputes the conv output: asked to keep one, or given one, it says so and the
+    dispatcher moves on."""
+    args = conv_bn_train_args()
+    assert cuda_reasons("conv_bn_train", *args) == []
+    assert any("keep_conv_output" in r for r in cuda_reasons("conv_bn_train", *args, True))
+    x, weight, gamma, beta, stride, padding, groups, eps, relu, res = args
+    out = torch.relu(torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, groups))
+    bargs = (torch.randn_like(out), x, weight, gamma, beta, torch.zeros_like(gamma), torch.ones_like(gamma), out,
+             stride, padding, groups, eps, relu, res is not None, True)
+    assert cuda_reasons("conv_bn_train_backward", *bargs) == []
+    assert any("conv_output" in r for r in cuda_reasons("conv_bn_train_backward", *bargs, out.clone()))
+
+
 def test_shsa_limits():
     args = shsa_fused_args(p=129, c=140)
     assert any("P up to 128" in r for r in cuda_reasons("shsa_fused", *args))
@@ -276,7 +290,9 @@ def test_gpu_conv_bias_act(dtype, cl, case):
 @gpu_grid(DW_CASES, dw_id)
 def test_gpu_conv_bn_train(dtype, cl, case):
     args = conv_bn_train_args(device="cuda", dtype=dtype, cl=cl, **case)
-    out, mean, var = _check("conv_bn_train", args, conv_ops.conv_bn_train_reference, ["out", "mean", "var"])
+    out, mean, var, kept = _check("conv_bn_train", args, conv_ops.conv_bn_train_reference,
+                                  ["out", "mean", "var", "kept conv output (empty)"])
+    assert kept.numel() == 0
     x, weight, gamma, beta, stride, padding, groups, eps, relu, res = args
     bargs = (torch.randn_like(out), x, weight, gamma, beta, mean, var, out, stride, padding, groups, eps, relu,
              res is not None)
@@ -377,7 +393,7 @@ def test_gpu_reductions_are_deterministic(cl):
     k = {op: dispatch.kernel("cuda", op) for op in dispatch.ops()}
 
     def dw():
-        out, mean, var = k["conv_bn_train"](*bn_args)
+        out, mean, var, _ = k["conv_bn_train"](*bn_args)
         x, weight, gamma, beta, stride, padding, groups, eps, relu, res = bn_args
         grads = k["conv_bn_train_backward"](grad_dw, x, weight, gamma, beta, mean, var, out, stride, padding, groups,
                                             eps, relu, res is not None)

@@ -78,10 +78,14 @@ def test_conv_bn_train(n, ci, co, h, w, k, stride, pad, groups, relu, residual, 
     x = x + 3.0  # a mean well away from zero exercises the centred variance
     bn_w, bn_b = torch.rand(co, device=DEVICE) + 0.5, rand(co)
     args = (x, weight, bn_w, bn_b, stride, pad, groups, 1e-5, relu, res)
-    out, mean, var = check_kernel(triton("conv_bn_train"), R_conv.conv_bn_train_reference, args)
+    out, mean, var, empty = check_kernel(triton("conv_bn_train"), R_conv.conv_bn_train_reference, args)
+    # keep_conv_output: the raw conv output comes back too, and the backward takes it instead of recomputing
+    *_, y = check_kernel(triton("conv_bn_train"), R_conv.conv_bn_train_reference, (*args, True))
+    assert empty.numel() == 0 and y.shape == out.shape
     grad = rand(*out.shape, dtype=dtype, fmt=fmt)
     bargs = (grad, x, weight, bn_w, bn_b, mean, var, out, stride, pad, groups, 1e-5, relu, residual)
     check_kernel(triton("conv_bn_train_backward"), R_conv.conv_bn_train_backward_reference, bargs)
+    check_kernel(triton("conv_bn_train_backward"), R_conv.conv_bn_train_backward_reference, (*bargs, True, y))
 
 
 def test_conv_depthwise_bf16_forward():

@@ -12,6 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import shvit
+import shvit_kernels
+from shvit_kernels import dispatch
 from shvit_kernels.ops.conv_bn import conv_bias_act_reference
 from shvit_kernels.ops.shsa import shsa_fused_reference
 
@@ -199,6 +201,30 @@ def test_train_vs_peers_tiny_run_reports_medians_ratios_and_targets(tmp_path):
     assert data["targets"]["speed_vs_eager"] == {"target": 1.3, "measured": speed, "met": speed >= 1.3}
     assert data["targets"]["speed_vs_compile"]["met"] is None  # compile not run: no verdict
     assert data["targets"]["memory_vs_eager"]["met"] is None  # --skip-peak
+
+
+def test_train_vs_peers_keep_variants_step_under_their_setting():
+    from benchmarks.profile_train import training_setup
+    from benchmarks.train_vs_peers import make_variant
+    from shvit_kernels.ops import conv_bn as conv_ops
+
+    model, x, labels = training_setup("shvit_s1", 64, 2, torch.device("cpu"))
+    before = shvit_kernels.set_keep_conv_outputs(conv_ops.DEFAULT_KEEP_MIN_MACS)
+    try:
+        for name, expected in (("fused-keep-all", True), ("fused-keep-none", False)):
+            flags = []
+
+            def spy(call):
+                if call.op == "conv_bn_train":
+                    flags.append(dict(zip(dispatch.op_arguments(call.op), call.args))["keep_conv_output"])
+
+            trainee = make_variant(name, model, x, labels, "none")
+            with dispatch.observe(spy):
+                trainee.step()
+            assert flags and all(f == expected for f in flags), name
+            assert shvit_kernels.set_keep_conv_outputs(conv_ops.DEFAULT_KEEP_MIN_MACS) == conv_ops.DEFAULT_KEEP_MIN_MACS
+    finally:
+        shvit_kernels.set_keep_conv_outputs(before)
 
 
 def test_train_vs_peers_peak_of_a_step_in_a_fresh_process(tmp_path):

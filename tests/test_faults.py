@@ -55,7 +55,7 @@ def test_cpp_kernels_reject_zero_size_weights_directly(fmt):
     with pytest.raises(RuntimeError, match="'w1' must not be empty"):
         m.ffn_fused(x, torch.randn(0, 8, 1, 1), torch.randn(0), torch.randn(8, 0, 1, 1), torch.randn(8))
     with pytest.raises(RuntimeError, match="must not be empty"):
-        m.conv_bn_train(x, torch.randn(0, 8, 3, 3), torch.randn(0), torch.randn(0), 1, 1, 1, 1e-5, False, None)
+        m.conv_bn_train(x, torch.randn(0, 8, 3, 3), torch.randn(0), torch.randn(0), 1, 1, 1, 1e-5, False, None, False)
 
 
 @requires_cpp

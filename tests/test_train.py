@@ -388,7 +388,8 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
 
     for args, message in ((["--img-size", "70"], "--img-size"), (["--model", "shvit_s9"], "--model"),
                           (["--resume", str(tmp_path / "nothing.pth")], "--resume"),
-                          (["--compile", "no_such_backend"], "unknown torch.compile backend")):
+                          (["--compile", "no_such_backend"], "unknown torch.compile backend"),
+                          (["--keep-conv-outputs", "lots"], "--keep-conv-outputs must be all, none or a number")):
         assert run_cli(tmp_path, *args) == 2
         assert message in capsys.readouterr().err
 

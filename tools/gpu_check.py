@@ -310,7 +310,7 @@ def phase_sanitize_kernels(work: str, dry_run: bool) -> int:
                 t = tb.conv_bn_train_args(device="cuda", dtype=dtype, cl=cl, b=2, c=40, h=9, w=11, stride=stride)
 
                 def bn(t=t):
-                    out, mean, var = k["conv_bn_train"](*t)
+                    out, mean, var, _ = k["conv_bn_train"](*t)
                     x, w, g, b, s, p, grp, eps, relu, res = t
                     return k["conv_bn_train_backward"](torch.randn_like(out), x, w, g, b, mean, var, out, s, p, grp,
                                                        eps, relu, res is not None)

@@ -2,9 +2,10 @@
 //
 // conv_bn_train: the raw conv y (ATen's convolution, bit-identical to the reference's), the mean (ATen's sum, the
 // reference's), ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass variance), ONE pass
-// normalise + residual + ReLU.
-// conv_bn_train_backward recomputes y (as the reference does), one pass for sum(g) and sum(g (y - mean)) with the
-// ReLU mask taken from `out`, one pass writing dy (fp32) and g, then ATen's convolution_backward in fp32.
+// normalise + residual + ReLU (in place on y unless y is kept for the backward).
+// conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for sum(g) and
+// sum(g (y - mean)) with the ReLU mask taken from `out`, one pass writing dy (fp32) and g, then the conv's gradients
+// in fp32.
 #include "ops.h"
 
 #include <array>
@@ -227,11 +228,10 @@ void check_grad_and_out(const char* op, const at::Tensor& grad_out, const at::Te
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x, const at::Tensor& weight,
-                                                             const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-                                                             int64_t stride, int64_t padding, int64_t groups,
-                                                             double eps, bool relu,
-                                                             const std::optional<at::Tensor>& residual) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    int64_t stride, int64_t padding, int64_t groups, double eps, bool relu, const std::optional<at::Tensor>& residual,
+    bool keep_conv_output) {
   constexpr const char* op = "shvit cpp conv_bn_train";
   check_conv_train_args(op, x, weight, stride, padding, groups);
   const int64_t c = weight.size(0);
@@ -255,8 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
   // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order.
   const at::Tensor mean = at::mean(y, {0, 2, 3}, false, at::kFloat);
   at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
-  // Normalised in place: y is this call's own buffer, and a fresh one costs page faults on the large stem maps.
-  const at::Tensor& out = y;
+  // Normalised in place unless y is kept: y is this call's own buffer, and a fresh one costs page faults on the
+  // large stem maps.
+  const at::Tensor out = keep_conv_output ? empty_output(y.sizes(), y.options(), fmt) : y;
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train", [&] {
     using T = scalar_t;
     const T* yp = y.data_ptr<T>();
@@ -292,13 +293,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x
                       store_n(v, op_ + i, n);
                     });
   });
-  return {out, mean, var};
+  return {out, mean, var, keep_conv_output ? y : at::empty({0}, y.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
-    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad) {
+    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad,
+    const std::optional<at::Tensor>& conv_output) {
   constexpr const char* op = "shvit cpp conv_bn_train_backward";
   (void)has_residual;  // the residual only shapes the ReLU mask, which `out` already holds
   check_conv_train_args(op, x, weight, stride, padding, groups);
@@ -308,17 +310,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     check_channel_vector(*t.first, op, t.second, c);
   TORCH_CHECK(eps >= 0, op, ": 'eps' must be >= 0, got ", eps);
   const auto fmt = activation_format(x);
-  const at::Tensor y = conv_raw(x, weight, stride, padding, groups);
-  check_grad_and_out(op, grad_out, out, x, y.sizes());
+  const std::vector<int64_t> y_shape{x.size(0), c, (x.size(2) + 2 * padding - weight.size(2)) / stride + 1,
+                                     (x.size(3) + 2 * padding - weight.size(3)) / stride + 1};
+  check_grad_and_out(op, grad_out, out, x, y_shape);
+  const bool kept = conv_output.has_value() && conv_output->defined();
+  if (kept) {
+    check_float_tensor(*conv_output, op, "conv_output", 4);
+    check_same_dtype(*conv_output, x, op, "conv_output");
+    check_shape(*conv_output, y_shape, op, "conv_output");
+  }
+  const at::Tensor y = kept ? conv_output->contiguous(fmt) : conv_raw(x, weight, stride, padding, groups);
   const at::Tensor go = grad_out.contiguous(fmt), outc = out.contiguous(fmt);
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
   const at::Tensor mean_f = mean.to(at::kFloat).contiguous();
   const at::Tensor var_f = var.to(at::kFloat).contiguous();
   std::vector<float> invstd(c), a(c), b(c), d(c);
   for (int64_t ch = 0; ch < c; ++ch) invstd[ch] = 1.f / std::sqrt(var_f.data_ptr<float>()[ch] + static_cast<float>(eps));
-  // dy overwrites the recomputed y (this call's own buffer) when both are fp32: one multi-MiB allocation less.
+  // dy overwrites a recomputed y (this call's own buffer) when both are fp32: one multi-MiB allocation less.
   at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
-  at::Tensor dy = y.scalar_type() == at::kFloat ? y : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
+  at::Tensor dy = y.scalar_type() == at::kFloat && !kept ? y
+                                                         : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
   std::vector<double> sums(2 * c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
     using T = scalar_t;

@@ -40,16 +40,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
     int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,
     const at::Tensor& out);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_train(const at::Tensor& x, const at::Tensor& weight,
-                                                             const at::Tensor& bn_weight, const at::Tensor& bn_bias,
-                                                             int64_t stride, int64_t padding, int64_t groups,
-                                                             double eps, bool relu,
-                                                             const std::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    int64_t stride, int64_t padding, int64_t groups, double eps, bool relu, const std::optional<at::Tensor>& residual,
+    bool keep_conv_output);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,
-    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad);
+    int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad,
+    const std::optional<at::Tensor>& conv_output);
 
 // x (N, C, H, W), contiguous NCHW with at most 4 channels, copied to channels_last at copy speed; nullopt for any
 // other x (ATen's copy serves those as well).

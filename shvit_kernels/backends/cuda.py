@@ -100,12 +100,27 @@ def shsa_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
     return reasons
 
 
-# Op name -> its reasons; the extension's function of the same name takes the schema's arguments.
+def conv_bn_train_reasons(x, weight, stride, padding, groups, keep_conv_output=False, **args) -> List[str]:
+    reasons = depthwise_reasons(x, weight, stride, padding, groups, **args)
+    if keep_conv_output:
+        reasons.append("cuda conv_bn_train does not keep the conv output (keep_conv_output=True)")
+    return reasons
+
+
+def conv_bn_train_backward_reasons(x, weight, stride, padding, groups, conv_output=None, **args) -> List[str]:
+    reasons = depthwise_reasons(x, weight, stride, padding, groups, **args)
+    if conv_output is not None:
+        reasons.append("cuda conv_bn_train_backward recomputes the conv output and takes no kept one (conv_output)")
+    return reasons
+
+
+# Op name -> its reasons; the extension's function of the same name takes the schema's arguments (the
+# conv_bn_train pair: all but the kept conv output, see _KEPT_OUTPUT_ARGS).
 NOT_SUPPORTED = {
     "conv_bias_act": depthwise_reasons,
     "conv_bias_act_backward": depthwise_reasons,
-    "conv_bn_train": depthwise_reasons,
-    "conv_bn_train_backward": depthwise_reasons,
+    "conv_bn_train": conv_bn_train_reasons,
+    "conv_bn_train_backward": conv_bn_train_backward_reasons,
     "shsa_fused": shsa_reasons,
     "shsa_fused_backward": shsa_reasons,
     "shsa_train": shsa_reasons,
@@ -113,11 +128,20 @@ NOT_SUPPORTED = {
 }
 
 
+# The schema's last argument of these ops (keep_conv_output / conv_output) is declined by the reasons above and not
+# passed to the extension; conv_bn_train's kept-output slot comes back empty.
+_KEPT_OUTPUT_ARGS = ("conv_bn_train", "conv_bn_train_backward")
+
+
 def _kernel(op: str):
     def run(*args):
         if _module is None:
             raise RuntimeError(f"shvit_kernels cuda backend: {availability_reasons()[0]}")
-        return getattr(_module, op)(*dispatch.with_defaults(op, args))
+        args = dispatch.with_defaults(op, args)
+        if op not in _KEPT_OUTPUT_ARGS:
+            return getattr(_module, op)(*args)
+        result = getattr(_module, op)(*args[:-1])
+        return (*result, args[0].new_empty((0,))) if op == "conv_bn_train" else result
 
     run.__name__ = f"cuda_{op}"
     run.__qualname__ = run.__name__

@@ -6,7 +6,9 @@ Two custom ops carry the work, each with a backward that is itself a custom op:
   ``out = act(conv2d(x, weight, bias, stride, padding, groups) + residual)``
 * ``shvit::conv_bn_train``  training form with batch statistics over (N, H, W), returned as fp32
   (mean, biased var) so the caller can update running statistics:
-  ``out = act(bn_weight * (y - mean) / sqrt(var + eps) + bn_bias + residual)``, ``y = conv2d(x, weight)``
+  ``out = act(bn_weight * (y - mean) / sqrt(var + eps) + bn_bias + residual)``, ``y = conv2d(x, weight)``;
+  its backward recomputes ``y`` unless the forward was asked to keep it (``keep_conv_output``: more memory, no
+  second convolution; :func:`keep_conv_outputs` sets which convs do)
 
 The residual is added before the (optional) ReLU, as in ResNet blocks, so the ReLU mask is ``out > 0``.
 SHViT itself never uses both at once. Eval-mode Conv+BN folds the running statistics on the fly (a few
@@ -15,7 +17,10 @@ differentiable elementwise ops on the weights) and calls the inference op.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import math
+import os
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,14 +67,16 @@ def batch_norm_train_reference(y, bn_weight, bn_bias, eps):
     return out, mean, var
 
 
-def conv_bn_train_reference(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
+def conv_bn_train_reference(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual,
+                            keep_conv_output=False):
     y = F.conv2d(x, weight, None, stride, padding, 1, groups)
     out, mean, var = batch_norm_train_reference(y, bn_weight, bn_bias, eps)
     if residual is not None:
         out += residual
     if relu:
         out.relu_()
-    return out, mean.detach(), var.detach()
+    # The conv output for the backward, or an empty tensor: the backward then recomputes it.
+    return out, mean.detach(), var.detach(), y if keep_conv_output else y.new_empty((0,))
 
 
 def conv_bias_act_backward_reference(grad_out, x, weight, bias, stride, padding, groups, relu, residual, out):
@@ -84,14 +91,15 @@ def conv_bias_act_backward_reference(grad_out, x, weight, bias, stride, padding,
 
 def conv_bn_train_backward_reference(
     grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
-    input_grad=True,
+    input_grad=True, conv_output=None,
 ):
-    # The conv output is recomputed rather than saved; the residual is additive, so it only shapes the ReLU
-    # mask, which ``out`` already holds. input_grad=False (x needs no gradient, as a network's first conv): the
-    # input gradient is not computed and comes back as zeros.
+    # The conv output is the forward's kept one (conv_output) or recomputed; the residual is additive, so it only
+    # shapes the ReLU mask, which ``out`` already holds. input_grad=False (x needs no gradient, as a network's
+    # first conv): the input gradient is not computed and comes back as zeros.
     acc = acc_dtype(x.dtype)
     g = (grad_out * (out > 0)) if relu else grad_out.clone()
-    y = F.conv2d(x, weight, None, stride, padding, 1, groups).to(acc)
+    y = conv_output if conv_output is not None else F.conv2d(x, weight, None, stride, padding, 1, groups)
+    y = y.to(acc)
     invstd = torch.rsqrt(var.to(acc) + eps)
     x_hat = (y - mean.to(acc)[None, :, None, None]) * invstd[None, :, None, None]
     grad_y, grad_gamma, grad_beta = batch_norm_backward(g.to(acc), x_hat, bn_weight.to(acc), invstd, (0, 2, 3))
@@ -134,16 +142,18 @@ def _conv_bias_act_backward_fake(grad_out, x, weight, bias, stride, padding, gro
     )
 
 
-def _conv_bn_train_fake(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
+def _conv_bn_train_fake(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual,
+                        keep_conv_output=False):
     shape = conv_output_shape(x, weight, stride, padding)
     c = weight.shape[0]
     out = new_output(shape, x.dtype, (x, residual) if residual is not None else (x,), x.device)
-    return out, x.new_empty((c,), dtype=acc_dtype(x.dtype)), x.new_empty((c,), dtype=acc_dtype(x.dtype))
+    y = new_output(shape, x.dtype, (x,), x.device) if keep_conv_output else x.new_empty((0,))
+    return out, x.new_empty((c,), dtype=acc_dtype(x.dtype)), x.new_empty((c,), dtype=acc_dtype(x.dtype)), y
 
 
 def _conv_bn_train_backward_fake(
     grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
-    input_grad=True,
+    input_grad=True, conv_output=None,
 ):
     args = (grad_out, x, weight)
     return (
@@ -171,7 +181,7 @@ conv_bias_act_backward_op = define_op(
 conv_bn_train_op = define_op(
     "conv_bn_train",
     "(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, int stride, int padding, int groups, float eps, "
-    "bool relu, Tensor? residual) -> (Tensor, Tensor, Tensor)",
+    "bool relu, Tensor? residual, bool keep_conv_output=False) -> (Tensor, Tensor, Tensor, Tensor)",
     conv_bn_train_reference,
     _conv_bn_train_fake,
 )
@@ -179,7 +189,7 @@ conv_bn_train_backward_op = define_op(
     "conv_bn_train_backward",
     "(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, "
     "Tensor out, int stride, int padding, int groups, float eps, bool relu, bool has_residual, "
-    "bool input_grad=True) "
+    "bool input_grad=True, Tensor? conv_output=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     conv_bn_train_backward_reference,
     _conv_bn_train_backward_fake,
@@ -200,21 +210,21 @@ def _conv_bias_act_backward(ctx, grad_out):
 
 
 def _conv_bn_train_setup(ctx, inputs, output):
-    x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual = inputs
-    out, mean, var = output
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var, out)
+    x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual, keep_conv_output = inputs
+    out, mean, var, y = output
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var, out, y if keep_conv_output else None)
     ctx.conv = (stride, padding, groups, eps, relu, residual is not None)
-    ctx.mark_non_differentiable(mean, var)
+    ctx.mark_non_differentiable(mean, var, y)
 
 
-def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var):
-    x, weight, bn_weight, bn_bias, mean, var, out = ctx.saved_tensors
+def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_y):
+    x, weight, bn_weight, bn_bias, mean, var, out, y = ctx.saved_tensors
     stride, padding, groups, eps, relu, has_residual = ctx.conv
     gx, gw, gg, gb, gr = conv_bn_train_backward_op(
         grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
-        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[0], y,
     )
-    return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None)
+    return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None), None
 
 
 register_autograd(conv_bias_act_op, _conv_bias_act_backward, _conv_bias_act_setup)
@@ -354,6 +364,81 @@ def conv_bn(
         )
     if bn_weight.dtype != bn_bias.dtype:
         bn_bias = bn_bias.to(bn_weight.dtype)
-    out, mean, var = conv_bn_train_op(x, weight, bn_weight, bn_bias, stride, padding, groups, float(eps), relu, residual)
+    keep = (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
+        and keeps_conv_output(weight)
+    )
+    out, mean, var, _ = conv_bn_train_op(
+        x, weight, bn_weight, bn_bias, stride, padding, groups, float(eps), relu, residual, keep
+    )
     _common.bn_update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out
+
+
+# Training Conv+BN keeps its conv output for the backward pass when one output value costs at least this many
+# multiply-adds (C_in / groups x kH x kW); cheaper outputs are recomputed there. S1's training step on a Xeon core
+# (batch 16, 2026-12-01): 256 keeps the convs of 256 input channels and more (and the last two stem convs), about
+# 1.07x the step speed of recomputing all at no measurable peak-memory cost (RSS 120-127 MiB either way); keeping
+# all: 1.16x at 166 MiB (eager PyTorch's step: 212).
+DEFAULT_KEEP_MIN_MACS = 256.0
+_KEEP_ENV = "SHVIT_KERNELS_KEEP_CONV_OUTPUTS"
+
+
+def _parse_keep(value, source: str) -> float:
+    if isinstance(value, str):
+        named = {"all": 0.0, "none": math.inf}
+        if value.strip().lower() in named:
+            return named[value.strip().lower()]
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{source}: expected 'all', 'none' or a number of multiply-adds >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"{source}: expected 'all', 'none' or a number of multiply-adds >= 0, got {value!r}")
+    return float(value)
+
+
+def _keep_from_env() -> float:
+    value = os.environ.get(_KEEP_ENV)
+    if value is None:
+        return DEFAULT_KEEP_MIN_MACS
+    try:
+        return _parse_keep(value, _KEEP_ENV)
+    except ValueError as e:
+        import warnings
+
+        warnings.warn(f"{e}; using the default {DEFAULT_KEEP_MIN_MACS:g}", RuntimeWarning, stacklevel=2)
+        return DEFAULT_KEEP_MIN_MACS
+
+
+_keep_min_macs = _keep_from_env()
+
+
+def keeps_conv_output(weight: torch.Tensor) -> bool:
+    """Whether a training Conv+BN with this weight (C_out, C_in / groups, kH, kW) keeps its conv output for the
+    backward pass under the current :func:`set_keep_conv_outputs` threshold."""
+    return weight.shape[1] * weight.shape[2] * weight.shape[3] >= _keep_min_macs
+
+
+def set_keep_conv_outputs(min_macs) -> float:
+    """Which training Conv+BN ops keep their conv output for the backward pass instead of recomputing it.
+
+    ``min_macs``: keep an output when one of its values costs at least this many multiply-adds
+    (``C_in / groups x kH x kW``); ``"all"`` (or 0) keeps every one (fastest backward, most memory), ``"none"`` (or
+    ``math.inf``) recomputes every one (least memory). Returns the previous threshold. Default
+    ``DEFAULT_KEEP_MIN_MACS``, or env ``SHVIT_KERNELS_KEEP_CONV_OUTPUTS``.
+    """
+    global _keep_min_macs
+    previous, _keep_min_macs = _keep_min_macs, _parse_keep(min_macs, "shvit_kernels.set_keep_conv_outputs")
+    return previous
+
+
+@contextlib.contextmanager
+def keep_conv_outputs(min_macs) -> Iterator[None]:
+    """:func:`set_keep_conv_outputs` for the block, then the previous threshold again."""
+    previous = set_keep_conv_outputs(min_macs)
+    try:
+        yield
+    finally:
+        set_keep_conv_outputs(previous)

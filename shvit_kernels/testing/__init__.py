@@ -28,6 +28,8 @@ def assert_close_to_fp64(got, eager, ref64, *, name="output", factor=2.0):
     """
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
     assert got.dtype == eager.dtype, f"{name}: dtype {got.dtype} != {eager.dtype}"
+    if got.numel() == 0:  # e.g. an output slot left empty, as the reference leaves it
+        return
     ref = ref64.double()
     err = (got.double() - ref).abs().max().item()
     base = (eager.double() - ref).abs().max().item()

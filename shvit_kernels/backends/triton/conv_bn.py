@@ -428,7 +428,7 @@ def _conv_raw_with_stats(x, weight, stride, padding, groups):
     return y, mean, var, (nb, co, oh, ow)
 
 
-def conv_bn_train(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual):
+def conv_bn_train(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual, keep_conv_output=False):
     check_conv_call("conv_bn_train", x, weight, stride, padding, groups, residual)
     x, residual = as_nchw_or_cl(x), as_nchw_or_cl(residual)
     y, mean, var, shape = _conv_raw_with_stats(x, weight, stride, padding, groups)
@@ -440,7 +440,9 @@ def conv_bn_train(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, r
         y, scale, shift, residual if residual is not None else out, out, nb * oh * ow, co, oh, ow,
         *strides4(residual), *out.stride(), HAS_RES=residual is not None, RELU=relu, BM=EW_BM, BC=EW_BC,
         num_warps=4)
-    return out, mean, var
+    # y lives in a reused scratch: a kept copy, in x's dtype as the reference keeps it.
+    kept = empty_like_format(shape, x.dtype, x).copy_(y) if keep_conv_output else y.new_empty((0,), dtype=x.dtype)
+    return out, mean, var, kept
 
 
 def _conv_backward_from(gy, x, weight, stride, padding, groups, input_grad=True):
@@ -465,7 +467,7 @@ def conv_bias_act_backward(grad_out, x, weight, bias, stride, padding, groups, r
 
 
 def conv_bn_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps,
-                           relu, has_residual, input_grad=True):
+                           relu, has_residual, input_grad=True, conv_output=None):
     check_conv_call("conv_bn_train_backward", x, weight, stride, padding, groups)
     check_dtype("conv_bn_train_backward", "grad_out", grad_out)
     grad_out, x, out = as_nchw_or_cl(grad_out), as_nchw_or_cl(x), as_nchw_or_cl(out)
@@ -473,9 +475,12 @@ def conv_bn_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, o
     co = weight.shape[0]
     oh, ow = _out_hw(h, w, *weight.shape[2:], stride, padding)
     m = nb * oh * ow
-    # recompute the raw conv output (cheaper than saving it in fp32)
+    # the kept raw conv output, or recomputed
     y = _scratch((nb, co, oh, ow), x.device)
-    launch_conv(x, weight, y, stride=stride, pad=padding, depthwise=groups != 1)
+    if conv_output is not None:
+        y.copy_(conv_output)
+    else:
+        launch_conv(x, weight, y, stride=stride, pad=padding, depthwise=groups != 1)
     mean, invstd = mean.float().contiguous(), torch.rsqrt(var.float() + eps).contiguous()
     g, sum_g, sum_gx = _grad_prep(grad_out, out, relu, y, mean, invstd)
     a = (bn_weight.float() * invstd).contiguous()
