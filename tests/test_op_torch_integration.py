@@ -306,9 +306,37 @@ print(shvit_kernels.chosen_backend("shsa_fused", "cpu", torch.randn(1, 8, 2, 2),
     assert shape == "(1, 1000)" and backend == "reference"
 
 
+@pytest.mark.parametrize("name,build", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_autograd_path_gives_the_custom_ops_results_bit_for_bit(name, build, dtype):
+    """Eager calls under autograd skip the custom-op machinery (an autograd.Function around the chosen kernels):
+    outputs, every gradient and the running statistics are those of the custom op's own autograd, bit for bit;
+    under bf16 autocast too."""
+    from shvit_kernels.ops import _common
+
+    fn, tensors = build(torch.float32, "cpu", True)
+    results = {}
+    for path, functions in (("fast", _common._eager_autograd), ("op", {})):
+        saved, _common._eager_autograd = _common._eager_autograd, functions
+        try:
+            with dispatch.record() as calls, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                results[path] = run(fn, {k: v.clone() for k, v in tensors.items()}, None,
+                                    grad_out=results["fast"][3] if path == "op" else None)
+        finally:
+            _common._eager_autograd = saved
+        # (the backward ops are plain calls on either path: autograd runs them without grad)
+        assert {c.direct for c in calls if not c.op.endswith("_backward")} == {path == "fast"}, path
+    fast, op = results["fast"], results["op"]
+    torch.testing.assert_close(fast[0], op[0], rtol=0, atol=0)
+    for k in op[1]:
+        torch.testing.assert_close(fast[1][k], op[1][k], rtol=0, atol=0, msg=f"grad {k}")
+    for k in op[2]:
+        torch.testing.assert_close(fast[2][k], op[2][k], rtol=0, atol=0, msg=f"stat {k}")
+
+
 def test_plain_eager_calls_bypass_the_op_machinery_only_when_nothing_observes_it():
-    """Plain eager calls run the kernel directly; autograd, compile, profiler, modes, autocast and subclasses
-    get the custom op."""
+    """Plain eager calls run the kernel directly (under autograd inside the op's formula); compile, profiler,
+    modes, autocast without autograd and subclasses get the custom op."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x, w, b = torch.randn(2, 8, 5, 5), torch.randn(8, 8, 1, 1), torch.randn(8)
@@ -323,7 +351,9 @@ def test_plain_eager_calls_bypass_the_op_machinery_only_when_nothing_observes_it
     assert is_direct
     torch.testing.assert_close(out, torch.ops.shvit.conv_bias_act(x, w, b, 1, 0, 1, True, None), rtol=0, atol=0)
     param = torch.nn.Parameter(w.clone())
-    assert not direct(w=param)[0]  # autograd must see it
+    # Under autograd the kernel runs inside the op's own formula, as an autograd.Function autograd sees.
+    assert direct(w=param)[0]
+    assert "conv_bias_act_eager_autograd" in type(K.conv_bias_act(x, param, b, relu=True).grad_fn).__name__
     with torch.no_grad():
         assert direct(w=param)[0]
     with K.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):  # the call, not a bf16 kernel

@@ -217,7 +217,7 @@ def _shsa_fused_setup(ctx, inputs, output):
 
 def _shsa_fused_backward(ctx, grad_out):
     x, w, b, out = ctx.saved_tensors
-    gx, gw, gb = shsa_fused_backward_op(grad_out, x, w, b, out, *ctx.attrs)
+    gx, gw, gb = _common.call_op(shsa_fused_backward_op, grad_out, x, w, b, out, *ctx.attrs)
     return gx, gw, gb, None, None
 
 
@@ -230,7 +230,7 @@ def _shsa_train_setup(ctx, inputs, output):
 
 
 def _shsa_train_backward(ctx, grad_out, _grad_mean, _grad_var):
-    grads = shsa_train_backward_op(grad_out, *ctx.saved_tensors, *ctx.attrs)
+    grads = _common.call_op(shsa_train_backward_op, grad_out, *ctx.saved_tensors, *ctx.attrs)
     return (*grads, None, None, None)
 
 
@@ -334,6 +334,8 @@ def shsa(
             training=True, momentum=momentum, eps=bn_eps, process_group=process_group,
         )
         return attend(qkv.reshape(b, n_qkv, h * w), x, qk_dim)
-    out, mean, var = shsa_train_op(x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, float(gn_eps), float(bn_eps))
+    out, mean, var = _common.call_op(
+        shsa_train_op, x, gn_weight, gn_bias, qkv_weight, bn_weight, bn_bias, qk_dim, float(gn_eps), float(bn_eps)
+    )
     _common.bn_update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return out
