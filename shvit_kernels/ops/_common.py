@@ -141,6 +141,26 @@ def remembered_call(op, args):
     return _normalize_outputs(result, args) if normalize else result
 
 
+def _run_checked(name: str, args):
+    """``_run_kernel`` for a call whose wrapper checks already ran (an eager forward under autograd, a backward op
+    autograd calls): its signature's choice is remembered and reused as a plain call's is."""
+    device_type = args[0].device.type
+    if not dispatch.has_observers() and not _capturing(device_type):
+        try:
+            entry = _remembered.get(_eager_key(name, args))
+        except TypeError:  # an argument that cannot be hashed: never remembered
+            entry = None
+        if entry is not None:
+            kernel, normalize = entry
+            if torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    result = kernel(*args)
+            else:
+                result = kernel(*args)
+            return _normalize_outputs(result, args) if normalize else result
+    return _run_kernel(name, args, direct=True, remember=True)
+
+
 def schema_argument_names(schema: str) -> Tuple[str, ...]:
     """``("x", "weight", ...)`` from ``"(Tensor x, Tensor weight, ..., bool flag=True) -> ..."``."""
     inside = re.match(r"\s*\((.*?)\)\s*->", schema, re.S)
@@ -188,7 +208,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     name = _op_names[op]
 
     def forward(ctx, *args):
-        result = _run_kernel(name, args, direct=True)
+        result = _run_checked(name, args)
         setup(ctx, args, result)
         return result
 
@@ -245,6 +265,14 @@ def call_op(op, *args, given: Optional[tuple] = None):
     if eager_autograd is not None and _needs_autograd(args) and _eager_call(args, autograd=True):
         return eager_autograd.apply(*args)
     return op(*args)
+
+
+def call_backward_op(op, *args):
+    """``op(*args)`` for a backward op inside an autograd formula: a plain call (autograd runs backwards without
+    grad) reuses its signature's remembered choice; otherwise as :func:`call_op`."""
+    if _plain_eager_call(args):
+        return _run_checked(_op_names[op], args)
+    return call_op(op, *args)
 
 
 def _needs_autograd(args) -> bool:

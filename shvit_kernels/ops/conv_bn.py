@@ -205,7 +205,7 @@ def _conv_bias_act_setup(ctx, inputs, output):
 def _conv_bias_act_backward(ctx, grad_out):
     x, weight, bias, residual, out = ctx.saved_tensors
     stride, padding, groups, relu = ctx.conv
-    gx, gw, gb, gr = _common.call_op(
+    gx, gw, gb, gr = _common.call_backward_op(
         conv_bias_act_backward_op, grad_out, x, weight, bias, stride, padding, groups, relu, residual, out
     )
     return gx, gw, (gb if bias is not None else None), None, None, None, None, (gr if residual is not None else None)
@@ -222,9 +222,9 @@ def _conv_bn_train_setup(ctx, inputs, output):
 def _conv_bn_train_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_y):
     x, weight, bn_weight, bn_bias, mean, var, out, y = ctx.saved_tensors
     stride, padding, groups, eps, relu, has_residual = ctx.conv
-    gx, gw, gg, gb, gr = _common.call_op(
-        conv_bn_train_backward_op, grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups, eps, relu, has_residual,
-        ctx.needs_input_grad[0], y,
+    gx, gw, gg, gb, gr = _common.call_backward_op(
+        conv_bn_train_backward_op, grad_out, x, weight, bn_weight, bn_bias, mean, var, out, stride, padding, groups,
+        eps, relu, has_residual, ctx.needs_input_grad[0], y,
     )
     return gx, gw, gg, gb, None, None, None, None, None, (gr if has_residual else None), None
 

@@ -73,7 +73,7 @@ def _ffn_setup(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, grad_out):
-    return _common.call_op(ffn_fused_backward_op, grad_out, *ctx.saved_tensors)
+    return _common.call_backward_op(ffn_fused_backward_op, grad_out, *ctx.saved_tensors)
 
 
 register_autograd(ffn_fused_op, _ffn_backward, _ffn_setup)

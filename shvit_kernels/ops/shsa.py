@@ -217,7 +217,7 @@ def _shsa_fused_setup(ctx, inputs, output):
 
 def _shsa_fused_backward(ctx, grad_out):
     x, w, b, out = ctx.saved_tensors
-    gx, gw, gb = _common.call_op(shsa_fused_backward_op, grad_out, x, w, b, out, *ctx.attrs)
+    gx, gw, gb = _common.call_backward_op(shsa_fused_backward_op, grad_out, x, w, b, out, *ctx.attrs)
     return gx, gw, gb, None, None
 
 
@@ -230,7 +230,7 @@ def _shsa_train_setup(ctx, inputs, output):
 
 
 def _shsa_train_backward(ctx, grad_out, _grad_mean, _grad_var):
-    grads = _common.call_op(shsa_train_backward_op, grad_out, *ctx.saved_tensors, *ctx.attrs)
+    grads = _common.call_backward_op(shsa_train_backward_op, grad_out, *ctx.saved_tensors, *ctx.attrs)
     return (*grads, None, None, None)
 
 
