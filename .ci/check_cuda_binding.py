@@ -1,5 +1,5 @@
 """Checks a built shvit_kernels._C_cuda without a GPU: it loads, the cuda backend picks it up, it defines exactly
-the ops the backend registers, and each op's binding accepts the op schema's arguments in order (pybind11 checks
+the ops the backend registers, and each op's binding accepts the op schema's arguments it takes (cuda_backend.binding_arguments) in order (pybind11 checks
 arity and types) and reaches its own argument checks, which reject CPU tensors with an error naming the argument.
 
 Usage (CI, from .ci/build_cuda_ext.sh): python .ci/check_cuda_binding.py PATH/TO/_C_cuda*.so
@@ -58,7 +58,6 @@ def main(argv) -> int:
     if cuda_backend.extension() is not module:
         failures.append(f"the cuda backend did not load this build ({'; '.join(cuda_backend.availability_reasons())})")
     functions = sorted(n for n in dir(module) if not n.startswith("_"))
-    from shvit_kernels import dispatch
 
     ops = sorted(cuda_backend.NOT_SUPPORTED)
     if functions != ops:
@@ -67,7 +66,7 @@ def main(argv) -> int:
         fn = getattr(module, op, None)
         if fn is None:
             continue
-        params = list(dispatch.op_arguments(op))
+        params = list(cuda_backend.binding_arguments(op))
         try:
             fn(*cpu_args(op, params))
         except TypeError as e:  # pybind11: the schema's arguments do not match the binding's signature

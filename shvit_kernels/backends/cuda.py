@@ -133,14 +133,20 @@ NOT_SUPPORTED = {
 _KEPT_OUTPUT_ARGS = ("conv_bn_train", "conv_bn_train_backward")
 
 
+def binding_arguments(op: str) -> tuple:
+    """The schema arguments the extension's function for ``op`` takes, in order."""
+    names = dispatch.op_arguments(op)
+    return names[:-1] if op in _KEPT_OUTPUT_ARGS else names
+
+
 def _kernel(op: str):
+    taken = len(binding_arguments(op))
+
     def run(*args):
         if _module is None:
             raise RuntimeError(f"shvit_kernels cuda backend: {availability_reasons()[0]}")
         args = dispatch.with_defaults(op, args)
-        if op not in _KEPT_OUTPUT_ARGS:
-            return getattr(_module, op)(*args)
-        result = getattr(_module, op)(*args[:-1])
+        result = getattr(_module, op)(*args[:taken])
         return (*result, args[0].new_empty((0,))) if op == "conv_bn_train" else result
 
     run.__name__ = f"cuda_{op}"
