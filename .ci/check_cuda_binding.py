@@ -1,6 +1,7 @@
 """Checks a built shvit_kernels._C_cuda without a GPU: it loads, the cuda backend picks it up, it defines exactly
-the ops the backend registers, and each op's binding accepts the op schema's arguments it takes (cuda_backend.binding_arguments) in order (pybind11 checks
-arity and types) and reaches its own argument checks, which reject CPU tensors with an error naming the argument.
+the ops the backend registers, and each op's binding accepts the schema arguments the backend passes it
+(cuda_backend.binding_arguments), in order (pybind11 checks arity and types), and reaches its own argument checks,
+which reject CPU tensors with an error naming the argument.
 
 Usage (CI, from .ci/build_cuda_ext.sh): python .ci/check_cuda_binding.py PATH/TO/_C_cuda*.so
 Runs in a venv whose torch is the CUDA build the extension was compiled against; the repository root must be

@@ -216,6 +216,12 @@ inline fVec masked_grad(const T* grad_out, const T* out, bool relu, int64_t n) {
 
 using NamedTensor = std::pair<const at::Tensor*, const char*>;
 
+// (N, C_out, H_out, W_out) of the conv, from arguments check_conv_train_args accepted.
+std::vector<int64_t> conv_output_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding) {
+  return {x.size(0), weight.size(0), (x.size(2) + 2 * padding - weight.size(2)) / stride + 1,
+          (x.size(3) + 2 * padding - weight.size(3)) / stride + 1};
+}
+
 // grad_out and out: 4-D, x's dtype, the conv output's shape.
 void check_grad_and_out(const char* op, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x,
                         at::IntArrayRef shape) {
@@ -310,8 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     check_channel_vector(*t.first, op, t.second, c);
   TORCH_CHECK(eps >= 0, op, ": 'eps' must be >= 0, got ", eps);
   const auto fmt = activation_format(x);
-  const std::vector<int64_t> y_shape{x.size(0), c, (x.size(2) + 2 * padding - weight.size(2)) / stride + 1,
-                                     (x.size(3) + 2 * padding - weight.size(3)) / stride + 1};
+  const std::vector<int64_t> y_shape = conv_output_shape(x, weight, stride, padding);
   check_grad_and_out(op, grad_out, out, x, y_shape);
   const bool kept = conv_output.has_value() && conv_output->defined();
   if (kept) {
@@ -372,8 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   check_conv_train_args(op, x, weight, stride, padding, groups);
   const int64_t c = weight.size(0);
   if (bias.has_value() && bias->defined()) check_channel_vector(*bias, op, "bias", c);
-  const std::vector<int64_t> out_shape{x.size(0), c, (x.size(2) + 2 * padding - weight.size(2)) / stride + 1,
-                                       (x.size(3) + 2 * padding - weight.size(3)) / stride + 1};
+  const std::vector<int64_t> out_shape = conv_output_shape(x, weight, stride, padding);
   check_grad_and_out(op, grad_out, out, x, out_shape);
   const auto fmt = activation_format(x);
   const at::Tensor go = grad_out.contiguous(fmt), outc = out.contiguous(fmt);

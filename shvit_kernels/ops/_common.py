@@ -63,6 +63,14 @@ def new_output(shape, dtype, like_args, device) -> torch.Tensor:
 _op_names: dict = {}  # custom op -> its name, for call_op
 
 
+def _call_without_autocast(kernel, args, device_type: str):
+    """``kernel(*args)``; kernels run with autocast off (the functional wrappers already cast)."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return kernel(*args)
+    return kernel(*args)
+
+
 def _run_kernel(name: str, args, direct: bool = False, remember: bool = False):
     """Run the kernel the dispatcher picks for ``args``; ``remember``: a plain eager call whose arguments are the
     caller's own, unchanged by its checks, so that its signature's next call can take :func:`remembered_call`."""
@@ -75,11 +83,7 @@ def _run_kernel(name: str, args, direct: bool = False, remember: bool = False):
     checked = dispatch.needs_first_use_check(backend, name, device_type, args)
     if checked:
         kernel = functools.partial(dispatch.first_use_check, name, device_type, backend, kernel)
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            result = kernel(*args)
-    else:
-        result = kernel(*args)
+    result = _call_without_autocast(kernel, args, device_type)
     for after in done:
         after()
     normalized = _normalize_outputs(result, args)
@@ -152,11 +156,7 @@ def _run_checked(name: str, args):
             entry = None
         if entry is not None:
             kernel, normalize = entry
-            if torch.is_autocast_enabled(device_type):
-                with torch.autocast(device_type, enabled=False):
-                    result = kernel(*args)
-            else:
-                result = kernel(*args)
+            result = _call_without_autocast(kernel, args, device_type)
             return _normalize_outputs(result, args) if normalize else result
     return _run_kernel(name, args, direct=True, remember=True)
 
@@ -262,7 +262,7 @@ def call_op(op, *args, given: Optional[tuple] = None):
     if inlining_reference():  # tracers and exporters record the reference's aten ops (see shvit_kernels.tracing)
         return dispatch.kernel("reference", _op_names[op])(*args)
     eager_autograd = _eager_autograd.get(op)
-    if eager_autograd is not None and _needs_autograd(args) and _eager_call(args, autograd=True):
+    if eager_autograd is not None and needs_autograd(args) and _eager_call(args, autograd=True):
         return eager_autograd.apply(*args)
     return op(*args)
 
@@ -275,7 +275,8 @@ def call_backward_op(op, *args):
     return call_op(op, *args)
 
 
-def _needs_autograd(args) -> bool:
+def needs_autograd(args) -> bool:
+    """Whether autograd records a call with these arguments: grad mode on and a tensor that requires grad."""
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 

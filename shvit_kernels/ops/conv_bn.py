@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -366,11 +367,7 @@ def conv_bn(
         )
     if bn_weight.dtype != bn_bias.dtype:
         bn_bias = bn_bias.to(bn_weight.dtype)
-    keep = (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
-        and keeps_conv_output(weight)
-    )
+    keep = _common.needs_autograd((x, weight, bn_weight, bn_bias, residual)) and keeps_conv_output(weight)
     out, mean, var, _ = _common.call_op(
         conv_bn_train_op, x, weight, bn_weight, bn_bias, stride, padding, groups, float(eps), relu, residual, keep
     )
@@ -381,24 +378,24 @@ def conv_bn(
 # Training Conv+BN keeps its conv output for the backward pass when one output value costs at least this many
 # multiply-adds (C_in / groups x kH x kW); cheaper outputs are recomputed there. S1's training step on a Xeon core
 # (batch 16, 2026-12-01): 256 keeps the convs of 256 input channels and more (and the last two stem convs), about
-# 1.07x the step speed of recomputing all at no measurable peak-memory cost (RSS 120-127 MiB either way); keeping
-# all: 1.16x at 166 MiB (eager PyTorch's step: 212).
+# 1.07x the step speed of recomputing all at no measurable peak-memory cost (peak RSS 125-127 against 121-127 MiB);
+# keeping all: 1.16x at 143-166 MiB (eager PyTorch's step: 211-230).
 DEFAULT_KEEP_MIN_MACS = 256.0
 _KEEP_ENV = "SHVIT_KERNELS_KEEP_CONV_OUTPUTS"
 
 
 def _parse_keep(value, source: str) -> float:
+    """The threshold ``value`` names ('all', 'none' or a number >= 0, also as a string)."""
+    number = value
     if isinstance(value, str):
-        named = {"all": 0.0, "none": math.inf}
-        if value.strip().lower() in named:
-            return named[value.strip().lower()]
+        number = {"all": 0.0, "none": math.inf}.get(value.strip().lower(), value)
         try:
-            value = float(value)
+            number = float(number)
         except ValueError:
-            raise ValueError(f"{source}: expected 'all', 'none' or a number of multiply-adds >= 0, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number) or number < 0:
         raise ValueError(f"{source}: expected 'all', 'none' or a number of multiply-adds >= 0, got {value!r}")
-    return float(value)
+    return float(number)
 
 
 def _keep_from_env() -> float:
@@ -408,8 +405,6 @@ def _keep_from_env() -> float:
     try:
         return _parse_keep(value, _KEEP_ENV)
     except ValueError as e:
-        import warnings
-
         warnings.warn(f"{e}; using the default {DEFAULT_KEEP_MIN_MACS:g}", RuntimeWarning, stacklevel=2)
         return DEFAULT_KEEP_MIN_MACS
 
