@@ -343,6 +343,49 @@ def test_compile_trains_like_eager(short_fp32, tmp_path):
     torch._dynamo.reset()
 
 
+def random_gradients(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        # Per-tensor scales from 1e-4 to 10: some units get clipped, others not.
+        p.grad = torch.randn(p.shape, generator=g) * 10 ** (torch.rand((), generator=g) * 5 - 4)
+
+
+def test_agc_clips_each_unit_as_the_per_parameter_formula():
+    model = tiny_model()
+    random_gradients(model)
+    params = list(model.parameters())
+    original = [p.grad.clone() for p in params]
+    expected = []
+    with torch.no_grad():
+        for p in params:  # the authors' formula, one parameter at a time
+            max_norm = shvit_train._unitwise_norm(p).clamp(min=1e-3) * 0.02
+            expected.append(p.grad * (max_norm / shvit_train._unitwise_norm(p.grad).clamp(min=1e-6)).clamp(max=1.0))
+    changed = sum(not torch.equal(e, g) for e, g in zip(expected, original))
+    assert 0 < changed < len(params), f"the test gradients should clip some parameters and not others ({changed})"
+    assert any(p.ndim <= 1 for p in params) and any(p.ndim > 1 for p in params)
+    shvit_train.clip_gradients(params, 0.02, "agc")
+    differ = [n for (n, p), e in zip(model.named_parameters(), expected) if not torch.equal(p.grad, e)]
+    assert not differ, f"{len(differ)} of {len(params)} gradients differ from the per-parameter formula: {differ[:5]}"
+
+
+def test_training_optimizer_is_fused_adamw_with_the_plain_result():
+    model = tiny_model()
+    plain_model, initial = copy.deepcopy(model), copy.deepcopy(model)
+    random_gradients(model, seed=1)
+    random_gradients(plain_model, seed=1)
+    groups = shvit_train.param_groups(model, 0.025)
+    fused = shvit_train.build_optimizer(groups, 1e-3, torch.device("cpu"))
+    assert fused.defaults["fused"], "AdamW on the CPU should run fused"
+    plain = torch.optim.AdamW(shvit_train.param_groups(plain_model, 0.025), lr=1e-3, eps=1e-8)
+    for _ in range(3):
+        fused.step()
+        plain.step()
+    for (name, p), q in zip(model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    moved = sum(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), initial.parameters()))
+    assert moved == len(list(initial.parameters())), "every parameter should have taken steps"
+
+
 def write_image_folder(root, classes, per_class=3, bad=0):
     from PIL import Image
 
