@@ -39,6 +39,8 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ._env import EnvSetting
+
 ENV_VAR = "SHVIT_KERNELS_AUTOTUNE"
 CACHE_DIR_ENV_VAR = "SHVIT_KERNELS_CACHE_DIR"
 MODES = ("off", "inference", "all")
@@ -117,13 +119,19 @@ def mode() -> str:
         return stack[-1]
     if _global_mode is not None:
         return _global_mode
-    env = os.environ.get(ENV_VAR)
-    if env is not None:
-        try:
-            return _normalize(env)
-        except ValueError as e:
-            raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
-    return "inference"
+    return _env_mode()
+
+
+def _parse_mode(env: Optional[str]) -> str:
+    if env is None:
+        return "inference"
+    try:
+        return _normalize(env)
+    except ValueError as e:
+        raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
+
+
+_env_mode = EnvSetting(ENV_VAR, _parse_mode)
 
 
 def applies(op: str, device_type: str = "cpu") -> bool:

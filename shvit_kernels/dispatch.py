@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from . import autotune
+from ._env import EnvSetting
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 ENV_VAR = "SHVIT_KERNELS_BACKEND"
@@ -257,14 +258,20 @@ def _forced() -> Optional[Tuple[Optional[str], bool]]:
         return stack[-1]
     if _global_forced is not None:
         return _global_forced, True
-    env = os.environ.get(ENV_VAR)
-    if env:
-        try:
-            name = _validate_forced(env.strip().lower())
-        except ValueError as e:
-            raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
-        return (name, True) if name else None
-    return None
+    return _env_forced()
+
+
+def _parse_forced(env: Optional[str]) -> Optional[Tuple[Optional[str], bool]]:
+    if not env:
+        return None
+    try:
+        name = _validate_forced(env.strip().lower())
+    except ValueError as e:
+        raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
+    return (name, True) if name else None
+
+
+_env_forced = EnvSetting(ENV_VAR, _parse_forced)
 
 
 def forced_backend() -> Optional[str]:
@@ -497,7 +504,10 @@ def reset_first_use_checks() -> None:
 def verify_enabled() -> bool:
     if _verify is not None:
         return _verify
-    return os.environ.get(VERIFY_ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+    return _env_verify()
+
+
+_env_verify = EnvSetting(VERIFY_ENV_VAR, lambda env: (env or "1").strip().lower() not in ("0", "off", "false", "no"))
 
 
 def needs_first_use_check(backend: str, op: str, device_type: str, args: tuple) -> bool:

@@ -227,7 +227,7 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def _eager_call(args, autograd: bool) -> bool:
     """True when nothing would see the custom op: no compile, tracing, profiler, mode, functorch or subclass, and
     (unless ``autograd``) no autograd and no autocast."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd.profiler._is_profiler_enabled:
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() or torch.autograd.profiler._is_profiler_enabled:
         return False
     if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
         return False
@@ -235,9 +235,14 @@ def _eager_call(args, autograd: bool) -> bool:
         return False
     no_grad = not autograd and torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or (no_grad and a.requires_grad)):
+        kind = type(a)
+        if kind in _PLAIN_TENSOR_TYPES:
+            if no_grad and a.requires_grad:
+                return False
+        elif isinstance(a, torch.Tensor):  # a subclass
             return False
-    return autograd or not torch.is_autocast_enabled(args[0].device.type)
+    # Any device's autocast, not only the op's: one C call, and autocast on another device is rare.
+    return autograd or not torch._C._is_any_autocast_enabled()
 
 
 def _plain_eager_call(args) -> bool:
