@@ -3,6 +3,7 @@ error (exit status 2 naming the option) or a documented refusal, and --help / in
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -113,6 +114,34 @@ def test_help_shows_defaults(capsys):
         out = capsys.readouterr().out
         for text in expected:
             assert text in out, (command, text)
+
+
+SCRIPTS = ["benchmarks/attention_ablation.py", "benchmarks/highres.py", "benchmarks/paper_protocol.py",
+           "benchmarks/profile_model.py", "benchmarks/profile_train.py", "benchmarks/render.py",
+           "benchmarks/train_throughput.py", "benchmarks/train_vs_peers.py", "tools/gpu_check.py",
+           "tools/triton_aot_check.py"]
+
+
+def test_every_script_is_listed_here():
+    found = sorted(str(p.relative_to(ROOT)) for folder in ("benchmarks", "tools") for p in (ROOT / folder).glob("*.py")
+                   if "argparse" in p.read_text())
+    assert found == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script, capsys, monkeypatch):
+    """``--help`` prints the usage and exits 0 (a stray '%' in a help text made argparse raise instead)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:  # an optional dependency of that script (triton, onnxruntime) is missing here
+        pytest.skip(f"{script}: {e}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
 
 
 def test_info_json_is_valid_json():

@@ -322,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     ap.add_argument("--batches", type=int, nargs="+", default=[2],
-                    help="batch sizes (they set the M % 16 specializations)")
+                    help="batch sizes (they set the M %% 16 specializations)")
     ap.add_argument("--kernels", nargs="+", default=None, help="compile only these kernels (e.g. _ffn_fwd_kernel)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=None,
