@@ -562,6 +562,31 @@ def test_conv_bn_train_is_the_reference_bit_for_bit(variant, threads, channels_l
 
 
 @requires_cpp
+@pytest.mark.parametrize("weight_layout", ("contiguous", "channels_last"))
+def test_conv_backward_outputs_need_no_layout_copy(weight_layout):
+    """A model moved to channels_last has channels_last 3x3 weights; the backward kernels return each gradient in
+    the layout the op's rule gives (grad_w like its weight), so the wrapper copies nothing."""
+    from shvit_kernels.ops import _common
+
+    x = torch.randn(2, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(32, 16, 3, 3)
+    weight = weight.contiguous(memory_format=torch.channels_last) if weight_layout == "channels_last" else weight
+    assert (weight_layout == "channels_last") == (_common.memory_format_of(weight) == torch.channels_last)
+    gamma, beta = torch.rand(32) + 0.5, torch.randn(32)
+    out, mean, var, _ = in_use().conv_bn_train(x, weight, gamma, beta, 2, 1, 1, 1e-5, True, None, False)
+    grad_out = torch.randn_like(out)
+    calls = {
+        "conv_bn_train_backward": (grad_out, x, weight, gamma, beta, mean, var, out, 2, 1, 1, 1e-5, True, False, True,
+                                   None),
+        "conv_bias_act_backward": (grad_out, x, weight, beta, 2, 1, 1, True, None, out),
+    }
+    for op, args in calls.items():
+        result = getattr(in_use(), op)(*args)
+        assert _common._same_outputs(_common._normalize_outputs(result, args), result), op
+        assert result[1].stride() == weight.stride(), op
+
+
+@requires_cpp
 def test_conv_bn_train_statistics_do_not_cancel():
     """|mean| / std = 1e5: a naive fp32 sum of squares would lose the variance entirely."""
     x = torch.randn(4, 8, 16, 16) * 1e-3

@@ -364,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
                     });
   });
   auto [gx, gw] = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
-  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(),
+  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
 }
 
@@ -397,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
   });
   auto [gx, gw] = conv_grads(g.to(at::kFloat), x.contiguous(fmt), weight, stride, padding, groups, true);
   const auto bias_dtype = (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
-  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(),
+  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, 0, c, bias_dtype), g};
 }
 
