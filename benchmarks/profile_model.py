@@ -6,6 +6,10 @@ Every kernel the dispatcher picks is timed by a dispatch observer (CPU: wall clo
 add up to the kernels' time, and "outside the ops" is the rest of the forward (plain torch layers such as
 the squeeze-excite gate and the head, plus Python and dispatch overhead).
 
+``--isolated`` also times each kernel call of one forward repeated on its own (warm caches) and all of them back to
+back: the first against the timed forward shows what the model's memory traffic costs each kind, the second what
+the Python, dispatch and torch layers between the kernels cost.
+
 ``--onnxruntime`` (CPU, fp32) also profiles ONNX Runtime on the same folded model (its own per-node timer), grouped
 the same way, so the two can be compared kind by kind; its 1x1 convs include the attention's q/k/v projections and
 both halves of each FFN, which are separate kinds on the fused side.
@@ -17,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict
@@ -124,7 +129,45 @@ def write_json(path: str, result: Dict) -> None:
         f.write("\n")
 
 
-def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters: int, device: torch.device) -> Dict:
+def isolated_times(calls, forward: Callable, device: torch.device, repeats: int = 9) -> tuple:
+    """Each recorded kernel call repeated on its own (warm caches, its output memory reused), median seconds per
+    call; and, in alternating rounds, ``forward()`` and all of the calls back to back (one forward's kernels without
+    the Python, the dispatch and the torch layers between them): the medians of both and of the per-round
+    differences, as this host's speed drifts within minutes."""
+    kernels = [(dispatch.kernel(c.backend, c.op), c.args) for c in calls]
+    each = []
+    for kernel, args in kernels:
+        for _ in range(2):
+            kernel(*args)
+        times = []
+        for _ in range(repeats):
+            bench._sync(device)
+            start = time.perf_counter()
+            kernel(*args)
+            bench._sync(device)
+            times.append(time.perf_counter() - start)
+        each.append(statistics.median(times))
+    def back_to_back():
+        for kernel, args in kernels:
+            kernel(*args)
+
+    rounds = []
+    for _ in range(repeats):
+        pair = []
+        for run in (forward, back_to_back):
+            bench._sync(device)
+            start = time.perf_counter()
+            run()
+            bench._sync(device)
+            pair.append(time.perf_counter() - start)
+        rounds.append(pair)
+    medians = [statistics.median(r[i] for r in rounds) * 1e3 for i in (0, 1)]
+    return each, dict(forward_ms=medians[0], kernels_back_to_back_ms=medians[1],
+                      outside_kernels_ms=statistics.median((f - k) * 1e3 for f, k in rounds), rounds=len(rounds))
+
+
+def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters: int, device: torch.device,
+            isolated: bool = False) -> Dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = shvit.create_model(model_name).to(device).eval()
@@ -149,15 +192,28 @@ def profile(model_name: str, dtype: torch.dtype, threads: int, batch: int, iters
                 fused(x)
             bench._sync(device)
             total_ms = (time.perf_counter() - start) / iters * 1e3
+        if isolated:
+            with dispatch.record() as calls:
+                fused(x)
+            each, back_to_back = isolated_times(calls, lambda: fused(x), device)
     rows = timer.rows(iters, ("kind", "backend"))
+    if isolated:
+        alone = collections.defaultdict(float)
+        for call, seconds in zip(calls, each):
+            alone[(kind(call.op, call.args), call.backend)] += seconds * 1e3
+        for row in rows:
+            row["isolated_ms"] = alone[(row["kind"], row["backend"])]
     rows.sort(key=lambda r: -r["ms"])
     rows.append(dict(kind="outside the ops", backend="torch", calls=0, ms=total_ms - sum(r["ms"] for r in rows)))
     from benchmarks.device import probe
 
     ceilings = probe(device, dtypes=(dtype,))
-    return dict(model=model_name, dtype=str(dtype).replace("torch.", ""), threads=threads, batch=batch, device=str(device),
-                forward_ms=plain_ms, forward_ms_with_timers=total_ms, rows=rows, probe=ceilings,
-                environment=bench.environment(device), load_average=os.getloadavg())
+    result = dict(model=model_name, dtype=str(dtype).replace("torch.", ""), threads=threads, batch=batch,
+                  device=str(device), forward_ms=plain_ms, forward_ms_with_timers=total_ms, rows=rows, probe=ceilings,
+                  environment=bench.environment(device), load_average=os.getloadavg())
+    if isolated:
+        result["forward_vs_kernels"] = back_to_back
+    return result
 
 
 def onnxruntime_kind(node: dict) -> str:
@@ -222,14 +278,29 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--onnxruntime", action="store_true", help="also profile ONNX Runtime on the same folded model")
+    p.add_argument("--isolated", action="store_true",
+                   help="also time each kernel call repeated on its own, and one forward's kernels back to back")
     p.add_argument("--output", help="write the JSON here too")
     args = p.parse_args(argv)
     if args.onnxruntime and (args.device != "cpu" or args.dtype != "fp32"):
         p.error("--onnxruntime compares fp32 CPU runs: use --device cpu --dtype fp32")
-    r = profile(args.model, bench.DTYPES[args.dtype], args.threads, args.batch_size, args.iters, torch.device(args.device))
+    r = profile(args.model, bench.DTYPES[args.dtype], args.threads, args.batch_size, args.iters, torch.device(args.device),
+                isolated=args.isolated)
     print(f"{r['model']} {r['dtype']} batch {r['batch']} threads {r['threads']} {r['device']}: forward "
           f"{r['forward_ms']:.2f} ms ({r['forward_ms_with_timers']:.2f} with timers), load {r['load_average'][0]:.2f}")
-    print_ceiling_and_rows(r, lambda row: f"{row['ms']:8.2f} ms {row['ms'] / r['forward_ms_with_timers'] * 100:5.1f}%")
+    if args.isolated:
+        b = r["forward_vs_kernels"]
+        print(f"  alternating rounds: forward {b['forward_ms']:.2f} ms, its kernels back to back "
+              f"{b['kernels_back_to_back_ms']:.2f} ms, outside the kernels {b['outside_kernels_ms']:.2f} ms (median of "
+              f"{b['rounds']} rounds' differences); 'alone': each call repeated on its own")
+
+    def columns(row):
+        text = f"{row['ms']:8.2f} ms {row['ms'] / r['forward_ms_with_timers'] * 100:5.1f}%"
+        if args.isolated:
+            text += f"  alone {row['isolated_ms']:7.2f} ms" if "isolated_ms" in row else " " * 18
+        return text
+
+    print_ceiling_and_rows(r, columns)
     if args.onnxruntime:
         o = r["onnxruntime"] = profile_onnxruntime(args.model, args.threads, args.batch_size, args.iters)
         print(f"ONNX Runtime {o['onnxruntime']}, same folded model: run {o['run_ms']:.2f} ms, its node timer "

@@ -269,6 +269,26 @@ def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
         profile_model.main(["--dtype", "bf16", "--onnxruntime"])
 
 
+def test_model_profile_isolated_times_every_kind(monkeypatch, tmp_path, capsys):
+    from benchmarks import device, profile_model
+
+    monkeypatch.setattr(device, "probe", lambda device, dtypes: {
+        "matmul_TFLOPs": {"fp32": 0.1}, "core_peak_GFLOPs": {"fp32_fma": 100.0}, "bf16_products": "fp32"})
+    monkeypatch.setitem(profile_model.bench.PAPER_IMG_SIZE, "shvit_s1", 64)
+    threads = torch.get_num_threads()
+    out = tmp_path / "profile.json"
+    try:
+        assert profile_model.main(["--batch-size", "1", "--iters", "1", "--isolated", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads(out.read_text())
+    kernel_rows = [row for row in r["rows"] if row["kind"] != "outside the ops"]
+    assert kernel_rows and all(row["isolated_ms"] > 0 for row in kernel_rows)
+    b = r["forward_vs_kernels"]
+    assert 0 < b["kernels_back_to_back_ms"] and 0 < b["forward_ms"] and b["rounds"] >= 3
+    assert "back to back" in capsys.readouterr().out
+
+
 def test_paired_speedup_is_the_median_of_ratios_within_rounds():
     from shvit.bench import paired_speedup
 
