@@ -247,9 +247,8 @@ def test_onnxruntime_nodes_are_grouped_like_the_fused_ops():
     assert onnxruntime_kind(node("Softmax", (16, 49, 49))) == "Softmax"
 
 
-def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+def tiny_model_profile(monkeypatch, tmp_path, *flags) -> dict:
+    """profile_model.main on S1 at 64 px, batch 1, one iteration, a stub probe; returns its JSON."""
     from benchmarks import device, profile_model
 
     monkeypatch.setattr(device, "probe", lambda device, dtypes: {
@@ -258,10 +257,18 @@ def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / "profile.json"
     try:
-        assert profile_model.main(["--batch-size", "1", "--iters", "1", "--onnxruntime", "--output", str(out)]) == 0
+        assert profile_model.main(["--batch-size", "1", "--iters", "1", *flags, "--output", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    o = json.loads(out.read_text())["onnxruntime"]
+    return json.loads(out.read_text())
+
+
+def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from benchmarks import profile_model
+
+    o = tiny_model_profile(monkeypatch, tmp_path, "--onnxruntime")["onnxruntime"]
     kinds = {row["kind"]: row for row in o["rows"]}
     assert kinds["Conv 1x1"]["ms"] > 0 and "Conv dense 3x3 (3->16)" in kinds, sorted(kinds)
     assert o["node_ms"] > 0 and "same folded model" in capsys.readouterr().out
@@ -270,18 +277,7 @@ def test_model_profile_with_onnxruntime_tiny_run(monkeypatch, tmp_path, capsys):
 
 
 def test_model_profile_isolated_times_every_kind(monkeypatch, tmp_path, capsys):
-    from benchmarks import device, profile_model
-
-    monkeypatch.setattr(device, "probe", lambda device, dtypes: {
-        "matmul_TFLOPs": {"fp32": 0.1}, "core_peak_GFLOPs": {"fp32_fma": 100.0}, "bf16_products": "fp32"})
-    monkeypatch.setitem(profile_model.bench.PAPER_IMG_SIZE, "shvit_s1", 64)
-    threads = torch.get_num_threads()
-    out = tmp_path / "profile.json"
-    try:
-        assert profile_model.main(["--batch-size", "1", "--iters", "1", "--isolated", "--output", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    r = json.loads(out.read_text())
+    r = tiny_model_profile(monkeypatch, tmp_path, "--isolated")
     kernel_rows = [row for row in r["rows"] if row["kind"] != "outside the ops"]
     assert kernel_rows and all(row["isolated_ms"] > 0 for row in kernel_rows)
     b = r["forward_vs_kernels"]
