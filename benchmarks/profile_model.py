@@ -147,6 +147,7 @@ def isolated_times(calls, forward: Callable, device: torch.device, repeats: int 
             bench._sync(device)
             times.append(time.perf_counter() - start)
         each.append(statistics.median(times))
+
     def back_to_back():
         for kernel, args in kernels:
             kernel(*args)
