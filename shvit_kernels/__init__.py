@@ -38,8 +38,10 @@ def empty_cache() -> int:
 
     Outputs of 256 KiB and more reuse released blocks of the same size (at most 4 per size and
     ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off).
-    Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again.
+    Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again. It also forgets the
+    packed weight copies the cpp backend keeps (a weight still in use is repacked on its next call).
     """
+    _backends.cpp.clear_packed_weights()
     return _backends.cpp.empty_output_cache()
 
 __all__ = [

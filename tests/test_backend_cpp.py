@@ -713,6 +713,97 @@ def test_large_outputs_reuse_released_blocks():
     module.release_cached_outputs()
 
 
+def _input_major(w):
+    return w.reshape(w.shape[0], -1).t().contiguous().t().reshape(w.shape)
+
+
+def _packed_weight_calls(dtype):
+    """(label, call(module, weight), weight): each kind of weight the kernels repack (1x1 GEMM in both layouts, FFN,
+    dense 3x3 through the register-blocked and the row-GEMM paths, the 3-channel stem conv, depthwise)."""
+    g = torch.Generator().manual_seed(3)
+
+    def act(c, hw):
+        return torch.randn(2, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def weight(*shape):
+        return (torch.randn(*shape, generator=g) / shape[1] ** 0.5).to(dtype)
+
+    x32, x16, x3 = act(32, 5), act(16, 9), act(3, 12)
+    b64, b32 = torch.randn(64, generator=g), torch.randn(32, generator=g)
+    ffn_w2 = weight(32, 64, 1, 1)
+    return [
+        ("1x1", lambda m, w: m.conv_bias_act(x32, w, b64, 1, 0, 1, True, None), weight(64, 32, 1, 1)),
+        ("1x1 input-major", lambda m, w: m.conv_bias_act(x32, w, b64, 1, 0, 1, True, None),
+         _input_major(weight(64, 32, 1, 1))),
+        ("ffn w1", lambda m, w: m.ffn_fused(x32, w, b64, ffn_w2, b32), _input_major(weight(64, 32, 1, 1))),
+        ("ffn w1 nchw", lambda m, w: m.ffn_fused(x32.contiguous(), w, b64, ffn_w2, b32), weight(64, 32, 1, 1)),
+        ("dense 3x3", lambda m, w: m.conv_bias_act(x16, w, b32, 2, 1, 1, False, None), weight(32, 16, 3, 3)),
+        ("stem 3x3", lambda m, w: m.conv_bias_act(x3, w, b32[:16], 2, 1, 1, True, None), weight(16, 3, 3, 3)),
+        ("depthwise", lambda m, w: m.conv_bias_act(x32, w, b32, 1, 1, 32, False, x32), weight(32, 1, 3, 3)),
+    ]
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ("auto", "dot", "fp32"))
+def test_packed_weights_are_reused_and_rebuilt_after_in_place_changes(dtype, mode):
+    """A weight is packed once and its copy reused while it is unchanged; an in-place write repacks it (a stale copy
+    would give the old weight's result: the changed weight must give exactly what a fresh copy of it gives)."""
+    module = in_use()
+    if dtype == torch.float32 and mode != "auto":
+        pytest.skip("the bf16 products setting only concerns bf16")
+    try:
+        previous = module.set_bf16_products(mode)
+    except RuntimeError as e:
+        pytest.skip(f"bf16 pair products cannot run on this processor: {e}")
+    try:
+        for label, call, w in _packed_weight_calls(dtype):
+            module.clear_derived_weights()
+            before = call(module, w)
+            held = module.derived_weight_count()
+            torch.testing.assert_close(call(module, w), before, rtol=0, atol=0, msg=f"{label}: second call")
+            assert module.derived_weight_count() == held, label
+            with torch.no_grad():
+                w.mul_(-1.5).add_(0.125)
+            after = call(module, w)
+            fresh = call(module, w.clone())
+            torch.testing.assert_close(after, fresh, rtol=0, atol=0, msg=f"{label}: after an in-place change")
+            assert not torch.equal(after, before), label
+            # Read in place, nothing to pack: input-major fp32 B, and row-major A of the NCHW FFN unless widened.
+            in_place = {"ffn w1 nchw"} if dtype == torch.float32 or not module.bf16_widened() else set()
+            if dtype == torch.float32:
+                in_place.add("1x1 input-major")
+            assert (held == 0) == (label in in_place), f"{label}: {held} packed copies"
+    finally:
+        module.set_bf16_products(previous)
+        module.clear_derived_weights()
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_weights_of_freed_or_inference_weights_are_not_kept(dtype):
+    """Weights freed and reallocated (often at the same address) are repacked, and their copies dropped; inference
+    tensors, which have no version counter, are never remembered."""
+    module = in_use()
+    module.clear_derived_weights()
+    x = torch.randn(2, 32, 5, 5).to(dtype).contiguous(memory_format=torch.channels_last)
+    for i in range(12):
+        w = torch.randn(64, 32, 1, 1).to(dtype) / 6
+        got = module.conv_bias_act(x, w, None, 1, 0, 1, False, None)
+        want = conv_bias_act_reference(x.double(), w.double(), None, 1, 0, 1, False, None)
+        torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05, msg=f"weight {i}")
+        del w, got
+    assert module.derived_weight_count() <= 1
+    module.clear_derived_weights()
+    with torch.inference_mode():
+        w = torch.randn(64, 32, 1, 1).to(dtype)
+        module.conv_bias_act(x, w, None, 1, 0, 1, False, None)
+    assert module.derived_weight_count() == 0
+    module.conv_bias_act(x, w.clone(), None, 1, 0, 1, False, None)  # an ordinary tensor: remembered
+    assert cpp.packed_weight_count() == 1
+    assert cpp.clear_packed_weights() >= 1 and cpp.packed_weight_count() == 0  # every loaded build's
+
+
 def _explain_as_if_built(op, *args):
     with dispatch.patched_backend("cpp", availability=lambda: []):
         return dispatch.explain(op, *args)

@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");
   m.def("set_output_cache_limit", &k::set_output_cache_limit,
         "Most bytes of output blocks kept for reuse (0: none); frees blocks over it, returns the previous limit");
+  m.def("derived_weight_count", &k::derived_weight_count, "Packed weight copies remembered for reuse");
+  m.def("clear_derived_weights", &k::clear_derived_weights, "Forget every packed weight copy; returns how many");
   m.def("to_channels_last", &k::to_channels_last,
         "A contiguous NCHW x with at most 4 channels copied to channels_last; None for other x");
   m.def("conv_bias_act", &k::conv_bias_act, "shvit::conv_bias_act forward");

@@ -239,6 +239,76 @@ at::Tensor contiguous_matrix(const at::Tensor& m) { return m.is_contiguous() ? m
 
 namespace {
 
+struct DerivedEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  uint32_t version;
+  at::Tensor value;
+};
+
+struct DerivedWeights {
+  std::mutex mutex;
+  std::unordered_map<std::string, DerivedEntry> entries;
+};
+
+DerivedWeights& derived_weights() {
+  static auto* cache = new DerivedWeights();  // never destroyed: tensors may be freed after static destructors run
+  return *cache;
+}
+
+// kind, data pointer, dtype, sizes and strides: a view of the same storage with another shape is another entry.
+std::string derived_key(const at::Tensor& w, const char* kind) {
+  std::string key(kind);
+  key.push_back('\0');
+  auto put = [&key](int64_t v) { key.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(reinterpret_cast<intptr_t>(w.data_ptr()));
+  put(static_cast<int64_t>(w.scalar_type()));
+  for (const int64_t size : w.sizes()) put(size);
+  for (const int64_t stride : w.strides()) put(stride);
+  return key;
+}
+
+}  // namespace
+
+at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::function<at::Tensor()>& make) {
+  if (w.is_inference()) return make();
+  const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  const std::string key = derived_key(w, kind);
+  DerivedWeights& cache = derived_weights();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const auto it = cache.entries.find(key);
+    // A live weak pointer to the same StorageImpl: the weight was not freed (and its address reused) meanwhile.
+    if (it != cache.entries.end() && it->second.version == version && !it->second.storage.expired() &&
+        it->second.storage._unsafe_get_target() == storage)
+      return it->second.value;
+  }
+  at::Tensor value = make();
+  // A view of w itself (nothing to pack) would keep w's storage alive through the cache.
+  if (value.is_alias_of(w)) return value;
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  for (auto it = cache.entries.begin(); it != cache.entries.end();)
+    it = it->second.storage.expired() ? cache.entries.erase(it) : std::next(it);
+  cache.entries.insert_or_assign(key, DerivedEntry{w.storage().getWeakStorageImpl(), version, value});
+  return value;
+}
+
+int64_t derived_weight_count() {
+  DerivedWeights& cache = derived_weights();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return static_cast<int64_t>(cache.entries.size());
+}
+
+int64_t clear_derived_weights() {
+  DerivedWeights& cache = derived_weights();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  const int64_t held = static_cast<int64_t>(cache.entries.size());
+  cache.entries.clear();
+  return held;
+}
+
+namespace {
+
 at::Tensor operand_view(const void* p, at::ScalarType dtype, bool trans, int64_t rows, int64_t cols, int64_t ld) {
   // op(X) is rows x cols; X itself is stored row-major with leading dimension ld.
   auto opts = at::TensorOptions().dtype(dtype);
@@ -479,7 +549,8 @@ void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64
   widened = bf16_widened();
   if (widened) {
     data = b, ld = cols, vnni = false;
-    widen_matrix(b, rows, cols, ldb, wide);
+    widen_matrix(b, rows, cols, ldb, wide_storage);
+    wide = wide_storage.data();
     return;
   }
   vnni = rows % 2 == 0 && bf16_brgemm_usable();
@@ -513,8 +584,9 @@ void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t 
   if (widened) {
     std::vector<float> w_wide;
     widen_matrix(w, cols, rows, rows, w_wide);
-    wide.resize(std::max<int64_t>(rows * cols, 1));
-    transpose_blocked(w_wide.data(), cols, rows, wide.data());
+    wide_storage.resize(std::max<int64_t>(rows * cols, 1));
+    transpose_blocked(w_wide.data(), cols, rows, wide_storage.data());
+    wide = wide_storage.data();
     data = nullptr;  // the widened copy is the operand
     return;
   }
@@ -536,15 +608,53 @@ bool is_input_major(const at::Tensor& w) {
   return w.stride(0) == 1 && w.stride(1) == cols;
 }
 
-template <typename T>
-void MatB<T>::assign_weight(const at::Tensor& w) {
+namespace {
+
+// B = w^T of a weight w (cols, rows[, 1, 1]) as a contiguous row-major (rows, cols) fp32 matrix (bf16 widened).
+at::Tensor weight_b_fp32(const at::Tensor& w) {
   const int64_t cols = w.size(0), rows = w.numel() / cols;
-  if (is_input_major(w)) return assign(w.data_ptr<T>(), rows, cols, cols);
-  const at::Tensor m = w.reshape({cols, rows}).contiguous();
-  assign_transposed(m.data_ptr<T>(), rows, cols);
+  return transposed(w.reshape({cols, rows}).to(at::kFloat)).contiguous();
 }
-template void MatB<float>::assign_weight(const at::Tensor&);
-template void MatB<BFloat16>::assign_weight(const at::Tensor&);
+
+// B = w^T of a bf16 weight w (cols, rows[, 1, 1]), rows even, in VNNI pairs (rows / 2, cols, 2): the 32-bit
+// transpose of w as a row-major (cols, rows) matrix.
+at::Tensor weight_b_vnni(const at::Tensor& w) {
+  const int64_t cols = w.size(0), rows = w.numel() / cols;
+  const at::Tensor w_nk = contiguous_matrix(w.reshape({cols, rows}));
+  at::Tensor b = at::empty({rows / 2, cols, 2}, w.options());
+  transpose_blocked(reinterpret_cast<const float*>(w_nk.data_ptr<BFloat16>()), cols, rows / 2,
+                    reinterpret_cast<float*>(b.data_ptr<BFloat16>()));
+  return b;
+}
+
+}  // namespace
+
+template <>
+void MatB<float>::assign_weight(const at::Tensor& w) {
+  const int64_t cols = w.size(0), rows = w.numel() / cols;
+  if (w.scalar_type() == at::kFloat && is_input_major(w)) return assign(w.data_ptr<float>(), rows, cols, cols);
+  packed = derived_weight(w, "B fp32", [&] { return weight_b_fp32(w); });
+  assign(packed.data_ptr<float>(), rows, cols, cols);
+}
+
+template <>
+void MatB<BFloat16>::assign_weight(const at::Tensor& w) {
+  const int64_t cols = w.size(0), rows = w.numel() / cols;
+  k = rows, n = cols, ld = cols, vnni = false, widened = bf16_widened();
+  if (widened) {
+    packed = derived_weight(w, "B fp32", [&] { return weight_b_fp32(w); });
+    wide = packed.data_ptr<float>();
+    data = nullptr;
+  } else if (rows % 2 == 0 && bf16_brgemm_usable()) {
+    packed = derived_weight(w, "B bf16 VNNI", [&] { return weight_b_vnni(w); });
+    data = packed.data_ptr<BFloat16>(), vnni = true;
+  } else if (is_input_major(w)) {
+    data = w.data_ptr<BFloat16>();
+  } else {
+    packed = derived_weight(w, "B bf16", [&] { return transposed(w.reshape({cols, rows})).contiguous(); });
+    data = packed.data_ptr<BFloat16>();
+  }
+}
 
 template <typename T>
 void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int64_t ldc, bool accumulate) {
@@ -564,7 +674,7 @@ void matmul(int64_t m, const T* a, int64_t lda, const MatB<T>& b, float* c, int6
         lda_wide = b.k;
       }
       MatB<float> b_wide;
-      b_wide.assign(b.wide.data(), b.k, b.n, b.n);
+      b_wide.assign(b.wide, b.k, b.n, b.n);
       return matmul<float>(m, a_wide.data(), lda_wide, b_wide, c, ldc, accumulate);
     }
   }

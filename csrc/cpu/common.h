@@ -69,6 +69,17 @@ int64_t release_cached_outputs();
 int64_t cached_output_bytes();
 int64_t set_output_cache_limit(int64_t max_bytes);
 
+// A tensor computed from weight w by make() (a packed, widened or transposed copy), remembered while w's storage
+// lives and its version is unchanged, so a constant weight is repacked once instead of on every call (S1's bf16
+// FFN at 320 channels spent about 200 of a 730 us call repacking its two weights, Zen 5, 2026-12-02). `kind` names
+// what make() builds (a string literal). Writing to w in place bumps its version, so the copy is rebuilt;
+// inference tensors have no version counter and are never remembered. Entries of freed weights are dropped on the
+// next insertion.
+at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::function<at::Tensor()>& make);
+// Entries held now; drops them all and returns how many there were.
+int64_t derived_weight_count();
+int64_t clear_derived_weights();
+
 // Bias (or zeros when absent) as a contiguous fp32 vector of length n.
 at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like);
 
@@ -198,16 +209,18 @@ struct MatB {
   int64_t k = 0, n = 0, ld = 0;
   bool vnni = false;
   std::vector<T> storage;
-  // bf16 when bf16_widened(): B held as fp32 in `wide` (k x n, row-major, ld = n) and multiplied in fp32.
+  // bf16 when bf16_widened(): B held as fp32 at `wide` (k x n, row-major, ld = n) and multiplied in fp32.
   bool widened = false;
-  std::vector<float> wide;
+  const float* wide = nullptr;
+  std::vector<float> wide_storage;
+  at::Tensor packed;  // a remembered packed weight (derived_weight) that data or wide point into
   void assign(const T* b, int64_t rows, int64_t cols, int64_t ldb);
   // B = w^T for a row-major w (cols x rows), as conv and FFN weights are stored: one blocked transpose, which for
   // bf16 with even rows is directly the VNNI layout (each (k, k + 1) pair of a row of w is one 32-bit element).
   void assign_transposed(const T* w, int64_t rows, int64_t cols);
-  // B = w^T for a 1x1 conv weight w (cols, rows, 1, 1) or a matrix (cols, rows) in either layout: read in place
-  // (fp32) when stored input-channel major, i.e. w^T contiguous, as shvit.fuse keeps CPU weights; otherwise one
-  // transpose per call, which for S1's weights cost 1-2 ms of a 43 ms forward. w must outlive the MatB.
+  // B = w^T for a 1x1 conv weight w (cols, rows, 1, 1) or a matrix (cols, rows) in either layout, of dtype T or
+  // (T = float) bf16, widened: read in place (fp32) when stored input-channel major, i.e. w^T contiguous, as
+  // shvit.fuse keeps CPU weights; otherwise packed once per weight version (derived_weight). w must outlive the MatB.
   void assign_weight(const at::Tensor& w);
 };
 

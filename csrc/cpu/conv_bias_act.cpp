@@ -271,15 +271,17 @@ void dense_conv_channels_last(const T* x, const at::Tensor& weight, const float*
   if (std::is_same_v<T, float> || bf16_widened()) {
     // (c_out, c_in, kh, kw) -> (block, kh, kw, c_in, kChannelBlock), zero-padded past c_out
     const int64_t blocks = ceil_div(s.c_out, kChannelBlock);
-    const at::Tensor w_blocks =
-        at::constant_pad_nd(weight.to(at::kFloat), {0, 0, 0, 0, 0, 0, 0, blocks * kChannelBlock - s.c_out})
-            .reshape({blocks, kChannelBlock, s.c_in, s.kh, s.kw})
-            .permute({0, 3, 4, 2, 1})
-            .contiguous();
+    const at::Tensor w_blocks = derived_weight(weight, "dense conv channel blocks fp32", [&] {
+      return at::constant_pad_nd(weight.to(at::kFloat), {0, 0, 0, 0, 0, 0, 0, blocks * kChannelBlock - s.c_out})
+          .reshape({blocks, kChannelBlock, s.c_in, s.kh, s.kw})
+          .permute({0, 3, 4, 2, 1})
+          .contiguous();
+    });
     blocked_conv_channels_last(x, w_blocks.data_ptr<float>(), bias, residual, relu, out, s);
   } else {
-    const at::Tensor w_rows = weight.permute({2, 3, 1, 0}).contiguous();  // (kh, kw, c_in, c_out)
-    const at::Tensor w_f = w_rows.to(at::kFloat);
+    const auto kernel_rows = [&] { return weight.permute({2, 3, 1, 0}).contiguous(); };  // (kh, kw, c_in, c_out)
+    const at::Tensor w_rows = derived_weight(weight, "dense conv kernel rows", kernel_rows);
+    const at::Tensor w_f = derived_weight(weight, "dense conv kernel rows fp32", [&] { return w_rows.to(at::kFloat); });
     row_conv_channels_last<T>(x, w_rows.data_ptr<T>(), w_f.data_ptr<float>(), bias, residual, relu, out, s);
   }
 }
@@ -645,7 +647,9 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
     const float* bias_ptr = bias_f.data_ptr<float>();
     T* out_ptr = out.data_ptr<T>();
     if (kind == ConvKind::kDepthwise3x3) {
-      const at::Tensor taps = transposed(weight.reshape({s.c_in, 9}).to(at::kFloat));
+      const at::Tensor taps = derived_weight(weight, "depthwise taps fp32", [&] {
+        return transposed(weight.reshape({s.c_in, 9}).to(at::kFloat)).contiguous();
+      });
       auto kernel = channels_last ? depthwise_channels_last<T> : depthwise_nchw<T>;
       kernel(x_ptr, taps.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
     } else {
@@ -655,7 +659,9 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || bf16_widened() ||
                                                (s.kw * s.c_in % 2 == 0 && bf16_brgemm_usable()));
       if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
-        const at::Tensor w_kc = weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();  // (kh, kw, c_in, c_out)
+        const at::Tensor w_kc = derived_weight(weight, "small conv taps fp32", [&] {  // (kh, kw, c_in, c_out)
+          return weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();
+        });
         small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_kc.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last && s.pointwise()) {
         gemm_conv_channels_last<T>(x_ptr, weight, k, bias_ptr, res_ptr, relu, out_ptr, s);

@@ -77,10 +77,13 @@ const C* as_compute(const T* src, int64_t rows, int64_t cols, int64_t ld, std::v
   }
 }
 
-// A weight as C (a widened copy, in the same layout, when C is float and the weight bf16).
+// A weight (rows, cols, 1, 1) as the contiguous row-major (rows, cols) matrix in C that the NCHW kernels take as A
+// (widened when C is float and the weight bf16), built once per weight version.
 template <typename C>
-at::Tensor weight_as(const at::Tensor& w) {
-  return std::is_same_v<C, float> ? w.to(at::kFloat) : w;
+at::Tensor weight_matrix(const at::Tensor& w) {
+  const at::ScalarType dtype = std::is_same_v<C, float> ? at::kFloat : at::kBFloat16;
+  return derived_weight(w, dtype == at::kFloat ? "A fp32" : "A bf16",
+                        [&] { return contiguous_matrix(w.reshape({w.size(0), -1}).to(dtype)); });
 }
 
 // channels_last: x is a (pixels, C) row-major matrix; hidden tile (rows, H) = x_tile W1^T, with w1 (H, C) and
@@ -91,10 +94,9 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
-  const at::Tensor w1_c = weight_as<C>(w1), w2_c = weight_as<C>(w2);
   MatB<C> w1_kn, w2_kn;
-  w1_kn.assign_weight(w1_c);
-  w2_kn.assign_weight(w2_c);
+  w1_kn.assign_weight(w1);
+  w2_kn.assign_weight(w2);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<float> hidden_acc(tile * hd), out_acc(fp32 ? 0 : tile * c);
@@ -153,8 +155,7 @@ void ffn_forward(const at::Tensor& xc, const at::Tensor& w1, const float* b1, co
   if (channels_last) {
     ffn_channels_last<T, C>(xc.data_ptr<T>(), w1, b1, w2, b2, out.data_ptr<T>(), s);
   } else {
-    const at::Tensor w1c = contiguous_matrix(weight_as<C>(w1).reshape({s.hidden, s.c}));
-    const at::Tensor w2c = contiguous_matrix(weight_as<C>(w2).reshape({s.c, s.hidden}));
+    const at::Tensor w1c = weight_matrix<C>(w1), w2c = weight_matrix<C>(w2);
     ffn_nchw<T, C>(xc.data_ptr<T>(), w1c.data_ptr<C>(), b1, w2c.data_ptr<C>(), b2, out.data_ptr<T>(), s);
   }
 }

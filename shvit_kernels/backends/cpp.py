@@ -146,6 +146,20 @@ def empty_output_cache() -> int:
     return sum(int(m.release_cached_outputs()) for m in loaded if m is not None and hasattr(m, "release_cached_outputs"))
 
 
+def packed_weight_count() -> int:
+    """Packed / widened weight copies the build in use remembers (one per weight and form, rebuilt when the weight
+    changes in place, dropped when it is freed)."""
+    return int(_module.derived_weight_count()) if _module is not None else 0
+
+
+def clear_packed_weights() -> int:
+    """Forget the packed weight copies of every loaded build (the next call repacks); returns how many there were."""
+    import sys
+
+    loaded = [sys.modules.get(_module_name(c)) for c in CAPABILITIES]
+    return sum(int(m.clear_derived_weights()) for m in loaded if m is not None and hasattr(m, "clear_derived_weights"))
+
+
 def _availability() -> List[str]:
     if _module is not None:
         return []
