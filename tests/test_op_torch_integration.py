@@ -213,8 +213,10 @@ def test_bad_conv_inputs():
         K.conv_bias_act(x, w.double(), padding=1, groups=8)
     with pytest.raises(ValueError, match="'residual' must have shape"):
         K.conv_bias_act(x, w, padding=1, groups=8, residual=torch.randn(2, 8, 3, 3))
-    with pytest.raises(ValueError, match="'groups'=3 must divide"):
+    with pytest.raises(ValueError, match="'x' has 8 channels, which 'groups'=3 does not divide"):
         K.conv_bias_act(x, torch.randn(8, 8, 1, 1), groups=3)
+    with pytest.raises(ValueError, match=r"'weight' \(9, 4, 1, 1\) has 9 output channels, which 'groups'=2"):
+        K.conv_bias_act(x, torch.randn(9, 4, 1, 1), groups=2)
     with pytest.raises(ValueError, match="smaller than the kernel"):
         K.conv_bias_act(torch.randn(1, 8, 1, 1), torch.randn(8, 8, 3, 3))
     with pytest.raises(ValueError, match="'bias' must have shape"):
@@ -257,6 +259,13 @@ def test_bad_ffn_inputs():
         K.ffn_fused(x, torch.randn(16, 7, 1, 1), torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8))
     with pytest.raises(ValueError, match="'w2' must have shape \\(8, 16, 1, 1\\)"):
         K.ffn_fused(x, torch.randn(16, 8, 1, 1), torch.randn(16), torch.randn(8, 15, 1, 1), torch.randn(8))
+    # The BN form, in training too, where the two Conv+BN ops would otherwise report a bad 'residual'.
+    bn = lambda c: (torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c))  # noqa: E731
+    for training in (True, False):
+        with pytest.raises(ValueError, match="'pw2\\[0\\] \\(weight\\)' must have shape \\(8, 16, 1, 1\\), got \\(9, 16, 1, 1\\)"):
+            K.ffn(x, (torch.randn(16, 8, 1, 1), *bn(16)), (torch.randn(9, 16, 1, 1), *bn(9)), training=training)
+        with pytest.raises(ValueError, match="'pw1\\[0\\] \\(weight\\)' must have shape \\(16, 8, 1, 1\\)"):
+            K.ffn(x, (torch.randn(16, 7, 1, 1), *bn(16)), (torch.randn(8, 16, 1, 1), *bn(8)), training=training)
 
 
 def test_large_magnitude_low_precision_attention_stays_finite():

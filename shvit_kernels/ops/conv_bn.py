@@ -250,9 +250,12 @@ def check_conv_args(op, x, weight, stride, padding, groups, residual=None, bias=
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"{op}: 'padding' must be a non-negative int, got {padding!r}")
     c_in = x.shape[1]
-    if c_in % groups or weight.shape[0] % groups:
+    if c_in % groups:
+        raise ValueError(f"{op}: 'x' has {c_in} channels, which 'groups'={groups} does not divide")
+    if weight.shape[0] % groups:
         raise ValueError(
-            f"{op}: 'groups'={groups} must divide the input channels ({c_in}) and output channels ({weight.shape[0]})"
+            f"{op}: 'weight' {tuple(weight.shape)} has {weight.shape[0]} output channels, which 'groups'={groups} "
+            "does not divide"
         )
     if weight.shape[1] * groups != c_in:
         raise ValueError(

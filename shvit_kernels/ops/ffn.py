@@ -107,11 +107,24 @@ def ffn_fused(x, w1, b1, w2, b2) -> torch.Tensor:
     return _common.call_op(ffn_fused_op, x, w1, b1, w2, b2, given=given)
 
 
+@untraced_check
+def _check_ffn_weights(op, x, w1, w2):
+    """The two 1x1 weights chain x's C channels through H and back (checked here, before the Conv+BN ops, whose
+    errors would name their own arguments: a wrong pw2 weight surfaced as a bad 'residual')."""
+    check_activation(op, x)
+    check_tensor(op, "pw1[0] (weight)", w1, ndim=4, like=x, what="(H, C, 1, 1)")
+    check_tensor(op, "pw2[0] (weight)", w2, ndim=4, like=x, what="(C, H, 1, 1)")
+    c, hidden = x.shape[1], w1.shape[0]
+    if tuple(w1.shape[1:]) != (c, 1, 1):
+        raise ValueError(f"{op}: 'pw1[0] (weight)' must have shape ({hidden}, {c}, 1, 1) for x's {c} channels, "
+                         f"got {tuple(w1.shape)}")
+    if tuple(w2.shape) != (c, hidden, 1, 1):
+        raise ValueError(f"{op}: 'pw2[0] (weight)' must have shape ({c}, {hidden}, 1, 1), got {tuple(w2.shape)}")
+
+
 def _check_ffn_bn_params(op, x, pw1, pw2):
     """Eval-mode FFN: each BN vector must match its conv's output channels before the folding broadcasts them."""
-    check_activation(op, x)
     for which, p in (("pw1", pw1), ("pw2", pw2)):
-        check_tensor(op, f"{which}[0] (weight)", p[0], ndim=4, like=x, what="(C_out, C_in, 1, 1)")
         for i, part in enumerate(("bn_weight", "bn_bias", "running_mean", "running_var"), start=1):
             if p[i] is None:
                 raise ValueError(f"{op}: '{which}[{i}] ({part})' is required when training=False")
@@ -138,6 +151,7 @@ def ffn(
         if not isinstance(p, (tuple, list)) or len(p) != 5:
             raise TypeError(f"{op}: '{name}' must be (weight, bn_weight, bn_bias, running_mean, running_var)")
     check_eps(op, "eps", eps)
+    _check_ffn_weights(op, x, pw1[0], pw2[0])
     if training:
         bn_args = dict(training=True, momentum=momentum, eps=eps, process_group=process_group)
         hidden = conv_bn(x, *pw1, relu=True, **bn_args)
