@@ -804,6 +804,35 @@ def test_packed_weights_of_freed_or_inference_weights_are_not_kept(dtype):
     assert cpp.clear_packed_weights() >= 1 and cpp.packed_weight_count() == 0  # every loaded build's
 
 
+@requires_cpp
+@pytest.mark.parametrize("mode", ("brgemm", "aten"))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
+    """The 1x1 channels_last conv gradients, on the micro-kernel GEMMs (row chunks of 512, per-thread partial weight
+    gradients) and on ATen's mm, against fp64; a bad setting is a clear error."""
+    monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", mode)
+    module = in_use()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, cout in (((2, 48, 9, 7), 40), ((3, 24, 20, 21), 72)):  # 126 rows; 1,260 rows in 3 chunks
+            x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(cout, shape[1], 1, 1) / shape[1] ** 0.5, torch.randn(cout)
+            out = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
+            g = torch.randn_like(out)
+            gx, gw = module.conv_bias_act_backward(g, x, w, b, 1, 0, 1, True, None, out)[:2]
+            x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+            masked = g.double() * (out > 0)
+            torch.autograd.backward(torch.nn.functional.conv2d(x64, w64), masked)
+            torch.testing.assert_close(gx.double(), x64.grad, rtol=1e-4, atol=1e-4 * x64.grad.abs().max().item())
+            torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-4, atol=1e-4 * w64.grad.abs().max().item())
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", "fast")
+    with pytest.raises(RuntimeError, match="SHVIT_CPU_POINTWISE_GRADS must be auto, brgemm or aten, got 'fast'"):
+        module.conv_bias_act_backward(g, x, w, b, 1, 0, 1, True, None, out)
+
+
 def _explain_as_if_built(op, *args):
     with dispatch.patched_backend("cpp", availability=lambda: []):
         return dispatch.explain(op, *args)

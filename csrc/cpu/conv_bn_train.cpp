@@ -9,7 +9,10 @@
 #include "ops.h"
 
 #include <array>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 // The elementwise passes round step by step like the reference's eager ops (no fused multiply-add), so a ReLU mask
 // or a batch-of-8 BatchNorm backward does not drift from the reference's rounding in lock-step training.
@@ -179,6 +182,76 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
+// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices: gx = dy W, tiled over rows;
+// gw = dy^T x summed over chunks of rows (each chunk's dy transposed into a per-thread buffer) into per-thread
+// partial sums. w: (cout, cin) row-major. gx may be null.
+void pointwise_grads_brgemm(const float* dy, const float* x, const float* w, int64_t rows, int64_t cin, int64_t cout,
+                            float* gx, float* gw) {
+  if (gx) {
+    MatB<float> wb;
+    wb.assign(w, cout, cin, cin);
+    const int64_t tile = rows_per_tile(rows, cout + cin);
+    at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
+      MatmulThreadGuard guard;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
+        matmul(nr, dy + r0 * cout, cout, wb, gx + r0 * cin, cin);
+      }
+    });
+  }
+  constexpr int64_t kChunk = 512;
+  const int64_t chunks = ceil_div(rows, kChunk), threads = at::get_num_threads();
+  std::vector<float> partial(threads * cout * cin, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    MatmulThreadGuard guard;
+    float* acc = partial.data() + at::get_thread_num() * cout * cin;
+    std::vector<float> dy_t(cout * kChunk);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t r0 = ch * kChunk, nr = std::min(kChunk, rows - r0);
+      transpose_matrix(dy + r0 * cout, nr, cout, dy_t.data());
+      MatB<float> xb;
+      xb.assign(x + r0 * cin, nr, cin, cin);
+      matmul(cout, dy_t.data(), nr, xb, acc, cin, true);
+    }
+  });
+  std::copy_n(partial.data(), cout * cin, gw);
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t i = 0; i < cout * cin; ++i) gw[i] += partial[t * cout * cin + i];
+}
+
+// Which 1x1 gradient GEMMs run: the micro-kernel ones above or ATen's mm (MKL's sgemm where torch has it, which
+// on AMD Zen 5 ran S1's shapes at 54-91 GFLOP/s against the micro-kernel's 200+, 2026-12-02). "auto" times one
+// S1-sized pair of each once per process; SHVIT_CPU_POINTWISE_GRADS=brgemm|aten forces one (tests run both).
+double time_pointwise_grads(bool brgemm) {
+  // One S1 stage-1 FFN-sized conv (16 x 14 x 14 pixels, 128 -> 256 channels), best of a few runs.
+  const int64_t rows = 3136, cin = 128, cout = 256;
+  const at::Tensor x = at::rand({rows, cin}), dy = at::rand({rows, cout}), w = at::rand({cout, cin});
+  at::Tensor gx = at::empty({rows, cin}), gw = at::empty({cout, cin});
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    if (brgemm) {
+      pointwise_grads_brgemm(dy.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), rows, cin, cout,
+                             gx.data_ptr<float>(), gw.data_ptr<float>());
+    } else {
+      at::mm_out(gx, dy, w);
+      at::mm_out(gw, dy.t(), x);
+    }
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+bool pointwise_grads_use_brgemm() {
+  const char* env = std::getenv("SHVIT_CPU_POINTWISE_GRADS");
+  const std::string mode = env ? env : "auto";
+  if (mode == "brgemm") return true;
+  if (mode == "aten") return false;
+  TORCH_CHECK(mode == "auto" || mode.empty(), "SHVIT_CPU_POINTWISE_GRADS must be auto, brgemm or aten, got '", mode, "'");
+  static const bool faster = time_pointwise_grads(true) < time_pointwise_grads(false);
+  return faster;
+}
+
 // dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. Without input_grad (a network's first
 // conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back as zeros. A 1x1 stride-1 conv in
 // channels_last is two GEMMs on the (pixels, channels) matrices: faster here than ATen's convolution_backward
@@ -193,6 +266,15 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     const int64_t cin = x.size(1), cout = weight.size(0), rows = x.numel() / cin;
     const at::Tensor x_rows = x.to(at::kFloat).permute({0, 2, 3, 1}).reshape({rows, cin});
     const at::Tensor dy_rows = dy.permute({0, 2, 3, 1}).reshape({rows, cout});
+    if (pointwise_grads_use_brgemm()) {
+      if (input_grad) gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
+      at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+      const at::Tensor w_rows = contiguous_matrix(weight.to(at::kFloat).reshape({cout, cin}));
+      pointwise_grads_brgemm(dy_rows.data_ptr<float>(), x_rows.contiguous().data_ptr<float>(),
+                             w_rows.data_ptr<float>(), rows, cin, cout, input_grad ? gx.data_ptr<float>() : nullptr,
+                             gw.data_ptr<float>());
+      return {gx, gw};
+    }
     if (input_grad) {
       gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
       at::Tensor gx_rows = gx.permute({0, 2, 3, 1}).view({rows, cin});
