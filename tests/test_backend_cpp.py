@@ -230,6 +230,8 @@ def test_bf16_products_setting_is_validated_and_keys_the_autotune_cache():
 def test_the_loaded_build_keys_the_autotune_cache(tmp_path, monkeypatch):
     """Choices timed on one build of the kernels are not reused by another (a rebuild, another variant)."""
     assert shvit_kernels.autotune.machine()["cpu_build"] == cpp.build_id()
+    # So is the measured choice of the 1x1 gradient GEMMs, which decides how fast the cpp backward is.
+    assert shvit_kernels.autotune.machine()["cpu_pointwise_grads"] == cpp.pointwise_grads() in ("brgemm", "aten")
     assert cpp.build_id().startswith(cpp.variant() + "-")
     assert str(os.path.getsize(cpp.extension().__file__)) in cpp.build_id()
     before = shvit_kernels.autotune.cache_path()
@@ -812,6 +814,7 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
     gradients) and on ATen's mm, against fp64; a bad setting is a clear error."""
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", mode)
     module = in_use()
+    assert cpp.pointwise_grads() == mode
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -3,6 +3,8 @@
 
 #include "common.h"
 
+#include <string>
+
 namespace shvit_cpu {
 inline namespace CPU_CAPABILITY {
 
@@ -35,6 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& qkv_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& out, int64_t qk_dim, double gn_eps, double bn_eps);
 
+// The GEMMs the 1x1 channels_last conv gradients run on: "brgemm" (the micro-kernel) or "aten" (ATen's mm);
+// measured once per process unless SHVIT_CPU_POINTWISE_GRADS forces one.
+std::string pointwise_grads();
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,

@@ -88,6 +88,15 @@ def bf16_products() -> Optional[str]:
     return "fp32" if _module.bf16_widened() else "dot"
 
 
+def pointwise_grads() -> Optional[str]:
+    """The GEMMs the 1x1 channels_last conv gradients (training) run on: ``"brgemm"`` (oneDNN's micro-kernel) or
+    ``"aten"`` (ATen's mm, MKL's sgemm where torch has it, a third as fast on AMD Zen 5). The faster is timed once per
+    process; ``SHVIT_CPU_POINTWISE_GRADS=brgemm|aten`` forces one. None when the backend is unavailable."""
+    if _module is None or not hasattr(_module, "pointwise_grads"):
+        return None
+    return str(_module.pointwise_grads())
+
+
 def peak_gflops(kind: str) -> float:
     """One core's arithmetic peak, measured by a register-resident loop of the build in use (tens of ms):
     ``"fp32_fma"`` or ``"bf16_dot"`` (512-bit VDPBF16PS). 0.0 where the build or processor has none."""
@@ -277,6 +286,7 @@ _module = _load_best()
 # Whether bf16 is multiplied in pairs or widened decides which backend is fastest for a bf16 call.
 autotune.register_setting("cpu_bf16_products", bf16_products)
 autotune.register_setting("cpu_build", build_id)
+autotune.register_setting("cpu_pointwise_grads", pointwise_grads)
 dispatch.register_backend(
     BACKEND,
     device_types=("cpu",),
