@@ -732,7 +732,8 @@ def _packed_weight_calls(dtype):
 
     x32, x16, x3 = act(32, 5), act(16, 9), act(3, 12)
     b64, b32 = torch.randn(64, generator=g), torch.randn(32, generator=g)
-    ffn_w2 = weight(32, 64, 1, 1)
+    ffn_w2, ffn_w1_im = weight(32, 64, 1, 1), _input_major(weight(64, 32, 1, 1))
+    qkv_b = b32.to(dtype)  # qk 8 + 8 rows and P = 16 value rows
     return [
         ("1x1", lambda m, w: m.conv_bias_act(x32, w, b64, 1, 0, 1, True, None), weight(64, 32, 1, 1)),
         ("1x1 input-major", lambda m, w: m.conv_bias_act(x32, w, b64, 1, 0, 1, True, None),
@@ -742,6 +743,9 @@ def _packed_weight_calls(dtype):
         ("dense 3x3", lambda m, w: m.conv_bias_act(x16, w, b32, 2, 1, 1, False, None), weight(32, 16, 3, 3)),
         ("stem 3x3", lambda m, w: m.conv_bias_act(x3, w, b32[:16], 2, 1, 1, True, None), weight(16, 3, 3, 3)),
         ("depthwise", lambda m, w: m.conv_bias_act(x32, w, b32, 1, 1, 32, False, x32), weight(32, 1, 3, 3)),
+        # The "weight" changed below is the bias here: bf16 biases are kept converted to fp32.
+        ("bias", lambda m, b: m.conv_bias_act(x32, ffn_w1_im, b, 1, 0, 1, True, None), b64.clone().to(dtype)),
+        ("shsa qkv", lambda m, w: m.shsa_fused(x32, w, qkv_b, 8, 1e-5), weight(16 + 16, 16, 1, 1)),
     ]
 
 
@@ -774,7 +778,7 @@ def test_packed_weights_are_reused_and_rebuilt_after_in_place_changes(dtype, mod
             # Read in place, nothing to pack: input-major fp32 B, and row-major A of the NCHW FFN unless widened.
             in_place = {"ffn w1 nchw"} if dtype == torch.float32 or not module.bf16_widened() else set()
             if dtype == torch.float32:
-                in_place.add("1x1 input-major")
+                in_place |= {"1x1 input-major", "bias", "shsa qkv"}
             assert (held == 0) == (label in in_place), f"{label}: {held} packed copies"
     finally:
         module.set_bf16_products(previous)

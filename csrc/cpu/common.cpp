@@ -69,7 +69,7 @@ at::MemoryFormat activation_format(const at::Tensor& x) {
 
 at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like) {
   if (!bias.has_value() || !bias->defined()) return at::zeros({n}, like.options().dtype(at::kFloat));
-  return bias->to(at::kFloat).contiguous();
+  return float_vector(*bias);
 }
 
 namespace {
@@ -293,6 +293,11 @@ at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::func
     it = it->second.storage.expired() ? cache.entries.erase(it) : std::next(it);
   cache.entries.insert_or_assign(key, DerivedEntry{w.storage().getWeakStorageImpl(), version, value});
   return value;
+}
+
+at::Tensor float_vector(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  return derived_weight(t, "fp32 vector", [&] { return t.to(at::kFloat).contiguous(); });
 }
 
 int64_t derived_weight_count() {

@@ -82,6 +82,10 @@ at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::func
 int64_t derived_weight_count();
 int64_t clear_derived_weights();
 
+// A parameter vector (bias) as a contiguous fp32 vector: itself when it is one, else a converted copy remembered as
+// derived_weight keeps packed weights (a bf16 model converted each of its ~90 biases on every forward).
+at::Tensor float_vector(const at::Tensor& t);
+
 // Bias (or zeros when absent) as a contiguous fp32 vector of length n.
 at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const at::Tensor& like);
 

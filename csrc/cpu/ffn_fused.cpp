@@ -274,7 +274,7 @@ at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   // place where the NCHW one would copy them per call (see conv_bias_act.cpp).
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast || x.size(2) * x.size(3) == 1;
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
+  const at::Tensor b1f = float_vector(b1), b2f = float_vector(b2);
   at::Tensor out = empty_output(xc.sizes(), xc.options(), fmt);
   const float *b1_ptr = b1f.data_ptr<float>(), *b2_ptr = b2f.data_ptr<float>();
   if (x.scalar_type() == at::kFloat) {

@@ -270,8 +270,10 @@ at::Tensor shsa_fused(const at::Tensor& x, const at::Tensor& qkv_weight, const a
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor w = qkv_weight.reshape({s.rows_qkv(), s.p}).to(at::kFloat).contiguous();
-  const at::Tensor b = qkv_bias.to(at::kFloat).contiguous();
+  const at::Tensor w = derived_weight(qkv_weight, "shsa qkv weight fp32", [&] {
+    return qkv_weight.reshape({s.rows_qkv(), s.p}).to(at::kFloat).contiguous();
+  });
+  const at::Tensor b = float_vector(qkv_bias);
   at::Tensor out = at::empty_like(xc, xc.options().memory_format(fmt));
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_shsa_fused", [&] {
     const scalar_t* x_ptr = xc.data_ptr<scalar_t>();
@@ -297,8 +299,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_fused_backward(const at::Ten
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt), go = grad_out.contiguous(fmt), oc = out.contiguous(fmt);
-  const at::Tensor w = qkv_weight.reshape({s.rows_qkv(), s.p}).to(at::kFloat).contiguous();
-  const at::Tensor bias = qkv_bias.to(at::kFloat).contiguous();
+  const at::Tensor w = derived_weight(qkv_weight, "shsa qkv weight fp32", [&] {
+    return qkv_weight.reshape({s.rows_qkv(), s.p}).to(at::kFloat).contiguous();
+  });
+  const at::Tensor bias = float_vector(qkv_bias);
   at::Tensor grad_x = at::empty_like(xc, xc.options().memory_format(fmt));
   // One chunk of images per thread with its own partial dW / db, summed in chunk order (scheduling-independent).
   const int64_t chunks = std::min<int64_t>(s.batch, at::get_num_threads()), part = s.rows_qkv() * (s.p + 1);
