@@ -230,8 +230,6 @@ def test_bf16_products_setting_is_validated_and_keys_the_autotune_cache():
 def test_the_loaded_build_keys_the_autotune_cache(tmp_path, monkeypatch):
     """Choices timed on one build of the kernels are not reused by another (a rebuild, another variant)."""
     assert shvit_kernels.autotune.machine()["cpu_build"] == cpp.build_id()
-    # So is the measured choice of the 1x1 gradient GEMMs, which decides how fast the cpp backward is.
-    assert shvit_kernels.autotune.machine()["cpu_pointwise_grads"] == cpp.pointwise_grads() in ("brgemm", "aten")
     assert cpp.build_id().startswith(cpp.variant() + "-")
     assert str(os.path.getsize(cpp.extension().__file__)) in cpp.build_id()
     before = shvit_kernels.autotune.cache_path()
@@ -815,7 +813,8 @@ def test_packed_weights_of_freed_or_inference_weights_are_not_kept(dtype):
 @pytest.mark.parametrize("threads", (1, 2))
 def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
     """The 1x1 channels_last conv gradients, on the micro-kernel GEMMs (row chunks of 512, per-thread partial weight
-    gradients) and on ATen's mm, against fp64; a bad setting is a clear error."""
+    gradients) and on ATen's mm, against fp64 under the tolerance rule; a bad setting is a clear error for the
+    backward only (the autotune key does not time or read it)."""
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", mode)
     module = in_use()
     assert cpp.pointwise_grads() == mode
@@ -828,16 +827,21 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
             out = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
             g = torch.randn_like(out)
             gx, gw = module.conv_bias_act_backward(g, x, w, b, 1, 0, 1, True, None, out)[:2]
-            x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-            masked = g.double() * (out > 0)
-            torch.autograd.backward(torch.nn.functional.conv2d(x64, w64), masked)
-            torch.testing.assert_close(gx.double(), x64.grad, rtol=1e-4, atol=1e-4 * x64.grad.abs().max().item())
-            torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-4, atol=1e-4 * w64.grad.abs().max().item())
+            masked = g * (out > 0)
+            grads = {}
+            for dtype in (torch.float32, torch.float64):  # PyTorch's own fp32 error, and the fp64 reference
+                xr, wr = (t.to(dtype, copy=True).requires_grad_() for t in (x, w))
+                torch.autograd.backward(torch.nn.functional.conv2d(xr, wr), masked.to(dtype))
+                grads[dtype] = (xr.grad, wr.grad)
+            for i, (name, got) in enumerate((("grad x", gx), ("grad w", gw))):
+                assert_close_to_fp64(got, grads[torch.float32][i], grads[torch.float64][i], name=f"{mode} {shape} {name}")
     finally:
         torch.set_num_threads(previous)
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", "fast")
     with pytest.raises(RuntimeError, match="SHVIT_CPU_POINTWISE_GRADS must be auto, brgemm or aten, got 'fast'"):
         module.conv_bias_act_backward(g, x, w, b, 1, 0, 1, True, None, out)
+    shvit_kernels.autotune.settings_changed()
+    assert "cpu_pointwise_grads" not in shvit_kernels.autotune.machine()
 
 
 def _explain_as_if_built(op, *args):

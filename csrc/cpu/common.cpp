@@ -577,36 +577,6 @@ void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64
   data = storage.data(), ld = cols;
 }
 
-template <>
-void MatB<float>::assign_transposed(const float* w, int64_t rows, int64_t cols) {
-  storage.resize(rows * cols);
-  transpose_blocked(w, cols, rows, storage.data());
-  data = storage.data(), k = rows, n = cols, ld = cols, vnni = false;
-}
-
-template <>
-void MatB<BFloat16>::assign_transposed(const BFloat16* w, int64_t rows, int64_t cols) {
-  k = rows, n = cols, ld = cols, widened = bf16_widened();
-  vnni = !widened && rows % 2 == 0 && bf16_brgemm_usable();
-  if (widened) {
-    std::vector<float> w_wide;
-    widen_matrix(w, cols, rows, rows, w_wide);
-    wide_storage.resize(std::max<int64_t>(rows * cols, 1));
-    transpose_blocked(w_wide.data(), cols, rows, wide_storage.data());
-    wide = wide_storage.data();
-    data = nullptr;  // the widened copy is the operand
-    return;
-  }
-  storage.resize(rows * cols);
-  data = storage.data();
-  if (vnni) {  // pairs moved as 32-bit words: the transpose only shuffles bits
-    static_assert(sizeof(float) == 2 * sizeof(BFloat16), "VNNI pairs are 32-bit");
-    transpose_blocked(reinterpret_cast<const float*>(w), cols, rows / 2, reinterpret_cast<float*>(storage.data()));
-  } else {
-    transpose_blocked(w, cols, rows, storage.data());
-  }
-}
-
 bool is_input_major(const at::Tensor& w) {
   const int64_t cols = w.size(0), rows = w.numel() / std::max<int64_t>(cols, 1);
   if (cols < 2 || rows < 2) return false;  // a vector: either layout is contiguous

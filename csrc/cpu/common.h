@@ -221,9 +221,6 @@ struct MatB {
   std::vector<float> wide_storage;
   at::Tensor packed;  // a remembered packed weight (derived_weight) that data or wide point into
   void assign(const T* b, int64_t rows, int64_t cols, int64_t ldb);
-  // B = w^T for a row-major w (cols x rows), as conv and FFN weights are stored: one blocked transpose, which for
-  // bf16 with even rows is directly the VNNI layout (each (k, k + 1) pair of a row of w is one 32-bit element).
-  void assign_transposed(const T* w, int64_t rows, int64_t cols);
   // B = w^T for a 1x1 conv weight w (cols, rows, 1, 1) or a matrix (cols, rows) in either layout, of dtype T or
   // (T = float) bf16, widened: read in place (fp32) when stored input-channel major, i.e. w^T contiguous, as
   // shvit.fuse keeps CPU weights; otherwise packed once per weight version (derived_weight). w must outlive the MatB.

@@ -219,11 +219,9 @@ void pointwise_grads_brgemm(const float* dy, const float* x, const float* w, int
     for (int64_t i = 0; i < cout * cin; ++i) gw[i] += partial[t * cout * cin + i];
 }
 
-// Which 1x1 gradient GEMMs run: the micro-kernel ones above or ATen's mm (MKL's sgemm where torch has it, which
-// on AMD Zen 5 ran S1's shapes at 54-91 GFLOP/s against the micro-kernel's 200+, 2026-12-02). "auto" times one
-// S1-sized pair of each once per process; SHVIT_CPU_POINTWISE_GRADS=brgemm|aten forces one (tests run both).
+// Both gradient GEMMs of one S1 stage-1 FFN-sized conv (16 x 14 x 14 pixels, 128 -> 256 channels), best of a few
+// runs (seconds).
 double time_pointwise_grads(bool brgemm) {
-  // One S1 stage-1 FFN-sized conv (16 x 14 x 14 pixels, 128 -> 256 channels), best of a few runs.
   const int64_t rows = 3136, cin = 128, cout = 256;
   const at::Tensor x = at::rand({rows, cin}), dy = at::rand({rows, cout}), w = at::rand({cout, cin});
   at::Tensor gx = at::empty({rows, cin}), gw = at::empty({cout, cin});
@@ -242,6 +240,9 @@ double time_pointwise_grads(bool brgemm) {
   return best;
 }
 
+// Which 1x1 gradient GEMMs run: the micro-kernel ones above or ATen's mm (MKL's sgemm where torch has it: S1's 1x1
+// gradients ran at 84-98 GFLOP/s on it against 180-212 on the micro-kernel, AMD Zen 5, 2026-12-02). "auto" times
+// both once per process; SHVIT_CPU_POINTWISE_GRADS=brgemm|aten forces one (tests run both).
 bool pointwise_grads_use_brgemm() {
   const char* env = std::getenv("SHVIT_CPU_POINTWISE_GRADS");
   const std::string mode = env ? env : "auto";

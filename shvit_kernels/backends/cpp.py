@@ -147,12 +147,17 @@ def set_output_cache_limit(nbytes: int) -> int:
     return int(_module.set_output_cache_limit(nbytes))
 
 
-def empty_output_cache() -> int:
-    """Free the output blocks every loaded build keeps for reuse; returns the bytes freed."""
+def _loaded_builds_with(function: str) -> List[ModuleType]:
+    """The builds imported in this process (tests may load several) that have ``function``."""
     import sys
 
     loaded = [sys.modules.get(_module_name(c)) for c in CAPABILITIES]
-    return sum(int(m.release_cached_outputs()) for m in loaded if m is not None and hasattr(m, "release_cached_outputs"))
+    return [m for m in loaded if m is not None and hasattr(m, function)]
+
+
+def empty_output_cache() -> int:
+    """Free the output blocks every loaded build keeps for reuse; returns the bytes freed."""
+    return sum(int(m.release_cached_outputs()) for m in _loaded_builds_with("release_cached_outputs"))
 
 
 def packed_weight_count() -> int:
@@ -163,10 +168,7 @@ def packed_weight_count() -> int:
 
 def clear_packed_weights() -> int:
     """Forget the packed weight copies of every loaded build (the next call repacks); returns how many there were."""
-    import sys
-
-    loaded = [sys.modules.get(_module_name(c)) for c in CAPABILITIES]
-    return sum(int(m.clear_derived_weights()) for m in loaded if m is not None and hasattr(m, "clear_derived_weights"))
+    return sum(int(m.clear_derived_weights()) for m in _loaded_builds_with("clear_derived_weights"))
 
 
 def _availability() -> List[str]:
@@ -286,7 +288,8 @@ _module = _load_best()
 # Whether bf16 is multiplied in pairs or widened decides which backend is fastest for a bf16 call.
 autotune.register_setting("cpu_bf16_products", bf16_products)
 autotune.register_setting("cpu_build", build_id)
-autotune.register_setting("cpu_pointwise_grads", pointwise_grads)
+# Not pointwise_grads(): a timing that may come out either way where both paths are close would change the key, and
+# so drop every tuned choice, from one process to the next; and inference never runs it.
 dispatch.register_backend(
     BACKEND,
     device_types=("cpu",),
