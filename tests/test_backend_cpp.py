@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -362,10 +363,14 @@ def _check_outputs(fn, reference, args, dtype, channels_last, name):
 
 
 def exact_conv_output_reference(*args):
-    """conv_bn_train_backward's reference, whose float64 run recomputes the conv output exactly instead of taking a
-    kept one: the exact gradient, against which a kept output's rounding counts as the recomputed one's does."""
+    """conv_bn_train_backward's reference, whose float64 run recomputes the conv output and its statistics exactly
+    instead of taking the forward's: the exact gradient, against which a kept output's or the statistics' rounding
+    counts as error."""
     if args[1].dtype == torch.float64:
-        args = (*args[:-1], None)
+        x, weight, stride, padding, groups = args[1], args[2], args[8], args[9], args[10]
+        y = torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, groups)
+        mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+        args = (*args[:5], mean, var, *args[7:-1], None)
     return conv_bn_train_backward_reference(*args)
 
 
@@ -597,6 +602,34 @@ def test_conv_bn_train_statistics_do_not_cancel():
         ref = xx.double().var(dim=(0, 2, 3), unbiased=False)
         torch.testing.assert_close(var.double(), ref, rtol=1e-3, atol=0)
         torch.testing.assert_close(mean.double(), xx.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+
+
+@requires_cpp
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
+def test_conv_bn_train_input_gradient_over_few_values_per_channel(channels_last):
+    """BatchNorm over 2-6 values per channel: its input gradient cancels to eps-sized terms, where fp32 statistics'
+    rounding alone made errors of up to 15x the reference's (1.2% of such random cases failed the tolerance rule)."""
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    cases = 0
+    while cases < 100:
+        n, c_in, k, stride, h, w = rng.randint(1, 2), rng.randint(1, 8), rng.choice((1, 3)), rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 3)
+        ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+        if not 2 <= n * ho * wo <= 6:
+            continue
+        cases += 1
+        x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+        args = (torch.randn(4, c_in, k, k, generator=gen, dtype=torch.float64) / (c_in * k * k) ** 0.5,
+                torch.rand(4, generator=gen, dtype=torch.float64) + 0.5, torch.randn(4, generator=gen, dtype=torch.float64))
+        grad_out = torch.randn(n, 4, ho, wo, generator=gen, dtype=torch.float64)
+        grads = {}
+        for backend, dtype in (("cpp", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+            xx = _layout(x.to(dtype), channels_last).requires_grad_()
+            with dispatch.use_backend(backend):
+                out = shvit_kernels.conv_bn(xx, *(a.to(dtype) for a in args), None, None, stride=stride, padding=k // 2,
+                                            training=True)
+            grads[backend, dtype] = torch.autograd.grad(out, xx, grad_out.to(dtype))[0]
+        assert_close_to_fp64(grads["cpp", torch.float32], grads["reference", torch.float32],
+                             grads["reference", torch.float64], name=f"case {cases}: grad x of {tuple(x.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -139,6 +139,10 @@ struct dVec {
     lo.store(p, static_cast<int>(std::min(n, kHalf)));
     if (n > kHalf) hi.store(p + kHalf, static_cast<int>(n - kHalf));
   }
+  static dVec loadu(const double* p, int64_t n) {
+    return {Half::loadu(p, static_cast<int>(std::min(n, kHalf))),
+            n > kHalf ? Half::loadu(p + kHalf, static_cast<int>(n - kHalf)) : Half(0.0)};
+  }
 };
 static_assert(2 * dVec::kHalf == kVec, "two double vectors must hold one float vector");
 
@@ -160,6 +164,23 @@ inline dVec widen(const fVec& v) {
   __at_align__ double wide[kVec];
   for (int64_t i = 0; i < kVec; ++i) wide[i] = lanes[i];
   return {dVec::Half::loadu(wide), dVec::Half::loadu(wide + dVec::kHalf)};
+#endif
+}
+
+// v rounded to fp32 (round-to-nearest-even), the inverse of widen.
+inline fVec narrow(const dVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(v.lo))),
+                                             _mm256_castps_pd(_mm512_cvtpd_ps(v.hi)), 1));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_set_m128(_mm256_cvtpd_ps(v.hi), _mm256_cvtpd_ps(v.lo));
+#else
+  __at_align__ double wide[kVec];
+  v.lo.store(wide);
+  v.hi.store(wide + dVec::kHalf);
+  __at_align__ float lanes[kVec];
+  for (int64_t i = 0; i < kVec; ++i) lanes[i] = static_cast<float>(wide[i]);
+  return fVec::loadu(lanes);
 #endif
 }
 

@@ -3,9 +3,9 @@
 // conv_bn_train: the raw conv y (ATen's convolution, bit-identical to the reference's), the mean (ATen's sum, the
 // reference's), ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass variance), ONE pass
 // normalise + residual + ReLU (in place on y unless y is kept for the backward).
-// conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for sum(g) and
-// sum(g (y - mean)) with the ReLU mask taken from `out`, one pass writing dy (fp32) and g, then the conv's gradients
-// in fp32.
+// conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for fp64 sums of g,
+// g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
+// fp64) and g, then the conv's gradients in fp32.
 #include "ops.h"
 
 #include <array>
@@ -14,8 +14,8 @@
 #include <cstdlib>
 #include <string>
 
-// The elementwise passes round step by step like the reference's eager ops (no fused multiply-add), so a ReLU mask
-// or a batch-of-8 BatchNorm backward does not drift from the reference's rounding in lock-step training.
+// The forward's normalisation rounds step by step like the reference's eager ops (no fused multiply-add), so a ReLU
+// mask does not drift from the reference's in lock-step training.
 #pragma GCC optimize("fp-contract=off")
 
 namespace shvit_cpu {
@@ -30,15 +30,20 @@ struct ChannelLayout {
   int64_t count() const { return batch * plane; }
 };
 
-// Per-channel parameters as vectors: splats of channel ch (NCHW), or channels [c0, c0 + kVec) (channels_last).
-template <int P>
+// Per-channel parameters (of type S, float or double) as vectors: splats of channel ch (NCHW), or channels
+// [c0, c0 + kVec) (channels_last).
+template <int P, typename S = float>
 struct ChannelParams {
-  std::array<const float*, P> ptr;
-  void splat(int64_t ch, fVec* v) const {
-    for (int i = 0; i < P; ++i) v[i] = fVec(ptr[i][ch]);
+  using Vec = std::conditional_t<std::is_same_v<S, float>, fVec, dVec>;
+  std::array<const S*, P> ptr;
+  void splat(int64_t ch, Vec* v) const {
+    for (int i = 0; i < P; ++i) v[i] = Vec(ptr[i][ch]);
   }
-  void load(int64_t c0, int64_t n, fVec* v) const {
-    for (int i = 0; i < P; ++i) v[i] = load_f(ptr[i] + c0, n);
+  void load(int64_t c0, int64_t n, Vec* v) const {
+    for (int i = 0; i < P; ++i) {
+      if constexpr (std::is_same_v<S, float>) v[i] = load_f(ptr[i] + c0, n);
+      else v[i] = dVec::loadu(ptr[i] + c0, n);
+    }
   }
 };
 
@@ -48,15 +53,16 @@ struct ChannelParams {
 // sums restart every short block (256 values of one image's channel, or 16 rows) into fp64 totals, for about pairwise
 // accuracy; fp64 sums run lane-wise over the whole task (a horizontal sum per image made small NCHW maps several
 // times slower than the reference).
-template <int K, typename Acc, int P, typename F>
-void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F contrib, double* out /* K x C */) {
+template <int K, typename Acc, int P, typename S, typename F>
+void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& params, F contrib, double* out /* K x C */) {
+  using ParamVec = typename ChannelParams<P, S>::Vec;
   using AccVec = std::conditional_t<std::is_same_v<Acc, float>, fVec, dVec>;
   const AccVec zero(Acc(0));
   if (!l.channels_last) {
     constexpr int64_t kBlock = 16 * kVec;
     at::parallel_for(0, l.c, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        fVec pv[P > 0 ? P : 1];
+        ParamVec pv[P > 0 ? P : 1];
         params.splat(ch, pv);
         double total[K] = {};
         AccVec acc[K];
@@ -95,7 +101,7 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
       const int64_t r0 = t * kTaskRows, r1 = std::min(rows, r0 + kTaskRows);
       for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
         const int64_t m = std::min(kVec, l.c - c0);
-        fVec pv[P > 0 ? P : 1];
+        ParamVec pv[P > 0 ? P : 1];
         params.load(c0, m, pv);
         AccVec acc[K];
         auto flush = [&] {
@@ -125,12 +131,13 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, 
 }
 
 // Elementwise pass: body(offset, count, params) for every run of at most kVec values of one channel block.
-template <int P, typename F>
-void map_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F body) {
+template <int P, typename S, typename F>
+void map_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& params, F body) {
+  using ParamVec = typename ChannelParams<P, S>::Vec;
   if (!l.channels_last) {
     at::parallel_for(0, l.batch * l.c, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        fVec pv[P > 0 ? P : 1];
+        ParamVec pv[P > 0 ? P : 1];
         params.splat(q % l.c, pv);
         for (int64_t i = 0; i < l.plane; i += kVec) body(q * l.plane + i, std::min(kVec, l.plane - i), pv);
       }
@@ -141,7 +148,7 @@ void map_per_channel(const ChannelLayout& l, const ChannelParams<P>& params, F b
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
         const int64_t m = std::min(kVec, l.c - c0);
-        fVec pv[P > 0 ? P : 1];
+        ParamVec pv[P > 0 ? P : 1];
         params.load(c0, m, pv);
         body(r * l.c + c0, m, pv);
       }
@@ -411,39 +418,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const at::Tensor go = grad_out.contiguous(fmt), outc = out.contiguous(fmt);
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
   const at::Tensor mean_f = mean.to(at::kFloat).contiguous();
-  const at::Tensor var_f = var.to(at::kFloat).contiguous();
-  std::vector<float> invstd(c), a(c), b(c), d(c);
-  for (int64_t ch = 0; ch < c; ++ch) invstd[ch] = 1.f / std::sqrt(var_f.data_ptr<float>()[ch] + static_cast<float>(eps));
+  (void)var;  // recomputed in fp64 from y below
   // dy overwrites a recomputed y (this call's own buffer) when both are fp32: one multi-MiB allocation less.
   at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
   at::Tensor dy = y.scalar_type() == at::kFloat && !kept ? y
                                                          : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
-  std::vector<double> sums(2 * c);
+  // dy = gamma invstd (g - mean(g) - x_hat mean(g x_hat)) cancels to a small fraction of g where g lies close to
+  // the span of 1 and x_hat (BatchNorm over a few values per channel: over two it is exactly eps-sized). fp32
+  // statistics then leave errors many times the reference's (whose rounding happens to cancel consistently), so the
+  // statistics and dy are computed in fp64 from the fp32 y and g: then dy's error is y's own rounding.
+  // sums: [0, c) sum(g), [c, 2c) sum(g (y - mean_f)), [2c, 3c) sum(y - mean_f), [3c, 4c) sum((y - mean_f)^2).
+  std::vector<double> sums(4 * c), mean64(c), invstd(c), a(c), b(c), d(c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
     using T = scalar_t;
     const T *yp = y.data_ptr<T>(), *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
-    // sum(g) and sum(g (y - mean)); the latter times invstd is sum(g x_hat).
-    reduce_per_channel<2, float>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv, fVec* v) {
-      v[0] = masked_grad(gp + i, outp + i, relu, n);
-      v[1] = v[0] * (load_n(yp + i, n) - pv[0]);
+    reduce_per_channel<4, double>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [&](int64_t i, int64_t n, const fVec* pv, dVec* v) {
+      const dVec gv = widen(masked_grad(gp + i, outp + i, relu, n)), dev = widen(load_n(yp + i, n)) - widen(pv[0]);
+      v[0] = gv;
+      v[1] = gv * dev;
+      v[2] = dev;
+      v[3] = dev * dev;
     }, sums.data());
-    const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous();
+    const at::Tensor gamma = bn_weight.to(at::kDouble).contiguous();
     const double count = static_cast<double>(l.count());
     for (int64_t ch = 0; ch < c; ++ch) {
-      sums[c + ch] *= invstd[ch];  // now sum(g x_hat)
-      a[ch] = gamma.data_ptr<float>()[ch] * invstd[ch];
-      b[ch] = static_cast<float>(sums[ch] / count);
-      d[ch] = static_cast<float>(sums[c + ch] / count);
+      const double shift = sums[2 * c + ch] / count;  // the exact mean minus the fp32 one
+      const double var64 = std::max(sums[3 * c + ch] / count - shift * shift, 0.0);
+      mean64[ch] = static_cast<double>(mean_f.data_ptr<float>()[ch]) + shift;
+      invstd[ch] = 1.0 / std::sqrt(var64 + eps);
+      sums[c + ch] = (sums[c + ch] - shift * sums[ch]) * invstd[ch];  // now sum(g x_hat)
+      a[ch] = gamma.data_ptr<double>()[ch] * invstd[ch];
+      b[ch] = sums[ch] / count;
+      d[ch] = sums[c + ch] / count;
     }
-    // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in the reference's order; and g (the residual's grad).
+    // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in fp64; and g (the residual's grad).
     T* g_out = g.data_ptr<T>();
     float* dyp = dy.data_ptr<float>();
-    map_per_channel(l, ChannelParams<5>{{mean_f.data_ptr<float>(), invstd.data(), a.data(), b.data(), d.data()}},
-                    [&](int64_t i, int64_t n, const fVec* pv) {
+    map_per_channel(l, ChannelParams<5, double>{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}},
+                    [&](int64_t i, int64_t n, const dVec* pv) {
                       const fVec gv = masked_grad(gp + i, outp + i, relu, n);
                       store_n(gv, g_out + i, n);
-                      const fVec x_hat = (load_n(yp + i, n) - pv[0]) * pv[1];
-                      store_n(pv[2] * (gv - pv[3] - x_hat * pv[4]), dyp + i, n);
+                      const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
+                      store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dyp + i, n);
                     });
   });
   auto [gx, gw] = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
