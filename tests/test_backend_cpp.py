@@ -111,6 +111,10 @@ def conv_cases():
                                          True, None)))
     cases.append(("dense 3x3 pad 0 1-wide", (torch.randn(1, 8, 4, 3), torch.randn(16, 8, 3, 3) / 8, None, 1, 0, 1, False,
                                              None)))
+    # bf16 pair kernel: one 16-channel vector (8 of them stored), three 16-pixel tiles (40 -> 13 + 13 + 14), three
+    # channels widened to four eight pixels at a time (42 = 5 x 8 + 2).
+    cases.append(("stem 3x3 s1 c_in 3 c_out 8 40-wide residual", (torch.randn(2, 3, 3, 42), torch.randn(8, 3, 3, 3) / 5,
+                                                                  torch.randn(8), 1, 0, 1, True, torch.randn(2, 8, 1, 40))))
     return cases
 
 
@@ -179,6 +183,24 @@ def test_each_bf16_products_mode_matches_reference(mode):
                                    channels_last, f"{variant} {mode} shsa_fused_backward {label}")
         finally:
             module.set_bf16_products(previous)
+
+
+def test_bf16_dense_convs_run_on_pair_products_where_the_processor_has_them():
+    """The grids' bf16 dense channels_last cases run on the pair kernel wherever it can run, so they test it."""
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    with open("/proc/cpuinfo") as f:
+        bf16_dot = " avx512_bf16" in f.read()
+    expected = "pairs" if bf16_dot and cpp.variant() == "AVX512" and cpp.bf16_products() == "dot" else None
+    if expected is None:
+        assert cpp.dense_conv_bf16() in ("rows", "fp32")
+    else:
+        assert cpp.dense_conv_bf16() == expected
+    previous = cpp.set_bf16_products("fp32")
+    try:
+        assert cpp.dense_conv_bf16() == "fp32"
+    finally:
+        cpp.set_bf16_products(previous)
 
 
 def test_peak_gflops_measures_and_names_a_bad_kind():
@@ -957,7 +979,8 @@ def test_declined_call_falls_back_to_reference():
 @requires_cpp
 def test_slower_call_goes_to_reference_unless_cpp_is_forced():
     """An NCHW stem conv runs on ATen automatically (measured faster) but on the C++ kernel when cpp is forced;
-    in channels_last fp32, and bf16 widened to fp32, the C++ kernel is the automatic choice."""
+    in channels_last fp32, bf16 widened to fp32 and bf16 on the pair kernel, the C++ kernel is the automatic choice,
+    and bf16 on kernel-row GEMMs goes to ATen."""
     x = torch.randn(2, 16, 12, 12)
     w, b = torch.randn(32, 16, 3, 3), torch.randn(32)
     args = (x, w, b, 2, 1, 1, True, None)
@@ -969,7 +992,8 @@ def test_slower_call_goes_to_reference_unless_cpp_is_forced():
         assert dispatch.chosen_backend("conv_bias_act", "cpu", *bf16_args) == "cpp"
         try:
             cpp.set_bf16_products("dot")
-            assert dispatch.chosen_backend("conv_bias_act", "cpu", *bf16_args) == "reference"
+            expected = "cpp" if cpp.dense_conv_bf16() == "pairs" else "reference"
+            assert dispatch.chosen_backend("conv_bias_act", "cpu", *bf16_args) == expected
         except RuntimeError as e:
             assert "not usable here" in str(e)
     finally:

@@ -2,13 +2,15 @@
 //
 // * 1x1 (groups 1): a GEMM per tile of output pixels, the bias / residual / ReLU applied to the tile while it is
 //   still in cache.
-// * dense kxk (groups 1), channels_last: 3 input channels by a register-resident weight kernel; otherwise fp32
-//   register-blocked (blocked_conv_channels_last), bf16 one GEMM per kernel row; im2col + GEMM where neither fits
-//   (NCHW, bf16 with odd kw * c_in).
+// * dense kxk (groups 1), channels_last: bf16 on AVX512_BF16 pair products register-blocked (pair_conv); else
+//   3 input channels by a register-resident weight kernel; otherwise fp32 register-blocked
+//   (blocked_conv_channels_last), bf16 one GEMM per kernel row; im2col + GEMM where neither fits (NCHW, bf16 with
+//   odd kw * c_in).
 // * depthwise 3x3 pad 1, stride 1 or 2: a direct stencil, fp32 accumulation, same fused epilogue.
 // Both layouts are computed natively (NCHW and channels_last); the output keeps the input's layout.
 #include "ops.h"
 
+#include <limits>
 #include <utility>
 
 namespace shvit_cpu {
@@ -262,6 +264,222 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
     }
   });
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 dense kxk convolution in channels_last on AVX512_BF16 pair products (VDPBF16PS: 16 lanes, each adding the
+// products of two consecutive K values), register-blocked as blocked_conv_channels_last: a tile of up to
+// pair_tile_pixels<V> output pixels x V channel vectors stays in registers over the whole (kh, kw, c_in) sum.
+// Input rows are copied into zero-padded bf16 rows with c_in rounded up to even (the 3-channel first stem layer
+// gets a zero fourth channel), so every pixel's kernel-row patch is kw * c_pad / 2 whole pairs, broadcast in place.
+// The row GEMMs on ATen's brgemm (row_conv_channels_last) ran the stem's layers at 15-53% of the pair peak.
+// 14 x 2 or 16 x 1 accumulators: 28 x 1 measured slower on the 3 -> 16 layer (its 28 pixel offsets no longer fit
+// in general registers).
+template <int V>
+constexpr int pair_tile_pixels = V == 1 ? 16 : 14;
+
+template <typename T>
+bool pair_conv_usable() {
+  static const bool usable = __builtin_cpu_supports("avx512bf16");
+  return std::is_same_v<T, BFloat16> && usable && !bf16_widened();
+}
+
+// A bf16 pair read in place (any alignment, any type the row holds).
+typedef int32_t __attribute__((may_alias, aligned(2))) bf16_pair;
+
+// One pair of K values of every pixel's patch: its place in the padded input row (of pixel 0) and the offset of its
+// weight vectors in a channel block. A flat list over the kernel rows inside the image: nested loops over kernel
+// rows and pairs made the compiler keep the accumulators in memory between kernel rows.
+struct PairStep {
+  const BFloat16* a;
+  int64_t w;
+};
+
+// Where a tile's results go: bias (fp32, zero-padded to whole blocks), residual and out at the tile's first pixel
+// and channel block, the channels left from that block on, and the pixel stride (c_out).
+struct PairOut {
+  const float* bias;
+  const BFloat16* residual;
+  BFloat16* out;
+  int64_t channels, ld;
+  bool relu;
+};
+
+template <int V, int MB>
+__attribute__((target("avx512bf16"))) inline void pair_conv_tile(const PairStep* steps, int64_t n_steps,
+                                                                  int64_t offset, int64_t step, const BFloat16* w,
+                                                                  const PairOut& o) {
+  // fVec accumulators (as conv_tile's) stay in registers; raw __m512 arrays were kept on the stack.
+  fVec acc[MB][2];  // [MB][V] with V = 1 was kept in memory; the unused half is optimised away
+#pragma GCC unroll 32
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) acc[m][v] = fVec(0.f);
+  // do-while: n_steps >= 1 (every output row reads an input row), and a zero-trip path made the compiler keep acc in
+  // memory (zeroed by rep stos on every call).
+  int64_t j = 0;
+  do {
+    const BFloat16* a = steps[j].a + offset;
+    __m512bh b[V];
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(w + steps[j].w + v * 32);
+#pragma GCC unroll 32
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh a_mk = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const bf16_pair*>(a + m * step));
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) acc[m][v] = fVec(_mm512_dpbf16_ps(acc[m][v], a_mk, b[v]));
+    }
+  } while (++j < n_steps);
+  // The epilogue from registers, in epilogue_run's order: + bias, + residual, ReLU (a max with 0 or -inf), rounded to
+  // bf16. Branch-free inside the unrolled loops: branches there made the compiler keep acc in memory.
+  const fVec floor(o.relu ? 0.f : -std::numeric_limits<float>::infinity());
+#pragma GCC unroll 2
+  for (int v = 0; v < V; ++v) {
+    const int64_t n = std::min<int64_t>(16, o.channels - v * 16);
+    if (n <= 0) continue;
+    const fVec bias = fVec::loadu(o.bias + v * 16);
+    if (o.residual) {
+#pragma GCC unroll 32
+      for (int m = 0; m < MB; ++m) {
+        const int64_t at = m * o.ld + v * 16;
+        store_f(at::vec::maximum(acc[m][v] + bias + load_f(o.residual + at, n), floor), o.out + at, n);
+      }
+    } else {
+#pragma GCC unroll 32
+      for (int m = 0; m < MB; ++m)
+        store_f(at::vec::maximum(acc[m][v] + bias, floor), o.out + m * o.ld + v * 16, n);
+    }
+  }
+}
+
+template <int V, int... MB>
+__attribute__((target("avx512bf16"))) inline void pair_conv_tile_dispatch(std::integer_sequence<int, MB...>,
+    int64_t width, const PairStep* steps, int64_t n_steps, int64_t offset, int64_t step, const BFloat16* w,
+    const PairOut& o) {
+  ((width == MB + 1 ? pair_conv_tile<V, MB + 1>(steps, n_steps, offset, step, w, o) : void()), ...);
+}
+
+// One output row (row_out: its first pixel's output, row_residual likewise), every channel block.
+template <int V>
+__attribute__((target("avx512bf16"))) void pair_conv_row(const PairStep* steps, int64_t n_steps,
+                                                         const BFloat16* w_blocks, int64_t block_size, int64_t blocks,
+                                                         int64_t step, int64_t out_w, const float* bias_blocked,
+                                                         const BFloat16* row_residual, BFloat16* row_out,
+                                                         int64_t c_out, bool relu) {
+  constexpr int kPixels = pair_tile_pixels<V>;
+  // Tiles of equal width: a narrow remainder tile has too few independent accumulators to hide the latency.
+  const int64_t tiles = ceil_div(out_w, kPixels);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * V * 16;
+    for (int64_t t = 0, ow = 0; t < tiles; ++t) {
+      const int64_t width = (out_w - ow) / (tiles - t), at = ow * c_out + c0;
+      const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0, c_out,
+                      relu};
+      pair_conv_tile_dispatch<V>(std::make_integer_sequence<int, kPixels>{}, width, steps, n_steps, ow * step, step,
+                                 w_blocks + b * block_size, o);
+      ow += width;
+    }
+  }
+}
+
+// dst = the pixels 3-channel pixels at src with a zero fourth channel; eight pixels per permute (a copy per pixel
+// took longer than the 3 -> 16 stem layer's arithmetic).
+inline void three_to_four_channels(const BFloat16* src, int64_t pixels, BFloat16* dst) {
+  alignas(64) static constexpr int16_t kIndex[32] = {0,  1,  2,  0, 3,  4,  5,  0, 6,  7,  8,  0, 9,  10, 11, 0,
+                                                     12, 13, 14, 0, 15, 16, 17, 0, 18, 19, 20, 0, 21, 22, 23, 0};
+  const __m512i index = _mm512_load_si512(kIndex);
+  int64_t p = 0;
+  for (; p + 8 <= pixels; p += 8) {
+    const __m512i v = _mm512_maskz_loadu_epi16(0xFFFFFF, src + p * 3);
+    _mm512_storeu_si512(dst + p * 4, _mm512_maskz_permutexvar_epi16(0x77777777, index, v));
+  }
+  for (; p < pixels; ++p) {
+    std::copy_n(src + p * 3, 3, dst + p * 4);
+    dst[p * 4 + 3] = BFloat16(0.f);
+  }
+}
+
+// w_blocks: (c_out / (16 V) rounded up, kh, kw * c_pad / 2, 16 V, 2) bf16, zero past c_out and c_in.
+template <int V>
+void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_t c_pad, const float* bias,
+                             const BFloat16* residual, bool relu, BFloat16* out, const ConvShape& s) {
+  const int64_t c = s.c_in, pairs_row = s.kw * c_pad / 2, step = s.stride * c_pad, padded_w = s.w + 2 * s.pad;
+  const int64_t blocks = ceil_div(s.c_out, int64_t(16 * V));
+  std::vector<float> bias_blocked(blocks * 16 * V, 0.f);
+  std::copy_n(bias, s.c_out, bias_blocked.data());
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    // A ring of kh zero-padded input rows, as in blocked_conv_channels_last; padding columns and channels stay zero.
+    std::vector<BFloat16> padded(s.kh * padded_w * c_pad, BFloat16(0.f));
+    std::vector<int64_t> slot_row(s.kh, -1);
+    std::vector<const BFloat16*> rows(s.kh);
+    std::vector<PairStep> steps;
+    steps.reserve(s.kh * pairs_row);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.stride - s.pad + i;
+        if (ih < 0 || ih >= s.h) {
+          rows[i] = nullptr;
+          continue;
+        }
+        const int64_t slot = ih % s.kh;
+        BFloat16* slot_data = padded.data() + slot * padded_w * c_pad;
+        if (slot_row[slot] != n * s.h + ih) {
+          const BFloat16* src = x + (n * s.h + ih) * s.w * c;
+          if (c == c_pad) {
+            std::copy_n(src, s.w * c, slot_data + s.pad * c);
+          } else if (c == 3) {
+            three_to_four_channels(src, s.w, slot_data + s.pad * c_pad);
+          } else {
+            for (int64_t iw = 0; iw < s.w; ++iw) std::copy_n(src + iw * c, c, slot_data + (s.pad + iw) * c_pad);
+          }
+          slot_row[slot] = n * s.h + ih;
+        }
+        rows[i] = slot_data;
+      }
+      // The input rows two output rows ahead will add, requested now: the hardware prefetchers restart at every
+      // 4 KiB page, which the 3 -> 16 stem layer's 2.7 KB of new input per output row crosses every other row, and
+      // the row copies above then waited on memory for as long as the arithmetic took.
+      if (r + 2 < r1 && (r + 2) / s.out_h == n) {
+        const int64_t top = (oh + 2) * s.stride - s.pad;
+        const int64_t first = std::max<int64_t>(0, top + std::max<int64_t>(0, s.kh - s.stride)), last = std::min(s.h, top + s.kh);
+        const char* begin = reinterpret_cast<const char*>(x + (n * s.h + first) * s.w * c);
+        const char* end = reinterpret_cast<const char*>(x + (n * s.h + last) * s.w * c);
+        for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line);
+      }
+      steps.clear();
+      for (int64_t i = 0; i < s.kh; ++i)
+        if (rows[i])
+          for (int64_t k = 0; k < pairs_row; ++k) steps.push_back({rows[i] + 2 * k, (i * pairs_row + k) * V * 32});
+      const int64_t at = r * s.out_w * s.c_out;
+      pair_conv_row<V>(steps.data(), static_cast<int64_t>(steps.size()), w_blocks, s.kh * pairs_row * V * 32, blocks,
+                       step, s.out_w, bias_blocked.data(), residual ? residual + at : nullptr, out + at, s.c_out, relu);
+    }
+  });
+}
+
+void pair_conv(const float*, const at::Tensor&, const float*, const float*, bool, float*, const ConvShape&) {}
+void pair_conv(const BFloat16* x, const at::Tensor& weight, const float* bias, const BFloat16* residual, bool relu,
+               BFloat16* out, const ConvShape& s) {
+  const int V = s.c_out <= 16 ? 1 : 2;
+  const int64_t c_pad = s.c_in + s.c_in % 2, blocks = ceil_div(s.c_out, int64_t(16 * V));
+  // (c_out, c_in, kh, kw) -> (block, kh, kw * c_pad / 2 pairs, 16 V channels, 2), zero-padded past c_out and c_in
+  const at::Tensor w_blocks = derived_weight(weight, V == 1 ? "dense conv pair blocks 16" : "dense conv pair blocks 32", [&] {
+    return at::constant_pad_nd(weight, {0, 0, 0, 0, 0, c_pad - s.c_in, 0, blocks * 16 * V - s.c_out})
+        .reshape({blocks, 16 * V, c_pad, s.kh, s.kw})
+        .permute({0, 3, 4, 2, 1})
+        .reshape({blocks, s.kh, s.kw * c_pad / 2, 2, 16 * V})
+        .transpose(3, 4)
+        .contiguous();
+  });
+  auto kernel = V == 1 ? pair_conv_channels_last<1> : pair_conv_channels_last<2>;
+  kernel(x, w_blocks.data_ptr<BFloat16>(), c_pad, bias, residual, relu, out, s);
+}
+#else
+template <typename T>
+bool pair_conv_usable() { return false; }
+template <typename T>
+void pair_conv(const T*, const at::Tensor&, const float*, const T*, bool, T*, const ConvShape&) {}
+#endif
 
 // Dense kxk channels_last without im2col: register-blocked in fp32 (bf16 widened when bf16_widened()), else bf16
 // one GEMM per kernel row on bf16 pair products (needs an even kw * c_in).
@@ -605,6 +823,11 @@ ConvKind conv_kind(const at::Tensor& x, const at::Tensor& weight, int64_t stride
 
 }  // namespace
 
+std::string dense_conv_bf16() {
+  if (pair_conv_usable<BFloat16>()) return "pairs";
+  return bf16_widened() ? "fp32" : "rows";
+}
+
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          int64_t stride, int64_t padding, int64_t groups, bool relu,
                          const std::optional<at::Tensor>& residual) {
@@ -658,7 +881,9 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       // bf16 row GEMMs read overlapping rows of x in place, which only the VNNI micro-kernel can (even K).
       const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || bf16_widened() ||
                                                (s.kw * s.c_in % 2 == 0 && bf16_brgemm_usable()));
-      if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
+      if (channels_last && !s.pointwise() && pair_conv_usable<T>()) {
+        pair_conv(x_ptr, weight, bias_ptr, res_ptr, relu, out_ptr, s);
+      } else if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
         const at::Tensor w_kc = derived_weight(weight, "small conv taps fp32", [&] {  // (kh, kw, c_in, c_out)
           return weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();
         });

@@ -97,6 +97,15 @@ def pointwise_grads() -> Optional[str]:
     return str(_module.pointwise_grads())
 
 
+def dense_conv_bf16() -> Optional[str]:
+    """What bf16 channels_last dense kxk convolutions (the stem's) run on: ``"pairs"`` (this extension's register-
+    blocked AVX512_BF16 pair products), ``"rows"`` (a bf16 GEMM per kernel row on ATen's micro-kernel; three input
+    channels widened to fp32) or ``"fp32"`` (widened, the fp32 kernels). None when the backend is unavailable."""
+    if _module is None or not hasattr(_module, "dense_conv_bf16"):
+        return None
+    return str(_module.dense_conv_bf16())
+
+
 def peak_gflops(kind: str) -> float:
     """One core's arithmetic peak, measured by a register-resident loop of the build in use (tens of ms):
     ``"fp32_fma"`` or ``"bf16_dot"`` (512-bit VDPBF16PS). 0.0 where the build or processor has none."""
@@ -222,16 +231,18 @@ def conv_slower_reasons(x, weight, stride, padding, groups, **_) -> List[str]:
             return []
         # Stem convs 3x3 stride 2, batch 16, channels_last, ms, oneDNN incl. ReLU / cpp (2026-11-25, 1 thread):
         # fp32 S1 3->16 2.06/1.44, 16->32 4.21/2.84, 32->64 2.22/2.24, 64->128 1.90/1.96; S4 28->56 12.7/11.1,
-        # 56->112 9.09/9.64, 112->224 8.47/7.94 (2 threads: 0.96-1.54x). bf16 on bf16 pair products: cpp slower on
-        # all (0.6-0.9x); bf16 widened to fp32 (the same register-blocked kernel), Intel Xeon family 6 model 207,
-        # 2026-12-01, S1: 3->16 4.76/3.55, 16->32 6.17/4.54, 32->64 5.53/3.70, 64->128 5.17/3.50.
-        if _is_channels_last(x) and (x.dtype == torch.float32 or bf16_products() == "fp32"):
+        # 56->112 9.09/9.64, 112->224 8.47/7.94 (2 threads: 0.96-1.54x). bf16 widened to fp32 (the same register-
+        # blocked kernel), Intel Xeon family 6 model 207, 2026-12-01, S1: 3->16 4.76/3.55, 16->32 6.17/4.54, 32->64
+        # 5.53/3.70, 64->128 5.17/3.50. bf16 on this extension's pair kernel ("pairs"), AMD Zen 5, 2026-12-02, oneDNN
+        # / cpp per round: S1 1.14x, 1.07x, 0.93x, 1.00x, S4 (3->28 ...) 1.26x, 1.21x, 0.95x, 1.08x (the stem
+        # 5.8 vs 6.1 ms, 19.4 vs 21.7 ms); bf16 on kernel-row GEMMs ("rows"): slower on all (0.6-0.9x).
+        if _is_channels_last(x) and (x.dtype == torch.float32 or dense_conv_bf16() in ("pairs", "fp32")):
             return []
         return [
-            "dense (groups=1) kxk convolutions go to ATen except in channels_last in fp32 (or bf16 widened to fp32): "
-            f"the cpp kernels measured slower than oneDNN's on the rest; got weight {tuple(weight.shape)}, stride "
-            f"{stride}, {x.dtype}, {'channels_last' if _is_channels_last(x) else 'NCHW'}, bf16 products "
-            f"{bf16_products()}"
+            "dense (groups=1) kxk convolutions go to ATen except in channels_last in fp32 or bf16 on pair products or "
+            "widened to fp32: the cpp kernels measured slower than oneDNN's on the rest; got weight "
+            f"{tuple(weight.shape)}, stride {stride}, {x.dtype}, {'channels_last' if _is_channels_last(x) else 'NCHW'}, "
+            f"bf16 dense convs on {dense_conv_bf16()}"
         ]
     if not _is_channels_last(x):
         # The NCHW stencil measured at about half the speed of ATen's.
