@@ -1,7 +1,7 @@
 // conv_bias_act forward: out = act(conv2d(x, weight, bias) + residual), BN already folded into weight/bias.
 //
 // * 1x1 (groups 1): a GEMM per tile of output pixels, the bias / residual / ReLU applied to the tile while it is
-//   still in cache.
+//   still in cache; bf16 channels_last on AVX512_BF16 pair products: pair_conv's tiles over all pixels.
 // * dense kxk (groups 1), channels_last: bf16 on AVX512_BF16 pair products register-blocked (pair_conv); else
 //   3 input channels by a register-resident weight kernel; otherwise fp32 register-blocked
 //   (blocked_conv_channels_last), bf16 one GEMM per kernel row; im2col + GEMM where neither fits (NCHW, bf16 with
@@ -406,6 +406,23 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
   const int64_t blocks = ceil_div(s.c_out, int64_t(16 * V));
   std::vector<float> bias_blocked(blocks * 16 * V, 0.f);
   std::copy_n(bias, s.c_out, bias_blocked.data());
+  if (s.pointwise()) {
+    // A 1x1 convolution's patches are the input pixels themselves: all N * H * W of them are one long row, read in
+    // place in chunks of 8 tiles (per output row, the last stages' 4- to 14-pixel rows left too few accumulators:
+    // 0.56-0.89x the brgemm tiles there). Even c_in only (the caller's condition): pairs must not straddle pixels.
+    constexpr int64_t kChunk = pair_tile_pixels<V> * 8;
+    const int64_t pixels = s.batch * s.h * s.w;
+    at::parallel_for(0, ceil_div(pixels, kChunk), 1, [&](int64_t q0, int64_t q1) {
+      std::vector<PairStep> steps(pairs_row);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t p0 = q * kChunk, np = std::min(kChunk, pixels - p0);
+        for (int64_t k = 0; k < pairs_row; ++k) steps[k] = {x + p0 * c + 2 * k, k * V * 32};
+        pair_conv_row<V>(steps.data(), pairs_row, w_blocks, pairs_row * V * 32, blocks, c, np, bias_blocked.data(),
+                         residual ? residual + p0 * s.c_out : nullptr, out + p0 * s.c_out, s.c_out, relu);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     // A ring of kh zero-padded input rows, as in blocked_conv_channels_last; padding columns and channels stay zero.
     std::vector<BFloat16> padded(s.kh * padded_w * c_pad, BFloat16(0.f));
@@ -881,7 +898,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
       // bf16 row GEMMs read overlapping rows of x in place, which only the VNNI micro-kernel can (even K).
       const bool row_conv = !s.pointwise() && (std::is_same<T, float>::value || bf16_widened() ||
                                                (s.kw * s.c_in % 2 == 0 && bf16_brgemm_usable()));
-      if (channels_last && !s.pointwise() && pair_conv_usable<T>()) {
+      if (channels_last && pair_conv_usable<T>() && (!s.pointwise() || s.c_in % 2 == 0)) {
         pair_conv(x_ptr, weight, bias_ptr, res_ptr, relu, out_ptr, s);
       } else if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
         const at::Tensor w_kc = derived_weight(weight, "small conv taps fp32", [&] {  // (kh, kw, c_in, c_out)

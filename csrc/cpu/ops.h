@@ -40,8 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // The GEMMs the 1x1 channels_last conv gradients run on: "brgemm" (the micro-kernel) or "aten" (ATen's mm);
 // measured once per process unless SHVIT_CPU_POINTWISE_GRADS forces one.
 std::string pointwise_grads();
-// What bf16 channels_last dense kxk convolutions run on: "pairs" (register-blocked VDPBF16PS, AVX512_BF16 with bf16
-// products "dot"), "rows" (a brgemm per kernel row; 3 input channels widened to fp32) or "fp32" (widened).
+// What bf16 channels_last dense kxk convolutions (and 1x1 ones with even c_in) run on: "pairs" (register-blocked
+// VDPBF16PS, AVX512_BF16 with bf16 products "dot"), "rows" (a brgemm per kernel row; 3 input channels widened to
+// fp32; 1x1 on brgemm tiles) or "fp32" (widened).
 std::string dense_conv_bf16();
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

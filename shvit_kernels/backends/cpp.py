@@ -98,9 +98,10 @@ def pointwise_grads() -> Optional[str]:
 
 
 def dense_conv_bf16() -> Optional[str]:
-    """What bf16 channels_last dense kxk convolutions (the stem's) run on: ``"pairs"`` (this extension's register-
-    blocked AVX512_BF16 pair products), ``"rows"`` (a bf16 GEMM per kernel row on ATen's micro-kernel; three input
-    channels widened to fp32) or ``"fp32"`` (widened, the fp32 kernels). None when the backend is unavailable."""
+    """What bf16 channels_last dense kxk convolutions (the stem's), and 1x1 ones with an even channel count, run on:
+    ``"pairs"`` (this extension's register-blocked AVX512_BF16 pair products), ``"rows"`` (a bf16 GEMM per kernel
+    row on ATen's micro-kernel, three input channels widened to fp32; 1x1 on its GEMM tiles) or ``"fp32"`` (widened,
+    the fp32 kernels). None when the backend is unavailable."""
     if _module is None or not hasattr(_module, "dense_conv_bf16"):
         return None
     return str(_module.dense_conv_bf16())
