@@ -262,6 +262,21 @@ std::string set_bf16_products(const std::string& mode);
 // The mode in force, "auto" resolved (measured on first use).
 bool bf16_widened();
 
+// bf16 GEMMs on this extension's AVX512_BF16 pair-product tiles (conv_bias_act.cpp's pair_conv): usable where the
+// processor has the instructions and bf16 multiplies as pairs (not bf16_widened()).
+bool pair_products_usable();
+// A (n, k[, 1, 1]) weight (k even) packed for pair_rows, kept per weight version, and its bias padded to whole blocks.
+struct PairWeight {
+  at::Tensor blocks;  // (n / (16 vecs) rounded up, k / 2, 16 vecs, 2) bf16
+  std::vector<float> bias;
+  int64_t n = 0, k = 0;
+  int vecs = 0;  // channel vectors per block: 1 for n <= 16, else 2
+};
+PairWeight pair_weight(const at::Tensor& weight, const float* bias);
+// out (rows x n, ld n) = bf16(act(a w^T + bias [+ residual (ld n)])), a (rows x k, ld lda) read in place; one thread.
+void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w, const BFloat16* residual, bool relu,
+               BFloat16* out);
+
 // dst = the rows x cols bf16 matrix at src (leading dimension ld) widened, exactly, to a contiguous fp32 matrix.
 void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst);
 

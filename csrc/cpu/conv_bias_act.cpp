@@ -474,22 +474,38 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
   });
 }
 
+// (c_out, c_in, kh, kw) -> (block, kh, kw * c_pad / 2 pairs, 16 V channels, 2) bf16, zero-padded past c_out and c_in.
+at::Tensor pair_blocks(const at::Tensor& weight, int64_t c_pad, int V) {
+  const int64_t c_out = weight.size(0), c_in = weight.size(1), kh = weight.dim() == 4 ? weight.size(2) : 1,
+                kw = weight.dim() == 4 ? weight.size(3) : 1, blocks = ceil_div(c_out, int64_t(16 * V));
+  return derived_weight(weight, V == 1 ? "pair blocks 16" : "pair blocks 32", [&] {
+    return at::constant_pad_nd(weight.reshape({c_out, c_in, kh, kw}), {0, 0, 0, 0, 0, c_pad - c_in, 0, blocks * 16 * V - c_out})
+        .reshape({blocks, 16 * V, c_pad, kh, kw})
+        .permute({0, 3, 4, 2, 1})
+        .reshape({blocks, kh, kw * c_pad / 2, 2, 16 * V})
+        .transpose(3, 4)
+        .contiguous();
+  });
+}
+
 void pair_conv(const float*, const at::Tensor&, const float*, const float*, bool, float*, const ConvShape&) {}
 void pair_conv(const BFloat16* x, const at::Tensor& weight, const float* bias, const BFloat16* residual, bool relu,
                BFloat16* out, const ConvShape& s) {
   const int V = s.c_out <= 16 ? 1 : 2;
-  const int64_t c_pad = s.c_in + s.c_in % 2, blocks = ceil_div(s.c_out, int64_t(16 * V));
-  // (c_out, c_in, kh, kw) -> (block, kh, kw * c_pad / 2 pairs, 16 V channels, 2), zero-padded past c_out and c_in
-  const at::Tensor w_blocks = derived_weight(weight, V == 1 ? "dense conv pair blocks 16" : "dense conv pair blocks 32", [&] {
-    return at::constant_pad_nd(weight, {0, 0, 0, 0, 0, c_pad - s.c_in, 0, blocks * 16 * V - s.c_out})
-        .reshape({blocks, 16 * V, c_pad, s.kh, s.kw})
-        .permute({0, 3, 4, 2, 1})
-        .reshape({blocks, s.kh, s.kw * c_pad / 2, 2, 16 * V})
-        .transpose(3, 4)
-        .contiguous();
-  });
+  const int64_t c_pad = s.c_in + s.c_in % 2;
+  const at::Tensor w_blocks = pair_blocks(weight, c_pad, V);
   auto kernel = V == 1 ? pair_conv_channels_last<1> : pair_conv_channels_last<2>;
   kernel(x, w_blocks.data_ptr<BFloat16>(), c_pad, bias, residual, relu, out, s);
+}
+
+template <int V>
+void pair_rows_impl(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w, const BFloat16* residual,
+                    bool relu, BFloat16* out) {
+  const int64_t pairs = w.k / 2, blocks = w.blocks.size(0);
+  std::vector<PairStep> steps(pairs);
+  for (int64_t k = 0; k < pairs; ++k) steps[k] = {a + 2 * k, k * V * 32};
+  pair_conv_row<V>(steps.data(), pairs, w.blocks.data_ptr<BFloat16>(), pairs * V * 32, blocks, lda, rows, w.bias.data(),
+                   residual, out, w.n, relu);
 }
 #else
 template <typename T>
@@ -497,6 +513,36 @@ bool pair_conv_usable() { return false; }
 template <typename T>
 void pair_conv(const T*, const at::Tensor&, const float*, const T*, bool, T*, const ConvShape&) {}
 #endif
+
+}  // namespace
+
+bool pair_products_usable() { return pair_conv_usable<BFloat16>(); }
+
+PairWeight pair_weight(const at::Tensor& weight, const float* bias) {
+  TORCH_CHECK(pair_products_usable(), "pair_weight: bf16 pair products are not usable here");
+  PairWeight w;
+  w.n = weight.size(0), w.k = weight.size(1), w.vecs = w.n <= 16 ? 1 : 2;
+  TORCH_CHECK(w.k % 2 == 0 && weight.numel() == w.n * w.k, "pair_weight: expects an (n, k, 1, 1) weight with even k, got ",
+              weight.sizes());
+#if defined(CPU_CAPABILITY_AVX512)
+  w.blocks = pair_blocks(weight, w.k, w.vecs).reshape({-1, w.k / 2, 16 * w.vecs, 2});
+#endif
+  w.bias.assign(w.blocks.size(0) * 16 * w.vecs, 0.f);
+  std::copy_n(bias, w.n, w.bias.data());
+  return w;
+}
+
+void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w, const BFloat16* residual, bool relu,
+               BFloat16* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  (w.vecs == 1 ? pair_rows_impl<1> : pair_rows_impl<2>)(a, rows, lda, w, residual, relu, out);
+#else
+  (void)a, (void)rows, (void)lda, (void)w, (void)residual, (void)relu, (void)out;
+  TORCH_CHECK(false, "pair_rows: bf16 pair products are not usable in this build");
+#endif
+}
+
+namespace {
 
 // Dense kxk channels_last without im2col: register-blocked in fp32 (bf16 widened when bf16_widened()), else bf16
 // one GEMM per kernel row on bf16 pair products (needs an even kw * c_in).

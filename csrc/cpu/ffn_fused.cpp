@@ -116,6 +116,24 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   });
 }
 
+// bf16 channels_last on AVX512_BF16 pair products (pair_rows): per tile of pixels, hidden = bf16(relu(x W1^T + b1))
+// into a per-thread buffer, then out = x + hidden W2^T + b2, both from registers; the same roundings as the brgemm
+// path above (bit-identical where the accumulation order matches). Needs even C and H.
+void ffn_channels_last_pairs(const BFloat16* x, const at::Tensor& w1, const float* b1, const at::Tensor& w2,
+                             const float* b2, BFloat16* out, const FfnShape& s) {
+  const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
+  const int64_t tile = rows_per_tile(rows, hd + c);
+  const PairWeight w1p = pair_weight(w1, b1), w2p = pair_weight(w2, b2);
+  at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<BFloat16> hidden(tile * hd);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
+      pair_rows(x + r0 * c, nr, c, w1p, nullptr, true, hidden.data());
+      pair_rows(hidden.data(), nr, hd, w2p, x + r0 * c, false, out + r0 * c);
+    }
+  });
+}
+
 // NCHW: per image, x is a (C, pixels) matrix; hidden tile (H, cols) = W1 x[:, tile]. w1 (H, C) and w2 (C, H) are
 // contiguous matrices in C.
 template <typename T, typename C>
@@ -153,6 +171,12 @@ template <typename T, typename C>
 void ffn_forward(const at::Tensor& xc, const at::Tensor& w1, const float* b1, const at::Tensor& w2, const float* b2,
                  at::Tensor& out, bool channels_last, const FfnShape& s) {
   if (channels_last) {
+    if constexpr (std::is_same_v<C, BFloat16>) {
+      if (pair_products_usable() && s.c % 2 == 0 && s.hidden % 2 == 0) {
+        ffn_channels_last_pairs(xc.data_ptr<BFloat16>(), w1, b1, w2, b2, out.data_ptr<BFloat16>(), s);
+        return;
+      }
+    }
     ffn_channels_last<T, C>(xc.data_ptr<T>(), w1, b1, w2, b2, out.data_ptr<T>(), s);
   } else {
     const at::Tensor w1c = weight_matrix<C>(w1), w2c = weight_matrix<C>(w2);
