@@ -155,19 +155,22 @@ def test_variant_matches_reference(variant, dtype, channels_last, op, reference,
 
 
 @requires_cpp
-@pytest.mark.parametrize("mode", ("dot", "fp32"))
+@pytest.mark.parametrize("mode", ("dot", "dot without pair kernels", "fp32"))
 def test_each_bf16_products_mode_matches_reference(mode):
     """The grids above run bf16 in the mode this processor measured faster; here each mode, forced, on every
-    variant: every forward op case and the ffn / shsa backward cases in both layouts."""
+    variant: every forward op case and the ffn / shsa backward cases in both layouts. "dot without pair kernels":
+    ATen's micro-kernel paths, which processors without AVX512_BF16 take in "dot" mode."""
     for variant in VARIANTS:
         module = cpp.load_variant(variant)
         try:
-            previous = module.set_bf16_products(mode)
+            previous = module.set_bf16_products(mode.split()[0])
         except RuntimeError as e:
-            assert mode == "dot" and "not usable here" in str(e)
+            assert mode.startswith("dot") and "not usable here" in str(e)
             pytest.skip(f"bf16 pair products cannot run on this processor: {e}")
+        pairs = module.set_pair_kernels(mode != "dot without pair kernels")
         try:
             assert module.bf16_widened() == (mode == "fp32")
+            assert module.dense_conv_bf16() != "pairs" or mode == "dot"
             for channels_last in (False, True):
                 for op, reference, label, args in OP_CASES:
                     _check_against_reference(getattr(module, op), reference, args, torch.bfloat16,
@@ -182,6 +185,7 @@ def test_each_bf16_products_mode_matches_reference(mode):
                     _check_outputs(module.shsa_fused_backward, shsa_fused_backward_reference, bwd, torch.bfloat16,
                                    channels_last, f"{variant} {mode} shsa_fused_backward {label}")
         finally:
+            module.set_pair_kernels(pairs)
             module.set_bf16_products(previous)
 
 

@@ -15,6 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_bf16_products", &k::set_bf16_products, "Set 'auto', 'dot' or 'fp32'; returns the previous mode");
   m.def("bf16_widened", &k::bf16_widened, "Whether bf16 GEMMs multiply in fp32 now ('auto' measured on first use)");
   m.def("pointwise_grads", &k::pointwise_grads, "1x1 conv gradient GEMMs: 'brgemm' or 'aten' (measured once)");
+  m.def("set_pair_kernels", &k::set_pair_kernels,
+        "bf16 on the AVX512_BF16 pair kernels where they run (True, default) or ATen's micro-kernel paths; returns the "
+        "previous setting (tests)");
   m.def("dense_conv_bf16", &k::dense_conv_bf16, "bf16 channels_last dense convs: 'pairs', 'rows' or 'fp32'");
   m.def("peak_gflops", &k::peak_gflops, "One core's measured peak: 'fp32_fma' or 'bf16_dot' (0: none here)");
   m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");

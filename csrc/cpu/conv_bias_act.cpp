@@ -10,6 +10,7 @@
 // Both layouts are computed natively (NCHW and channels_last); the output keeps the input's layout.
 #include "ops.h"
 
+#include <atomic>
 #include <limits>
 #include <utility>
 
@@ -277,10 +278,15 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
 template <int V>
 constexpr int pair_tile_pixels = V == 1 ? 16 : 14;
 
+std::atomic<bool>& pair_kernels_on() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 template <typename T>
 bool pair_conv_usable() {
   static const bool usable = __builtin_cpu_supports("avx512bf16");
-  return std::is_same_v<T, BFloat16> && usable && !bf16_widened();
+  return std::is_same_v<T, BFloat16> && usable && pair_kernels_on().load(std::memory_order_relaxed) && !bf16_widened();
 }
 
 // A bf16 pair read in place (any alignment, any type the row holds).
@@ -508,6 +514,10 @@ void pair_rows_impl(const BFloat16* a, int64_t rows, int64_t lda, const PairWeig
                    residual, out, w.n, relu);
 }
 #else
+std::atomic<bool>& pair_kernels_on() {
+  static std::atomic<bool> on{true};
+  return on;
+}
 template <typename T>
 bool pair_conv_usable() { return false; }
 template <typename T>
@@ -517,6 +527,8 @@ void pair_conv(const T*, const at::Tensor&, const float*, const T*, bool, T*, co
 }  // namespace
 
 bool pair_products_usable() { return pair_conv_usable<BFloat16>(); }
+
+bool set_pair_kernels(bool on) { return pair_kernels_on().exchange(on); }
 
 PairWeight pair_weight(const at::Tensor& weight, const float* bias) {
   TORCH_CHECK(pair_products_usable(), "pair_weight: bf16 pair products are not usable here");

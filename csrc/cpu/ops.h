@@ -44,6 +44,9 @@ std::string pointwise_grads();
 // VDPBF16PS, AVX512_BF16 with bf16 products "dot"), "rows" (a brgemm per kernel row; 3 input channels widened to
 // fp32; 1x1 on brgemm tiles) or "fp32" (widened).
 std::string dense_conv_bf16();
+// Whether bf16 takes the pair kernels where they can run (default) or ATen's micro-kernel paths, which tests keep
+// checking on processors that have the instructions; returns the previous setting.
+bool set_pair_kernels(bool on);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     int64_t stride, int64_t padding, int64_t groups, bool relu, const std::optional<at::Tensor>& residual,
