@@ -200,47 +200,75 @@ inline void conv_tile_dispatch(int64_t width, const float* const* rows, int64_t 
                           acc_out, ld_acc, prefetch, prefetch_end);
 }
 
+// The kh input rows an output row reads, as zero-padded copies (S: their storage type) in a ring of kh slots:
+// input row ih lives in slot ih % kh (the rows one output row reads are consecutive, so their slots differ), and the
+// next output row reuses the kh - stride rows it shares with this one. Padding columns, and channels past c_in when
+// c_store is larger, are zeroed once; copy(src, dst) writes the c_in-channel row at src into a slot's interior.
+template <typename S>
+class PaddedRows {
+ public:
+  PaddedRows(const ConvShape& s, int64_t c_store)
+      : s_(s), c_store_(c_store), width_((s.w + 2 * s.pad) * c_store), data_(s.kh * width_, S(0.f)),
+        slot_row_(s.kh, -1), rows_(s.kh) {}
+
+  // The kh rows of output row oh of image n (nullptr for a row in the top / bottom padding).
+  template <typename T, typename Copy>
+  const S* const* gather(const T* x, int64_t n, int64_t oh, Copy copy) {
+    for (int64_t i = 0; i < s_.kh; ++i) {
+      const int64_t ih = oh * s_.stride - s_.pad + i;
+      if (ih < 0 || ih >= s_.h) {
+        rows_[i] = nullptr;
+        continue;
+      }
+      const int64_t slot = ih % s_.kh;
+      S* slot_data = data_.data() + slot * width_;
+      if (slot_row_[slot] != n * s_.h + ih) {
+        copy(x + (n * s_.h + ih) * s_.w * s_.c_in, slot_data + s_.pad * c_store_);
+        slot_row_[slot] = n * s_.h + ih;
+      }
+      rows_[i] = slot_data;
+    }
+    return rows_.data();
+  }
+
+ private:
+  const ConvShape& s_;
+  int64_t c_store_, width_;
+  std::vector<S> data_;
+  std::vector<int64_t> slot_row_;  // n * h + ih held by each slot
+  std::vector<const S*> rows_;
+};
+
+// The input rows [first, last) of output row oh that the row above it did not read (in memory, consecutive).
+inline std::pair<int64_t, int64_t> new_input_rows(const ConvShape& s, int64_t oh) {
+  const int64_t top = oh * s.stride - s.pad;
+  return {std::max<int64_t>(0, top + std::max<int64_t>(0, s.kh - s.stride)), std::min(s.h, top + s.kh)};
+}
+
 // w_blocks: (c_out / kChannelBlock rounded up, kh, kw * c_in, kChannelBlock) fp32, zero past c_out. bf16 input
 // rows are widened as they are copied into the padded rows (bf16_widened()).
 template <typename T>
 void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* bias, const T* residual, bool relu,
                                 T* out, const ConvShape& s) {
-  const int64_t c = s.c_in, k_row = s.kw * c, step = s.stride * c, padded_w = s.w + 2 * s.pad;
+  const int64_t c = s.c_in, k_row = s.kw * c, step = s.stride * c;
   const int64_t blocks = ceil_div(s.c_out, kChannelBlock), c_pad = blocks * kChannelBlock;
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
-    // Input row ih lives in slot ih % kh of a ring of zero-padded fp32 rows (the kh rows an output row reads are
-    // consecutive, so their slots differ); the next output row reuses the kh - stride it shares with this one.
-    // The padding columns are zeroed once; only the interior is rewritten.
-    std::vector<float> padded(s.kh * padded_w * c, 0.f), acc(s.out_w * c_pad);
-    std::vector<int64_t> slot_row(s.kh, -1);  // n * h + ih held by each slot
-    std::vector<const float*> rows(s.kh);
+    PaddedRows<float> padded(s, c);
+    std::vector<float> acc(s.out_w * c_pad);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.out_h, oh = r % s.out_h;
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int64_t ih = oh * s.stride - s.pad + i;
-        if (ih < 0 || ih >= s.h) {
-          rows[i] = nullptr;
-          continue;
+      const float* const* rows = padded.gather(x, n, oh, [&](const T* src, float* dst) {
+        if constexpr (std::is_same_v<T, float>) {
+          std::copy_n(src, s.w * c, dst);
+        } else {
+          at::vec::convert(src, dst, s.w * c);
         }
-        const int64_t slot = ih % s.kh;
-        float* slot_data = padded.data() + slot * padded_w * c;
-        if (slot_row[slot] != n * s.h + ih) {
-          if constexpr (std::is_same_v<T, float>) {
-            std::copy_n(x + (n * s.h + ih) * s.w * c, s.w * c, slot_data + s.pad * c);
-          } else {
-            at::vec::convert(x + (n * s.h + ih) * s.w * c, slot_data + s.pad * c, s.w * c);
-          }
-          slot_row[slot] = n * s.h + ih;
-        }
-        rows[i] = slot_data;
-      }
+      });
       // The input rows the next output row adds: consecutive in memory, and from memory (stem maps are 6-13 MB).
       const char* prefetch = nullptr;
       const char* prefetch_end = nullptr;
       if (r + 1 < r1 && (r + 1) % s.out_h != 0) {
-        const int64_t next_top = (oh + 1) * s.stride - s.pad;
-        const int64_t first = std::max<int64_t>(0, next_top + std::max<int64_t>(0, s.kh - s.stride));
-        const int64_t last = std::min(s.h, next_top + s.kh);
+        const auto [first, last] = new_input_rows(s, oh + 1);
         if (first < last) {
           prefetch = reinterpret_cast<const char*>(x + (n * s.h + first) * s.w * c);
           prefetch_end = reinterpret_cast<const char*>(x + (n * s.h + last) * s.w * c);
@@ -254,7 +282,7 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
         const int64_t tiles = ceil_div(s.out_w, kPixelBlock);
         for (int64_t t = 0, ow = 0; t < tiles; ++t) {
           const int64_t width = (s.out_w - ow) / (tiles - t);
-          conv_tile_dispatch(width, rows.data(), ow * step, s.kh, k_row, step, w, acc_b + ow * c_pad, c_pad, prefetch,
+          conv_tile_dispatch(width, rows, ow * step, s.kh, k_row, step, w, acc_b + ow * c_pad, c_pad, prefetch,
                              prefetch_end);
           ow += width;
         }
@@ -408,7 +436,7 @@ inline void three_to_four_channels(const BFloat16* src, int64_t pixels, BFloat16
 template <int V>
 void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_t c_pad, const float* bias,
                              const BFloat16* residual, bool relu, BFloat16* out, const ConvShape& s) {
-  const int64_t c = s.c_in, pairs_row = s.kw * c_pad / 2, step = s.stride * c_pad, padded_w = s.w + 2 * s.pad;
+  const int64_t c = s.c_in, pairs_row = s.kw * c_pad / 2, step = s.stride * c_pad;
   const int64_t blocks = ceil_div(s.c_out, int64_t(16 * V));
   std::vector<float> bias_blocked(blocks * 16 * V, 0.f);
   std::copy_n(bias, s.c_out, bias_blocked.data());
@@ -430,41 +458,25 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
     return;
   }
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
-    // A ring of kh zero-padded input rows, as in blocked_conv_channels_last; padding columns and channels stay zero.
-    std::vector<BFloat16> padded(s.kh * padded_w * c_pad, BFloat16(0.f));
-    std::vector<int64_t> slot_row(s.kh, -1);
-    std::vector<const BFloat16*> rows(s.kh);
+    PaddedRows<BFloat16> padded(s, c_pad);
     std::vector<PairStep> steps;
     steps.reserve(s.kh * pairs_row);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.out_h, oh = r % s.out_h;
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int64_t ih = oh * s.stride - s.pad + i;
-        if (ih < 0 || ih >= s.h) {
-          rows[i] = nullptr;
-          continue;
+      const BFloat16* const* rows = padded.gather(x, n, oh, [&](const BFloat16* src, BFloat16* dst) {
+        if (c == c_pad) {
+          std::copy_n(src, s.w * c, dst);
+        } else if (c == 3) {
+          three_to_four_channels(src, s.w, dst);
+        } else {
+          for (int64_t iw = 0; iw < s.w; ++iw) std::copy_n(src + iw * c, c, dst + iw * c_pad);
         }
-        const int64_t slot = ih % s.kh;
-        BFloat16* slot_data = padded.data() + slot * padded_w * c_pad;
-        if (slot_row[slot] != n * s.h + ih) {
-          const BFloat16* src = x + (n * s.h + ih) * s.w * c;
-          if (c == c_pad) {
-            std::copy_n(src, s.w * c, slot_data + s.pad * c);
-          } else if (c == 3) {
-            three_to_four_channels(src, s.w, slot_data + s.pad * c_pad);
-          } else {
-            for (int64_t iw = 0; iw < s.w; ++iw) std::copy_n(src + iw * c, c, slot_data + (s.pad + iw) * c_pad);
-          }
-          slot_row[slot] = n * s.h + ih;
-        }
-        rows[i] = slot_data;
-      }
+      });
       // The input rows two output rows ahead will add, requested now: the hardware prefetchers restart at every
       // 4 KiB page, which the 3 -> 16 stem layer's 2.7 KB of new input per output row crosses every other row, and
       // the row copies above then waited on memory for as long as the arithmetic took.
       if (r + 2 < r1 && (r + 2) / s.out_h == n) {
-        const int64_t top = (oh + 2) * s.stride - s.pad;
-        const int64_t first = std::max<int64_t>(0, top + std::max<int64_t>(0, s.kh - s.stride)), last = std::min(s.h, top + s.kh);
+        const auto [first, last] = new_input_rows(s, oh + 2);
         const char* begin = reinterpret_cast<const char*>(x + (n * s.h + first) * s.w * c);
         const char* end = reinterpret_cast<const char*>(x + (n * s.h + last) * s.w * c);
         for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line);
