@@ -294,6 +294,15 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
   });
 }
 
+std::atomic<bool>& pair_kernels_on() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// Channel vectors per block of the pair kernels for n output channels: one for n <= 16 (a stem's first layer), else
+// two.
+inline int pair_vecs(int64_t n) { return n <= 16 ? 1 : 2; }
+
 #if defined(CPU_CAPABILITY_AVX512)
 // bf16 dense kxk convolution in channels_last on AVX512_BF16 pair products (VDPBF16PS: 16 lanes, each adding the
 // products of two consecutive K values), register-blocked as blocked_conv_channels_last: a tile of up to
@@ -305,11 +314,6 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
 // in general registers).
 template <int V>
 constexpr int pair_tile_pixels = V == 1 ? 16 : 14;
-
-std::atomic<bool>& pair_kernels_on() {
-  static std::atomic<bool> on{true};
-  return on;
-}
 
 template <typename T>
 bool pair_conv_usable() {
@@ -440,23 +444,6 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
   const int64_t blocks = ceil_div(s.c_out, int64_t(16 * V));
   std::vector<float> bias_blocked(blocks * 16 * V, 0.f);
   std::copy_n(bias, s.c_out, bias_blocked.data());
-  if (s.pointwise()) {
-    // A 1x1 convolution's patches are the input pixels themselves: all N * H * W of them are one long row, read in
-    // place in chunks of 8 tiles (per output row, the last stages' 4- to 14-pixel rows left too few accumulators:
-    // 0.56-0.89x the brgemm tiles there). Even c_in only (the caller's condition): pairs must not straddle pixels.
-    constexpr int64_t kChunk = pair_tile_pixels<V> * 8;
-    const int64_t pixels = s.batch * s.h * s.w;
-    at::parallel_for(0, ceil_div(pixels, kChunk), 1, [&](int64_t q0, int64_t q1) {
-      std::vector<PairStep> steps(pairs_row);
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t p0 = q * kChunk, np = std::min(kChunk, pixels - p0);
-        for (int64_t k = 0; k < pairs_row; ++k) steps[k] = {x + p0 * c + 2 * k, k * V * 32};
-        pair_conv_row<V>(steps.data(), pairs_row, w_blocks, pairs_row * V * 32, blocks, c, np, bias_blocked.data(),
-                         residual ? residual + p0 * s.c_out : nullptr, out + p0 * s.c_out, s.c_out, relu);
-      }
-    });
-    return;
-  }
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     PaddedRows<BFloat16> padded(s, c_pad);
     std::vector<PairStep> steps;
@@ -509,7 +496,22 @@ at::Tensor pair_blocks(const at::Tensor& weight, int64_t c_pad, int V) {
 void pair_conv(const float*, const at::Tensor&, const float*, const float*, bool, float*, const ConvShape&) {}
 void pair_conv(const BFloat16* x, const at::Tensor& weight, const float* bias, const BFloat16* residual, bool relu,
                BFloat16* out, const ConvShape& s) {
-  const int V = s.c_out <= 16 ? 1 : 2;
+  if (s.pointwise()) {
+    // A 1x1 convolution's patches are the input pixels themselves: all N * H * W of them are one long row, read in
+    // place in chunks of 8 tiles (per output row, the last stages' 4- to 14-pixel rows left too few accumulators:
+    // 0.56-0.89x the brgemm tiles there). Even c_in only (the caller's condition): pairs must not straddle pixels.
+    const PairWeight w = pair_weight(weight, bias);
+    const int64_t pixels = s.batch * s.h * s.w, chunk = 8 * (w.vecs == 1 ? pair_tile_pixels<1> : pair_tile_pixels<2>);
+    at::parallel_for(0, ceil_div(pixels, chunk), 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t p0 = q * chunk;
+        pair_rows(x + p0 * s.c_in, std::min(chunk, pixels - p0), s.c_in, w, residual ? residual + p0 * s.c_out : nullptr,
+                  relu, out + p0 * s.c_out);
+      }
+    });
+    return;
+  }
+  const int V = pair_vecs(s.c_out);
   const int64_t c_pad = s.c_in + s.c_in % 2;
   const at::Tensor w_blocks = pair_blocks(weight, c_pad, V);
   auto kernel = V == 1 ? pair_conv_channels_last<1> : pair_conv_channels_last<2>;
@@ -526,10 +528,6 @@ void pair_rows_impl(const BFloat16* a, int64_t rows, int64_t lda, const PairWeig
                    residual, out, w.n, relu);
 }
 #else
-std::atomic<bool>& pair_kernels_on() {
-  static std::atomic<bool> on{true};
-  return on;
-}
 template <typename T>
 bool pair_conv_usable() { return false; }
 template <typename T>
@@ -545,7 +543,7 @@ bool set_pair_kernels(bool on) { return pair_kernels_on().exchange(on); }
 PairWeight pair_weight(const at::Tensor& weight, const float* bias) {
   TORCH_CHECK(pair_products_usable(), "pair_weight: bf16 pair products are not usable here");
   PairWeight w;
-  w.n = weight.size(0), w.k = weight.size(1), w.vecs = w.n <= 16 ? 1 : 2;
+  w.n = weight.size(0), w.k = weight.size(1), w.vecs = pair_vecs(w.n);
   TORCH_CHECK(w.k % 2 == 0 && weight.numel() == w.n * w.k, "pair_weight: expects an (n, k, 1, 1) weight with even k, got ",
               weight.sizes());
 #if defined(CPU_CAPABILITY_AVX512)

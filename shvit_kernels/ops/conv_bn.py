@@ -97,8 +97,9 @@ def conv_bn_train_backward_reference(
     # The conv output is the forward's kept one (conv_output) or recomputed; the residual is additive, so it only
     # shapes the ReLU mask, which ``out`` already holds. mean and var are the forward's statistics of that output; a
     # kernel may recompute them from it more precisely (the gradient is the forward's derivative: BatchNorm over a
-    # few values per channel cancels to eps-sized terms that fp32 statistics' rounding would swamp). input_grad=False (x needs no gradient, as a network's
-    # first conv): the input gradient is not computed and comes back as zeros.
+    # few values per channel cancels to eps-sized terms that fp32 statistics' rounding would swamp).
+    # input_grad=False (x needs no gradient, as a network's first conv): the input gradient is not computed and comes
+    # back as zeros.
     acc = acc_dtype(x.dtype)
     g = (grad_out * (out > 0)) if relu else grad_out.clone()
     y = conv_output if conv_output is not None else F.conv2d(x, weight, None, stride, padding, 1, groups)
