@@ -8,6 +8,7 @@ also called directly so each variant is checked, including kernels the dispatche
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -16,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import shvit_kernels
 from shvit_kernels import dispatch
@@ -33,7 +35,7 @@ from shvit_kernels.ops.shsa import (
     shsa_train_backward_reference,
     shsa_train_reference,
 )
-from shvit_kernels.testing import assert_close_to_fp64, cast_args, check_kernel
+from shvit_kernels.testing import assert_close_to_fp64, cast_args, check_kernel, to_float64
 
 
 requires_cpp = pytest.mark.skipif(cpp.variant() is None, reason="; ".join(dispatch.unavailable_reasons("cpp")) or "cpp unavailable")
@@ -80,6 +82,23 @@ def _check_against_reference(fn, reference, args, dtype, *, channels_last, name)
     return got
 
 
+def drawn_with_seed(seed):
+    """Case builders draw from their own seed: the cases are built when pytest collects (for the parameter ids), and
+    the global generator's state there depends on what was imported or ran before."""
+
+    def wrap(builder):
+        @functools.wraps(builder)
+        def build():
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return builder()
+
+        return build
+
+    return wrap
+
+
+@drawn_with_seed(1)
 def conv_cases():
     """(label, args) in conv_bias_act's positional order; odd sizes, batch 1, residual/ReLU combinations."""
     cases = []
@@ -118,6 +137,7 @@ def conv_cases():
     return cases
 
 
+@drawn_with_seed(2)
 def ffn_cases():
     return [
         ("ffn 24->48 5x7", (torch.randn(3, 24, 5, 7), torch.randn(48, 24, 1, 1) / 5, torch.randn(48), torch.randn(24, 48, 1, 1) / 7, torch.randn(24))),
@@ -126,6 +146,7 @@ def ffn_cases():
     ]
 
 
+@drawn_with_seed(3)
 def shsa_cases():
     out = []
     for c, p, hw in ((40, 21, (5, 7)), (20, 20, (1, 1)), (30, 7, (4, 4)), (80, 75, (3, 5))):
@@ -383,9 +404,10 @@ def test_shsa_large_mean_stays_accurate():
 # ---------------------------------------------------------------------------------------------------------------
 # Training kernels, called directly: every output (forward and backward) against the fp64 rule.
 # ---------------------------------------------------------------------------------------------------------------
-def _check_outputs(fn, reference, args, dtype, channels_last, name):
+def _check_outputs(fn, reference, args, dtype, channels_last, name, unavoidable_reference=None):
     """Every output of fn (the first, out or grad_x, in x's layout), normalisation parameters kept fp32."""
-    check_kernel(fn, reference, cast_args(args, dtype, channels_last, keep_fp32_vectors=True), name=name, check_layout=1)
+    check_kernel(fn, reference, cast_args(args, dtype, channels_last, keep_fp32_vectors=True), name=name, check_layout=1,
+                 unavoidable_reference=unavoidable_reference)
 
 
 def exact_conv_output_reference(*args):
@@ -394,12 +416,27 @@ def exact_conv_output_reference(*args):
     counts as error."""
     if args[1].dtype == torch.float64:
         x, weight, stride, padding, groups = args[1], args[2], args[8], args[9], args[10]
-        y = torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, groups)
+        y = F.conv2d(x, weight, None, stride, padding, 1, groups)
         mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
         args = (*args[:5], mean, var, *args[7:-1], None)
     return conv_bn_train_backward_reference(*args)
 
 
+def rounded_conv_output_reference(*args):
+    """conv_bn_train_backward in float64 from the conv output as rounded in the tested dtype (the kept one, or the
+    conv in that dtype: what the forward normalised) with its statistics recomputed exactly: the best any kernel can
+    do from that output. Its error against the exact gradient is the conv output's rounding; over a few values per
+    channel (or |mean| >> spread) grad_gamma's part of it is large, and eager's statistics, rounded independently,
+    cancel some of it by chance (seen: eager 4.5x closer on one of 60 draws)."""
+    x, weight, stride, padding, groups, conv_output = args[1], args[2], args[8], args[9], args[10], args[-1]
+    y = conv_output if conv_output is not None else F.conv2d(x, weight, None, stride, padding, 1, groups)
+    y = y.double()
+    mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+    exact = to_float64(args[:-1])
+    return conv_bn_train_backward_reference(*exact[:5], mean, var, *exact[7:], y)
+
+
+@drawn_with_seed(4)
 def conv_train_cases():
     """(label, conv_bn_train args); BN params fp32 as under mixed precision."""
     out = []
@@ -429,7 +466,8 @@ def test_conv_training_kernels_match_reference(dtype, channels_last, label, args
     bwd = (grad, x, w, gamma, beta, mean, var, out, stride, pad, groups, eps, relu, res is not None, True)
     for conv_output in (None, y):  # recomputed, or the forward's kept one
         _check_outputs(m.conv_bn_train_backward, exact_conv_output_reference, (*bwd, conv_output), dtype,
-                       channels_last, f"conv_bn_train_backward {label} kept={conv_output is not None}")
+                       channels_last, f"conv_bn_train_backward {label} kept={conv_output is not None}",
+                       unavoidable_reference=rounded_conv_output_reference)
     # Without the input gradient: zeros in its place, every other output as before.
     cast = cast_args(bwd, dtype, channels_last, keep_fp32_vectors=True)
     full, skipped = m.conv_bn_train_backward(*cast, None), m.conv_bn_train_backward(*cast[:-1], False, None)
@@ -498,6 +536,7 @@ def test_shsa_backward_threads_and_large_mean(threads):
                            f"shsa_fused_backward {threads} threads")
 
 
+@drawn_with_seed(5)
 def shsa_train_cases():
     """(label, shsa_train args): odd sizes, P = 75, P = C, 1x1 maps, batch 1, qk_dim 4, |mean| >> std; GroupNorm and
     BatchNorm parameters fp32 (as under mixed precision)."""
