@@ -227,6 +227,7 @@ def _shsa_train_setup(ctx, inputs, output):
     ctx.save_for_backward(x, gn_w, gn_b, w, bn_w, bn_b, mean, var, out)
     ctx.attrs = (qk_dim, gn_eps, bn_eps)
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
 def _shsa_train_backward(ctx, grad_out, _grad_mean, _grad_var):
