@@ -386,11 +386,11 @@ def conv_bn(
 
 
 # Training Conv+BN keeps its conv output for the backward pass when one output value costs at least this many
-# multiply-adds (C_in / groups x kH x kW); cheaper outputs are recomputed there. S1's training step on a Xeon core
-# (batch 16, 2026-12-01): 256 keeps the convs of 256 input channels and more (and the last two stem convs), about
-# 1.07x the step speed of recomputing all at no measurable peak-memory cost (peak RSS 125-127 against 121-127 MiB);
-# keeping all: 1.16x at 143-166 MiB (eager PyTorch's step: 211-230).
-DEFAULT_KEEP_MIN_MACS = 256.0
+# multiply-adds (C_in / groups x kH x kW); cheaper outputs are recomputed there. 128 keeps every 1x1 and dense conv
+# of SHViT but a 3-channel first conv, and recomputes the depthwise ones. AMD Zen 5, batch 16, one thread, 2026-12-02
+# (interleaved in one process): S1's step 1.06x and S4's 1.05x the speed of the previous 256, keeping all 1.09x /
+# 1.06x; peak memory within run-to-run noise of keeping all (S1 147 MiB, S4 407 against eager PyTorch's 219 / 613).
+DEFAULT_KEEP_MIN_MACS = 128.0
 _KEEP_ENV = "SHVIT_KERNELS_KEEP_CONV_OUTPUTS"
 
 
