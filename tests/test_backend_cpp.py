@@ -942,6 +942,47 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
     assert "cpu_pointwise_grads" not in shvit_kernels.autotune.machine()
 
 
+@requires_cpp
+@pytest.mark.parametrize("mode", ("brgemm", "aten"))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
+    """Dense channels_last conv gradients on the micro-kernel GEMMs (im2col / col2im over blocks of output rows,
+    rows zeroed as the blocks reach them, per-thread weight-gradient partials) and on ATen's, against fp64 under
+    the tolerance rule: strides 1 and 2, 3x3 and 5x5, padding 0-2, 3 and 7 input channels (vector tails), 1 and 3
+    images, maps of several row blocks, a last input row no patch reaches (its gradient is zero); without the input
+    gradient the weight gradient is bit-identical."""
+    monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", mode)
+    module = in_use()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, cin, cout, hw, k, stride, pad in ((3, 16, 40, (17, 13), 3, 2, 1), (1, 7, 24, (9, 30), 5, 2, 2),
+                                                 (3, 20, 33, (8, 7), 3, 1, 1), (1, 8, 16, (4, 3), 3, 1, 0),
+                                                 (2, 3, 16, (45, 41), 3, 2, 1), (2, 12, 24, (8, 10), 3, 2, 0)):
+            x = torch.randn(n, cin, *hw).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5, torch.randn(cout)
+            out = module.conv_bias_act(x, w, b, stride, pad, 1, False, None)
+            g = torch.randn_like(out)
+            gx, gw = module.conv_bias_act_backward(g, x, w, b, stride, pad, 1, False, None, out)[:2]
+            grads = {}
+            for dtype in (torch.float32, torch.float64):  # PyTorch's own fp32 error, and the fp64 reference
+                xr, wr = (t.to(dtype, copy=True).requires_grad_() for t in (x, w))
+                torch.autograd.backward(torch.nn.functional.conv2d(xr, wr, None, stride, pad), g.to(dtype))
+                grads[dtype] = (xr.grad, wr.grad)
+            for i, (name, got) in enumerate((("grad x", gx), ("grad w", gw))):
+                assert_close_to_fp64(got, grads[torch.float32][i], grads[torch.float64][i],
+                                     name=f"{mode} {threads} threads {x.shape} k{k} s{stride} p{pad} {name}")
+            gamma, beta = torch.rand(cout) + 0.5, torch.randn(cout)
+            args = (g, x, w, gamma, beta, beta * 0, gamma, out, stride, pad, 1, 1e-5, False, False)
+            full, weight_only = module.conv_bn_train_backward(*args, True, None), module.conv_bn_train_backward(*args, False, None)
+            assert torch.equal(full[1], weight_only[1]) and not weight_only[0].any()
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", "fast")
+    with pytest.raises(RuntimeError, match="SHVIT_CPU_DENSE_GRADS must be auto, brgemm or aten, got 'fast'"):
+        module.conv_bias_act_backward(g, x, w, b, stride, pad, 1, False, None, out)
+
+
 def _explain_as_if_built(op, *args):
     with dispatch.patched_backend("cpp", availability=lambda: []):
         return dispatch.explain(op, *args)

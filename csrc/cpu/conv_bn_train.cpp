@@ -5,13 +5,16 @@
 // normalise + residual + ReLU (in place on y unless y is kept for the backward).
 // conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for fp64 sums of g,
 // g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
-// fp64) and g, then the conv's gradients in fp32.
+// fp64) and g, then the conv's gradients in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs where
+// measured faster than ATen's convolution_backward, the rest on it.
 #include "ops.h"
 
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 
 // The forward's normalisation rounds step by step like the reference's eager ops (no fused multiply-add), so a ReLU
@@ -226,6 +229,93 @@ void pointwise_grads_brgemm(const float* dy, const float* x, const float* w, int
     for (int64_t i = 0; i < cout * cin; ++i) gw[i] += partial[t * cout * cin + i];
 }
 
+// dst[0, n) = src[0, n), or zeros for a null src; dst[0, n) += src[0, n). Vector moves: a memcpy call per pixel's
+// few channels cost more than the GEMMs around it.
+inline void copy_channels(const float* src, float* dst, int64_t n) {
+  int64_t c = 0;
+  for (; c + kVec <= n; c += kVec) (src ? fVec::loadu(src + c) : fVec(0.f)).store(dst + c);
+  if (c < n) (src ? fVec::loadu(src + c, n - c) : fVec(0.f)).store(dst + c, n - c);
+}
+inline void add_channels(const float* src, float* dst, int64_t n) {
+  int64_t c = 0;
+  for (; c + kVec <= n; c += kVec) (fVec::loadu(dst + c) + fVec::loadu(src + c)).store(dst + c);
+  if (c < n) (fVec::loadu(dst + c, n - c) + fVec::loadu(src + c, n - c)).store(dst + c, n - c);
+}
+
+// A dense (groups 1) kxk conv's gradients in channels_last fp32 as micro-kernel GEMMs over blocks of output rows of
+// one image: gw (cout x kh kw cin) += dy_blk^T cols, cols the block's im2col patches (pixels x kh kw cin); gx by
+// dcols = dy_blk W (W: cout x kh kw cin), scattered back (col2im). One image per task, so the scatters of
+// neighbouring row blocks never race; weight gradients summed in per-thread partials. gx may be null.
+struct DenseConvShape {
+  int64_t batch, h, w, cin, oh, ow, cout, kh, kw, stride, pad;
+  int64_t k() const { return kh * kw * cin; }
+};
+
+// body(p, i, ih, iw0) for each pixel p of output rows [r0, r0 + rows) (numbered from 0) and kernel row i: the patch
+// row it reads starts at input row ih, column iw0 (kw columns, either possibly outside the image).
+template <typename F>
+inline void for_each_patch_row(const DenseConvShape& s, int64_t r0, int64_t rows, F body) {
+  for (int64_t r = 0, p = 0; r < rows; ++r)
+    for (int64_t ow = 0; ow < s.ow; ++ow, ++p)
+      for (int64_t i = 0; i < s.kh; ++i) body(p, i, (r0 + r) * s.stride - s.pad + i, ow * s.stride - s.pad);
+}
+
+void dense_grads_brgemm(const float* dy, const float* x, const float* w_rows /* cout x kh kw cin */,
+                        const DenseConvShape& s, float* gx, float* gw /* cout x kh kw cin */) {
+  const int64_t k = s.k(), image_in = s.h * s.w * s.cin, image_out = s.oh * s.ow * s.cout;
+  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(s.oh, 512 / std::max<int64_t>(s.ow, 1)));
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * s.cout * k, 0.f);
+  MatB<float> wb;
+  if (gx) wb.assign(w_rows, s.cout, k, k);
+  at::parallel_for(0, s.batch, 1, [&](int64_t n0, int64_t n1) {
+    MatmulThreadGuard guard;
+    float* acc = partial.data() + at::get_thread_num() * s.cout * k;
+    std::vector<float> cols(block_rows * s.ow * k), dy_t(s.cout * block_rows * s.ow);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* xn = x + n * image_in;
+      float* gxn = gx ? gx + n * image_in : nullptr;
+      int64_t zeroed_rows = 0;  // gx rows [0, zeroed_rows) of this image are zeroed, just before first use (cached)
+      for (int64_t r0 = 0; r0 < s.oh; r0 += block_rows) {
+        const int64_t rows = std::min(block_rows, s.oh - r0), pixels = rows * s.ow;
+        const float* dyb = dy + n * image_out + r0 * s.ow * s.cout;
+        // cols[p, (i, j, c)] = x[n, oh s - pad + i, ow s - pad + j, c], zero outside the image.
+        for_each_patch_row(s, r0, rows, [&](int64_t p, int64_t i, int64_t ih, int64_t iw0) {
+          float* col = cols.data() + p * k + i * s.kw * s.cin;
+          if (ih < 0 || ih >= s.h) return copy_channels(nullptr, col, s.kw * s.cin);
+          const float* src = xn + ih * s.w * s.cin;
+          if (iw0 >= 0 && iw0 + s.kw <= s.w) return copy_channels(src + iw0 * s.cin, col, s.kw * s.cin);
+          for (int64_t j = 0, iw = iw0; j < s.kw; ++j, ++iw, col += s.cin)
+            copy_channels(iw >= 0 && iw < s.w ? src + iw * s.cin : nullptr, col, s.cin);
+        });
+        transpose_matrix(dyb, pixels, s.cout, dy_t.data());
+        MatB<float> cb;
+        cb.assign(cols.data(), pixels, k, k);
+        matmul(s.cout, dy_t.data(), pixels, cb, acc, k, true);
+        if (!gxn) continue;
+        matmul(pixels, dyb, s.cout, wb, cols.data(), k);  // cols now holds dcols
+        const int64_t last_row = std::min(s.h, (r0 + rows - 1) * s.stride - s.pad + s.kh);
+        if (last_row > zeroed_rows) {
+          std::fill(gxn + zeroed_rows * s.w * s.cin, gxn + last_row * s.w * s.cin, 0.f);
+          zeroed_rows = last_row;
+        }
+        for_each_patch_row(s, r0, rows, [&](int64_t p, int64_t i, int64_t ih, int64_t iw0) {
+          if (ih < 0 || ih >= s.h) return;
+          const float* col = cols.data() + p * k + i * s.kw * s.cin;
+          float* dst = gxn + ih * s.w * s.cin;
+          if (iw0 >= 0 && iw0 + s.kw <= s.w) return add_channels(col, dst + iw0 * s.cin, s.kw * s.cin);
+          for (int64_t j = 0, iw = iw0; j < s.kw; ++j, ++iw, col += s.cin)
+            if (iw >= 0 && iw < s.w) add_channels(col, dst + iw * s.cin, s.cin);
+        });
+      }
+      if (gxn) std::fill(gxn + zeroed_rows * s.w * s.cin, gxn + image_in, 0.f);  // rows no patch reaches
+    }
+  });
+  std::copy_n(partial.data(), s.cout * k, gw);
+  for (int64_t t = 1; t < threads; ++t)
+    for (int64_t i = 0; i < s.cout * k; ++i) gw[i] += partial[t * s.cout * k + i];
+}
+
 // Both gradient GEMMs of one S1 stage-1 FFN-sized conv (16 x 14 x 14 pixels, 128 -> 256 channels), best of a few
 // runs (seconds).
 double time_pointwise_grads(bool brgemm) {
@@ -260,6 +350,64 @@ bool pointwise_grads_use_brgemm() {
   return faster;
 }
 
+// ATen's convolution_backward (oneDNN) of a dense conv in channels_last fp32.
+std::tuple<at::Tensor, at::Tensor> aten_conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                                   int64_t stride, int64_t padding, int64_t groups, bool input_grad) {
+  auto grads = at::convolution_backward(dy, x, weight, std::nullopt, {stride}, {padding}, {1}, false, {0}, groups,
+                                        {input_grad, true, false});
+  return {std::get<0>(grads), std::get<1>(grads)};
+}
+
+std::tuple<at::Tensor, at::Tensor> brgemm_dense_grads(const at::Tensor& dy, const at::Tensor& x,
+                                                      const at::Tensor& weight, const DenseConvShape& s,
+                                                      bool input_grad) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(at::kFloat), cl) : at::Tensor();
+  const at::Tensor w_rows = weight.to(at::kFloat).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor gw_rows = at::empty({s.cout, s.kh, s.kw, s.cin}, w_rows.options());
+  dense_grads_brgemm(dy.data_ptr<float>(), x.data_ptr<float>(), w_rows.data_ptr<float>(), s,
+                     input_grad ? gx.data_ptr<float>() : nullptr, gw_rows.data_ptr<float>());
+  return {gx, gw_rows.permute({0, 3, 1, 2})};
+}
+
+// Which gradients a dense channels_last conv of this shape takes: the micro-kernel ones above or ATen's. oneDNN's
+// backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5, 2026-12-02), so "auto"
+// times both once per shape, thread count and input_grad (best of three on random data of the shape) and remembers
+// the faster; SHVIT_CPU_DENSE_GRADS=brgemm|aten forces one (tests run both).
+bool dense_grads_use_brgemm(const DenseConvShape& s, bool input_grad) {
+  const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
+  const std::string mode = env ? env : "auto";
+  if (mode == "brgemm") return true;
+  if (mode == "aten") return false;
+  TORCH_CHECK(mode == "auto" || mode.empty(), "SHVIT_CPU_DENSE_GRADS must be auto, brgemm or aten, got '", mode, "'");
+  const std::array<int64_t, 13> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
+                                    input_grad, at::get_num_threads()};
+  static std::mutex mutex;
+  static std::map<std::array<int64_t, 13>, bool> chosen;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl);
+  const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
+  const at::Tensor w = at::rand({s.cout, s.cin, s.kh, s.kw});
+  auto best_of_three = [&](auto&& fn) {
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto start = std::chrono::steady_clock::now();
+      fn();
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+    return best;
+  };
+  const bool faster = best_of_three([&] { brgemm_dense_grads(dy, x, w, s, input_grad); }) <
+                      best_of_three([&] { aten_conv_grads(dy, x, w, s.stride, s.pad, 1, input_grad); });
+  std::lock_guard<std::mutex> lock(mutex);
+  return chosen.emplace(key, faster).first->second;
+}
+
 // dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. Without input_grad (a network's first
 // conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back as zeros. A 1x1 stride-1 conv in
 // channels_last is two GEMMs on the (pixels, channels) matrices: faster here than ATen's convolution_backward
@@ -290,9 +438,16 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     }
     return {gx, at::mm(dy_rows.t(), x_rows).view(weight.sizes())};
   }
-  auto grads = at::convolution_backward(dy, x.to(at::kFloat), weight.to(at::kFloat), std::nullopt, {stride},
-                                        {padding}, {1}, false, {0}, groups, {input_grad, true, false});
-  return {input_grad ? std::get<0>(grads) : gx, std::get<1>(grads)};
+  if (groups == 1 && !pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
+    const DenseConvShape s{x.size(0), x.size(2), x.size(3), x.size(1), dy.size(2), dy.size(3), weight.size(0),
+                           weight.size(2), weight.size(3), stride, padding};
+    if (dense_grads_use_brgemm(s, input_grad)) {
+      auto [dense_gx, gw] = brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
+      return {input_grad ? dense_gx : gx, gw};
+    }
+  }
+  auto [aten_gx, gw] = aten_conv_grads(dy, x.to(at::kFloat), weight.to(at::kFloat), stride, padding, groups, input_grad);
+  return {input_grad ? aten_gx : gx, gw};
 }
 
 // g = relu ? grad_out * (out > 0) : grad_out for n values (exact in any dtype). A product, as the reference's, so a
