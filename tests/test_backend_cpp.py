@@ -910,9 +910,9 @@ def test_packed_weights_of_freed_or_inference_weights_are_not_kept(dtype):
 @pytest.mark.parametrize("mode", ("brgemm", "aten"))
 @pytest.mark.parametrize("threads", (1, 2))
 def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
-    """The 1x1 channels_last conv gradients, on the micro-kernel GEMMs (row chunks of 512, per-thread partial weight
-    gradients) and on ATen's mm, against fp64 under the tolerance rule; a bad setting is a clear error for the
-    backward only (the autotune key does not time or read it)."""
+    """The 1x1 channels_last conv gradients, on the micro-kernel GEMMs (row chunks of at most 512, per-thread partial
+    weight gradients) and on ATen's mm, against fp64 under the tolerance rule, alone and behind the Conv+BN backward;
+    a bad setting is a clear error for the backward only (the autotune key does not time or read it)."""
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", mode)
     module = in_use()
     assert cpp.pointwise_grads() == mode
@@ -933,6 +933,15 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
                 grads[dtype] = (xr.grad, wr.grad)
             for i, (name, got) in enumerate((("grad x", gx), ("grad w", gw))):
                 assert_close_to_fp64(got, grads[torch.float32][i], grads[torch.float64][i], name=f"{mode} {shape} {name}")
+            # Conv+BN: on the micro-kernel path dy goes to the GEMMs chunk by chunk as the BatchNorm backward makes it.
+            gamma, beta = torch.rand(cout) + 0.5, torch.randn(cout)
+            bn_out, mean, var, y = conv_bn_train_reference(x, w, gamma, beta, 1, 0, 1, 1e-5, True, None, True)
+            for conv_output in (None, y):
+                bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, 1, 0, 1, 1e-5, True, False, True,
+                       conv_output)
+                _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, torch.float32, True,
+                               f"{mode} {threads} threads {shape} conv_bn_train_backward",
+                               unavoidable_reference=rounded_conv_output_reference)
     finally:
         torch.set_num_threads(previous)
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", "fast")

@@ -6,7 +6,7 @@
 // conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for fp64 sums of g,
 // g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
 // fp64) and g, then the conv's gradients in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs where
-// measured faster than ATen's convolution_backward, the rest on it.
+// measured faster than ATen's convolution_backward (the 1x1 ones take dy chunk by chunk from the pass), the rest on it.
 #include "ops.h"
 
 #include <array>
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -133,6 +134,19 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
     for (int64_t i = 0; i < K * l.c; ++i) out[i] += partial[t * K * l.c + i];
 }
 
+// body(offset, count, params) for the channel blocks of channels_last rows [r0, r1), in this thread.
+template <int P, typename S, typename F>
+void map_rows(const ChannelLayout& l, const ChannelParams<P, S>& params, int64_t r0, int64_t r1, F body) {
+  using ParamVec = typename ChannelParams<P, S>::Vec;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
+      const int64_t m = std::min(kVec, l.c - c0);
+      ParamVec pv[P > 0 ? P : 1];
+      params.load(c0, m, pv);
+      body(r * l.c + c0, m, pv);
+    }
+}
+
 // Elementwise pass: body(offset, count, params) for every run of at most kVec values of one channel block.
 template <int P, typename S, typename F>
 void map_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& params, F body) {
@@ -147,15 +161,7 @@ void map_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& params, 
     });
     return;
   }
-  at::parallel_for(0, l.count(), 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c0 = 0; c0 < l.c; c0 += kVec) {
-        const int64_t m = std::min(kVec, l.c - c0);
-        ParamVec pv[P > 0 ? P : 1];
-        params.load(c0, m, pv);
-        body(r * l.c + c0, m, pv);
-      }
-  });
+  at::parallel_for(0, l.count(), 64, [&](int64_t r0, int64_t r1) { map_rows(l, params, r0, r1, body); });
 }
 
 template <typename T>
@@ -192,41 +198,41 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
-// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices: gx = dy W, tiled over rows;
-// gw = dy^T x summed over chunks of rows (each chunk's dy transposed into a per-thread buffer) into per-thread
-// partial sums. w: (cout, cin) row-major. gx may be null.
-void pointwise_grads_brgemm(const float* dy, const float* x, const float* w, int64_t rows, int64_t cin, int64_t cout,
+// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices, chunk by chunk of rows: the
+// chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced into the per-thread buffer, where they
+// stay in cache for both GEMMs) give gx rows = dy W and, transposed, add dy^T x to per-thread partial weight
+// gradients. w: (cout, cin) row-major. gx may be null.
+template <typename DyRows>
+void pointwise_grads_brgemm(DyRows dy_rows, const float* x, const float* w, int64_t rows, int64_t cin, int64_t cout,
                             float* gx, float* gw) {
-  if (gx) {
-    MatB<float> wb;
-    wb.assign(w, cout, cin, cin);
-    const int64_t tile = rows_per_tile(rows, cout + cin);
-    at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
-      MatmulThreadGuard guard;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
-        matmul(nr, dy + r0 * cout, cout, wb, gx + r0 * cin, cin);
-      }
-    });
-  }
-  constexpr int64_t kChunk = 512;
-  const int64_t chunks = ceil_div(rows, kChunk), threads = at::get_num_threads();
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = ceil_div(ceil_div(rows, 512), threads) * threads;  // at most 512 rows, whole rounds
+  const int64_t chunk = std::min(rows, ceil_div(ceil_div(rows, chunks), 16) * 16);
+  MatB<float> wb;
+  if (gx) wb.assign(w, cout, cin, cin);
   std::vector<float> partial(threads * cout * cin, 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, ceil_div(rows, chunk), 1, [&](int64_t c0, int64_t c1) {
     MatmulThreadGuard guard;
     float* acc = partial.data() + at::get_thread_num() * cout * cin;
-    std::vector<float> dy_t(cout * kChunk);
+    std::unique_ptr<float[]> buffer(new float[chunk * cout]), dy_t(new float[cout * chunk]);
     for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t r0 = ch * kChunk, nr = std::min(kChunk, rows - r0);
-      transpose_matrix(dy + r0 * cout, nr, cout, dy_t.data());
+      const int64_t r0 = ch * chunk, nr = std::min(chunk, rows - r0);
+      const float* dy = dy_rows(r0, nr, buffer.get());
+      if (gx) matmul(nr, dy, cout, wb, gx + r0 * cin, cin);
+      transpose_matrix(dy, nr, cout, dy_t.get());
       MatB<float> xb;
       xb.assign(x + r0 * cin, nr, cin, cin);
-      matmul(cout, dy_t.data(), nr, xb, acc, cin, true);
+      matmul(cout, dy_t.get(), nr, xb, acc, cin, true);
     }
   });
   std::copy_n(partial.data(), cout * cin, gw);
   for (int64_t t = 1; t < threads; ++t)
     for (int64_t i = 0; i < cout * cin; ++i) gw[i] += partial[t * cout * cin + i];
+}
+
+// dy rows read in place from a (rows, cout) matrix.
+auto rows_of(const float* dy, int64_t cout) {
+  return [dy, cout](int64_t r0, int64_t, float*) { return dy + r0 * cout; };
 }
 
 // dst[0, n) = src[0, n), or zeros for a null src; dst[0, n) += src[0, n). Vector moves: a memcpy call per pixel's
@@ -326,8 +332,8 @@ double time_pointwise_grads(bool brgemm) {
   for (int rep = 0; rep < 5; ++rep) {
     const auto start = std::chrono::steady_clock::now();
     if (brgemm) {
-      pointwise_grads_brgemm(dy.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), rows, cin, cout,
-                             gx.data_ptr<float>(), gw.data_ptr<float>());
+      pointwise_grads_brgemm(rows_of(dy.data_ptr<float>(), cout), x.data_ptr<float>(), w.data_ptr<float>(), rows, cin,
+                             cout, gx.data_ptr<float>(), gw.data_ptr<float>());
     } else {
       at::mm_out(gx, dy, w);
       at::mm_out(gw, dy.t(), x);
@@ -426,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
       if (input_grad) gx = empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt);
       at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
       const at::Tensor w_rows = contiguous_matrix(weight.to(at::kFloat).reshape({cout, cin}));
-      pointwise_grads_brgemm(dy_rows.data_ptr<float>(), x_rows.contiguous().data_ptr<float>(),
+      pointwise_grads_brgemm(rows_of(dy_rows.data_ptr<float>(), cout), x_rows.contiguous().data_ptr<float>(),
                              w_rows.data_ptr<float>(), rows, cin, cout, input_grad ? gx.data_ptr<float>() : nullptr,
                              gw.data_ptr<float>());
       return {gx, gw};
@@ -574,10 +580,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
   const at::Tensor mean_f = mean.to(at::kFloat).contiguous();
   (void)var;  // recomputed in fp64 from y below
-  // dy overwrites a recomputed y (this call's own buffer) when both are fp32: one multi-MiB allocation less.
   at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
-  at::Tensor dy = y.scalar_type() == at::kFloat && !kept ? y
-                                                         : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
+  // A 1x1 channels_last conv on the micro-kernel GEMMs takes dy chunk by chunk as it is computed (still in cache);
+  // else dy is one tensor, overwriting a recomputed y (this call's own buffer) when both are fp32.
+  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
+  const bool dy_in_chunks = pointwise && l.channels_last && pointwise_grads_use_brgemm();
+  at::Tensor dy = dy_in_chunks ? at::Tensor()
+                  : y.scalar_type() == at::kFloat && !kept ? y
+                                                           : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
+  at::Tensor gx, gw;
   // dy = gamma invstd (g - mean(g) - x_hat mean(g x_hat)) cancels to a small fraction of g where g lies close to
   // the span of 1 and x_hat (BatchNorm over a few values per channel: over two it is exactly eps-sized). fp32
   // statistics then leave errors many times the reference's (whose rounding happens to cancel consistently), so the
@@ -606,18 +617,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
       b[ch] = sums[ch] / count;
       d[ch] = sums[c + ch] / count;
     }
-    // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in fp64; and g (the residual's grad).
+    // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in fp64, to dy_out; and g (the residual's grad).
     T* g_out = g.data_ptr<T>();
-    float* dyp = dy.data_ptr<float>();
-    map_per_channel(l, ChannelParams<5, double>{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}},
-                    [&](int64_t i, int64_t n, const dVec* pv) {
-                      const fVec gv = masked_grad(gp + i, outp + i, relu, n);
-                      store_n(gv, g_out + i, n);
-                      const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
-                      store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dyp + i, n);
-                    });
+    const ChannelParams<5, double> params{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}};
+    auto values = [&](int64_t i, int64_t n, const dVec* pv, float* dy_out) {
+      const fVec gv = masked_grad(gp + i, outp + i, relu, n);
+      store_n(gv, g_out + i, n);
+      const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
+      store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dy_out, n);
+    };
+    if (!dy_in_chunks) {
+      float* dyp = dy.data_ptr<float>();
+      map_per_channel(l, params, [&](int64_t i, int64_t n, const dVec* pv) { values(i, n, pv, dyp + i); });
+      return;
+    }
+    const int64_t cin = x.size(1), rows = l.count();
+    gx = input_grad ? empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt)
+                    : empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt).zero_();
+    gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+    const at::Tensor x_rows = x.to(at::kFloat).contiguous(fmt);
+    const at::Tensor w_rows = contiguous_matrix(weight.to(at::kFloat).reshape({c, cin}));
+    auto dy_rows = [&](int64_t r0, int64_t nr, float* buffer) -> const float* {
+      map_rows(l, params, r0, r0 + nr, [&](int64_t i, int64_t n, const dVec* pv) {
+        values(i, n, pv, buffer + (i - r0 * c));
+      });
+      return buffer;
+    };
+    pointwise_grads_brgemm(dy_rows, x_rows.data_ptr<float>(), w_rows.data_ptr<float>(), rows, cin, c,
+                           input_grad ? gx.data_ptr<float>() : nullptr, gw.data_ptr<float>());
   });
-  auto [gx, gw] = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
+  if (!dy_in_chunks) std::tie(gx, gw) = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
   return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
 }
