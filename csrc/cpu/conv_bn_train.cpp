@@ -248,10 +248,7 @@ inline void add_channels(const float* src, float* dst, int64_t n) {
   if (c < n) (fVec::loadu(dst + c, n - c) + fVec::loadu(src + c, n - c)).store(dst + c, n - c);
 }
 
-// A dense (groups 1) kxk conv's gradients in channels_last fp32 as micro-kernel GEMMs over blocks of output rows of
-// one image: gw (cout x kh kw cin) += dy_blk^T cols, cols the block's im2col patches (pixels x kh kw cin); gx by
-// dcols = dy_blk W (W: cout x kh kw cin), scattered back (col2im). One image per task, so the scatters of
-// neighbouring row blocks never race; weight gradients summed in per-thread partials. gx may be null.
+// A dense conv's geometry (channels_last; one stride and padding for both axes).
 struct DenseConvShape {
   int64_t batch, h, w, cin, oh, ow, cout, kh, kw, stride, pad;
   int64_t k() const { return kh * kw * cin; }
@@ -266,6 +263,10 @@ inline void for_each_patch_row(const DenseConvShape& s, int64_t r0, int64_t rows
       for (int64_t i = 0; i < s.kh; ++i) body(p, i, (r0 + r) * s.stride - s.pad + i, ow * s.stride - s.pad);
 }
 
+// A dense (groups 1) kxk conv's gradients in channels_last fp32 as micro-kernel GEMMs over blocks of output rows of
+// one image: gw (cout x kh kw cin) += dy_blk^T cols, cols the block's im2col patches (pixels x kh kw cin); gx by
+// dcols = dy_blk W (W: cout x kh kw cin), scattered back (col2im). One image per task, so the scatters of
+// neighbouring row blocks never race; weight gradients summed in per-thread partials. gx may be null.
 void dense_grads_brgemm(const float* dy, const float* x, const float* w_rows /* cout x kh kw cin */,
                         const DenseConvShape& s, float* gx, float* gw /* cout x kh kw cin */) {
   const int64_t k = s.k(), image_in = s.h * s.w * s.cin, image_out = s.oh * s.ow * s.cout;
@@ -356,6 +357,11 @@ bool pointwise_grads_use_brgemm() {
   return faster;
 }
 
+// A 1x1 conv that is a GEMM on (pixels, channels) matrices.
+bool is_pointwise(const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  return weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
+}
+
 // ATen's convolution_backward (oneDNN) of a dense conv in channels_last fp32.
 std::tuple<at::Tensor, at::Tensor> aten_conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                                    int64_t stride, int64_t padding, int64_t groups, bool input_grad) {
@@ -421,7 +427,7 @@ bool dense_grads_use_brgemm(const DenseConvShape& s, bool input_grad) {
 // page-faults on every step.
 std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                               int64_t stride, int64_t padding, int64_t groups, bool input_grad) {
-  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
+  const bool pointwise = is_pointwise(weight, stride, padding, groups);
   const auto fmt = activation_format(x);
   at::Tensor gx = input_grad ? at::Tensor() : empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt).zero_();
   if (pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
@@ -452,7 +458,8 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
       return {input_grad ? dense_gx : gx, gw};
     }
   }
-  auto [aten_gx, gw] = aten_conv_grads(dy, x.to(at::kFloat), weight.to(at::kFloat), stride, padding, groups, input_grad);
+  auto [aten_gx, gw] =
+      aten_conv_grads(dy, x.to(at::kFloat), weight.to(at::kFloat), stride, padding, groups, input_grad);
   return {input_grad ? aten_gx : gx, gw};
 }
 
@@ -583,11 +590,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
   // A 1x1 channels_last conv on the micro-kernel GEMMs takes dy chunk by chunk as it is computed (still in cache);
   // else dy is one tensor, overwriting a recomputed y (this call's own buffer) when both are fp32.
-  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride == 1 && padding == 0 && groups == 1;
-  const bool dy_in_chunks = pointwise && l.channels_last && pointwise_grads_use_brgemm();
-  at::Tensor dy = dy_in_chunks ? at::Tensor()
-                  : y.scalar_type() == at::kFloat && !kept ? y
-                                                           : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
+  const bool dy_in_chunks =
+      is_pointwise(weight, stride, padding, groups) && l.channels_last && pointwise_grads_use_brgemm();
+  at::Tensor dy;
+  if (!dy_in_chunks)
+    dy = y.scalar_type() == at::kFloat && !kept ? y : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
   at::Tensor gx, gw;
   // dy = gamma invstd (g - mean(g) - x_hat mean(g x_hat)) cancels to a small fraction of g where g lies close to
   // the span of 1 and x_hat (BatchNorm over a few values per channel: over two it is exactly eps-sized). fp32
