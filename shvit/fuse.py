@@ -39,12 +39,10 @@ class FusedConv2d(ResidualInForward, nn.Conv2d):
     W^T as their B operand and read that layout in place (bf16: widened, or packed into pairs, row by row), where
     a contiguous weight costs a transpose on every call (fp32: 1-2 ms of S1's 43 ms batch-16 forward; bf16 widened
     to fp32: up to 1.4x an FFN call on S4's last stage, pair products: no difference; Intel Xeon family 6 model
-    207, 2026-12-01). Every backend accepts either layout with the same result. Other dtypes, other devices, and
-    convs whose kernels want the plain layout (``input_major_on_cpu = False``) keep the weight contiguous. The
+    207, 2026-12-01). SHSA's qkv weight too: its kernel's micro-kernel GEMM reads W^T the same way. Every backend
+    accepts either layout with the same result. Other dtypes and other devices keep the weight contiguous. The
     layout follows ``.to()`` / ``.cuda()`` / ``.float()`` / ``.bfloat16()``.
     """
-
-    input_major_on_cpu = True
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -56,7 +54,7 @@ class FusedConv2d(ResidualInForward, nn.Conv2d):
         w = self.weight
         pointwise = tuple(w.shape[2:]) == (1, 1) and self.groups == 1
         cpu_gemm_dtype = w.dtype in (torch.float32, torch.bfloat16)
-        if pointwise and self.input_major_on_cpu and w.device.type == "cpu" and cpu_gemm_dtype:
+        if pointwise and w.device.type == "cpu" and cpu_gemm_dtype:
             w.data = input_major(w)
         elif not w.is_contiguous():
             w.data = w.contiguous()
@@ -107,7 +105,7 @@ class FusedSHSA(ResidualInForward, nn.Module):
         return self.proj[1](attended, residual=residual)
 
 
-def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, input_major_on_cpu: bool = True) -> FusedConv2d:
+def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> FusedConv2d:
     """A FusedConv2d with ``template``'s geometry holding ``weight`` and ``bias``."""
     conv = FusedConv2d(
         weight.shape[1] * template.groups,
@@ -120,7 +118,6 @@ def _conv_with(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, in
         device=weight.device,
         dtype=weight.dtype,
     )
-    conv.input_major_on_cpu = input_major_on_cpu
     conv.weight.copy_(weight)
     conv.bias.copy_(bias)
     conv.lay_out_weight()
@@ -176,7 +173,7 @@ def fuse_shsa(m: nn.Module) -> FusedSHSA:
     )
     proj = nn.Sequential(nn.ReLU(), fuse_conv_bn(m.proj[1]))
     # shsa_fused's kernels read qkv's weight in the plain layout.
-    qkv = _conv_with(m.qkv.c, weight, bias, input_major_on_cpu=False)
+    qkv = _conv_with(m.qkv.c, weight, bias)
     return FusedSHSA(m.dim, m.qk_dim, m.pdim, qkv, proj, m.pre_norm.eps)
 
 

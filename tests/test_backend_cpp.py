@@ -842,6 +842,8 @@ def _packed_weight_calls(dtype):
         # The "weight" changed below is the bias here: bf16 biases are kept converted to fp32.
         ("bias", lambda m, b: m.conv_bias_act(x32, ffn_w1_im, b, 1, 0, 1, True, None), b64.clone().to(dtype)),
         ("shsa qkv", lambda m, w: m.shsa_fused(x32, w, qkv_b, 8, 1e-5), weight(16 + 16, 16, 1, 1)),
+        ("shsa qkv input-major", lambda m, w: m.shsa_fused(x32, w, qkv_b, 8, 1e-5),
+         _input_major(weight(16 + 16, 16, 1, 1))),
     ]
 
 
@@ -874,7 +876,7 @@ def test_packed_weights_are_reused_and_rebuilt_after_in_place_changes(dtype, mod
             # Read in place, nothing to pack: input-major fp32 B, and row-major A of the NCHW FFN unless widened.
             in_place = {"ffn w1 nchw"} if dtype == torch.float32 or not module.bf16_widened() else set()
             if dtype == torch.float32:
-                in_place |= {"1x1 input-major", "bias", "shsa qkv"}
+                in_place |= {"1x1 input-major", "bias", "shsa qkv input-major"}
             assert (held == 0) == (label in in_place), f"{label}: {held} packed copies"
     finally:
         module.set_bf16_products(previous)

@@ -332,8 +332,8 @@ def test_fused_1x1_weights_are_input_major_in_fp32_and_bf16_on_cpu_only():
     fused = shvit.fuse(randomize_norms(shvit.create_model("shvit_s1")).eval())
     pw1 = fused.blocks1[0].ffn.m.pw1.weight
     assert not pw1.is_contiguous() and pw1.transpose(0, 1).is_contiguous()
-    qkv = fused.blocks2[3].mixer.m.qkv.weight  # shsa_fused reads the plain layout
-    assert qkv.is_contiguous()
+    qkv = fused.blocks2[3].mixer.m.qkv.weight  # shsa_fused's GEMM reads W^T in place too
+    assert not qkv.is_contiguous() and qkv.transpose(0, 1).is_contiguous()
     for module in fused.modules():
         if isinstance(module, FusedConv2d) and module.kernel_size != (1, 1):
             assert module.weight.is_contiguous()

@@ -7,6 +7,8 @@
 #include "ops.h"
 #include "shsa_core.h"
 
+#include <limits>
+
 namespace shvit_cpu {
 inline namespace CPU_CAPABILITY {
 namespace shsa {
@@ -182,31 +184,68 @@ float centred_slice(const T* x_n, bool channels_last, const Shape& s, double eps
 }
 
 struct ShsaScratch {
-  std::vector<float> xa, qkv_t, scores, ya;
+  std::vector<float> xa, qkv_t, k_t, scores, ya;
   explicit ShsaScratch(const Shape& s)
-      : xa(s.p * s.tokens), qkv_t(s.tokens * s.rows_qkv()), scores(s.tokens * s.tokens), ya(s.p * s.tokens) {}
+      : xa(s.p * s.tokens), qkv_t(s.tokens * s.rows_qkv()), k_t(s.qk * s.tokens), scores(s.tokens * s.tokens),
+        ya(s.p * s.tokens) {}
 };
 
+// softmax(scale row) over each of `rows` rows of n values, in place; explicit vectors: the at::vec map / reduce
+// helpers' per-call cost was most of it at SHViT's 16-49 keys.
+void softmax_rows(float* scores, int64_t rows, int64_t n, float scale) {
+  const fVec lowest(-std::numeric_limits<float>::infinity()), zero(0.f);
+  for (int64_t t = 0; t < rows; ++t) {
+    float* row = scores + t * n;
+    fVec top = lowest;
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      top = at::vec::maximum(top, m == kVec ? fVec::loadu(row + i) : fVec::set(lowest, fVec::loadu(row + i, m), m));
+    }
+    const fVec shift(at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, top));
+    fVec sum = zero;
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      const fVec e = ((fVec::loadu(row + i, m) - shift) * fVec(scale)).exp();
+      e.store(row + i, m);
+      sum = sum + (m == kVec ? e : fVec::set(zero, e, m));
+    }
+    const fVec inv(1.f / at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sum));
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      (fVec::loadu(row + i, m) * inv).store(row + i, m);
+    }
+  }
+}
+
+// w_t: W^T (P x R, row-major).
 template <typename T>
-void shsa_image(const T* x_n, bool channels_last, const Shape& s, const float* w, const float* bias, double eps,
-                T* out_n, ShsaScratch& buf) {
+void shsa_image(const T* x_n, bool channels_last, const Shape& s, const MatB<float>& w_t, const float* bias,
+                double eps, T* out_n, ShsaScratch& buf) {
   const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), qk = s.qk;
   const float rstd = centred_slice(x_n, channels_last, s, eps, buf.xa.data());
   // qkv^T (tokens x R) = xa^T W^T, then * 1/sigma + bias.
   float* qkv_t = buf.qkv_t.data();
-  gemm(!channels_last, true, n, r, p, 1.f, buf.xa.data(), channels_last ? p : n, w, p, 0.f, qkv_t, r);
+  if (channels_last) matmul(n, buf.xa.data(), p, w_t, qkv_t, r);
+  else gemm(true, false, n, r, p, 1.f, buf.xa.data(), n, w_t.data, w_t.ld, 0.f, qkv_t, r);
   for (int64_t t = 0; t < n; ++t)
     at::vec::map2([rstd](const fVec& a, const fVec& b) { return at::vec::fmadd(a, fVec(rstd), b); }, qkv_t + t * r,
                   qkv_t + t * r, bias, r);
-  // scores (queries x keys) = scale q^T k, softmax over keys.
+  // scores (queries x keys) = q^T k, then softmax over keys of scale * scores.
   float* scores = buf.scores.data();
-  gemm(false, true, n, n, qk, 1.f / std::sqrt(static_cast<float>(qk)), qkv_t, r, qkv_t + qk, r, 0.f, scores, n);
-  for (int64_t t = 0; t < n; ++t) shsa::softmax_row(scores + t * n, n);
+  float* k_t = buf.k_t.data();
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < qk; ++j) k_t[j * n + t] = qkv_t[t * r + qk + j];
+  MatB<float> kb;
+  kb.assign(k_t, qk, n, n);
+  matmul(n, qkv_t, r, kb, scores, n);
+  softmax_rows(scores, n, n, 1.f / std::sqrt(static_cast<float>(qk)));
   const float* v_t = qkv_t + 2 * qk;  // (tokens x P), leading dim R
   float* ya = buf.ya.data();
   if (channels_last) {
     // ya^T (tokens x P) = A v^T: each token's P outputs are contiguous, as in the output.
-    gemm(false, false, n, p, n, 1.f, scores, n, v_t, r, 0.f, ya, p);
+    MatB<float> vb;
+    vb.assign(v_t, n, p, r);
+    matmul(n, scores, n, vb, ya, p);
   } else {
     // ya (P x tokens) = v A^T: each channel's plane is contiguous.
     gemm(true, true, p, n, n, 1.f, v_t, r, scores, n, 0.f, ya, n);
@@ -270,19 +309,26 @@ at::Tensor shsa_fused(const at::Tensor& x, const at::Tensor& qkv_weight, const a
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor w = derived_weight(qkv_weight, "shsa qkv weight fp32", [&] {
-    return qkv_weight.reshape({s.rows_qkv(), s.p}).to(at::kFloat).contiguous();
-  });
+  // W^T (P x R): read in place from an fp32 weight stored input-channel major (as shvit.fuse keeps it on the CPU),
+  // else transposed once per weight version.
+  const at::Tensor w_t_rows = qkv_weight.scalar_type() == at::kFloat && is_input_major(qkv_weight)
+                                  ? qkv_weight.reshape({s.rows_qkv(), s.p}).t()
+                                  : derived_weight(qkv_weight, "shsa qkv weight fp32 transposed", [&] {
+                                      return qkv_weight.reshape({s.rows_qkv(), s.p}).to(at::kFloat).t().contiguous();
+                                    });
   const at::Tensor b = float_vector(qkv_bias);
   at::Tensor out = at::empty_like(xc, xc.options().memory_format(fmt));
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_shsa_fused", [&] {
     const scalar_t* x_ptr = xc.data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    MatB<float> w_t;
+    w_t.assign(w_t_rows.data_ptr<float>(), s.p, s.rows_qkv(), s.rows_qkv());
     at::parallel_for(0, s.batch, 1, [&](int64_t i0, int64_t i1) {
+      MatmulThreadGuard guard;
       ShsaScratch buf(s);
       for (int64_t i = i0; i < i1; ++i)
-        shsa_image(x_ptr + i * s.image(), channels_last, s, w.data_ptr<float>(), b.data_ptr<float>(), gn_eps,
-                   out_ptr + i * s.image(), buf);
+        shsa_image(x_ptr + i * s.image(), channels_last, s, w_t, b.data_ptr<float>(), gn_eps, out_ptr + i * s.image(),
+                   buf);
     });
   });
   return out;
