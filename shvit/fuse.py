@@ -172,8 +172,7 @@ def fuse_shsa(m: nn.Module) -> FusedSHSA:
         m.pre_norm.weight, m.pre_norm.bias, m.qkv.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
     )
     proj = nn.Sequential(nn.ReLU(), fuse_conv_bn(m.proj[1]))
-    # shsa_fused's kernels read qkv's weight in the plain layout.
-    qkv = _conv_with(m.qkv.c, weight, bias)
+    qkv = _conv_with(m.qkv.c, weight, bias)  # input-major on the CPU like every 1x1: the kernel reads W^T in place
     return FusedSHSA(m.dim, m.qk_dim, m.pdim, qkv, proj, m.pre_norm.eps)
 
 
