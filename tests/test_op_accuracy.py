@@ -209,3 +209,19 @@ def test_a_missing_relu_mask_still_fails(dtype):
     compare_backend(case, dtype, "cpu", False, "reference")  # the reference itself passes
     with _conv_case_without_relu_mask(), pytest.raises(AssertionError, match="grad"):
         compare_backend(case, dtype, "cpu", False, "cpp")
+
+
+def test_tolerance_rule_counts_an_unavoidable_error_as_eager_at_least():
+    """assert_close_to_fp64's ``unavoidable``: a result exact from a rounded intermediate passes where eager's
+    independent rounding happened to land nearer the fp64 answer; an error past twice the unavoidable one fails."""
+    from shvit_kernels.testing import assert_close_to_fp64
+
+    exact = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    from_rounded = exact + torch.tensor([3e-3, -2e-3, 1e-3], dtype=torch.float64)  # the rounded input's own error
+    eager = (exact + 1e-4).float()  # lucky: its rounding cancelled most of that
+    got = from_rounded.float()
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_close_to_fp64(got, eager, exact)
+    assert_close_to_fp64(got, eager, exact, unavoidable=from_rounded)
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_close_to_fp64((exact + 7e-3).float(), eager, exact, unavoidable=from_rounded)
