@@ -22,7 +22,9 @@ void check_like_x(const char* op, const at::Tensor& t, const at::Tensor& x, cons
 
 float sum_of(const float* v, int64_t n);
 float dot_of(const float* a, const float* b, int64_t n);
-void softmax_row(float* row, int64_t n);
+// softmax(scale row) over each of `rows` rows of n values, in place; explicit vectors: the at::vec map / reduce
+// helpers' per-call cost was most of it at SHViT's 16-49 keys.
+void softmax_rows(float* scores, int64_t rows, int64_t n, float scale);
 
 // out_n = relu(cat[ya, x_n[P:]]) for one image in the input's layout; ya (fp32 or T) is channel-major (P x tokens),
 // or token-major (tokens x P) when ya_token_major (channels_last output only).

@@ -42,11 +42,29 @@ float dot_of(const float* a, const float* b, int64_t n) {
                                          [](const fVec& x, const fVec& y) { return x + y; }, a, b, n);
 }
 
-void softmax_row(float* row, int64_t n) {
-  const float top = at::vec::reduce_all<float>([](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }, row, n);
-  at::vec::map([top](const fVec& v) { return (v - fVec(top)).exp(); }, row, row, n);
-  const float inv = 1.f / sum_of(row, n);
-  at::vec::map([inv](const fVec& v) { return v * fVec(inv); }, row, row, n);
+void softmax_rows(float* scores, int64_t rows, int64_t n, float scale) {
+  const fVec lowest(-std::numeric_limits<float>::infinity()), zero(0.f);
+  for (int64_t t = 0; t < rows; ++t) {
+    float* row = scores + t * n;
+    fVec top = lowest;
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      top = at::vec::maximum(top, m == kVec ? fVec::loadu(row + i) : fVec::set(lowest, fVec::loadu(row + i, m), m));
+    }
+    const fVec shift(at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, top));
+    fVec sum = zero;
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      const fVec e = ((fVec::loadu(row + i, m) - shift) * fVec(scale)).exp();
+      e.store(row + i, m);
+      sum = sum + (m == kVec ? e : fVec::set(zero, e, m));
+    }
+    const fVec inv(1.f / at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sum));
+    for (int64_t i = 0; i < n; i += kVec) {
+      const int64_t m = std::min(kVec, n - i);
+      (fVec::loadu(row + i, m) * inv).store(row + i, m);
+    }
+  }
 }
 
 template <typename A, typename T>
@@ -89,7 +107,7 @@ void attend_backward_image(const float* qkv, const T* go_n, const T* out_n, bool
   transpose(q, qk, n, scale, q_t);
   bop.assign(k, qk, n, n);
   matmul(n, q_t, qk, bop, attn, n);  // scale q^T k (queries x keys)
-  for (int64_t t = 0; t < n; ++t) softmax_row(attn + t * n, n);
+  softmax_rows(attn, n, n, 1.f);
   // g = grad_out masked by the ReLU (exact): the first P channels to fp32 (both orientations), the rest straight
   // into grad_x.
   float *g_ya = b.g_ya.data(), *g_ya_t = b.g_ya_t.data();
@@ -190,32 +208,6 @@ struct ShsaScratch {
         ya(s.p * s.tokens) {}
 };
 
-// softmax(scale row) over each of `rows` rows of n values, in place; explicit vectors: the at::vec map / reduce
-// helpers' per-call cost was most of it at SHViT's 16-49 keys.
-void softmax_rows(float* scores, int64_t rows, int64_t n, float scale) {
-  const fVec lowest(-std::numeric_limits<float>::infinity()), zero(0.f);
-  for (int64_t t = 0; t < rows; ++t) {
-    float* row = scores + t * n;
-    fVec top = lowest;
-    for (int64_t i = 0; i < n; i += kVec) {
-      const int64_t m = std::min(kVec, n - i);
-      top = at::vec::maximum(top, m == kVec ? fVec::loadu(row + i) : fVec::set(lowest, fVec::loadu(row + i, m), m));
-    }
-    const fVec shift(at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, top));
-    fVec sum = zero;
-    for (int64_t i = 0; i < n; i += kVec) {
-      const int64_t m = std::min(kVec, n - i);
-      const fVec e = ((fVec::loadu(row + i, m) - shift) * fVec(scale)).exp();
-      e.store(row + i, m);
-      sum = sum + (m == kVec ? e : fVec::set(zero, e, m));
-    }
-    const fVec inv(1.f / at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sum));
-    for (int64_t i = 0; i < n; i += kVec) {
-      const int64_t m = std::min(kVec, n - i);
-      (fVec::loadu(row + i, m) * inv).store(row + i, m);
-    }
-  }
-}
 
 // w_t: W^T (P x R, row-major).
 template <typename T>
@@ -238,7 +230,7 @@ void shsa_image(const T* x_n, bool channels_last, const Shape& s, const MatB<flo
   MatB<float> kb;
   kb.assign(k_t, qk, n, n);
   matmul(n, qkv_t, r, kb, scores, n);
-  softmax_rows(scores, n, n, 1.f / std::sqrt(static_cast<float>(qk)));
+  shsa::softmax_rows(scores, n, n, 1.f / std::sqrt(static_cast<float>(qk)));
   const float* v_t = qkv_t + 2 * qk;  // (tokens x P), leading dim R
   float* ya = buf.ya.data();
   if (channels_last) {
