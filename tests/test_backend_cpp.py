@@ -134,6 +134,13 @@ def conv_cases():
     # channels widened to four eight pixels at a time (42 = 5 x 8 + 2).
     cases.append(("stem 3x3 s1 c_in 3 c_out 8 40-wide residual", (torch.randn(2, 3, 3, 42), torch.randn(8, 3, 3, 3) / 5,
                                                                   torch.randn(8), 1, 0, 1, True, torch.randn(2, 8, 1, 40))))
+    # The 3-channel stride-2 first layer (pixel stride a compile-time constant): 28-pixel tiles of one channel vector
+    # (59 -> 19 + 20 + 20), and two vectors with 28 of 32 channels stored plus a residual (61 -> 4 x 12 + 13).
+    cases.append(("stem 3x3 s2 c_in 3 c_out 16 59-wide", (torch.randn(1, 3, 4, 117), torch.randn(16, 3, 3, 3) / 5,
+                                                          torch.randn(16), 2, 1, 1, True, None)))
+    cases.append(("stem 3x3 s2 c_in 3 c_out 28 61-wide residual", (torch.randn(1, 3, 3, 121), torch.randn(28, 3, 3, 3) / 5,
+                                                                   torch.randn(28), 2, 1, 1, False,
+                                                                   torch.randn(1, 28, 2, 61))))
     return cases
 
 

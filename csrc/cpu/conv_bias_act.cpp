@@ -312,8 +312,12 @@ inline int pair_vecs(int64_t n) { return n <= 16 ? 1 : 2; }
 // The row GEMMs on ATen's brgemm (row_conv_channels_last) ran the stem's layers at 15-53% of the pair peak.
 // 14 x 2 or 16 x 1 accumulators: 28 x 1 measured slower on the 3 -> 16 layer (its 28 pixel offsets no longer fit
 // in general registers).
-template <int V>
-constexpr int pair_tile_pixels = V == 1 ? 16 : 14;
+// kStep > 0: the pixel stride in the padded rows known at compile time (kFirstLayerStep, the 3-channel first layer
+// at stride 2), so every pixel's pair is a fixed displacement from one pointer: no pixel offsets in registers, which
+// lets one channel vector take 28 pixels (S1's 3 -> 16 layer ran at 30% of the pair peak with 16 pixels).
+template <int V, int kStep = 0>
+constexpr int pair_tile_pixels = V == 1 ? (kStep > 0 ? 28 : 16) : 14;
+constexpr int kFirstLayerStep = 8;  // 3 channels padded to 4, stride 2
 
 template <typename T>
 bool pair_conv_usable() {
@@ -342,12 +346,13 @@ struct PairOut {
   bool relu;
 };
 
-template <int V, int MB>
+template <int V, int MB, int kStep>
 __attribute__((target("avx512bf16"))) inline void pair_conv_tile(const PairStep* steps, int64_t n_steps,
-                                                                  int64_t offset, int64_t step, const BFloat16* w,
-                                                                  const PairOut& o) {
+                                                                  int64_t offset, int64_t runtime_step,
+                                                                  const BFloat16* w, const PairOut& o) {
+  const int64_t step = kStep > 0 ? kStep : runtime_step;
   // fVec accumulators (as conv_tile's) stay in registers; raw __m512 arrays were kept on the stack.
-  fVec acc[MB][2];  // [MB][V] with V = 1 was kept in memory; the unused half is optimised away
+  fVec acc[MB][V];
 #pragma GCC unroll 32
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 2
@@ -357,6 +362,8 @@ __attribute__((target("avx512bf16"))) inline void pair_conv_tile(const PairStep*
   int64_t j = 0;
   do {
     const BFloat16* a = steps[j].a + offset;
+    // Opaque to the optimiser: else it hoists offset + m * kStep into one register (or stack slot) per pixel.
+    if constexpr (kStep > 0) asm("" : "+r"(a));
     __m512bh b[V];
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(w + steps[j].w + v * 32);
@@ -368,42 +375,57 @@ __attribute__((target("avx512bf16"))) inline void pair_conv_tile(const PairStep*
     }
   } while (++j < n_steps);
   // The epilogue from registers, in epilogue_run's order: + bias, + residual, ReLU (a max with 0 or -inf), rounded to
-  // bf16. Branch-free inside the unrolled loops: branches there made the compiler keep acc in memory.
+  // bf16 by VCVTNE2PS2BF16 (round to nearest even, as epilogue_run; it also flushes fp32 subnormals to zero, as the
+  // dot products already do), a pixel's channel vectors in one store. Branch-free inside the unrolled loops: branches
+  // there made the compiler keep acc in memory. (ATen's bf16 rounding and a masked store per vector took a third of
+  // the 3 -> 16 stem layer's tile time.)
   const fVec floor(o.relu ? 0.f : -std::numeric_limits<float>::infinity());
-#pragma GCC unroll 2
-  for (int v = 0; v < V; ++v) {
-    const int64_t n = std::min<int64_t>(16, o.channels - v * 16);
-    if (n <= 0) continue;
-    const fVec bias = fVec::loadu(o.bias + v * 16);
-    if (o.residual) {
+  const int64_t n = std::min<int64_t>(16 * V, o.channels);
+  const fVec bias0 = fVec::loadu(o.bias), bias1 = V == 2 ? fVec::loadu(o.bias + 16) : fVec(0.f);
+  if constexpr (V == 2) {
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << n) - 1);
 #pragma GCC unroll 32
-      for (int m = 0; m < MB; ++m) {
-        const int64_t at = m * o.ld + v * 16;
-        store_f(at::vec::maximum(acc[m][v] + bias + load_f(o.residual + at, n), floor), o.out + at, n);
+    for (int m = 0; m < MB; ++m) {
+      fVec lo = acc[m][0] + bias0, hi = acc[m][V - 1] + bias1;
+      if (o.residual) {
+        const __m512i r = _mm512_maskz_loadu_epi16(mask, o.residual + m * o.ld);
+        lo = lo + fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16)));
+        hi = hi + fVec(_mm512_castsi512_ps(
+                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16)));
       }
-    } else {
+      const __m512bh packed = _mm512_cvtne2ps_pbh(at::vec::maximum(hi, floor), at::vec::maximum(lo, floor));
+      _mm512_mask_storeu_epi16(o.out + m * o.ld, mask, (__m512i)packed);
+    }
+  } else {
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
 #pragma GCC unroll 32
-      for (int m = 0; m < MB; ++m)
-        store_f(at::vec::maximum(acc[m][v] + bias, floor), o.out + m * o.ld + v * 16, n);
+    for (int m = 0; m < MB; ++m) {
+      fVec v = acc[m][0] + bias0;
+      if (o.residual)
+        v = v + fVec(_mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, o.residual + m * o.ld)), 16)));
+      const __m256bh packed = _mm512_cvtneps_pbh(at::vec::maximum(v, floor));
+      _mm256_mask_storeu_epi16(o.out + m * o.ld, mask, (__m256i)packed);
     }
   }
 }
 
-template <int V, int... MB>
+template <int V, int kStep, int... MB>
 __attribute__((target("avx512bf16"))) inline void pair_conv_tile_dispatch(std::integer_sequence<int, MB...>,
     int64_t width, const PairStep* steps, int64_t n_steps, int64_t offset, int64_t step, const BFloat16* w,
     const PairOut& o) {
-  ((width == MB + 1 ? pair_conv_tile<V, MB + 1>(steps, n_steps, offset, step, w, o) : void()), ...);
+  ((width == MB + 1 ? pair_conv_tile<V, MB + 1, kStep>(steps, n_steps, offset, step, w, o) : void()), ...);
 }
 
-// One output row (row_out: its first pixel's output, row_residual likewise), every channel block.
-template <int V>
+// One output row (row_out: its first pixel's output, row_residual likewise), every channel block; step is kStep
+// when that is given.
+template <int V, int kStep = 0>
 __attribute__((target("avx512bf16"))) void pair_conv_row(const PairStep* steps, int64_t n_steps,
                                                          const BFloat16* w_blocks, int64_t block_size, int64_t blocks,
                                                          int64_t step, int64_t out_w, const float* bias_blocked,
                                                          const BFloat16* row_residual, BFloat16* row_out,
                                                          int64_t c_out, bool relu) {
-  constexpr int kPixels = pair_tile_pixels<V>;
+  constexpr int kPixels = pair_tile_pixels<V, kStep>;
   // Tiles of equal width: a narrow remainder tile has too few independent accumulators to hide the latency.
   const int64_t tiles = ceil_div(out_w, kPixels);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -412,7 +434,7 @@ __attribute__((target("avx512bf16"))) void pair_conv_row(const PairStep* steps, 
       const int64_t width = (out_w - ow) / (tiles - t), at = ow * c_out + c0;
       const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0, c_out,
                       relu};
-      pair_conv_tile_dispatch<V>(std::make_integer_sequence<int, kPixels>{}, width, steps, n_steps, ow * step, step,
+      pair_conv_tile_dispatch<V, kStep>(std::make_integer_sequence<int, kPixels>{}, width, steps, n_steps, ow * step, step,
                                  w_blocks + b * block_size, o);
       ow += width;
     }
@@ -446,8 +468,7 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
   std::copy_n(bias, s.c_out, bias_blocked.data());
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     PaddedRows<BFloat16> padded(s, c_pad);
-    std::vector<PairStep> steps;
-    steps.reserve(s.kh * pairs_row);
+    std::vector<PairStep> steps(s.kh * pairs_row);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.out_h, oh = r % s.out_h;
       const BFloat16* const* rows = padded.gather(x, n, oh, [&](const BFloat16* src, BFloat16* dst) {
@@ -468,13 +489,20 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
         const char* end = reinterpret_cast<const char*>(x + (n * s.h + last) * s.w * c);
         for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line);
       }
-      steps.clear();
-      for (int64_t i = 0; i < s.kh; ++i)
-        if (rows[i])
-          for (int64_t k = 0; k < pairs_row; ++k) steps.push_back({rows[i] + 2 * k, (i * pairs_row + k) * V * 32});
+      // Written through a local pointer and count: push_back kept the vector's end in memory, and each step's two
+      // scalar stores read back as one vector stalled store forwarding (16% of the 32 -> 64 stem layer's time).
+      PairStep* step_out = steps.data();
+      int64_t n_steps = 0;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        if (!rows[i]) continue;
+        const BFloat16* row = rows[i];
+        const int64_t w0 = i * pairs_row * V * 32;
+        for (int64_t k = 0; k < pairs_row; ++k) step_out[n_steps++] = PairStep{row + 2 * k, w0 + k * V * 32};
+      }
       const int64_t at = r * s.out_w * s.c_out;
-      pair_conv_row<V>(steps.data(), static_cast<int64_t>(steps.size()), w_blocks, s.kh * pairs_row * V * 32, blocks,
-                       step, s.out_w, bias_blocked.data(), residual ? residual + at : nullptr, out + at, s.c_out, relu);
+      auto row_kernel = step == kFirstLayerStep ? pair_conv_row<V, kFirstLayerStep> : pair_conv_row<V>;
+      row_kernel(step_out, n_steps, w_blocks, s.kh * pairs_row * V * 32, blocks, step, s.out_w, bias_blocked.data(),
+                 residual ? residual + at : nullptr, out + at, s.c_out, relu);
     }
   });
 }
