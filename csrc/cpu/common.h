@@ -105,8 +105,18 @@ inline fVec load_f(const BFloat16* p, int64_t n) {
 }
 inline void store_f(const fVec& v, float* p) { v.store(p); }
 inline void store_f(const fVec& v, float* p, int64_t n) { v.store(p, n); }
+// bf16: ATen's convert_from_float rounds two vectors at a time (here v twice); with AVX-512, one vector's rounding by
+// the same function (bit-identical), the cost of every bf16 epilogue's store.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m256i bf16_bits(const fVec& v) { return at::vec::cvtfp32_bf16(static_cast<__m512>(v)); }
+inline void store_f(const fVec& v, BFloat16* p) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v)); }
+inline void store_f(const fVec& v, BFloat16* p, int64_t n) {
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), bf16_bits(v));
+}
+#else
 inline void store_f(const fVec& v, BFloat16* p) { at::vec::convert_from_float<BFloat16>(v, v).store(p, kVec); }
 inline void store_f(const fVec& v, BFloat16* p, int64_t n) { at::vec::convert_from_float<BFloat16>(v, v).store(p, n); }
+#endif
 
 // v rounded to T's precision and widened back (exact for float): the rounding an eager op's output in T gets.
 template <typename T>
@@ -114,6 +124,10 @@ inline fVec round_to(const fVec& v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, BFloat16>)
+      return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16)));
+#endif
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
   }
 }

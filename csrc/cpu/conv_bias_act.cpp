@@ -310,8 +310,8 @@ inline int pair_vecs(int64_t n) { return n <= 16 ? 1 : 2; }
 // Input rows are copied into zero-padded bf16 rows with c_in rounded up to even (the 3-channel first stem layer
 // gets a zero fourth channel), so every pixel's kernel-row patch is kw * c_pad / 2 whole pairs, broadcast in place.
 // The row GEMMs on ATen's brgemm (row_conv_channels_last) ran the stem's layers at 15-53% of the pair peak.
-// 14 x 2 or 16 x 1 accumulators: 28 x 1 measured slower on the 3 -> 16 layer (its 28 pixel offsets no longer fit
-// in general registers).
+// 14 x 2 or 16 x 1 accumulators at a runtime pixel stride (28 x 1 measured slower on the 3 -> 16 layer: its 28 pixel
+// offsets no longer fit in general registers).
 // kStep > 0: the pixel stride in the padded rows known at compile time (kFirstLayerStep, the 3-channel first layer
 // at stride 2), so every pixel's pair is a fixed displacement from one pointer: no pixel offsets in registers, which
 // lets one channel vector take 28 pixels (S1's 3 -> 16 layer ran at 30% of the pair peak with 16 pixels).
