@@ -41,6 +41,11 @@ class PlainFusedSHSA(shvit.FusedSHSA):
         return self.proj[1](shsa_fused_reference(x, self.qkv.weight, self.qkv.bias, self.qk_dim, self.gn_eps), residual=residual)
 
 
+class PlainFusedSqueezeExcite(shvit.FusedSqueezeExcite):
+    def forward(self, x):
+        return shvit.SqueezeExcite.forward(self, x)
+
+
 # Unfused (trainable) model: nn.Conv2d + nn.BatchNorm2d modules, as a user of plain PyTorch would write it.
 class PlainConv2dBN(shvit.Conv2d_BN):
     def forward(self, x, relu: bool = False, residual: Optional[torch.Tensor] = None):
@@ -63,6 +68,7 @@ _PLAIN = {
     shvit.FusedConv2d: PlainFusedConv2d,
     shvit.FusedFFN: PlainFusedFFN,
     shvit.FusedSHSA: PlainFusedSHSA,
+    shvit.FusedSqueezeExcite: PlainFusedSqueezeExcite,
     shvit.Conv2d_BN: PlainConv2dBN,
     shvit.FFN: PlainFFN,
     shvit.SHSA: PlainSHSA,

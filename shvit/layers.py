@@ -1,4 +1,5 @@
-"""Pieces the model modules and their fused stand-ins share: the residual-in-forward mixin and the BN step."""
+"""Pieces the model modules and their fused stand-ins share: the residual-in-forward mixin, the BN step and the
+spatial mean."""
 
 from __future__ import annotations
 
@@ -27,3 +28,12 @@ class ResidualInForward:
 
     def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
         return self(x, residual=x)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over H and W, (N, C, H, W) -> (N, C). A channels_last x is pooled as the (N, H, W, C) array it is, so
+    its gradient comes back channels_last: pooled in NCHW order the gradient came back NCHW, and every fused
+    backward downstream (the whole last stage, from the head's pooling) copied it to channels_last first."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).mean((1, 2))
+    return x.mean((2, 3))

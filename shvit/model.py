@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import shvit_kernels
 from shvit_kernels.tracing import untraced_check
 
-from .fuse import FusedFFN, fuse, fuse_bn_linear, fuse_conv_bn, fuse_shsa, is_same_shape_depthwise
-from .layers import ResidualInForward, bn_step
+from .fuse import FusedFFN, fuse, fuse_bn_linear, fuse_conv_bn, fuse_shsa, fuse_squeeze_excite, is_same_shape_depthwise
+from .layers import ResidualInForward, bn_step, spatial_mean
 
 __all__ = [
     "BN_Linear",
@@ -194,15 +194,6 @@ class SHSA(ResidualInForward, nn.Module):
         return fuse_shsa(self)
 
 
-def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over H and W, (N, C, H, W) -> (N, C). A channels_last x is pooled as the (N, H, W, C) array it is, so
-    its gradient comes back channels_last: pooled in NCHW order the gradient came back NCHW, and every fused
-    backward downstream (the whole last stage, from the head's pooling) copied it to channels_last first."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return x.permute(0, 2, 3, 1).mean((1, 2))
-    return x.mean((2, 3))
-
-
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
     """Round to the nearest multiple of ``divisor`` (ties up), never more than 10% below ``v`` (timm's rule)."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
@@ -227,6 +218,9 @@ class SqueezeExcite(nn.Module):
         gate = F.linear(spatial_mean(x), self.fc1.weight.flatten(1), self.fc1.bias)
         gate = F.linear(self.act(gate), self.fc2.weight.flatten(1), self.fc2.bias)
         return x * gate.sigmoid()[:, :, None, None]
+
+    def fused_replacement(self) -> nn.Module:
+        return fuse_squeeze_excite(self)
 
 
 class PatchMerging(nn.Module):

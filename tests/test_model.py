@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from shvit.fuse import FusedConv2d, FusedFFN, FusedSHSA, fuse_bn_linear
-from shvit.model import BN_Linear, Conv2d_BN, FFN, PatchMerging, Residual, SHSA
+from shvit.fuse import FusedConv2d, FusedFFN, FusedSHSA, FusedSqueezeExcite, fuse_bn_linear
+from shvit.model import BN_Linear, Conv2d_BN, FFN, PatchMerging, Residual, SHSA, SqueezeExcite
 
 from helpers import max_rel_err, randomize_norms
 
@@ -219,8 +219,32 @@ def test_fused_forward_runs_on_the_fused_ops(op_calls):
         fused(torch.randn(1, 3, 64, 64))
     assert len(op_calls["ffn_fused"]) == _count(model, FFN)
     assert len(op_calls["shsa_fused"]) == _count(model, SHSA)
-    assert len(op_calls["conv_bias_act"]) == _count(model, Conv2d_BN) - 2 * _count(model, FFN) - _count(model, SHSA)
+    # Each squeeze-excite gate: two 1x1 conv_bias_act calls on the pooled map.
+    expected_convs = _count(model, Conv2d_BN) - 2 * _count(model, FFN) - _count(model, SHSA) + 2 * _count(model, SqueezeExcite)
+    assert len(op_calls["conv_bias_act"]) == expected_convs
     assert not op_calls["conv_bn"] and not op_calls["ffn"] and not op_calls["shsa"]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_fused_squeeze_excite_matches_the_module(dtype):
+    """The fused gate (its 1x1 convs on conv_bias_act) computes the unfused module's function, keeps its parameter
+    names and shapes, and leaves the module it was built from untouched."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(48).eval()
+    with torch.no_grad():
+        for p in se.parameters():
+            p.normal_(0, 0.3)
+    before = {k: v.clone() for k, v in se.state_dict().items()}
+    fused = shvit.fuse(se)
+    assert isinstance(fused, FusedSqueezeExcite) and isinstance(fused.fc1, FusedConv2d)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in se.state_dict().items()}
+    x = torch.randn(3, 48, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = se.double()(x.double())
+        got = fused.to(dtype)(x.to(dtype)).double()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    assert all(torch.equal(v.float(), before[k].float()) for k, v in se.float().state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------------------
