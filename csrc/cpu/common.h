@@ -109,6 +109,10 @@ inline void store_f(const fVec& v, float* p, int64_t n) { v.store(p, n); }
 // the same function (bit-identical), the cost of every bf16 epilogue's store.
 #if defined(CPU_CAPABILITY_AVX512)
 inline __m256i bf16_bits(const fVec& v) { return at::vec::cvtfp32_bf16(static_cast<__m512>(v)); }
+// 16 bf16 values (their bits) widened, exactly, to fp32.
+inline fVec bf16_to_f(__m256i bits) {
+  return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+}
 inline void store_f(const fVec& v, BFloat16* p) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v)); }
 inline void store_f(const fVec& v, BFloat16* p, int64_t n) {
   _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), bf16_bits(v));
@@ -126,7 +130,7 @@ inline fVec round_to(const fVec& v) {
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, BFloat16>)
-      return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16)));
+      return bf16_to_f(bf16_bits(v));
 #endif
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
   }

@@ -381,17 +381,17 @@ __attribute__((target("avx512bf16"))) inline void pair_conv_tile(const PairStep*
   // the 3 -> 16 stem layer's tile time.)
   const fVec floor(o.relu ? 0.f : -std::numeric_limits<float>::infinity());
   const int64_t n = std::min<int64_t>(16 * V, o.channels);
-  const fVec bias0 = fVec::loadu(o.bias), bias1 = V == 2 ? fVec::loadu(o.bias + 16) : fVec(0.f);
+  const fVec bias0 = fVec::loadu(o.bias);
   if constexpr (V == 2) {
+    const fVec bias1 = fVec::loadu(o.bias + 16);
     const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << n) - 1);
 #pragma GCC unroll 32
     for (int m = 0; m < MB; ++m) {
-      fVec lo = acc[m][0] + bias0, hi = acc[m][V - 1] + bias1;
+      fVec lo = acc[m][0] + bias0, hi = acc[m][1] + bias1;
       if (o.residual) {
         const __m512i r = _mm512_maskz_loadu_epi16(mask, o.residual + m * o.ld);
-        lo = lo + fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16)));
-        hi = hi + fVec(_mm512_castsi512_ps(
-                      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16)));
+        lo = lo + bf16_to_f(_mm512_castsi512_si256(r));
+        hi = hi + bf16_to_f(_mm512_extracti64x4_epi64(r, 1));
       }
       const __m512bh packed = _mm512_cvtne2ps_pbh(at::vec::maximum(hi, floor), at::vec::maximum(lo, floor));
       _mm512_mask_storeu_epi16(o.out + m * o.ld, mask, (__m512i)packed);
@@ -401,9 +401,7 @@ __attribute__((target("avx512bf16"))) inline void pair_conv_tile(const PairStep*
 #pragma GCC unroll 32
     for (int m = 0; m < MB; ++m) {
       fVec v = acc[m][0] + bias0;
-      if (o.residual)
-        v = v + fVec(_mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, o.residual + m * o.ld)), 16)));
+      if (o.residual) v = v + bf16_to_f(_mm256_maskz_loadu_epi16(mask, o.residual + m * o.ld));
       const __m256bh packed = _mm512_cvtneps_pbh(at::vec::maximum(v, floor));
       _mm256_mask_storeu_epi16(o.out + m * o.ld, mask, (__m256i)packed);
     }
