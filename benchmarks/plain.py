@@ -46,6 +46,11 @@ class PlainFusedSqueezeExcite(shvit.FusedSqueezeExcite):
         return shvit.SqueezeExcite.forward(self, x)
 
 
+class PlainFusedLinear(shvit.FusedLinear):
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
 # Unfused (trainable) model: nn.Conv2d + nn.BatchNorm2d modules, as a user of plain PyTorch would write it.
 class PlainConv2dBN(shvit.Conv2d_BN):
     def forward(self, x, relu: bool = False, residual: Optional[torch.Tensor] = None):
@@ -69,6 +74,7 @@ _PLAIN = {
     shvit.FusedFFN: PlainFusedFFN,
     shvit.FusedSHSA: PlainFusedSHSA,
     shvit.FusedSqueezeExcite: PlainFusedSqueezeExcite,
+    shvit.FusedLinear: PlainFusedLinear,
     shvit.Conv2d_BN: PlainConv2dBN,
     shvit.FFN: PlainFFN,
     shvit.SHSA: PlainSHSA,

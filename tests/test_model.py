@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import shvit
 import shvit_kernels
-from shvit.fuse import FusedConv2d, FusedFFN, FusedSHSA, FusedSqueezeExcite, fuse_bn_linear
+from shvit.fuse import FusedConv2d, FusedFFN, FusedLinear, FusedSHSA, FusedSqueezeExcite, fuse_bn_linear
 from shvit.model import BN_Linear, Conv2d_BN, FFN, PatchMerging, Residual, SHSA, SqueezeExcite
 
 from helpers import max_rel_err, randomize_norms
@@ -219,8 +219,9 @@ def test_fused_forward_runs_on_the_fused_ops(op_calls):
         fused(torch.randn(1, 3, 64, 64))
     assert len(op_calls["ffn_fused"]) == _count(model, FFN)
     assert len(op_calls["shsa_fused"]) == _count(model, SHSA)
-    # Each squeeze-excite gate: two 1x1 conv_bias_act calls on the pooled map.
-    expected_convs = _count(model, Conv2d_BN) - 2 * _count(model, FFN) - _count(model, SHSA) + 2 * _count(model, SqueezeExcite)
+    # Each squeeze-excite gate: two 1x1 conv_bias_act calls on the pooled map; the head one more.
+    expected_convs = (_count(model, Conv2d_BN) - 2 * _count(model, FFN) - _count(model, SHSA)
+                      + 2 * _count(model, SqueezeExcite) + _count(model, BN_Linear))
     assert len(op_calls["conv_bias_act"]) == expected_convs
     assert not op_calls["conv_bn"] and not op_calls["ffn"] and not op_calls["shsa"]
 
@@ -348,7 +349,7 @@ def test_fuse_leaves_the_original_untouched_and_folds_everything():
     assert isinstance(fused.blocks1[0].conv, FusedConv2d) and fused.blocks1[0].conv.groups == 128  # residual folded
     assert isinstance(fused.blocks2[0][0], FusedConv2d)
     assert isinstance(fused.blocks1[0].ffn.m, FusedFFN) and isinstance(fused.blocks2[3].mixer.m, FusedSHSA)
-    assert type(fused.head) is nn.Linear
+    assert type(fused.head) is FusedLinear and isinstance(fused.head, nn.Linear)
 
 
 def test_fused_1x1_weights_are_input_major_in_fp32_and_bf16_on_cpu_only():
@@ -389,6 +390,25 @@ def test_bn_linear_fold_formula():
     x = torch.randn(4, 12)
     with torch.no_grad():
         torch.testing.assert_close(linear(x), head(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_runs_the_conv_kernel_and_matches_linear(dtype):
+    """The fused head is one conv_bias_act call on (N, C, 1, 1) for 2-D inputs, F.linear's result to rounding;
+    other ranks keep nn.Linear's semantics."""
+    from shvit_kernels import dispatch
+
+    head = fuse_bn_linear(randomize_norms(BN_Linear(40, 7)).eval()).to(dtype)
+    x = torch.randn(5, 40, dtype=dtype)
+    with torch.no_grad(), dispatch.record() as calls:
+        out = head(x)
+    assert [c.op for c in calls] == ["conv_bias_act"] and out.shape == (5, 7)
+    expected = F.linear(x.double(), head.weight.double(), head.bias.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    x3 = torch.randn(2, 3, 40, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x3), F.linear(x3, head.weight, head.bias))
 
 
 # ---------------------------------------------------------------------------------------------------------------
