@@ -184,7 +184,9 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_backend_registration_and_reasons():
-    assert all(dispatch.kernel("triton", op) is not None for op in dispatch.ops())
+    # squeeze_excite has no Triton kernel: on CUDA its reference (ATen's ops) runs.
+    without = {op for op in dispatch.ops() if dispatch.kernel("triton", op) is None}
+    assert without == {"squeeze_excite", "squeeze_excite_backward"}
     if not torch.cuda.is_available():
         assert dispatch.unavailable_reasons("triton") == ["no CUDA device"]
     x = torch.randn(1, 8, 4, 4)

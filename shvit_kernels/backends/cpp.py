@@ -277,6 +277,7 @@ NOT_SUPPORTED = {
     "ffn_fused_backward": dtype_reasons,
     "shsa_fused": dtype_reasons,
     "shsa_fused_backward": dtype_reasons,
+    "squeeze_excite": dtype_reasons,
     "shsa_train": dtype_reasons,
     "shsa_train_backward": dtype_reasons,
 }

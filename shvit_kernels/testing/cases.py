@@ -96,6 +96,20 @@ def shsa_case(b, c, p, h, w, training):
     return build
 
 
+def squeeze_excite_case(b, c, h, w, reduced):
+    def build(dtype, device, channels_last):
+        t = dict(
+            x=_act(b, c, h, w, dtype, device, channels_last),
+            w1=_input_major(_t(reduced, c, 1, 1, dtype=dtype, device=device, scale=c ** -0.5)),
+            b1=_t(reduced, dtype=dtype, device=device, scale=0.1),
+            w2=_t(c, reduced, 1, 1, dtype=dtype, device=device, scale=reduced ** -0.5),
+            b2=_t(c, dtype=dtype, device=device, scale=0.1),
+        )
+        return K.squeeze_excite, t
+
+    return build
+
+
 def _conv_cases(training):
     tag = "infer" if training is None else ("train" if training else "eval")
     return [
@@ -131,6 +145,8 @@ CASES = (
         ("ffn-s1-stage1", ffn_case(2, 128, 14, 14)),
         ("ffn-odd", ffn_case(1, 20, 5, 7)),
         ("ffn-input-major-weights", ffn_case(2, 24, 6, 5, input_major=True)),
+        ("squeeze-excite-s1-stage1", squeeze_excite_case(3, 512, 7, 7, 128)),
+        ("squeeze-excite-odd", squeeze_excite_case(2, 37, 3, 5, 9)),
     ]
     + _shsa_cases(None)
     + _shsa_cases(True)
