@@ -6,7 +6,8 @@ After ``fuse``:
 * ``Residual(FFN)`` runs one ``shvit_kernels.ffn_fused`` call;
 * ``SHSA`` folds GroupNorm's affine and the qkv BatchNorm into ``shvit_kernels.shsa_fused`` weights, and its
   projection conv takes the block's residual;
-* ``SqueezeExcite`` runs its two 1x1 convs (on the pooled 1x1 map) as :class:`FusedConv2d` calls;
+* ``SqueezeExcite`` is one ``shvit_kernels.squeeze_excite`` call on the CPU (elsewhere its two 1x1 convs run as
+  :class:`FusedConv2d` calls on the pooled 1x1 map);
 * ``BN_Linear`` is a :class:`FusedLinear` (an ``nn.Linear`` run as a 1x1 ``conv_bias_act`` call).
 
 Each model module names its stand-in through its ``fused_replacement()`` (``shvit.model``); this module holds
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 import shvit_kernels
 
-from .layers import ResidualInForward
+from .layers import ResidualInForward, spatial_mean
 
 __all__ = [
     "FusedConv2d", "FusedFFN", "FusedLinear", "FusedSHSA", "FusedSqueezeExcite", "fuse", "fuse_bn_linear", "fuse_conv_bn", "fuse_shsa",
@@ -97,7 +98,9 @@ class FusedSqueezeExcite(nn.Module):
     are :class:`FusedConv2d` modules with the unfused module's parameter names and shapes. Inside S1's bf16 forward
     (Zen 5, batch 16, module hooks) its two gates took 0.33 ms on one thread and 0.24 ms on two, against 0.77 /
     0.76 ms as ATen's mean, sigmoid and multiply around two conv_bias_act calls: the op pools and scales each image
-    while it is in this core's cache, and its mean no longer copies a bf16 map to fp32 first."""
+    while it is in this core's cache, and its mean no longer copies a bf16 map to fp32 first. On other devices,
+    where squeeze_excite has no kernel but the reference, the gate keeps ATen's mean, sigmoid and multiply around
+    the fc convs' conv_bias_act calls (which a forced GPU backend runs)."""
 
     def __init__(self, fc1: FusedConv2d, fc2: FusedConv2d):
         super().__init__()
@@ -106,7 +109,10 @@ class FusedSqueezeExcite(nn.Module):
         self.fc2 = fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return shvit_kernels.squeeze_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if x.device.type == "cpu":
+            return shvit_kernels.squeeze_excite(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        gate = self.fc2(self.fc1(spatial_mean(x)[:, :, None, None], relu=True))
+        return x * gate.sigmoid()
 
 
 class FusedLinear(nn.Linear):

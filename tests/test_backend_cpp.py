@@ -29,6 +29,7 @@ from shvit_kernels.ops.conv_bn import (
     conv_bn_train_reference,
 )
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
+from shvit_kernels.ops.squeeze_excite import squeeze_excite_reference
 from shvit_kernels.ops.shsa import (
     shsa_fused_backward_reference,
     shsa_fused_reference,
@@ -164,10 +165,23 @@ def shsa_cases():
     return out
 
 
+@drawn_with_seed(4)
+def squeeze_excite_cases():
+    out = []
+    # S1's two gates (fewer images), one whose channels are no whole vector, 1x1 maps and one 17-pixel plane.
+    for b, c, r, hw in ((3, 512, 128, (7, 7)), (2, 896, 224, (4, 4)), (3, 37, 9, (3, 5)), (4, 20, 5, (1, 1)),
+                        (2, 24, 6, (1, 17))):
+        args = (torch.randn(b, c, *hw) * 2 + 0.5, torch.randn(r, c, 1, 1) / c ** 0.5, torch.randn(r),
+                torch.randn(c, r, 1, 1) / r ** 0.5, torch.randn(c))
+        out.append((f"squeeze_excite C{c} r{r} {hw}", args))
+    return out
+
+
 OP_CASES = (
     [("conv_bias_act", conv_bias_act_reference, label, args) for label, args in conv_cases()]
     + [("ffn_fused", ffn_fused_reference, label, args) for label, args in ffn_cases()]
     + [("shsa_fused", shsa_fused_reference, label, args) for label, args in shsa_cases()]
+    + [("squeeze_excite", squeeze_excite_reference, label, args) for label, args in squeeze_excite_cases()]
 )
 
 
@@ -770,6 +784,14 @@ def _bad_calls():
                                  torch.randn(2, 8, 5, 5).bfloat16(), 16, 1e-5, 1e-5), "'out' has dtype"),
         ("shsa_train_backward", (torch.randn(2, 8, 4, 5), x, *_shsa_train_params(36, 4), torch.zeros(36), torch.ones(36),
                                  torch.randn(2, 8, 5, 5), 16, 1e-5, 1e-5), "'grad_out' must have shape"),
+        ("squeeze_excite", (x, torch.randn(2, 7, 1, 1), torch.randn(2), torch.randn(8, 2, 1, 1), torch.randn(8)),
+         "'w1' must have shape [2, 8, 1, 1]"),
+        ("squeeze_excite", (x, torch.randn(2, 8, 1, 1), torch.randn(2), torch.randn(8, 3, 1, 1), torch.randn(8)),
+         "'w2' must have shape [8, 2, 1, 1]"),
+        ("squeeze_excite", (x, torch.randn(2, 8, 1, 1), torch.randn(3), torch.randn(8, 2, 1, 1), torch.randn(8)),
+         "'b1' must have shape [2]"),
+        ("squeeze_excite", (x, torch.randn(2, 8, 1, 1).bfloat16(), torch.randn(2), torch.randn(8, 2, 1, 1), torch.randn(8)),
+         "'w1' has dtype"),
     ]
 
 

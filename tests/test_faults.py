@@ -243,3 +243,17 @@ def test_negative_eps_is_rejected_on_every_backend(backend, training):
         K.shsa(x[:, :8].repeat(1, 3, 1, 1), *shsa_args, training=training, bn_eps=-1.0)
     with K.use_backend(backend), pytest.raises(ValueError, match="'gn_eps' must be a finite number >= 0"):
         K.shsa_fused(x[:, :8].repeat(1, 3, 1, 1), shsa_args[2], torch.zeros(n, device=DEVICE), gn_eps=-1.0)
+
+
+@pytest.mark.parametrize("field,bad,message", [
+    ("w1", torch.randn(4, 7, 1, 1), r"'w1' must have shape \(4, 8, 1, 1\)"),
+    ("w2", torch.randn(8, 3, 1, 1), r"'w2' must have shape \(8, 4, 1, 1\)"),
+    ("b2", torch.randn(7), r"'b2' must have shape \(8\)"),
+    ("w1", torch.randn(4, 8, 1, 1).double(), r"'w1' has dtype torch.float64 but 'x' has torch.float32"),
+])
+def test_squeeze_excite_bad_arguments_are_clear_errors(field, bad, message):
+    args = dict(x=torch.randn(2, 8, 3, 3), w1=torch.randn(4, 8, 1, 1), b1=torch.randn(4), w2=torch.randn(8, 4, 1, 1),
+                b2=torch.randn(8))
+    args[field] = bad
+    with pytest.raises((ValueError, TypeError), match=message):
+        K.squeeze_excite(**args)

@@ -57,6 +57,17 @@ def new_output(shape, dtype, like_args, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
+def like_x_fake(x, *_):
+    """Fake of an op whose one output has x's shape, dtype and layout."""
+    return new_output(x.shape, x.dtype, (x,), x.device)
+
+
+def grads_like_inputs_fake(grad_out, x, *params):
+    """Fake of a backward op ``(grad_out, x, *params) -> (grad_x, *grad_params)``."""
+    return (new_output(x.shape, x.dtype, (grad_out, x), x.device),
+            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Op definition
 # ---------------------------------------------------------------------------------------------------------
@@ -216,6 +227,19 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     # as autograd names its graph nodes (``<name>Backward``) then.
     _eager_autograd[op] = type(f"{name}_eager_autograd", (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(run_backward)})
+
+
+def register_inputs_autograd(op, backward_op) -> None:
+    """:func:`register_autograd` for an op whose arguments are all tensors and whose backward op takes
+    ``(grad_out, *arguments)`` and returns a gradient for each."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_out):
+        return call_backward_op(backward_op, grad_out, *ctx.saved_tensors)
+
+    register_autograd(op, backward, setup)
 
 
 _eager_autograd: dict = {}  # custom op -> the autograd.Function call_op uses for its eager calls under autograd

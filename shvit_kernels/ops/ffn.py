@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import acc_dtype, check_activation, check_eps, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output, register_autograd
+from ._common import (acc_dtype, check_activation, check_eps, check_tensor, conv_input_grad, conv_weight_grad, define_op,
+                      grads_like_inputs_fake, like_x_fake, register_inputs_autograd)
 from .conv_bn import conv_bn, fold_bn
 
 
@@ -40,43 +41,19 @@ def ffn_fused_backward_reference(grad_out, x, w1, b1, w2, b2):
     )
 
 
-def _ffn_fused_fake(x, w1, b1, w2, b2):
-    return new_output(x.shape, x.dtype, (x,), x.device)
-
-
-def _ffn_fused_backward_fake(grad_out, x, w1, b1, w2, b2):
-    return (
-        new_output(x.shape, x.dtype, (grad_out, x), x.device),
-        torch.empty_like(w1, memory_format=torch.contiguous_format),
-        torch.empty_like(b1),
-        torch.empty_like(w2, memory_format=torch.contiguous_format),
-        torch.empty_like(b2),
-    )
-
-
 ffn_fused_op = define_op(
     "ffn_fused",
     "(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
     ffn_fused_reference,
-    _ffn_fused_fake,
+    like_x_fake,
 )
 ffn_fused_backward_op = define_op(
     "ffn_fused_backward",
     "(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     ffn_fused_backward_reference,
-    _ffn_fused_backward_fake,
+    grads_like_inputs_fake,
 )
-
-
-def _ffn_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _ffn_backward(ctx, grad_out):
-    return _common.call_backward_op(ffn_fused_backward_op, grad_out, *ctx.saved_tensors)
-
-
-register_autograd(ffn_fused_op, _ffn_backward, _ffn_setup)
+register_inputs_autograd(ffn_fused_op, ffn_fused_backward_op)
 
 
 @untraced_check

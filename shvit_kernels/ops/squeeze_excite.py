@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import acc_dtype, check_activation, check_tensor, define_op, new_output, register_autograd
+from ._common import (acc_dtype, check_activation, check_tensor, define_op, grads_like_inputs_fake, like_x_fake,
+                      register_inputs_autograd)
 
 
 def squeeze_excite_reference(x, w1, b1, w2, b2):
@@ -43,43 +44,19 @@ def squeeze_excite_backward_reference(grad_out, x, w1, b1, w2, b2):
     )
 
 
-def _squeeze_excite_fake(x, w1, b1, w2, b2):
-    return new_output(x.shape, x.dtype, (x,), x.device)
-
-
-def _squeeze_excite_backward_fake(grad_out, x, w1, b1, w2, b2):
-    return (
-        new_output(x.shape, x.dtype, (grad_out, x), x.device),
-        torch.empty_like(w1, memory_format=torch.contiguous_format),
-        torch.empty_like(b1),
-        torch.empty_like(w2, memory_format=torch.contiguous_format),
-        torch.empty_like(b2),
-    )
-
-
 squeeze_excite_op = define_op(
     "squeeze_excite",
     "(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
     squeeze_excite_reference,
-    _squeeze_excite_fake,
+    like_x_fake,
 )
 squeeze_excite_backward_op = define_op(
     "squeeze_excite_backward",
     "(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     squeeze_excite_backward_reference,
-    _squeeze_excite_backward_fake,
+    grads_like_inputs_fake,
 )
-
-
-def _squeeze_excite_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _squeeze_excite_backward(ctx, grad_out):
-    return _common.call_backward_op(squeeze_excite_backward_op, grad_out, *ctx.saved_tensors)
-
-
-register_autograd(squeeze_excite_op, _squeeze_excite_backward, _squeeze_excite_setup)
+register_inputs_autograd(squeeze_excite_op, squeeze_excite_backward_op)
 
 
 @untraced_check
