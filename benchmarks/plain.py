@@ -46,6 +46,11 @@ class PlainFusedSqueezeExcite(shvit.FusedSqueezeExcite):
         return shvit.SqueezeExcite.forward(self, x)
 
 
+class PlainFusedStem(shvit.FusedStem):
+    def forward(self, x):
+        return shvit.model.Stem.forward(self, x)
+
+
 class PlainFusedLinear(shvit.FusedLinear):
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight, self.bias)
@@ -75,6 +80,7 @@ _PLAIN = {
     shvit.FusedSHSA: PlainFusedSHSA,
     shvit.FusedSqueezeExcite: PlainFusedSqueezeExcite,
     shvit.FusedLinear: PlainFusedLinear,
+    shvit.FusedStem: PlainFusedStem,
     shvit.Conv2d_BN: PlainConv2dBN,
     shvit.FFN: PlainFFN,
     shvit.SHSA: PlainSHSA,

@@ -57,6 +57,14 @@ def flops(op: str, args) -> int:
         return 2 * n * oh * ow * weight.numel()
     if op == "ffn_fused":
         return 4 * n * h * w * args[1].shape[0] * c
+    if op == "patch_embed":  # four 3x3 stride-2 convs
+        total = 0
+        for weight in args[1:9:2]:
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            total += 2 * n * h * w * weight.numel()
+        return total
+    if op == "squeeze_excite":  # its two products on the pooled map
+        return 2 * n * (args[1].numel() + args[3].numel())
     if op == "shsa_fused":
         qkv_weight, qk_dim = args[1], args[3]
         p_dim = qkv_weight.shape[1]

@@ -78,10 +78,23 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "shvit":
-            layer = _layer_of(func.name().split("::")[1], args)
-            if layer is not None:
+            for layer in _layers_of(func.name().split("::")[1], args):
                 self.layers[layer] = self.layers.get(layer, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def _layers_of(op: str, args) -> List[Layer]:
+    """The layers of one op call: the stem's patch_embed as its four conv_bias_act convs, others as themselves."""
+    if op == "patch_embed":
+        x, layers = args[0], []
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        for i in range(4):
+            weight = args[1 + 2 * i]
+            layers.append(Layer("conv_bias_act", c, weight.shape[0], h, w, 3, 2, 1, i < 3, False))
+            c, h, w = weight.shape[0], (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        return layers
+    layer = _layer_of(op, args)
+    return [] if layer is None else [layer]
 
 
 def _layer_of(op: str, args) -> Layer:

@@ -10,7 +10,7 @@ from .accelerate import AccelerateError, accelerate
 from .checkpoint import CheckpointError, LoadResult, load_checkpoint, save_checkpoint, timm_to_authors
 from .factory import create_model, list_models, shvit_s1, shvit_s2, shvit_s3, shvit_s4
 from .export import export_onnx
-from .fuse import FusedConv2d, FusedFFN, FusedLinear, FusedSHSA, FusedSqueezeExcite, fuse
+from .fuse import FusedConv2d, FusedFFN, FusedLinear, FusedSHSA, FusedSqueezeExcite, FusedStem, fuse
 from .model import BN_Linear, BasicBlock, Conv2d_BN, FFN, PatchMerging, Residual, SHSA, SHViT, SqueezeExcite
 from .sync_batchnorm import convert_sync_batchnorm
 from .variants import MODEL_CONFIGS, PRETRAINED_CFGS
@@ -31,6 +31,7 @@ __all__ = [
     "FusedSHSA",
     "FusedSqueezeExcite",
     "FusedLinear",
+    "FusedStem",
     "fuse",
     "BN_Linear",
     "BasicBlock",

@@ -2,6 +2,7 @@
 
 After ``fuse``:
 * each ``Conv2d_BN`` is a :class:`FusedConv2d` (conv with bias, ``shvit_kernels.conv_bias_act``);
+* the stem is a :class:`FusedStem` of four of them, one ``shvit_kernels.patch_embed`` call on the CPU;
 * ``Residual(depthwise 3x3 Conv2d_BN)`` is one depthwise :class:`FusedConv2d` with 1.0 added to the centre tap;
 * ``Residual(FFN)`` runs one ``shvit_kernels.ffn_fused`` call;
 * ``SHSA`` folds GroupNorm's affine and the qkv BatchNorm into ``shvit_kernels.shsa_fused`` weights, and its
@@ -27,7 +28,7 @@ import shvit_kernels
 from .layers import ResidualInForward, spatial_mean
 
 __all__ = [
-    "FusedConv2d", "FusedFFN", "FusedLinear", "FusedSHSA", "FusedSqueezeExcite", "fuse", "fuse_bn_linear", "fuse_conv_bn", "fuse_shsa",
+    "FusedConv2d", "FusedFFN", "FusedLinear", "FusedSHSA", "FusedSqueezeExcite", "FusedStem", "fuse", "fuse_bn_linear", "fuse_conv_bn", "fuse_shsa",
     "fuse_squeeze_excite", "input_major",
 ]
 
@@ -75,6 +76,21 @@ class FusedConv2d(ResidualInForward, nn.Conv2d):
             relu=relu,
             residual=residual,
         )
+
+
+class FusedStem(nn.Sequential):
+    """SHViT's stem, four 3x3 stride-2 :class:`FusedConv2d` (indices 0, 2, 4, 6; ReLUs between), run as one
+    ``shvit_kernels.patch_embed`` call on the CPU, which takes the four layers image by image while an image's
+    intermediate maps are in cache: the stem alone 1.07x / 1.06x (S1 / S4, bf16) and 1.05x / 1.07x (fp32) the four
+    conv calls, bit-identical (Zen 5, batch 16, one thread, interleaved). Elsewhere the convs run one by one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        convs = (self[0], self[2], self[4], self[6])
+        if x.device.type == "cpu":
+            return shvit_kernels.patch_embed(x, *(t for conv in convs for t in (conv.weight, conv.bias)))
+        for conv in convs[:3]:
+            x = conv(x, relu=True)
+        return convs[3](x)
 
 
 class FusedFFN(nn.Module):

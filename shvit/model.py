@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import shvit_kernels
 from shvit_kernels.tracing import untraced_check
 
-from .fuse import FusedFFN, fuse, fuse_bn_linear, fuse_conv_bn, fuse_shsa, fuse_squeeze_excite, is_same_shape_depthwise
+from .fuse import FusedFFN, FusedStem, fuse, fuse_bn_linear, fuse_conv_bn, fuse_shsa, fuse_squeeze_excite, is_same_shape_depthwise
 from .layers import ResidualInForward, bn_step, spatial_mean
 
 __all__ = [
@@ -275,6 +275,9 @@ class Stem(nn.Sequential):
         for i in (0, 2, 4):
             x = self[i](x, relu=True)
         return self[6](x)
+
+    def fused_replacement(self) -> nn.Module:
+        return FusedStem(*(fuse_conv_bn(m) if isinstance(m, Conv2d_BN) else m for m in self))
 
 
 def conv_ffn(dim: int) -> nn.Sequential:

@@ -29,6 +29,7 @@ from shvit_kernels.ops.conv_bn import (
     conv_bn_train_reference,
 )
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
+from shvit_kernels.ops.patch_embed import patch_embed_reference
 from shvit_kernels.ops.squeeze_excite import squeeze_excite_reference
 from shvit_kernels.ops.shsa import (
     shsa_fused_backward_reference,
@@ -177,11 +178,26 @@ def squeeze_excite_cases():
     return out
 
 
+@drawn_with_seed(5)
+def patch_embed_cases():
+    out = []
+    # Image by image (batch >= threads; S1's and S4's first widths, odd sizes), layer by layer (one image).
+    for b, widths, hw in ((4, (16, 32, 64, 128), (64, 48)), (2, (28, 56, 112, 224), (33, 31)),
+                          (3, (6, 10, 14, 18), (19, 13)), (1, (16, 32, 64, 128), (40, 40))):
+        args, c = [torch.randn(b, 3, *hw)], 3
+        for c_out in widths:
+            args += [torch.randn(c_out, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c_out)]
+            c = c_out
+        out.append((f"patch_embed {widths} batch {b} {hw}", tuple(args)))
+    return out
+
+
 OP_CASES = (
     [("conv_bias_act", conv_bias_act_reference, label, args) for label, args in conv_cases()]
     + [("ffn_fused", ffn_fused_reference, label, args) for label, args in ffn_cases()]
     + [("shsa_fused", shsa_fused_reference, label, args) for label, args in shsa_cases()]
     + [("squeeze_excite", squeeze_excite_reference, label, args) for label, args in squeeze_excite_cases()]
+    + [("patch_embed", patch_embed_reference, label, args) for label, args in patch_embed_cases()]
 )
 
 

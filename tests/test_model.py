@@ -173,7 +173,7 @@ def test_reset_classifier():
 # --------------------------------------------------------------------------------------------------------
 # Every compute step goes through the op library
 # --------------------------------------------------------------------------------------------------------
-OPS = ("conv_bn", "conv_bias_act", "ffn", "ffn_fused", "shsa", "shsa_fused", "squeeze_excite")
+OPS = ("conv_bn", "conv_bias_act", "ffn", "ffn_fused", "shsa", "shsa_fused", "squeeze_excite", "patch_embed")
 
 
 @pytest.fixture
@@ -220,8 +220,9 @@ def test_fused_forward_runs_on_the_fused_ops(op_calls):
     assert len(op_calls["ffn_fused"]) == _count(model, FFN)
     assert len(op_calls["shsa_fused"]) == _count(model, SHSA)
     assert len(op_calls["squeeze_excite"]) == _count(model, SqueezeExcite)
+    assert len(op_calls["patch_embed"]) == 1  # the stem's four convs
     # The head is one more 1x1 conv_bias_act call.
-    expected_convs = _count(model, Conv2d_BN) - 2 * _count(model, FFN) - _count(model, SHSA) + _count(model, BN_Linear)
+    expected_convs = _count(model, Conv2d_BN) - 4 - 2 * _count(model, FFN) - _count(model, SHSA) + _count(model, BN_Linear)
     assert len(op_calls["conv_bias_act"]) == expected_convs
     assert not op_calls["conv_bn"] and not op_calls["ffn"] and not op_calls["shsa"]
 

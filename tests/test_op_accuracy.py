@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import shvit_kernels as K
 from helpers import NOT_DIFFERENTIABLE, compare_backend
 from shvit_kernels import dispatch
-from shvit_kernels.testing.cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, shsa_case, squeeze_excite_case
+from shvit_kernels.testing.cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, patch_embed_case, shsa_case, squeeze_excite_case
 
 def _backend_params():
     """(backend, device) pairs whose kernels can run in this process."""
@@ -133,6 +133,7 @@ GRADCHECK_CASES = [
     ("shsa-train", shsa_case(2, 7, 5, 3, 2, True)),
     ("shsa-eval", shsa_case(1, 6, 5, 2, 2, False)),
     ("squeeze-excite", squeeze_excite_case(2, 6, 3, 2, 3)),
+    ("patch-embed", patch_embed_case(2, 2, (3, 4, 3, 5), 9, 8)),
 ]
 
 

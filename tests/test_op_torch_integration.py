@@ -12,7 +12,7 @@ import torch
 import shvit_kernels as K
 from helpers import run
 from shvit_kernels import dispatch
-from shvit_kernels.testing.cases import conv_case, ffn_case, shsa_case, squeeze_excite_case
+from shvit_kernels.testing.cases import conv_case, ffn_case, patch_embed_case, shsa_case, squeeze_excite_case
 
 SMALL_CASES = [
     ("conv-infer-stem", conv_case(2, 3, 8, 8, 8, 3, 2, 1, True, False, None)),
@@ -23,6 +23,7 @@ SMALL_CASES = [
     ("shsa-infer", shsa_case(2, 12, 7, 3, 3, None)),
     ("shsa-train", shsa_case(2, 12, 7, 3, 3, True)),
     ("squeeze-excite", squeeze_excite_case(2, 12, 3, 4, 5)),
+    ("patch-embed", patch_embed_case(2, 3, (4, 6, 8, 10), 17, 16)),
 ]
 
 

@@ -12,6 +12,11 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
                          int64_t stride, int64_t padding, int64_t groups, bool relu,
                          const std::optional<at::Tensor>& residual);
 
+// SHViT's stem: four 3x3 stride-2 convs (BN folded), ReLU after the first three.
+at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                       const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& w4,
+                       const at::Tensor& b4);
+
 at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                      const at::Tensor& b2);
 

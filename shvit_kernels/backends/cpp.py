@@ -192,7 +192,7 @@ def _availability() -> List[str]:
 # Per-call reasons, called with the call's arguments by name.
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments the kernels read in x's dtype; biases and normalisation parameters / statistics may be fp32.
-SAME_DTYPE_AS_X = ("weight", "w1", "w2", "qkv_weight", "residual", "grad_out", "out")
+SAME_DTYPE_AS_X = ("weight", "w1", "w2", "w3", "w4", "qkv_weight", "residual", "grad_out", "out")
 
 
 def dtype_reasons(x, **args) -> List[str]:
@@ -278,6 +278,7 @@ NOT_SUPPORTED = {
     "shsa_fused": dtype_reasons,
     "shsa_fused_backward": dtype_reasons,
     "squeeze_excite": dtype_reasons,
+    "patch_embed": dtype_reasons,
     "shsa_train": dtype_reasons,
     "shsa_train_backward": dtype_reasons,
 }

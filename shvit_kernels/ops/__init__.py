@@ -28,6 +28,8 @@ shsa_fused, shsa          shsa_fused, shsa_train (+ ``_backward``)         cpp (
                                                                            shsa_train.cpp), triton
                                                                            (backends/triton/shsa.py), cuda
                                                                            (csrc/cuda/shsa.cu)
+patch_embed               patch_embed (+ ``_backward``)                    cpp (csrc/cpu/conv_bias_act.cpp,
+                                                                           forward); CUDA runs the reference
 squeeze_excite            squeeze_excite (+ ``_backward``)                 cpp (csrc/cpu/squeeze_excite.cpp,
                                                                            forward); CUDA runs the reference
 sync_batch_norm           (none: a torch.autograd.Function)                -

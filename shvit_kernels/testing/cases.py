@@ -110,6 +110,19 @@ def squeeze_excite_case(b, c, h, w, reduced):
     return build
 
 
+def patch_embed_case(b, c_in, widths, h, w):
+    def build(dtype, device, channels_last):
+        t = dict(x=_act(b, c_in, h, w, dtype, device, channels_last))
+        c = c_in
+        for i, c_out in enumerate(widths, start=1):
+            t[f"w{i}"] = _t(c_out, c, 3, 3, dtype=dtype, device=device, scale=(9 * c) ** -0.5)
+            t[f"b{i}"] = _t(c_out, dtype=dtype, device=device, scale=0.1)
+            c = c_out
+        return K.patch_embed, t
+
+    return build
+
+
 def _conv_cases(training):
     tag = "infer" if training is None else ("train" if training else "eval")
     return [
@@ -147,6 +160,8 @@ CASES = (
         ("ffn-input-major-weights", ffn_case(2, 24, 6, 5, input_major=True)),
         ("squeeze-excite-s1-stage1", squeeze_excite_case(3, 512, 7, 7, 128)),
         ("squeeze-excite-odd", squeeze_excite_case(2, 37, 3, 5, 9)),
+        ("patch-embed-s1-widths", patch_embed_case(3, 3, (16, 32, 64, 128), 48, 40)),
+        ("patch-embed-odd", patch_embed_case(2, 5, (6, 10, 14, 18), 19, 13)),
     ]
     + _shsa_cases(None)
     + _shsa_cases(True)

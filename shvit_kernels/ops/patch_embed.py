@@ -1,0 +1,102 @@
+"""Patch-embedding family: SHViT's stem, four 3x3 stride-2 convs (BN folded, with bias), ReLU after the first three:
+``conv4(relu(conv3(relu(conv2(relu(conv1(x)))))))``, a 16x downsampling.
+
+* ``shvit::patch_embed`` (inference): one op, so a kernel can run all four layers on one image while its
+  intermediate maps are in cache. Weights keep the conv layout: w_i (C_i, C_{i-1}, 3, 3), b_i (C_i,).
+* ``shvit::patch_embed_backward``: its gradients (the reference on every backend).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _common
+from ..tracing import untraced_check
+from ._common import (acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output,
+                      register_inputs_autograd)
+
+LAYERS = 4
+
+
+def patch_embed_reference(x, w1, b1, w2, b2, w3, b3, w4, b4):
+    for i, (w, b) in enumerate(((w1, b1), (w2, b2), (w3, b3), (w4, b4))):
+        x = F.conv2d(x, w, b, stride=2, padding=1)
+        if i < LAYERS - 1:
+            x = torch.relu(x)
+    return x
+
+
+def patch_embed_backward_reference(grad_out, x, w1, b1, w2, b2, w3, b3, w4, b4):
+    acc = acc_dtype(x.dtype)
+    weights, biases = (w1, w2, w3, w4), (b1, b2, b3, b4)
+    layer_inputs = [x]  # recomputed in x's dtype, as the forward made them
+    for i in range(LAYERS - 1):
+        layer_inputs.append(torch.relu(F.conv2d(layer_inputs[-1], weights[i], biases[i], stride=2, padding=1)))
+    g = grad_out.to(acc)  # the gradient of layer i's conv output, from the last layer down
+    grads = []
+    for i in reversed(range(LAYERS)):
+        a = layer_inputs[i].to(acc)
+        grads[:0] = [conv_weight_grad(a, weights[i].shape, g, 2, 1, 1).to(weights[i].dtype),
+                     g.sum(dim=(0, 2, 3)).to(biases[i].dtype)]
+        g = conv_input_grad(a.shape, weights[i].to(acc), g, 2, 1, 1)
+        if i:
+            g = g * (layer_inputs[i] > 0)
+    return (g.to(x.dtype), *grads)
+
+
+def output_shape(x, w4):
+    h, w = x.shape[2], x.shape[3]
+    for _ in range(LAYERS):
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    return (x.shape[0], w4.shape[0], h, w)
+
+
+def _patch_embed_fake(x, w1, b1, w2, b2, w3, b3, w4, b4):
+    return new_output(output_shape(x, w4), x.dtype, (x,), x.device)
+
+
+def _patch_embed_backward_fake(grad_out, x, *params):
+    return (new_output(x.shape, x.dtype, (x,), x.device),
+            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
+
+
+patch_embed_op = define_op(
+    "patch_embed",
+    "(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor w4, Tensor b4) -> Tensor",
+    patch_embed_reference,
+    _patch_embed_fake,
+)
+patch_embed_backward_op = define_op(
+    "patch_embed_backward",
+    "(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor w4, "
+    "Tensor b4) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    patch_embed_backward_reference,
+    _patch_embed_backward_fake,
+)
+register_inputs_autograd(patch_embed_op, patch_embed_backward_op)
+
+
+@untraced_check
+def check_patch_embed_args(op, x, params):
+    check_activation(op, x)
+    c = x.shape[1]
+    for i in range(LAYERS):
+        w, b = params[2 * i], params[2 * i + 1]
+        check_tensor(op, f"w{i + 1}", w, ndim=4, like=x, same_dtype=True, what=f"(C_out, C_in={c}, 3, 3)")
+        check_tensor(op, f"w{i + 1}", w, shape=(w.shape[0], c, 3, 3), what=f"(C_out, C_in={c}, 3, 3)")
+        check_tensor(op, f"b{i + 1}", b, shape=(w.shape[0],), like=x)
+        c = w.shape[0]
+
+
+def patch_embed(x, w1, b1, w2, b2, w3, b3, w4, b4) -> torch.Tensor:
+    """SHViT's stem with BN folded: four 3x3 stride-2 padding-1 convs with bias, ReLU after the first three."""
+    given = (x, w1, b1, w2, b2, w3, b3, w4, b4)
+    result = _common.remembered_call(patch_embed_op, given)
+    if result is not _common.MISS:
+        return result
+    x, w1, w2, w3, w4 = _common.cast_for_autocast(x, w1, w2, w3, w4)
+    params = (w1, b1, w2, b2, w3, b3, w4, b4)
+    check_patch_embed_args("shvit_kernels.patch_embed", x, params)
+    params = tuple(p.to(x.dtype) if i % 2 else p for i, p in enumerate(params))
+    return _common.call_op(patch_embed_op, x, *params, given=given)
