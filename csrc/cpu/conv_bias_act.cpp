@@ -61,7 +61,7 @@ void gemm_conv_channels_last(const T* x, const at::Tensor& weight_nk, int64_t k_
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     std::vector<T> col(direct ? 0 : tile * k_col, T(0));
-    std::vector<float> acc_buf(std::is_same<T, float>::value ? 0 : tile * c_out);
+    const Scratch<float> acc_buf(std::is_same<T, float>::value ? 0 : tile * c_out);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
       const T* a = x + r0 * k_col;
@@ -98,7 +98,7 @@ void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const
   const bool fp32 = std::is_same<T, float>::value;
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     MatmulThreadGuard guard;
-    std::vector<float> acc_buf(fp32 ? 0 : s.out_w * c_out);
+    const Scratch<float> acc_buf(fp32 ? 0 : s.out_w * c_out);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.out_h, oh = r % s.out_h;
       const T* x_n = x + n * s.h * s.w * c;
@@ -718,7 +718,7 @@ void gemm_conv_nchw(const T* x, const T* weight, int64_t k_col, const float* bia
     MatmulThreadGuard guard;
     MatB<T> b_tile;
     std::vector<T> col(direct ? 0 : k_col * tile);
-    std::vector<float> acc_buf(std::is_same<T, float>::value ? 0 : c_out * tile);
+    const Scratch<float> acc_buf(std::is_same<T, float>::value ? 0 : c_out * tile);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, np = std::min(tile, pixels - p0);
       const T* x_n = x + n * s.c_in * in_plane;
@@ -1073,8 +1073,9 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     T* op_ = out.data_ptr<T>();
     const int64_t in_image = x.size(1) * x.size(2) * x.size(3), out_image = c * h * w;
     at::parallel_for(0, batch, 1, [&](int64_t n0, int64_t n1) {
-      std::vector<T> maps[3];
-      for (int i = 0; i < 3; ++i) maps[i].resize(shapes[i].c_out * shapes[i].out_h * shapes[i].out_w);
+      const Scratch<T> maps[3] = {Scratch<T>(shapes[0].c_out * shapes[0].out_h * shapes[0].out_w),
+                                  Scratch<T>(shapes[1].c_out * shapes[1].out_h * shapes[1].out_w),
+                                  Scratch<T>(shapes[2].c_out * shapes[2].out_h * shapes[2].out_w)};
       for (int64_t n = n0; n < n1; ++n) {
         const T* in = xp + n * in_image;
         for (int i = 0; i < 4; ++i) {

@@ -99,8 +99,9 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   w2_kn.assign_weight(w2);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
-    std::vector<float> hidden_acc(tile * hd), out_acc(fp32 ? 0 : tile * c);
-    std::vector<C> hidden_buf(std::is_same_v<C, float> ? 0 : tile * hd), x_buf;
+    const Scratch<float> hidden_acc(tile * hd), out_acc(fp32 ? 0 : tile * c);
+    const Scratch<C> hidden_buf(std::is_same_v<C, float> ? 0 : tile * hd);
+    std::vector<C> x_buf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
       int64_t ldx = 0;
@@ -125,7 +126,7 @@ void ffn_channels_last_pairs(const BFloat16* x, const at::Tensor& w1, const floa
   const int64_t tile = rows_per_tile(rows, hd + c);
   const PairWeight w1p = pair_weight(w1, b1), w2p = pair_weight(w2, b2);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<BFloat16> hidden(tile * hd);
+    const Scratch<BFloat16> hidden(tile * hd);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
       pair_rows(x + r0 * c, nr, c, w1p, nullptr, true, hidden.data());
@@ -145,8 +146,9 @@ void ffn_nchw(const T* x, const C* w1, const float* b1, const C* w2, const float
   at::parallel_for(0, s.batch * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
     MatmulThreadGuard guard;
     MatB<C> x_tile, hidden_tile;
-    std::vector<float> hidden_acc(hd * tile), out_acc(fp32 ? 0 : c * tile);
-    std::vector<C> hidden_buf(std::is_same_v<C, float> ? 0 : hd * tile), x_buf;
+    const Scratch<float> hidden_acc(hd * tile), out_acc(fp32 ? 0 : c * tile);
+    const Scratch<C> hidden_buf(std::is_same_v<C, float> ? 0 : hd * tile);
+    std::vector<C> x_buf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * tile, np = std::min(tile, pixels - p0);
       const T* x_n = x + n * c * pixels + p0;
