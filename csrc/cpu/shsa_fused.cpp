@@ -202,7 +202,7 @@ float centred_slice(const T* x_n, bool channels_last, const Shape& s, double eps
 }
 
 struct ShsaScratch {
-  std::vector<float> xa, qkv_t, k_t, scores, ya;
+  Scratch<float> xa, qkv_t, k_t, scores, ya;  // each written in full before it is read
   explicit ShsaScratch(const Shape& s)
       : xa(s.p * s.tokens), qkv_t(s.tokens * s.rows_qkv()), k_t(s.qk * s.tokens), scores(s.tokens * s.tokens),
         ya(s.p * s.tokens) {}
