@@ -257,3 +257,9 @@ def test_squeeze_excite_bad_arguments_are_clear_errors(field, bad, message):
     args[field] = bad
     with pytest.raises((ValueError, TypeError), match=message):
         K.squeeze_excite(**args)
+
+
+def test_squeeze_excite_without_biases_uses_zero_biases():
+    x, w1, w2 = torch.randn(2, 8, 3, 3), torch.randn(4, 8, 1, 1), torch.randn(8, 4, 1, 1)
+    torch.testing.assert_close(K.squeeze_excite(x, w1, None, w2, None),
+                               K.squeeze_excite(x, w1, torch.zeros(4), w2, torch.zeros(8)))

@@ -55,6 +55,22 @@ void check_channel_vector(const at::Tensor& t, const char* op, const char* name,
   check_shape(t, {n}, op, name);
 }
 
+BottleneckShape check_bottleneck_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                      const at::Tensor& w2, const at::Tensor& b2) {
+  check_float_tensor(x, op, "x", 4);
+  TORCH_CHECK(x.numel() > 0, op, ": 'x' must not be empty, got shape ", x.sizes());
+  check_float_tensor(w1, op, "w1", 4);
+  check_float_tensor(w2, op, "w2", 4);
+  check_same_dtype(w1, x, op, "w1");
+  check_same_dtype(w2, x, op, "w2");
+  const BottleneckShape s{x.size(0), x.size(1), w1.size(0), x.size(2) * x.size(3)};
+  check_shape(w1, {s.hidden, s.c, 1, 1}, op, "w1");
+  check_shape(w2, {s.c, s.hidden, 1, 1}, op, "w2");
+  check_channel_vector(b1, op, "b1", s.hidden);
+  check_channel_vector(b2, op, "b2", s.c);
+  return s;
+}
+
 at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n, at::ScalarType dtype) {
   at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
   std::copy(v.begin() + offset, v.begin() + offset + n, t.data_ptr<double>());

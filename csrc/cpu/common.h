@@ -41,6 +41,14 @@ void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, con
 // A 1-D float32/bfloat16 CPU tensor of length n (BatchNorm / GroupNorm parameters and statistics).
 void check_channel_vector(const at::Tensor& t, const char* op, const char* name, int64_t n);
 
+// Arguments of an op on x with two chained 1x1 convs, C -> hidden -> C (ffn_fused, squeeze_excite): x 4-D and
+// non-empty, w1 (hidden, C, 1, 1) and w2 (C, hidden, 1, 1) in x's dtype, b1 (hidden), b2 (C).
+struct BottleneckShape {
+  int64_t batch, c, hidden, pixels;
+};
+BottleneckShape check_bottleneck_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                      const at::Tensor& w2, const at::Tensor& b2);
+
 // v[offset, offset + n) as a parameter gradient of the given dtype (accumulated in fp64, rounded once).
 at::Tensor as_param_grad(const std::vector<double>& v, int64_t offset, int64_t n, at::ScalarType dtype);
 

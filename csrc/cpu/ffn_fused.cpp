@@ -9,28 +9,6 @@ namespace {
 
 constexpr const char* kOp = "shvit cpp ffn_fused";
 
-struct FfnShape {
-  int64_t batch, c, hidden, pixels;
-};
-
-FfnShape check_ffn_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                        const at::Tensor& w2, const at::Tensor& b2) {
-  check_float_tensor(x, op, "x", 4);
-  TORCH_CHECK(x.numel() > 0, op, ": 'x' must not be empty, got shape ", x.sizes());
-  check_float_tensor(w1, op, "w1", 4);
-  check_float_tensor(w2, op, "w2", 4);
-  check_same_dtype(w1, x, op, "w1");
-  check_same_dtype(w2, x, op, "w2");
-  const FfnShape s{x.size(0), x.size(1), w1.size(0), x.size(2) * x.size(3)};
-  check_shape(w1, {s.hidden, s.c, 1, 1}, op, "w1");
-  check_shape(w2, {s.c, s.hidden, 1, 1}, op, "w2");
-  check_float_tensor(b1, op, "b1", 1);
-  check_float_tensor(b2, op, "b2", 1);
-  check_shape(b1, {s.hidden}, op, "b1");
-  check_shape(b2, {s.c}, op, "b2");
-  return s;
-}
-
 // The forward kernels take T (the storage dtype) and C, the dtype the GEMMs multiply: T, or float for bf16 when
 // bf16_widened() (operands widened once, exactly, and the hidden activation kept in fp32).
 
@@ -90,7 +68,7 @@ at::Tensor weight_matrix(const at::Tensor& w) {
 // w2 (C, H) as stored.
 template <typename T, typename C>
 void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const at::Tensor& w2, const float* b2, T* out,
-                       const FfnShape& s) {
+                       const BottleneckShape& s) {
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
@@ -121,7 +99,7 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
 // into a per-thread buffer, then out = x + hidden W2^T + b2, both from registers; the same roundings as the brgemm
 // path above (bit-identical where the accumulation order matches). Needs even C and H.
 void ffn_channels_last_pairs(const BFloat16* x, const at::Tensor& w1, const float* b1, const at::Tensor& w2,
-                             const float* b2, BFloat16* out, const FfnShape& s) {
+                             const float* b2, BFloat16* out, const BottleneckShape& s) {
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const PairWeight w1p = pair_weight(w1, b1), w2p = pair_weight(w2, b2);
@@ -138,7 +116,7 @@ void ffn_channels_last_pairs(const BFloat16* x, const at::Tensor& w1, const floa
 // NCHW: per image, x is a (C, pixels) matrix; hidden tile (H, cols) = W1 x[:, tile]. w1 (H, C) and w2 (C, H) are
 // contiguous matrices in C.
 template <typename T, typename C>
-void ffn_nchw(const T* x, const C* w1, const float* b1, const C* w2, const float* b2, T* out, const FfnShape& s) {
+void ffn_nchw(const T* x, const C* w1, const float* b1, const C* w2, const float* b2, T* out, const BottleneckShape& s) {
   const int64_t c = s.c, hd = s.hidden, pixels = s.pixels;
   const int64_t tile = pixels_per_tile(pixels, hd + c);
   const int64_t tiles_per_image = ceil_div(pixels, tile);
@@ -171,7 +149,7 @@ void ffn_nchw(const T* x, const C* w1, const float* b1, const C* w2, const float
 // Forward in compute type C (see above).
 template <typename T, typename C>
 void ffn_forward(const at::Tensor& xc, const at::Tensor& w1, const float* b1, const at::Tensor& w2, const float* b2,
-                 at::Tensor& out, bool channels_last, const FfnShape& s) {
+                 at::Tensor& out, bool channels_last, const BottleneckShape& s) {
   if (channels_last) {
     if constexpr (std::is_same_v<C, BFloat16>) {
       if (pair_products_usable() && s.c % 2 == 0 && s.hidden % 2 == 0) {
@@ -244,7 +222,7 @@ void nchw_tile_copy(T* act, T* buf, int64_t r0, int64_t r, int64_t c, int64_t pi
 // Partial sums of one chunk of row tiles: dW1 (H, C), dW2 (C, H) in the mode's storage order, then db1 (H),
 // db2 (C). Tiles span images so the dW updates (a full pass over dW each) are amortised over many rows.
 template <typename T>
-void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_t tile, int64_t t0, int64_t t1,
+void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const BottleneckShape& s, int64_t tile, int64_t t0, int64_t t1,
                         float* part) {
   const int64_t c = s.c, hd = s.hidden, rows = s.batch * s.pixels;
   const bool fp32 = std::is_same<T, float>::value;
@@ -294,7 +272,7 @@ void ffn_backward_chunk(const FfnGrads<T>& a, bool cm, const FfnShape& s, int64_
 
 at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                      const at::Tensor& b2) {
-  const FfnShape s = check_ffn_args(kOp, x, w1, b1, w2, b2);
+  const BottleneckShape s = check_bottleneck_args(kOp, x, w1, b1, w2, b2);
   const auto fmt = activation_format(x);
   // One pixel per image: both layouts are the same bytes, and the pixel-row kernel reads input-major weights in
   // place where the NCHW one would copy them per call (see conv_bias_act.cpp).
@@ -323,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_fused
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
     const at::Tensor& b2) {
   constexpr const char* op = "shvit cpp ffn_fused_backward";
-  const FfnShape s = check_ffn_args(op, x, w1, b1, w2, b2);
+  const BottleneckShape s = check_bottleneck_args(op, x, w1, b1, w2, b2);
   check_float_tensor(grad_out, op, "grad_out", 4);
   check_same_dtype(grad_out, x, op, "grad_out");
   check_shape(grad_out, x.sizes(), op, "grad_out");

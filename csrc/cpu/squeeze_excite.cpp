@@ -74,21 +74,11 @@ void channel_sums(const T* x, bool channels_last, int64_t c, int64_t plane, floa
 
 at::Tensor squeeze_excite(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                           const at::Tensor& b2) {
-  check_float_tensor(x, kOp, "x", 4);
-  TORCH_CHECK(x.numel() > 0, kOp, ": 'x' must not be empty, got shape ", x.sizes());
-  check_float_tensor(w1, kOp, "w1", 4);
-  check_float_tensor(w2, kOp, "w2", 4);
-  check_same_dtype(w1, x, kOp, "w1");
-  check_same_dtype(w2, x, kOp, "w2");
-  const int64_t batch = x.size(0), c = x.size(1), plane = x.size(2) * x.size(3), reduced = w1.size(0);
-  check_shape(w1, {reduced, c, 1, 1}, kOp, "w1");
-  check_shape(w2, {c, reduced, 1, 1}, kOp, "w2");
-  check_channel_vector(b1, kOp, "b1", reduced);
-  check_channel_vector(b2, kOp, "b2", c);
+  const BottleneckShape s = check_bottleneck_args(kOp, x, w1, b1, w2, b2);
+  const int64_t batch = s.batch, c = s.c, plane = s.pixels, reduced = s.hidden;
   const auto fmt = activation_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(fmt);
-  // The weights as contiguous fp32 (reduced, c) and (c, reduced) matrices, kept per weight version.
   const at::Tensor b1f = float_vector(b1), b2f = float_vector(b2);
   at::Tensor out = empty_output(xc.sizes(), xc.options(), fmt);
   const float inv_count = 1.f / static_cast<float>(plane);

@@ -350,6 +350,22 @@ def check_tensor(
         raise ValueError(f"{op}: '{name}' must not be empty (it has a zero-size dimension), got shape {tuple(t.shape)}")
 
 
+@untraced_check
+def check_bottleneck_args(op, x, w1, b1, w2, b2, hidden: str = "hidden") -> None:
+    """x and two chained 1x1 conv weights, C -> ``hidden`` -> C: w1 (hidden, C, 1, 1), w2 (C, hidden, 1, 1) in x's
+    dtype, b1 (hidden,) and b2 (C,) when given (ffn_fused, squeeze_excite)."""
+    check_activation(op, x)
+    c = x.shape[1]
+    check_tensor(op, "w1", w1, ndim=4, like=x, same_dtype=True, what=f"({hidden}, C, 1, 1)")
+    inner = w1.shape[0]
+    check_tensor(op, "w1", w1, shape=(inner, c, 1, 1), what=f"({hidden}, C={c}, 1, 1)")
+    check_tensor(op, "w2", w2, shape=(c, inner, 1, 1), like=x, same_dtype=True, what=f"(C={c}, {hidden}={inner}, 1, 1)")
+    if b1 is not None:
+        check_tensor(op, "b1", b1, shape=(inner,), like=x)
+    if b2 is not None:
+        check_tensor(op, "b2", b2, shape=(c,), like=x)
+
+
 def check_eps(op: str, name: str, eps) -> None:
     """A normalisation epsilon: a finite number >= 0 (every backend's rule; the cpp kernels check it too)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < float("inf")):

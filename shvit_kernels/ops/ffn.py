@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import (acc_dtype, check_activation, check_eps, check_tensor, conv_input_grad, conv_weight_grad, define_op,
-                      grads_like_inputs_fake, like_x_fake, register_inputs_autograd)
+from ._common import (acc_dtype, check_activation, check_bottleneck_args, check_eps, check_tensor, conv_input_grad,
+                      conv_weight_grad, define_op, grads_like_inputs_fake, like_x_fake, register_inputs_autograd)
 from .conv_bn import conv_bn, fold_bn
 
 
@@ -56,20 +56,6 @@ ffn_fused_backward_op = define_op(
 register_inputs_autograd(ffn_fused_op, ffn_fused_backward_op)
 
 
-@untraced_check
-def check_ffn_args(op, x, w1, b1, w2, b2):
-    check_activation(op, x)
-    c = x.shape[1]
-    check_tensor(op, "w1", w1, ndim=4, like=x, same_dtype=True, what="(hidden, C, 1, 1)")
-    hidden = w1.shape[0]
-    check_tensor(op, "w1", w1, shape=(hidden, c, 1, 1), what=f"(hidden, C={c}, 1, 1)")
-    check_tensor(op, "w2", w2, shape=(c, hidden, 1, 1), like=x, same_dtype=True, what=f"(C={c}, hidden={hidden}, 1, 1)")
-    if b1 is not None:
-        check_tensor(op, "b1", b1, shape=(hidden,), like=x)
-    if b2 is not None:
-        check_tensor(op, "b2", b2, shape=(c,), like=x)
-
-
 def ffn_fused(x, w1, b1, w2, b2) -> torch.Tensor:
     """``x + conv1x1(relu(conv1x1(x, w1, b1)), w2, b2)`` (BN already folded into w/b)."""
     given = (x, w1, b1, w2, b2)
@@ -78,7 +64,7 @@ def ffn_fused(x, w1, b1, w2, b2) -> torch.Tensor:
         return result
     op = "shvit_kernels.ffn_fused"
     x, w1, w2 = _common.cast_for_autocast(x, w1, w2)
-    check_ffn_args(op, x, w1, b1, w2, b2)
+    check_bottleneck_args(op, x, w1, b1, w2, b2)
     b1 = b1.to(x.dtype) if b1 is not None else x.new_zeros(w1.shape[0])
     b2 = b2.to(x.dtype) if b2 is not None else x.new_zeros(w2.shape[0])
     return _common.call_op(ffn_fused_op, x, w1, b1, w2, b2, given=given)

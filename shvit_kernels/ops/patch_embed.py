@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import (acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op, new_output,
-                      register_inputs_autograd)
+from ._common import (acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op,
+                      grads_like_inputs_fake, new_output, register_inputs_autograd)
 
 LAYERS = 4
 
@@ -56,11 +56,6 @@ def _patch_embed_fake(x, w1, b1, w2, b2, w3, b3, w4, b4):
     return new_output(output_shape(x, w4), x.dtype, (x,), x.device)
 
 
-def _patch_embed_backward_fake(grad_out, x, *params):
-    return (new_output(x.shape, x.dtype, (x,), x.device),
-            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
-
-
 patch_embed_op = define_op(
     "patch_embed",
     "(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor w4, Tensor b4) -> Tensor",
@@ -72,7 +67,7 @@ patch_embed_backward_op = define_op(
     "(Tensor grad_out, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor w4, "
     "Tensor b4) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     patch_embed_backward_reference,
-    _patch_embed_backward_fake,
+    grads_like_inputs_fake,
 )
 register_inputs_autograd(patch_embed_op, patch_embed_backward_op)
 

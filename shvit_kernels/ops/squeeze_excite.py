@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ..tracing import untraced_check
-from ._common import (acc_dtype, check_activation, check_tensor, define_op, grads_like_inputs_fake, like_x_fake,
+from ._common import (acc_dtype, check_bottleneck_args, define_op, grads_like_inputs_fake, like_x_fake,
                       register_inputs_autograd)
 
 
@@ -59,25 +58,16 @@ squeeze_excite_backward_op = define_op(
 register_inputs_autograd(squeeze_excite_op, squeeze_excite_backward_op)
 
 
-@untraced_check
-def check_squeeze_excite_args(op, x, w1, b1, w2, b2):
-    check_activation(op, x)
-    c = x.shape[1]
-    check_tensor(op, "w1", w1, ndim=4, like=x, same_dtype=True, what="(C_r, C, 1, 1)")
-    reduced = w1.shape[0]
-    check_tensor(op, "w1", w1, shape=(reduced, c, 1, 1), what=f"(C_r, C={c}, 1, 1)")
-    check_tensor(op, "w2", w2, shape=(c, reduced, 1, 1), like=x, same_dtype=True, what=f"(C={c}, C_r={reduced}, 1, 1)")
-    check_tensor(op, "b1", b1, shape=(reduced,), like=x)
-    check_tensor(op, "b2", b2, shape=(c,), like=x)
-
-
 def squeeze_excite(x, w1, b1, w2, b2) -> torch.Tensor:
-    """``x * sigmoid(conv1x1(relu(conv1x1(mean_hw(x), w1, b1)), w2, b2))``: a squeeze-excite gate applied to x."""
+    """``x * sigmoid(conv1x1(relu(conv1x1(mean_hw(x), w1, b1)), w2, b2))``: a squeeze-excite gate applied to x
+    (biases None: zero)."""
     given = (x, w1, b1, w2, b2)
     result = _common.remembered_call(squeeze_excite_op, given)
     if result is not _common.MISS:
         return result
     op = "shvit_kernels.squeeze_excite"
     x, w1, w2 = _common.cast_for_autocast(x, w1, w2)
-    check_squeeze_excite_args(op, x, w1, b1, w2, b2)
-    return _common.call_op(squeeze_excite_op, x, w1, b1.to(x.dtype), w2, b2.to(x.dtype), given=given)
+    check_bottleneck_args(op, x, w1, b1, w2, b2, hidden="C_r")
+    b1 = b1.to(x.dtype) if b1 is not None else x.new_zeros(w1.shape[0])
+    b2 = b2.to(x.dtype) if b2 is not None else x.new_zeros(w2.shape[0])
+    return _common.call_op(squeeze_excite_op, x, w1, b1, w2, b2, given=given)
