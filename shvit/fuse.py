@@ -29,13 +29,29 @@ from .layers import ResidualInForward, spatial_mean
 
 __all__ = [
     "FusedConv2d", "FusedFFN", "FusedLinear", "FusedSHSA", "FusedSqueezeExcite", "FusedStem", "fuse", "fuse_bn_linear", "fuse_conv_bn", "fuse_shsa",
-    "fuse_squeeze_excite", "input_major",
+    "fuse_squeeze_excite", "input_major", "keep_normal_tensors",
 ]
 
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (C_out, C_in, 1, 1) stored so that its (C_in, C_out) transpose is contiguous."""
     return weight.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@torch.no_grad()
+def keep_normal_tensors(module: nn.Module) -> None:
+    """Replace inference tensors among ``module``'s own parameters and buffers (made or moved under
+    ``torch.inference_mode``) by normal copies. The CPU kernels keep packed copies of a weight per weight version,
+    which an inference tensor lacks, so they repacked such weights on every call: S4's bf16 forward ran 1.25x
+    slower with a model converted under inference mode (Zen 5, one thread, 2026-12-02)."""
+    # New objects: a Parameter whose data was swapped under inference mode keeps no version counter.
+    with torch.inference_mode(False):
+        for name, p in module._parameters.items():
+            if p is not None and p.is_inference():
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_inference():
+                module._buffers[name] = b.clone()
 
 
 class FusedConv2d(ResidualInForward, nn.Conv2d):
@@ -52,7 +68,9 @@ class FusedConv2d(ResidualInForward, nn.Conv2d):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.lay_out_weight()
+        with torch.inference_mode(False):
+            self.lay_out_weight()
+        keep_normal_tensors(self)
         return self
 
     @torch.no_grad()
@@ -136,6 +154,11 @@ class FusedLinear(nn.Linear):
     the (N, C, 1, 1) map; same parameters, same result to rounding. Inside S1's batch-16 forward (Zen 5, one
     thread) the head took 266 us (fp32) / 254 us (bf16) as ATen's addmm against 165 / 104-115 us so: the conv
     kernel keeps its packed weight between calls."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_normal_tensors(self)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
@@ -275,9 +298,11 @@ def fuse(model: nn.Module) -> nn.Module:
     fused = copy.deepcopy(model).eval()
     replacement = _fused_replacement(fused)
     if replacement is not None:
-        return replacement.eval()
-    if not _fuse_children(fused):
+        fused = replacement.eval()
+    elif not _fuse_children(fused):
         raise _cannot_fuse(model)
     if hasattr(fused, "is_fused"):  # an SHViT
         fused.is_fused = True
+    for m in fused.modules():  # folded under torch.inference_mode: see keep_normal_tensors
+        keep_normal_tensors(m)
     return fused

@@ -374,6 +374,29 @@ def test_fused_1x1_weights_are_input_major_in_fp32_and_bf16_on_cpu_only():
     assert meta.blocks1[0].ffn.m.pw1.weight.is_contiguous()
 
 
+def test_a_model_fused_or_converted_under_inference_mode_keeps_normal_weights():
+    """Inference tensors have no version counter, so the CPU kernels cannot keep packed copies of them and would
+    repack every weight on every call (S4's bf16 forward 1.25x slower); the fused modules keep normal tensors."""
+    model = randomize_norms(shvit.create_model("shvit_s1")).eval()
+    x = torch.randn(2, 3, 64, 64).bfloat16()
+    with torch.inference_mode():
+        fused = shvit.fuse(model).bfloat16().to(memory_format=torch.channels_last)
+    assert not any(t.is_inference() for t in (*fused.parameters(), *fused.buffers()))
+    assert fused.blocks1[0].ffn.m.pw1.weight.transpose(0, 1).is_contiguous()  # still input major
+    expected = shvit.fuse(model).bfloat16().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), expected(x), rtol=0, atol=0)
+    from shvit_kernels.backends import cpp
+
+    if cpp.variant() is not None:  # the packed copies are kept between calls
+        cpp.clear_packed_weights()
+        with torch.inference_mode():
+            fused(x)
+            held = cpp.packed_weight_count()
+            fused(x)
+        assert held > 0 and cpp.packed_weight_count() == held
+
+
 def test_depthwise_residual_folds_into_the_centre_tap():
     block = randomize_norms(Residual(Conv2d_BN(6, 6, 3, 1, 1, groups=6))).eval()
     fused = shvit.fuse(block)
