@@ -118,6 +118,9 @@ def conv_cases():
     cases.append(("pw relu", (torch.randn(3, 40, 7, 5), torch.randn(24, 40, 1, 1) / 6, torch.randn(24), 1, 0, 1, True, None)))
     cases.append(("pw residual no bias", (torch.randn(1, 33, 3, 1), torch.randn(20, 33, 1, 1) / 6, None, 1, 0, 1, False,
                                           torch.randn(1, 20, 3, 1))))
+    # bf16 pair kernel: a last channel block of 16 (48 = 32 + 16) on one channel vector, with a residual.
+    cases.append(("pw c_out 48 residual", (torch.randn(2, 40, 6, 5), torch.randn(48, 40, 1, 1) / 6, torch.randn(48), 1, 0,
+                                           1, False, torch.randn(2, 48, 6, 5))))
     cases.append(("stem 3x3 s2 c_in 3", (torch.randn(2, 3, 11, 13), torch.randn(16, 3, 3, 3) / 3, torch.randn(16), 2, 1, 1,
                                          True, None)))
     cases.append(("stem 3x3 s1 c_in 3 c_out 28 residual", (torch.randn(2, 3, 10, 17), torch.randn(28, 3, 3, 3) / 3,

@@ -428,6 +428,25 @@ __attribute__((target("avx512bf16"))) void pair_conv_row(const PairStep* steps, 
   const int64_t tiles = ceil_div(out_w, kPixels);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * V * 16;
+    if constexpr (V == 2) {
+      // A last block of at most 16 channels (336 = 10.5 blocks, S4's stage 2; 112, its third stem layer): one channel
+      // vector, the block's first (its second is all padding), on tiles of that width; bit-identical. Interleaved, one
+      // thread, Zen 5: S4's 56 -> 112 stem layer 1.06x, 1x1 336 -> 336 1.02x, 896 -> 336 1.03x; S4's bf16 forward
+      // 1.02x (0.92..1.12, a noisy hour).
+      if (c_out - c0 <= 16) {
+        constexpr int kPixels1 = pair_tile_pixels<1, kStep>;
+        const int64_t tiles1 = ceil_div(out_w, kPixels1);
+        for (int64_t t = 0, ow = 0; t < tiles1; ++t) {
+          const int64_t width = (out_w - ow) / (tiles1 - t), at = ow * c_out + c0;
+          const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0,
+                          c_out, relu};
+          pair_conv_tile_dispatch<1, kStep>(std::make_integer_sequence<int, kPixels1>{}, width, steps, n_steps,
+                                            ow * step, step, w_blocks + b * block_size, o);
+          ow += width;
+        }
+        continue;
+      }
+    }
     for (int64_t t = 0, ow = 0; t < tiles; ++t) {
       const int64_t width = (out_w - ow) / (tiles - t), at = ow * c_out + c0;
       const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0, c_out,
