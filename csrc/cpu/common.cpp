@@ -288,13 +288,10 @@ std::string derived_key(const at::Tensor& w, const char* kind) {
 }  // namespace
 
 at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::function<at::Tensor()>& make) {
-  if (w.is_inference()) {
-    // No version counter: a copy kept could outlive an in-place change of w unnoticed.
-    TORCH_WARN_ONCE("shvit_kernels (cpu): a weight is an inference tensor (made under torch.inference_mode), which "
-                    "has no version counter, so its packed copy is rebuilt on every call. Create or convert weights "
-                    "outside inference mode for speed (shvit.fuse and the fused modules do).");
-    return make();
-  }
+  // No version counter: a copy kept could outlive an in-place change of w unnoticed. (No warning: the unfused
+  // model's eval-mode Conv+BN folds fresh weights on every call under inference mode, where the copy could not be
+  // reused anyway; shvit.fuse and the fused modules keep normal tensors.)
+  if (w.is_inference()) return make();
   const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
   const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
   const std::string key = derived_key(w, kind);
