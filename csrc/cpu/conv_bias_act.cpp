@@ -415,6 +415,25 @@ __attribute__((target("avx512bf16"))) inline void pair_conv_tile_dispatch(std::i
   ((width == MB + 1 ? pair_conv_tile<V, MB + 1, kStep>(steps, n_steps, offset, step, w, o) : void()), ...);
 }
 
+// One channel block of an output row on Vt-vector tiles of equal width (a narrow remainder tile has too few
+// independent accumulators to hide the latency); w_block: the block's packed weights, c0 its first channel.
+template <int Vt, int kStep>
+__attribute__((target("avx512bf16"))) void pair_conv_block(const PairStep* steps, int64_t n_steps,
+                                                           const BFloat16* w_block, int64_t step, int64_t out_w,
+                                                           const float* bias_blocked, const BFloat16* row_residual,
+                                                           BFloat16* row_out, int64_t c0, int64_t c_out, bool relu) {
+  constexpr int kPixels = pair_tile_pixels<Vt, kStep>;
+  const int64_t tiles = ceil_div(out_w, kPixels);
+  for (int64_t t = 0, ow = 0; t < tiles; ++t) {
+    const int64_t width = (out_w - ow) / (tiles - t), at = ow * c_out + c0;
+    const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0, c_out,
+                    relu};
+    pair_conv_tile_dispatch<Vt, kStep>(std::make_integer_sequence<int, kPixels>{}, width, steps, n_steps, ow * step,
+                                       step, w_block, o);
+    ow += width;
+  }
+}
+
 // One output row (row_out: its first pixel's output, row_residual likewise), every channel block; step is kStep
 // when that is given.
 template <int V, int kStep = 0>
@@ -423,38 +442,13 @@ __attribute__((target("avx512bf16"))) void pair_conv_row(const PairStep* steps, 
                                                          int64_t step, int64_t out_w, const float* bias_blocked,
                                                          const BFloat16* row_residual, BFloat16* row_out,
                                                          int64_t c_out, bool relu) {
-  constexpr int kPixels = pair_tile_pixels<V, kStep>;
-  // Tiles of equal width: a narrow remainder tile has too few independent accumulators to hide the latency.
-  const int64_t tiles = ceil_div(out_w, kPixels);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c0 = b * V * 16;
-    if constexpr (V == 2) {
-      // A last block of at most 16 channels (336 = 10.5 blocks, S4's stage 2; 112, its third stem layer): one channel
-      // vector, the block's first (its second is all padding), on tiles of that width; bit-identical. Interleaved, one
-      // thread, Zen 5: S4's 56 -> 112 stem layer 1.06x, 1x1 336 -> 336 1.02x, 896 -> 336 1.03x; S4's bf16 forward
-      // 1.02x (0.92..1.12, a noisy hour).
-      if (c_out - c0 <= 16) {
-        constexpr int kPixels1 = pair_tile_pixels<1, kStep>;
-        const int64_t tiles1 = ceil_div(out_w, kPixels1);
-        for (int64_t t = 0, ow = 0; t < tiles1; ++t) {
-          const int64_t width = (out_w - ow) / (tiles1 - t), at = ow * c_out + c0;
-          const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0,
-                          c_out, relu};
-          pair_conv_tile_dispatch<1, kStep>(std::make_integer_sequence<int, kPixels1>{}, width, steps, n_steps,
-                                            ow * step, step, w_blocks + b * block_size, o);
-          ow += width;
-        }
-        continue;
-      }
-    }
-    for (int64_t t = 0, ow = 0; t < tiles; ++t) {
-      const int64_t width = (out_w - ow) / (tiles - t), at = ow * c_out + c0;
-      const PairOut o{bias_blocked + c0, row_residual ? row_residual + at : nullptr, row_out + at, c_out - c0, c_out,
-                      relu};
-      pair_conv_tile_dispatch<V, kStep>(std::make_integer_sequence<int, kPixels>{}, width, steps, n_steps, ow * step, step,
-                                 w_blocks + b * block_size, o);
-      ow += width;
-    }
+    // A last block of at most 16 channels (336 = 10.5 blocks, S4's stage 2; 112, its third stem layer) runs its first
+    // channel vector only (the second is all padding), bit-identical. Interleaved, one thread, Zen 5: S4's 56 -> 112
+    // stem layer 1.06x, 1x1 336 -> 336 1.02x, 896 -> 336 1.03x; S4's bf16 forward 1.02x (0.92..1.12, a noisy hour).
+    auto block = V == 2 && c_out - c0 <= 16 ? pair_conv_block<1, kStep> : pair_conv_block<V, kStep>;
+    block(steps, n_steps, w_blocks + b * block_size, step, out_w, bias_blocked, row_residual, row_out, c0, c_out, relu);
   }
 }
 
