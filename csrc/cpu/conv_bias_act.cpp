@@ -1061,8 +1061,7 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     check_float_tensor(wi, op, weight_names[i], 4);
     check_same_dtype(wi, x, op, weight_names[i]);
     check_shape(wi, {wi.size(0), c, 3, 3}, op, weight_names[i]);
-    check_float_tensor(*biases[i], op, bias_names[i], 1);
-    check_shape(*biases[i], {wi.size(0)}, op, bias_names[i]);
+    check_channel_vector(*biases[i], op, bias_names[i], wi.size(0));
     shapes[i] = ConvShape{1, c, h, w, wi.size(0), 3, 3, (h - 1) / 2 + 1, (w - 1) / 2 + 1, 2, 1};
     c = wi.size(0), h = shapes[i].out_h, w = shapes[i].out_w;
   }

@@ -106,11 +106,12 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
   // Each lane still adds its rows in order: the same sums. contrib is copied into the task (call sites capture by
   // value) so that its pointers stay in registers.
   const int64_t blocks = ceil_div(l.c, kVec);
+  constexpr int kParamVecs = P > 0 ? P : 1;  // per channel block
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     const F f = contrib;
     std::vector<AccVec> acc(K * blocks);
-    std::vector<ParamVec> pv(std::max(P, 1) * blocks);
-    for (int64_t cb = 0; cb < blocks; ++cb) params.load(cb * kVec, std::min(kVec, l.c - cb * kVec), &pv[cb * std::max(P, 1)]);
+    std::vector<ParamVec> pv(kParamVecs * blocks);
+    for (int64_t cb = 0; cb < blocks; ++cb) params.load(cb * kVec, std::min(kVec, l.c - cb * kVec), &pv[cb * kParamVecs]);
     for (int64_t t = t0; t < t1; ++t) {
       double* part = partial.data() + t * K * l.c;
       const int64_t r0 = t * kTaskRows, r1 = std::min(rows, r0 + kTaskRows);
@@ -121,7 +122,7 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
         for (int64_t r = b0; r < b1; ++r) {
           for (int64_t cb = 0; cb < blocks; ++cb) {
             AccVec v[K];
-            f(r * l.c + cb * kVec, std::min(kVec, l.c - cb * kVec), &pv[cb * std::max(P, 1)], v);
+            f(r * l.c + cb * kVec, std::min(kVec, l.c - cb * kVec), &pv[cb * kParamVecs], v);
             for (int k = 0; k < K; ++k) acc[k * blocks + cb] = acc[k * blocks + cb] + v[k];  // lanes past m: unread
           }
         }
