@@ -121,6 +121,10 @@ def conv_cases():
     # bf16 pair kernel: a last channel block of 16 (48 = 32 + 16) on one channel vector, with a residual.
     cases.append(("pw c_out 48 residual", (torch.randn(2, 40, 6, 5), torch.randn(48, 40, 1, 1) / 6, torch.randn(48), 1, 0,
                                            1, False, torch.randn(2, 48, 6, 5))))
+    # AMX tiles: 50 pixels (a 32-row block and an 18-row one), K 70 (two 32-value chunks and a 6-value tail), 80
+    # channels (two 32-channel blocks and a 16-channel one), with a residual.
+    cases.append(("pw amx tails residual", (torch.randn(2, 70, 5, 5), torch.randn(80, 70, 1, 1) / 8, torch.randn(80), 1, 0,
+                                            1, False, torch.randn(2, 80, 5, 5))))
     cases.append(("stem 3x3 s2 c_in 3", (torch.randn(2, 3, 11, 13), torch.randn(16, 3, 3, 3) / 3, torch.randn(16), 2, 1, 1,
                                          True, None)))
     cases.append(("stem 3x3 s1 c_in 3 c_out 28 residual", (torch.randn(2, 3, 10, 17), torch.randn(28, 3, 3, 3) / 3,
@@ -154,6 +158,8 @@ def ffn_cases():
     return [
         ("ffn 24->48 5x7", (torch.randn(3, 24, 5, 7), torch.randn(48, 24, 1, 1) / 5, torch.randn(48), torch.randn(24, 48, 1, 1) / 7, torch.randn(24))),
         ("ffn odd C 15->30 1x1", (torch.randn(1, 15, 1, 1), torch.randn(30, 15, 1, 1) / 4, torch.randn(30), torch.randn(15, 30, 1, 1) / 5, torch.randn(15))),
+        # AMX tiles: K 64 and 128 in whole 32-value chunks, 20 rows (one block of 16 + 4 rows).
+        ("ffn 64->128 4x5", (torch.randn(1, 64, 4, 5), torch.randn(128, 64, 1, 1) / 8, torch.randn(128), torch.randn(64, 128, 1, 1) / 11, torch.randn(64))),
         ("ffn 16->32 9x9 many tiles", (torch.randn(4, 16, 9, 9), torch.randn(32, 16, 1, 1) / 4, torch.randn(32), torch.randn(16, 32, 1, 1) / 6, torch.randn(16))),
     ]
 
@@ -215,12 +221,19 @@ def test_variant_matches_reference(variant, dtype, channels_last, op, reference,
                              name=f"{variant} {op} {label}")
 
 
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+
+
 @requires_cpp
-@pytest.mark.parametrize("mode", ("dot", "dot without pair kernels", "fp32"))
+@pytest.mark.parametrize("mode", ("dot", "dot on avx512_bf16", "dot without pair kernels", "fp32"))
 def test_each_bf16_products_mode_matches_reference(mode):
     """The grids above run bf16 in the mode this processor measured faster; here each mode, forced, on every
-    variant: every forward op case and the ffn / shsa backward cases in both layouts. "dot without pair kernels":
-    ATen's micro-kernel paths, which processors without AVX512_BF16 take in "dot" mode."""
+    variant: every forward op case and the ffn / shsa backward cases in both layouts. "dot": the pair kernels on
+    AMX tiles where the processor has them, else on VDPBF16PS; "dot on avx512_bf16": on VDPBF16PS with AMX switched
+    off (the same as "dot" where there is no AMX); "dot without pair kernels": ATen's micro-kernel paths, which
+    processors without AVX512_BF16 take in "dot" mode."""
     for variant in VARIANTS:
         module = cpp.load_variant(variant)
         try:
@@ -229,9 +242,12 @@ def test_each_bf16_products_mode_matches_reference(mode):
             assert mode.startswith("dot") and "not usable here" in str(e)
             pytest.skip(f"bf16 pair products cannot run on this processor: {e}")
         pairs = module.set_pair_kernels(mode != "dot without pair kernels")
+        amx = module.set_amx_tiles(mode != "dot on avx512_bf16")
         try:
             assert module.bf16_widened() == (mode == "fp32")
-            assert module.dense_conv_bf16() != "pairs" or mode == "dot"
+            assert module.dense_conv_bf16() != "pairs" or mode.startswith("dot on") or mode == "dot"
+            if mode == "dot on avx512_bf16":
+                assert module.bf16_pair_unit() in ("avx512_bf16", "none")
             for channels_last in (False, True):
                 for op, reference, label, args in OP_CASES:
                     _check_against_reference(getattr(module, op), reference, args, torch.bfloat16,
@@ -246,8 +262,29 @@ def test_each_bf16_products_mode_matches_reference(mode):
                     _check_outputs(module.shsa_fused_backward, shsa_fused_backward_reference, bwd, torch.bfloat16,
                                    channels_last, f"{variant} {mode} shsa_fused_backward {label}")
         finally:
+            module.set_amx_tiles(amx)
             module.set_pair_kernels(pairs)
             module.set_bf16_products(previous)
+
+
+def test_bf16_pair_kernels_run_on_amx_tiles_where_the_processor_has_them():
+    """Where /proc/cpuinfo lists AMX-BF16, the AVX512 build's pair kernels (and with them the grids' bf16 1x1, dense
+    channels_last and FFN cases) run on AMX tiles; elsewhere on VDPBF16PS or not at all. Switching AMX off moves them
+    to VDPBF16PS."""
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    flags = _cpu_flags()
+    if cpp.variant() != "AVX512" or cpp.bf16_products() != "dot" or "avx512_bf16" not in flags:
+        assert cpp.bf16_pair_unit() == "none"
+        return
+    expected = "amx" if {"amx_tile", "amx_bf16"} <= flags else "avx512_bf16"
+    assert cpp.bf16_pair_unit() == expected
+    previous = cpp.set_amx_tiles(False)
+    try:
+        assert cpp.bf16_pair_unit() == "avx512_bf16"
+    finally:
+        cpp.set_amx_tiles(previous)
+    assert cpp.bf16_pair_unit() == expected
 
 
 def test_bf16_dense_convs_run_on_pair_products_where_the_processor_has_them():

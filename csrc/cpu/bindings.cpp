@@ -18,6 +18,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pair_kernels", &k::set_pair_kernels,
         "bf16 on the AVX512_BF16 pair kernels where they run (True, default) or ATen's micro-kernel paths; returns the "
         "previous setting (tests)");
+  m.def("set_amx_tiles", &k::set_amx_tiles,
+        "bf16 pair kernels on AMX tiles where the processor has them (True, default) or on VDPBF16PS; returns the "
+        "previous setting (tests, measurements)");
+  m.def("bf16_pair_unit", &k::bf16_pair_unit, "What the bf16 pair kernels multiply on: 'amx', 'avx512_bf16' or 'none'");
   m.def("dense_conv_bf16", &k::dense_conv_bf16, "bf16 channels_last dense convs: 'pairs', 'rows' or 'fp32'");
   m.def("peak_gflops", &k::peak_gflops, "One core's measured peak: 'fp32_fma' or 'bf16_dot' (0: none here)");
   m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");

@@ -289,15 +289,42 @@ std::string set_bf16_products(const std::string& mode);
 // The mode in force, "auto" resolved (measured on first use).
 bool bf16_widened();
 
+// bf16 GEMMs on AMX tiles (amx_tiles.cpp): usable where the processor has AMX-BF16, Linux grants the tile state, bf16
+// multiplies as pairs and the switch (SHVIT_CPU_AMX=0, set_amx_tiles) is on. The pair kernels (pair_rows, the dense
+// channels_last convs) then run on tiles instead of VDPBF16PS.
+bool amx_usable();
+bool set_amx_tiles(bool on);
+// What the pair kernels multiply on: "amx", "avx512_bf16" or "none" (not usable: ATen's paths or widened fp32).
+std::string bf16_pair_unit();
+// A (n, c_in[, kh, kw]) bf16 weight packed for amx_rows, kept per weight version: (n / 32 rounded up, kh, seg_pad / 2,
+// 32, 2) bf16, each kernel row's kw * c_pad values (c_in zero-padded to c_pad) padded to seg_pad, a multiple of 32;
+// its bias (fp32) zero-padded to whole blocks.
+struct AmxWeight {
+  at::Tensor blocks;
+  std::vector<float> bias;
+  int64_t n = 0, segments = 0, seg_k = 0, seg_pad = 0;
+};
+AmxWeight amx_weight(const at::Tensor& weight, int64_t c_pad, const float* bias);
+// Where row 0's seg_k values of one kernel row start, and which kernel row of the weight (index) they multiply.
+struct AmxSegment {
+  const BFloat16* a;
+  int64_t index;
+};
+// out (m x n, ld n) = bf16(act(sum over segments s of A_s W_s^T + bias [+ residual (ld n)])), where row r of A_s is
+// the seg_k values at s.a + r * lda; one thread.
+void amx_rows(const AmxSegment* segments, int64_t n_segments, int64_t m, int64_t lda, const AmxWeight& w,
+              const BFloat16* residual, bool relu, BFloat16* out);
+
 // bf16 GEMMs on this extension's AVX512_BF16 pair-product tiles (conv_bias_act.cpp's pair_conv): usable where the
 // processor has the instructions and bf16 multiplies as pairs (not bf16_widened()).
 bool pair_products_usable();
 // A (n, k[, 1, 1]) weight (k even) packed for pair_rows, kept per weight version, and its bias padded to whole blocks.
 struct PairWeight {
-  at::Tensor blocks;  // (n / (16 vecs) rounded up, k / 2, 16 vecs, 2) bf16
+  at::Tensor blocks;  // (n / (16 vecs) rounded up, k / 2, 16 vecs, 2) bf16; empty when amx is
   std::vector<float> bias;
   int64_t n = 0, k = 0;
   int vecs = 0;  // channel vectors per block: 1 for n <= 16, else 2
+  std::optional<AmxWeight> amx;  // the weight packed for AMX tiles, where amx_usable()
 };
 PairWeight pair_weight(const at::Tensor& weight, const float* bias);
 // out (rows x n, ld n) = bf16(act(a w^T + bias [+ residual (ld n)])), a (rows x k, ld lda) read in place; one thread.

@@ -518,6 +518,35 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
   });
 }
 
+// The same convolution on AMX tiles (amx_rows): per output row, its kernel rows' patches read in place from the padded
+// input rows, pixels step values apart.
+void amx_conv_channels_last(const BFloat16* x, const at::Tensor& weight, int64_t c_pad, const float* bias,
+                            const BFloat16* residual, bool relu, BFloat16* out, const ConvShape& s) {
+  const int64_t c = s.c_in, step = s.stride * c_pad;
+  const AmxWeight w = amx_weight(weight, c_pad, bias);
+  at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
+    PaddedRows<BFloat16> padded(s, c_pad);
+    std::vector<AmxSegment> segments(s.kh);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / s.out_h, oh = r % s.out_h;
+      const BFloat16* const* rows = padded.gather(x, n, oh, [&](const BFloat16* src, BFloat16* dst) {
+        if (c == c_pad) {
+          std::copy_n(src, s.w * c, dst);
+        } else if (c == 3) {
+          three_to_four_channels(src, s.w, dst);
+        } else {
+          for (int64_t iw = 0; iw < s.w; ++iw) std::copy_n(src + iw * c, c, dst + iw * c_pad);
+        }
+      });
+      int64_t n_segments = 0;
+      for (int64_t i = 0; i < s.kh; ++i)
+        if (rows[i]) segments[n_segments++] = AmxSegment{rows[i], i};
+      const int64_t at = r * s.out_w * s.c_out;
+      amx_rows(segments.data(), n_segments, s.out_w, step, w, residual ? residual + at : nullptr, relu, out + at);
+    }
+  });
+}
+
 // (c_out, c_in, kh, kw) -> (block, kh, kw * c_pad / 2 pairs, 16 V channels, 2) bf16, zero-padded past c_out and c_in.
 at::Tensor pair_blocks(const at::Tensor& weight, int64_t c_pad, int V) {
   const int64_t c_out = weight.size(0), c_in = weight.size(1), kh = weight.dim() == 4 ? weight.size(2) : 1,
@@ -542,7 +571,8 @@ void pair_conv(const BFloat16* x, const at::Tensor& weight, const float* bias, c
     // straddle pixels. A whole number of chunks per thread: S1's last stage (256 pixels) ran as chunks of 112, 112
     // and 32 pixels, one thread doing two thirds of it (balanced: S1's bf16 forward 1.03x / 1.04x on two threads).
     const PairWeight w = pair_weight(weight, bias);
-    const int64_t pixels = s.batch * s.h * s.w, tile = w.vecs == 1 ? pair_tile_pixels<1> : pair_tile_pixels<2>;
+    const int64_t pixels = s.batch * s.h * s.w;
+    const int64_t tile = w.amx ? 32 : w.vecs == 1 ? pair_tile_pixels<1> : pair_tile_pixels<2>;
     const int64_t tiles = ceil_div(pixels, tile), threads = at::get_num_threads();
     const int64_t chunks = ceil_div(ceil_div(tiles, int64_t(8)), threads) * threads;
     const int64_t chunk = ceil_div(tiles, chunks) * tile;
@@ -555,8 +585,12 @@ void pair_conv(const BFloat16* x, const at::Tensor& weight, const float* bias, c
     });
     return;
   }
-  const int V = pair_vecs(s.c_out);
   const int64_t c_pad = s.c_in + s.c_in % 2;
+  if (amx_usable()) {
+    amx_conv_channels_last(x, weight, c_pad, bias, residual, relu, out, s);
+    return;
+  }
+  const int V = pair_vecs(s.c_out);
   const at::Tensor w_blocks = pair_blocks(weight, c_pad, V);
   auto kernel = V == 1 ? pair_conv_channels_last<1> : pair_conv_channels_last<2>;
   kernel(x, w_blocks.data_ptr<BFloat16>(), c_pad, bias, residual, relu, out, s);
@@ -590,6 +624,10 @@ PairWeight pair_weight(const at::Tensor& weight, const float* bias) {
   w.n = weight.size(0), w.k = weight.size(1), w.vecs = pair_vecs(w.n);
   TORCH_CHECK(w.k % 2 == 0 && weight.numel() == w.n * w.k, "pair_weight: expects an (n, k, 1, 1) weight with even k, got ",
               weight.sizes());
+  if (amx_usable()) {
+    w.amx = amx_weight(weight, w.k, bias);
+    return w;
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   w.blocks = pair_blocks(weight, w.k, w.vecs).reshape({-1, w.k / 2, 16 * w.vecs, 2});
 #endif
@@ -601,6 +639,11 @@ PairWeight pair_weight(const at::Tensor& weight, const float* bias) {
 void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w, const BFloat16* residual, bool relu,
                BFloat16* out) {
 #if defined(CPU_CAPABILITY_AVX512)
+  if (w.amx) {
+    const AmxSegment segment{a, 0};
+    amx_rows(&segment, 1, rows, lda, *w.amx, residual, relu, out);
+    return;
+  }
   (w.vecs == 1 ? pair_rows_impl<1> : pair_rows_impl<2>)(a, rows, lda, w, residual, relu, out);
 #else
   (void)a, (void)rows, (void)lda, (void)w, (void)residual, (void)relu, (void)out;

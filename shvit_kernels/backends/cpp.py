@@ -107,6 +107,25 @@ def dense_conv_bf16() -> Optional[str]:
     return str(_module.dense_conv_bf16())
 
 
+def bf16_pair_unit() -> Optional[str]:
+    """What the bf16 pair kernels (channels_last 1x1 and dense convs, the FFN) multiply on: ``"amx"`` (AMX tiles,
+    Intel Sapphire Rapids and later), ``"avx512_bf16"`` (VDPBF16PS) or ``"none"`` (they do not run: ATen's
+    micro-kernel paths or widened fp32). None when the backend is unavailable."""
+    if _module is None or not hasattr(_module, "bf16_pair_unit"):
+        return None
+    return str(_module.bf16_pair_unit())
+
+
+def set_amx_tiles(on: bool) -> bool:
+    """Run the bf16 pair kernels on AMX tiles where the processor has them (True, the default; ``SHVIT_CPU_AMX=0``
+    starts with False) or on VDPBF16PS; returns the previous setting."""
+    if _module is None:
+        raise RuntimeError("set_amx_tiles: the cpp backend is unavailable: " + "; ".join(_availability()))
+    previous = bool(_module.set_amx_tiles(bool(on)))
+    autotune.settings_changed()
+    return previous
+
+
 def peak_gflops(kind: str) -> float:
     """One core's arithmetic peak, measured by a register-resident loop of the build in use (tens of ms):
     ``"fp32_fma"`` or ``"bf16_dot"`` (512-bit VDPBF16PS). 0.0 where the build or processor has none."""
@@ -301,6 +320,7 @@ def _kernel(name: str):
 _module = _load_best()
 # Whether bf16 is multiplied in pairs or widened decides which backend is fastest for a bf16 call.
 autotune.register_setting("cpu_bf16_products", bf16_products)
+autotune.register_setting("cpu_bf16_pair_unit", bf16_pair_unit)
 autotune.register_setting("cpu_build", build_id)
 # Not pointwise_grads(): a timing that may come out either way where both paths are close would change the key, and
 # so drop every tuned choice, from one process to the next; and inference never runs it.
