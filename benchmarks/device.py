@@ -112,8 +112,9 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
         from shvit_kernels.backends import cpp
 
         # Per core (one thread): the arithmetic limits the op rates are read against.
-        result["core_peak_GFLOPs"] = {kind: cpp.peak_gflops(kind) for kind in ("fp32_fma", "bf16_dot")}
+        result["core_peak_GFLOPs"] = {kind: cpp.peak_gflops(kind) for kind in ("fp32_fma", "bf16_dot", "amx_bf16")}
         result["bf16_products"] = cpp.bf16_products()
+        result["bf16_pair_unit"] = cpp.bf16_pair_unit()
     return result
 
 

@@ -112,7 +112,8 @@ def print_ceiling_and_rows(result: Dict, columns: Callable, extra: str = "") -> 
     if arithmetic:
         cores = probe.get("core_peak_GFLOPs", {})
         print(f"  measured per-core peaks: fp32 FMA {cores.get('fp32_fma', 0):.0f}, bf16 dot products "
-              f"{cores.get('bf16_dot', 0):.0f} GFLOP/s; bf16 multiplied as {probe.get('bf16_products')}; "
+              f"{cores.get('bf16_dot', 0):.0f}, AMX tiles {cores.get('amx_bf16', 0):.0f} GFLOP/s; bf16 multiplied as "
+              f"{probe.get('bf16_products')} on {probe.get('bf16_pair_unit')}; "
               f"% below: of {arithmetic:.0f} GFLOP/s ({result['threads']} thread(s), the faster arithmetic usable)")
     for row in result["rows"]:
         rate = f"{row['gflop_per_s']:6.1f} GFLOP/s" if row.get("gflop_per_s") else " " * 13
@@ -127,7 +128,8 @@ def arithmetic_peak(result: Dict) -> float:
     if not cores:
         return 0.0
     bf16 = result.get("dtype") == "bfloat16" or result.get("amp") == "bf16"  # an inference or a training profile
-    usable = [cores.get("fp32_fma", 0.0)] + ([cores.get("bf16_dot", 0.0)] if bf16 else [])
+    bf16_units = ("bf16_dot", "amx_bf16") if result["probe"].get("bf16_pair_unit") == "amx" else ("bf16_dot",)
+    usable = [cores.get("fp32_fma", 0.0)] + ([cores.get(unit, 0.0) for unit in bf16_units] if bf16 else [])
     return max(usable) * result["threads"]
 
 

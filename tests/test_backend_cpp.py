@@ -308,11 +308,41 @@ def test_bf16_dense_convs_run_on_pair_products_where_the_processor_has_them():
 def test_peak_gflops_measures_and_names_a_bad_kind():
     if cpp.variant() is None:
         pytest.skip("cpp unavailable")
-    with pytest.raises(RuntimeError, match="kind must be 'fp32_fma' or 'bf16_dot', got 'fp64'"):
+    with pytest.raises(RuntimeError, match="kind must be 'fp32_fma', 'bf16_dot' or 'amx_bf16', got 'fp64'"):
         in_use().peak_gflops("fp64")
     assert cpp.peak_gflops("bf16_dot") >= 0.0
+    amx = cpp.variant() == "AVX512" and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+    assert (cpp.peak_gflops("amx_bf16") > 1.0) == amx
     if cpp.variant() != "DEFAULT":  # the portable build has no vector FMA loop
         assert cpp.peak_gflops("fp32_fma") > 1.0
+
+
+def test_bf16_gemms_with_odd_k_mixed_with_micro_kernel_ones_do_not_crash():
+    """On a Xeon with AMX, MKL's bf16 GEMM (odd K: the NCHW FFN's 3 -> 6 first product) kept its AMX tile
+    configuration across calls while ATen's brgemm (the 6 -> 3 product, even K) and the AMX pair kernels loaded
+    theirs in between: the process died with SIGILL. Run in a subprocess, so such a crash fails here; the results
+    are checked against the reference there. (On processors without AMX this cannot crash either way.)"""
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    code = textwrap.dedent("""
+        import torch
+        from shvit_kernels.backends import cpp
+        from shvit_kernels.ops.ffn import ffn_fused_reference
+        from shvit_kernels.testing import assert_close_to_fp64
+        torch.manual_seed(0)
+        for c, channels_last in ((3, False), (1, False), (1, True), (40, True), (3, False)):
+            x = torch.randn(3, c, 3, 3).bfloat16()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            args = (x, torch.randn(2 * c, c, 1, 1).bfloat16(), torch.randn(2 * c).bfloat16(),
+                    torch.randn(c, 2 * c, 1, 1).bfloat16(), torch.randn(c).bfloat16())
+            out = cpp.load_variant(cpp.variant()).ffn_fused(*args)
+            assert_close_to_fp64(out, ffn_fused_reference(*args), ffn_fused_reference(*(a.double() for a in args)),
+                                 name=f"ffn_fused bf16 C={c}")
+        print("done")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "done" in out.stdout, f"exit status {out.returncode}\n{out.stdout}\n{out.stderr}"
 
 
 def test_a_bad_bf16_products_variable_is_a_clear_error():

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -41,7 +42,7 @@ std::atomic<bool>& amx_switch() {
 #if defined(CPU_CAPABILITY_AVX512)
 // The processor has AMX-TILE and AMX-BF16, the OS enables the tile state (XCR0 bits 17, 18), and Linux grants this
 // process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile instruction faults).
-bool amx_available() {
+bool amx_probe() {
   static const bool available = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
@@ -136,11 +137,49 @@ __attribute__((target("avx512bf16"))) void tile_epilogue(const float* c, int64_t
 }
 
 __attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
+__attribute__((target("amx-tile,amx-bf16"))) double tile_multiply_gflops(int64_t iters) {
+  configure_tiles(kRows);
+  alignas(64) BFloat16 ones[16 * kChunk];
+  std::fill_n(ones, 16 * kChunk, BFloat16(1.f));
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float sums[16 * 16];
+  _tile_stored(0, sums, 64);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  release_tiles();
+  TORCH_CHECK(sums[0] == float(kChunk * iters), "amx_bf16_gflops: the tiles summed ", sums[0], ", expected ", kChunk * iters);
+  return iters * 4.0 * 16 * 16 * kChunk * 2 / s / 1e9;
+}
 #else
-bool amx_available() { return false; }
+bool amx_probe() { return false; }
 #endif
 
 }  // namespace
+
+bool amx_available() { return amx_probe(); }
+
+double amx_bf16_gflops(int64_t iters) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return amx_available() ? tile_multiply_gflops(iters) : 0.0;
+#else
+  (void)iters;
+  return 0.0;
+#endif
+}
 
 bool amx_usable() {
   return amx_available() && amx_switch().load(std::memory_order_relaxed) && !bf16_widened();

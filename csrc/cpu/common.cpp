@@ -375,7 +375,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
           const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (bf16_widened()) {
+  // Widened where AMX is available: MKL's bf16 GEMM runs on AMX tiles there and keeps their configuration loaded
+  // from one call to the next, which ATen's brgemm and amx_rows replace in between; its next call then faulted on
+  // unconfigured tiles (SIGILL, ffn_fused in bf16 NCHW with 1 or 3 channels, Xeon with AMX, 2026-12-02).
+  if (bf16_widened() || amx_available()) {
     thread_local std::vector<float> a_wide, b_wide;
     const int64_t a_cols = ta ? m : k, b_cols = tb ? k : n;
     widen_matrix(a, ta ? k : m, a_cols, lda, a_wide);
@@ -477,11 +480,13 @@ double peak_gflops(const std::string& kind) {
   // Best of several short runs: on a shared machine a short run often has the core to itself.
   constexpr int64_t kIters = 1 << 18;
   constexpr int kRuns = 9;
-  TORCH_CHECK(kind == "fp32_fma" || kind == "bf16_dot", "peak_gflops: kind must be 'fp32_fma' or 'bf16_dot', got '",
-              kind, "'");
+  TORCH_CHECK(kind == "fp32_fma" || kind == "bf16_dot" || kind == "amx_bf16",
+              "peak_gflops: kind must be 'fp32_fma', 'bf16_dot' or 'amx_bf16', got '", kind, "'");
   double best = 0.0;
   for (int run = 0; run < kRuns; ++run) {
-    if (kind == "fp32_fma") {
+    if (kind == "amx_bf16") {
+      best = std::max(best, amx_bf16_gflops(kIters / 16));
+    } else if (kind == "fp32_fma") {
       best = std::max(best, fp32_fma_gflops(kIters));
     } else {
 #if defined(CPU_CAPABILITY_AVX512)

@@ -294,6 +294,8 @@ bool bf16_widened();
 // channels_last convs) then run on tiles instead of VDPBF16PS.
 bool amx_usable();
 bool set_amx_tiles(bool on);
+// The processor has AMX-BF16 tiles and this process may use them (whatever the switch says).
+bool amx_available();
 // What the pair kernels multiply on: "amx", "avx512_bf16" or "none" (not usable: ATen's paths or widened fp32).
 std::string bf16_pair_unit();
 // A (n, c_in[, kh, kw]) bf16 weight packed for amx_rows, kept per weight version: (n / 32 rounded up, kh, seg_pad / 2,
@@ -335,9 +337,11 @@ void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w
 void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst);
 
 // The arithmetic peak of one core, measured by a register-resident loop (tens of ms): "fp32_fma" (this build's
-// vector width; 0 in the portable build) or "bf16_dot" (512-bit VDPBF16PS, 64 flops each; 0 where this build or
-// processor has none).
+// vector width; 0 in the portable build), "bf16_dot" (512-bit VDPBF16PS, 64 flops each) or "amx_bf16" (TDPBF16PS on
+// four independent accumulator tiles, 16,384 flops each); 0 where this build or processor has none.
 double peak_gflops(const std::string& kind);
+// GFLOP/s of `iters` rounds of four tile multiplies (amx_tiles.cpp); 0 where AMX is not available.
+double amx_bf16_gflops(int64_t iters);
 
 // True when the 2-D view of weight w (cols, rows[, 1, 1]) is the transpose of a contiguous (rows, cols) matrix.
 bool is_input_major(const at::Tensor& w);

@@ -128,7 +128,8 @@ def set_amx_tiles(on: bool) -> bool:
 
 def peak_gflops(kind: str) -> float:
     """One core's arithmetic peak, measured by a register-resident loop of the build in use (tens of ms):
-    ``"fp32_fma"`` or ``"bf16_dot"`` (512-bit VDPBF16PS). 0.0 where the build or processor has none."""
+    ``"fp32_fma"``, ``"bf16_dot"`` (512-bit VDPBF16PS) or ``"amx_bf16"`` (AMX tile multiplies). 0.0 where the build
+    or processor has none."""
     if _module is None:
         return 0.0
     return float(_module.peak_gflops(kind))
