@@ -227,3 +227,26 @@ def test_tolerance_rule_counts_an_unavoidable_error_as_eager_at_least():
     assert_close_to_fp64(got, eager, exact, unavoidable=from_rounded)
     with pytest.raises(AssertionError, match="exceeds"):
         assert_close_to_fp64((exact + 7e-3).float(), eager, exact, unavoidable=from_rounded)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in dispatch.usable_backends("cpu") if b != "reference"])
+@pytest.mark.parametrize("width", [1, 2])
+def test_bf16_strided_convs_one_pixel_wide_are_right(backend, width):
+    """oneDNN's bf16 3x3 stride-2 convolution with a one-pixel-wide output returned wrong values, up to uninitialised
+    memory (torch 2.13.0, Intel Xeon with AMX, 2026-12-02), which the reference (and the training conv, which matches
+    it bit for bit) inherited: they run such convs in fp32 and round once. Checked against fp64 with a bf16 bound, not
+    against eager bf16 (eager is the wrong result there)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 17, width, dtype=torch.float64)
+    w = torch.randn(24, 16, 3, 3, dtype=torch.float64) / 12
+    bn_w, bn_b = torch.rand(24, dtype=torch.float64) + 0.5, torch.randn(24, dtype=torch.float64)
+    y64 = F.conv2d(x, w, None, 2, 1)
+    with K.use_backend(backend):
+        y = K.conv_bias_act(x.bfloat16(), w.bfloat16(), None, stride=2, padding=1, groups=1, relu=False)
+        z = K.conv_bn(x.bfloat16(), w.bfloat16(), bn_w.bfloat16(), bn_b.bfloat16(), torch.zeros(24, dtype=torch.bfloat16),
+                      torch.ones(24, dtype=torch.bfloat16), stride=2, padding=1, training=True)
+    # bf16 inputs: their rounding (2^-9 relative) dominates; 2% of the output's scale bounds it with room.
+    y_in = F.conv2d(x.bfloat16().double(), w.bfloat16().double(), None, 2, 1)
+    assert (y.double() - y_in).abs().max() <= 0.01 * y64.abs().max()
+    z64 = F.batch_norm(y_in, None, None, bn_w.bfloat16().double(), bn_b.bfloat16().double(), training=True)
+    assert (z.double() - z64).abs().max() <= 0.05 * z64.abs().max()

@@ -202,8 +202,15 @@ void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor
 // Raw conv output in x's dtype and layout through ATen's convolution, exactly as the reference computes it: the
 // ReLU mask of `out` then agrees with the reference's wherever a pre-activation is not within rounding of zero
 // (this extension's own 1x1 / depthwise kernels round differently and flipped masks in lock-step training).
+// As the reference's conv2d, a bf16 conv with stride > 1 and a one-pixel-wide output runs in fp32, rounded once:
+// oneDNN's bf16 kernel returned wrong values there (torch 2.13.0, Xeon with AMX, 2026-12-02).
 at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
   const auto fmt = activation_format(x);
+  const int64_t out_w = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
+  if (x.scalar_type() == at::kBFloat16 && stride > 1 && out_w == 1)
+    return at::conv2d(x.contiguous(fmt).to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, 1, groups)
+        .to(at::kBFloat16)
+        .contiguous(fmt);
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 

@@ -418,6 +418,19 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(acc_dtype(t.dtype))
 
 
+def conv2d(x, weight, bias=None, stride=1, padding=0, groups=1):
+    """``F.conv2d``, except that a CPU bf16 convolution with stride > 1 and a one-pixel-wide output runs in fp32 and
+    is rounded once (the same products, summed in fp32 as bf16 kernels do): oneDNN's bf16 kernel returned wrong values
+    there, up to uninitialised memory (torch 2.13.0, Intel Xeon with AMX, 2026-12-02: 3x3 stride 2 on inputs 1 or 2
+    pixels wide and 9 or more tall; fp32 and fp16 were right)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and stride > 1:
+        out_w = (x.shape[-1] + 2 * padding - weight.shape[-1]) // stride + 1
+        if out_w == 1:
+            bias = bias.float() if bias is not None else None
+            return torch.nn.functional.conv2d(x.float(), weight.float(), bias, stride, padding, 1, groups).to(x.dtype)
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, 1, groups)
+
+
 def conv_input_grad(x_shape, weight, grad, stride, padding, groups):
     return torch.nn.grad.conv2d_input(x_shape, weight, grad, stride, padding, 1, groups)
 

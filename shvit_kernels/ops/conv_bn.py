@@ -24,7 +24,6 @@ import warnings
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
@@ -37,6 +36,7 @@ from ._common import (
     check_param_dtype,
     check_tensor,
     conv_input_grad,
+    conv2d,
     conv_weight_grad,
     define_op,
     register_autograd,
@@ -51,7 +51,7 @@ from .sync_batch_norm import sync_batch_norm
 
 def conv_bias_act_reference(x, weight, bias, stride, padding, groups, relu, residual):
     # In place on the fresh conv output: a new buffer per epilogue costs page faults on large stem maps.
-    out = F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    out = conv2d(x, weight, bias, stride, padding, groups)
     if residual is not None:
         out += residual
     return out.relu_() if relu else out
@@ -70,7 +70,7 @@ def batch_norm_train_reference(y, bn_weight, bn_bias, eps):
 
 def conv_bn_train_reference(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual,
                             keep_conv_output=False):
-    y = F.conv2d(x, weight, None, stride, padding, 1, groups)
+    y = conv2d(x, weight, None, stride, padding, groups)
     out, mean, var = batch_norm_train_reference(y, bn_weight, bn_bias, eps)
     if residual is not None:
         out += residual
@@ -102,7 +102,7 @@ def conv_bn_train_backward_reference(
     # back as zeros.
     acc = acc_dtype(x.dtype)
     g = (grad_out * (out > 0)) if relu else grad_out.clone()
-    y = conv_output if conv_output is not None else F.conv2d(x, weight, None, stride, padding, 1, groups)
+    y = conv_output if conv_output is not None else conv2d(x, weight, None, stride, padding, groups)
     y = y.to(acc)
     invstd = torch.rsqrt(var.to(acc) + eps)
     x_hat = (y - mean.to(acc)[None, :, None, None]) * invstd[None, :, None, None]

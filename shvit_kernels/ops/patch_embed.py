@@ -9,19 +9,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _common
 from ..tracing import untraced_check
-from ._common import (acc_dtype, check_activation, check_tensor, conv_input_grad, conv_weight_grad, define_op,
-                      grads_like_inputs_fake, new_output, register_inputs_autograd)
+from ._common import (acc_dtype, check_activation, check_tensor, conv2d, conv_input_grad, conv_weight_grad,
+                      define_op, grads_like_inputs_fake, new_output, register_inputs_autograd)
 
 LAYERS = 4
 
 
 def patch_embed_reference(x, w1, b1, w2, b2, w3, b3, w4, b4):
     for i, (w, b) in enumerate(((w1, b1), (w2, b2), (w3, b3), (w4, b4))):
-        x = F.conv2d(x, w, b, stride=2, padding=1)
+        x = conv2d(x, w, b, stride=2, padding=1)
         if i < LAYERS - 1:
             x = torch.relu(x)
     return x
@@ -32,7 +31,7 @@ def patch_embed_backward_reference(grad_out, x, w1, b1, w2, b2, w3, b3, w4, b4):
     weights, biases = (w1, w2, w3, w4), (b1, b2, b3, b4)
     layer_inputs = [x]  # recomputed in x's dtype, as the forward made them
     for i in range(LAYERS - 1):
-        layer_inputs.append(torch.relu(F.conv2d(layer_inputs[-1], weights[i], biases[i], stride=2, padding=1)))
+        layer_inputs.append(torch.relu(conv2d(layer_inputs[-1], weights[i], biases[i], stride=2, padding=1)))
     g = grad_out.to(acc)  # the gradient of layer i's conv output, from the last layer down
     grads = []
     for i in reversed(range(LAYERS)):
