@@ -361,6 +361,23 @@ def test_a_bad_bf16_products_variable_is_a_clear_error():
     assert "SHVIT_CPU_BF16_PRODUCTS must be 'auto', 'dot' or 'fp32', got 'fast'" in out.stdout
 
 
+def test_the_amx_variable_switches_the_tiles_off_and_a_bad_value_is_a_clear_error():
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    code = "from shvit_kernels.backends import cpp\ntry:\n    print(cpp.bf16_pair_unit())\nexcept RuntimeError as e:\n" \
+           "    print(str(e).splitlines()[0])"
+
+    def pair_unit_with(value):
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "SHVIT_CPU_AMX": value},
+                              capture_output=True, text=True, timeout=120)
+
+    off, bad = pair_unit_with("0"), pair_unit_with("yes")
+    assert off.returncode == 0 and bad.returncode == 0, off.stderr + bad.stderr
+    assert off.stdout.strip() in ("avx512_bf16", "none")
+    if cpp.bf16_pair_unit() == "amx":  # where the tiles run, the variable is read (elsewhere nothing asks for it)
+        assert "SHVIT_CPU_AMX must be '0' or '1', got 'yes'" in bad.stdout
+
+
 def test_bf16_products_setting_is_validated_and_keys_the_autotune_cache():
     if cpp.variant() is None:
         pytest.skip("cpp unavailable")

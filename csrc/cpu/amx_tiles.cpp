@@ -1,7 +1,8 @@
 // bf16 GEMM tiles on AMX (Intel Sapphire Rapids and later): TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16
 // one (in VNNI pairs) into 16 x 16 fp32 sums, eight times the products per cycle of AVX512_BF16's VDPBF16PS. On a
-// Xeon with AMX (family 6 model 167 VM, 2026-12-02) one core ran 870 GFLOP/s on tiles against 67 on VDPBF16PS, so
-// the pair kernels' register tiles (conv_bias_act.cpp) cannot keep up with oneDNN's bf16 convolutions there.
+// Xeon with AMX (family 6 model 167 VM, 2026-12-02) one core ran 940-2,250 GFLOP/s on tiles against 58-79 on
+// VDPBF16PS, so the pair kernels' register tiles (conv_bias_act.cpp) cannot keep up with oneDNN's bf16 convolutions
+// there.
 //
 // amx_rows computes a block of output rows x 32 channels in the four accumulator tiles, stores them to an L1 buffer
 // and applies the pair kernels' epilogue (bias, residual, ReLU, bf16 rounding to nearest even) from there.
@@ -34,7 +35,9 @@ constexpr int64_t kChunk = 32;     // K values per tile multiply (16 pairs)
 std::atomic<bool>& amx_switch() {
   static std::atomic<bool> on([] {
     const char* env = std::getenv("SHVIT_CPU_AMX");
-    return !(env && std::strcmp(env, "0") == 0);
+    if (!env || !*env || std::strcmp(env, "1") == 0) return true;
+    TORCH_CHECK(std::strcmp(env, "0") == 0, "SHVIT_CPU_AMX must be '0' or '1', got '", env, "'");
+    return false;
   }());
   return on;
 }
@@ -161,7 +164,8 @@ __attribute__((target("amx-tile,amx-bf16"))) double tile_multiply_gflops(int64_t
   _tile_stored(0, sums, 64);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   release_tiles();
-  TORCH_CHECK(sums[0] == float(kChunk * iters), "amx_bf16_gflops: the tiles summed ", sums[0], ", expected ", kChunk * iters);
+  TORCH_CHECK(sums[0] == float(kChunk * iters), "amx_bf16_gflops: the tiles summed ", sums[0], ", expected ",
+              kChunk * iters);
   return iters * 4.0 * 16 * 16 * kChunk * 2 / s / 1e9;
 }
 #else
