@@ -1050,6 +1050,8 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", mode)
     module = in_use()
     assert cpp.pointwise_grads() == mode
+    bf16_pairs = mode == "brgemm" and cpp.bf16_products() == "dot"  # "dot" needs the bf16 micro-kernel
+    assert cpp.pointwise_grads(torch.bfloat16) == ("brgemm_bf16" if bf16_pairs else mode)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -1070,17 +1072,20 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
             # Conv+BN: on the micro-kernel path dy goes to the GEMMs chunk by chunk as the BatchNorm backward makes it.
             gamma, beta = torch.rand(cout) + 0.5, torch.randn(cout)
             bn_out, mean, var, y = conv_bn_train_reference(x, w, gamma, beta, 1, 0, 1, 1e-5, True, None, True)
-            for conv_output in (None, y):
+            for conv_output, dtype in ((None, torch.float32), (y, torch.float32), (None, torch.bfloat16)):
+                # bf16: in bf16 pairs on the micro-kernel where bf16 GEMMs multiply as pairs.
                 bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, 1, 0, 1, 1e-5, True, False, True,
                        conv_output)
-                _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, torch.float32, True,
-                               f"{mode} {threads} threads {shape} conv_bn_train_backward",
+                _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, dtype, True,
+                               f"{mode} {threads} threads {shape} {dtype} conv_bn_train_backward",
                                unavoidable_reference=rounded_conv_output_reference)
     finally:
         torch.set_num_threads(previous)
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", "fast")
     with pytest.raises(RuntimeError, match="SHVIT_CPU_POINTWISE_GRADS must be auto, brgemm or aten, got 'fast'"):
         module.conv_bias_act_backward(g, x, w, b, 1, 0, 1, True, None, out)
+    with pytest.raises(ValueError, match="'dtype' must be torch.float32 or torch.bfloat16, got torch.float16"):
+        cpp.pointwise_grads(torch.float16)
     shvit_kernels.autotune.settings_changed()
     assert "cpu_pointwise_grads" not in shvit_kernels.autotune.machine()
 

@@ -14,7 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_products", &k::bf16_products, "How bf16 GEMMs multiply: 'auto', 'dot' (bf16 pairs) or 'fp32' (widened)");
   m.def("set_bf16_products", &k::set_bf16_products, "Set 'auto', 'dot' or 'fp32'; returns the previous mode");
   m.def("bf16_widened", &k::bf16_widened, "Whether bf16 GEMMs multiply in fp32 now ('auto' measured on first use)");
-  m.def("pointwise_grads", &k::pointwise_grads, "1x1 conv gradient GEMMs: 'brgemm' or 'aten' (measured once)");
+  m.def("pointwise_grads", &k::pointwise_grads, "1x1 Conv+BN gradient GEMMs: 'brgemm', 'brgemm_bf16' or 'aten'",
+        py::arg("dtype") = "float32");
   m.def("set_pair_kernels", &k::set_pair_kernels,
         "bf16 on the AVX512_BF16 pair kernels where they run (True, default) or ATen's micro-kernel paths; returns the "
         "previous setting (tests)");

@@ -254,6 +254,9 @@ at::Tensor transposed(const at::Tensor& m) {
 at::Tensor contiguous_matrix(const at::Tensor& m) { return m.is_contiguous() ? m : transposed(m.t()); }
 
 void transpose_matrix(const float* src, int64_t rows, int64_t cols, float* dst) { transpose_blocked(src, rows, cols, dst); }
+void transpose_matrix(const BFloat16* src, int64_t rows, int64_t cols, BFloat16* dst) {
+  transpose_blocked(src, rows, cols, dst);
+}
 
 namespace {
 

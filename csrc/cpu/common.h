@@ -62,6 +62,7 @@ at::MemoryFormat activation_format(const at::Tensor& x);
 at::Tensor transposed(const at::Tensor& m);
 // dst (cols x rows) = src (rows x cols)^T, both contiguous fp32, in 16 x 16 blocks (inline inside a parallel region).
 void transpose_matrix(const float* src, int64_t rows, int64_t cols, float* dst);
+void transpose_matrix(const BFloat16* src, int64_t rows, int64_t cols, BFloat16* dst);
 // A 2-D tensor as a contiguous row-major matrix, blocked-transposing one stored transposed (an input-major 1x1
 // weight, which the NCHW kernels read as the A operand of W X).
 at::Tensor contiguous_matrix(const at::Tensor& m);

@@ -5,8 +5,9 @@
 // normalise + residual + ReLU (in place on y unless y is kept for the backward).
 // conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for fp64 sums of g,
 // g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
-// fp64) and g, then the conv's gradients in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs where
-// measured faster than ATen's convolution_backward (the 1x1 ones take dy chunk by chunk from the pass), the rest on it.
+// fp64) and g, then the conv's gradients, accumulated in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs
+// where measured faster than ATen's convolution_backward (the 1x1 ones take dy chunk by chunk from the pass, and in
+// bf16 multiply bf16 pairs where bf16 GEMMs do), the rest on it in fp32.
 #include "ops.h"
 
 #include <array>
@@ -214,31 +215,31 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
   return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
-// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices, chunk by chunk of rows: the
-// chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced into the per-thread buffer, where they
-// stay in cache for both GEMMs) give gx rows = dy W and, transposed, add dy^T x to per-thread partial weight
-// gradients. w: (cout, cin) row-major. gx may be null.
-template <typename DyRows>
-void pointwise_grads_brgemm(DyRows dy_rows, const float* x, const float* w, int64_t rows, int64_t cin, int64_t cout,
+// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices of T (float, or bf16 multiplied
+// as pairs), chunk by chunk of rows: the chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced
+// into the per-thread buffer, where they stay in cache for both GEMMs) give gx rows = dy W and, transposed, add
+// dy^T x to per-thread partial weight gradients, all accumulated in fp32. w: (cout, cin) row-major. gx may be null.
+template <typename T, typename DyRows>
+void pointwise_grads_brgemm(DyRows dy_rows, const T* x, const T* w, int64_t rows, int64_t cin, int64_t cout,
                             float* gx, float* gw) {
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = ceil_div(ceil_div(rows, 512), threads) * threads;  // at most 512 rows, whole rounds
   const int64_t chunk = std::min(rows, ceil_div(ceil_div(rows, chunks), 16) * 16);
-  MatB<float> wb;
+  MatB<T> wb;
   if (gx) wb.assign(w, cout, cin, cin);
   std::vector<float> partial(threads * cout * cin, 0.f);
   at::parallel_for(0, ceil_div(rows, chunk), 1, [&](int64_t c0, int64_t c1) {
     MatmulThreadGuard guard;
     float* acc = partial.data() + at::get_thread_num() * cout * cin;
-    std::unique_ptr<float[]> buffer(new float[chunk * cout]), dy_t(new float[cout * chunk]);
+    Scratch<T> buffer(chunk * cout), dy_t(cout * chunk);
+    MatB<T> xb;  // one per thread: its bf16 VNNI copy's storage is reused, not zero-filled afresh per chunk
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t r0 = ch * chunk, nr = std::min(chunk, rows - r0);
-      const float* dy = dy_rows(r0, nr, buffer.get());
+      const T* dy = dy_rows(r0, nr, buffer.data());
       if (gx) matmul(nr, dy, cout, wb, gx + r0 * cin, cin);
-      transpose_matrix(dy, nr, cout, dy_t.get());
-      MatB<float> xb;
+      transpose_matrix(dy, nr, cout, dy_t.data());
       xb.assign(x + r0 * cin, nr, cin, cin);
-      matmul(cout, dy_t.get(), nr, xb, acc, cin, true);
+      matmul(cout, dy_t.data(), nr, xb, acc, cin, true);
     }
   });
   std::copy_n(partial.data(), cout * cin, gw);
@@ -361,17 +362,25 @@ double time_pointwise_grads(bool brgemm) {
   return best;
 }
 
-// Which 1x1 gradient GEMMs run: the micro-kernel ones above or ATen's mm (MKL's sgemm where torch has it: S1's 1x1
-// gradients ran at 84-98 GFLOP/s on it against 180-212 on the micro-kernel, AMD Zen 5, 2026-12-02). "auto" times
-// both once per process; SHVIT_CPU_POINTWISE_GRADS=brgemm|aten forces one (tests run both).
-bool pointwise_grads_use_brgemm() {
+// Which GEMMs a 1x1 channels_last conv's gradients run on.
+enum class PointwiseGrads { kAten, kBrgemm, kBrgemmBf16 };
+
+// fp32: the micro-kernel GEMMs above or ATen's mm (MKL's sgemm where torch has it: S1's 1x1 gradients ran at 84-98
+// GFLOP/s on it against 180-212 on the micro-kernel, AMD Zen 5, 2026-12-02), "auto" timing both once per process.
+// bf16 (x's dtype) where bf16 GEMMs multiply as pairs (bf16_widened() measured them faster than fp32 ones): the
+// micro-kernel in bf16 pairs, dy rounded to bf16 as the reference's conv backward takes it (S1's bf16 1x1 gradients
+// widened to fp32 ran at 58 GFLOP/s on a Xeon with AMX). SHVIT_CPU_POINTWISE_GRADS=brgemm|aten forces the
+// micro-kernel or ATen's mm (tests run both).
+PointwiseGrads pointwise_grads_path(at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_POINTWISE_GRADS");
   const std::string mode = env ? env : "auto";
-  if (mode == "brgemm") return true;
-  if (mode == "aten") return false;
-  TORCH_CHECK(mode == "auto" || mode.empty(), "SHVIT_CPU_POINTWISE_GRADS must be auto, brgemm or aten, got '", mode, "'");
+  TORCH_CHECK(mode == "auto" || mode.empty() || mode == "brgemm" || mode == "aten",
+              "SHVIT_CPU_POINTWISE_GRADS must be auto, brgemm or aten, got '", mode, "'");
+  if (mode == "aten") return PointwiseGrads::kAten;
+  if (dtype == at::kBFloat16 && bf16_brgemm_usable() && !bf16_widened()) return PointwiseGrads::kBrgemmBf16;
+  if (mode == "brgemm") return PointwiseGrads::kBrgemm;
   static const bool faster = time_pointwise_grads(true) < time_pointwise_grads(false);
-  return faster;
+  return faster ? PointwiseGrads::kBrgemm : PointwiseGrads::kAten;
 }
 
 // A 1x1 conv that is a GEMM on (pixels, channels) matrices.
@@ -442,18 +451,20 @@ at::Tensor skipped_input_grad(const at::Tensor& x) {
   return empty_output(x.sizes(), x.options().dtype(at::kFloat), activation_format(x)).zero_();
 }
 
-// A 1x1 channels_last conv's gradients on the micro-kernel GEMMs, dy rows from dy_rows (see pointwise_grads_brgemm).
-template <typename DyRows>
+// A 1x1 channels_last conv's gradients on the micro-kernel GEMMs in T (see pointwise_grads_brgemm), dy rows of T
+// from dy_rows.
+template <typename T, typename DyRows>
 std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at::Tensor& x, const at::Tensor& weight,
                                                         bool input_grad) {
   const int64_t cin = x.size(1), cout = weight.size(0), rows = x.numel() / cin;
   const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
   at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(at::kFloat), cl) : skipped_input_grad(x);
   at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-  const at::Tensor x_rows = x.to(at::kFloat).contiguous(cl);
-  const at::Tensor w_rows = contiguous_matrix(weight.to(at::kFloat).reshape({cout, cin}));
-  pointwise_grads_brgemm(dy_rows, x_rows.data_ptr<float>(), w_rows.data_ptr<float>(), rows, cin, cout,
-                         input_grad ? gx.data_ptr<float>() : nullptr, gw.data_ptr<float>());
+  const at::Tensor x_rows = x.to(dtype).contiguous(cl);
+  const at::Tensor w_rows = contiguous_matrix(weight.to(dtype).reshape({cout, cin}));
+  pointwise_grads_brgemm<T>(dy_rows, x_rows.data_ptr<T>(), w_rows.data_ptr<T>(), rows, cin, cout,
+                            input_grad ? gx.data_ptr<float>() : nullptr, gw.data_ptr<float>());
   return {gx, gw};
 }
 
@@ -469,8 +480,8 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
   if (pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
     const int64_t cin = x.size(1), cout = weight.size(0), rows = x.numel() / cin;
     const at::Tensor dy_rows = dy.permute({0, 2, 3, 1}).reshape({rows, cout});
-    if (pointwise_grads_use_brgemm())
-      return pointwise_conv_grads(rows_of(dy_rows.data_ptr<float>(), cout), x, weight, input_grad);
+    if (pointwise_grads_path(at::kFloat) != PointwiseGrads::kAten)
+      return pointwise_conv_grads<float>(rows_of(dy_rows.data_ptr<float>(), cout), x, weight, input_grad);
     const at::Tensor x_rows = x.to(at::kFloat).permute({0, 2, 3, 1}).reshape({rows, cin});
     at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt) : skipped_input_grad(x);
     if (input_grad) {
@@ -619,8 +630,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
   // A 1x1 channels_last conv on the micro-kernel GEMMs takes dy chunk by chunk as it is computed (still in cache);
   // else dy is one tensor, overwriting a recomputed y (this call's own buffer) when both are fp32.
-  const bool dy_in_chunks =
-      is_pointwise(weight, stride, padding, groups) && l.channels_last && pointwise_grads_use_brgemm();
+  const PointwiseGrads grads_path = is_pointwise(weight, stride, padding, groups) && l.channels_last
+                                        ? pointwise_grads_path(x.scalar_type())
+                                        : PointwiseGrads::kAten;
+  const bool dy_in_chunks = grads_path != PointwiseGrads::kAten;
   at::Tensor dy;
   if (!dy_in_chunks)
     dy = y.scalar_type() == at::kFloat && !kept ? y : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
@@ -657,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     T* g_out = g.data_ptr<T>();
     const ChannelParams<5, double> params{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}};
     // Captures by value (here and below): pointers read through the caller's frame were reloaded for every vector.
-    auto values = [=](int64_t i, int64_t n, const dVec* pv, float* dy_out) {
+    auto values = [=](int64_t i, int64_t n, const dVec* pv, auto* dy_out) {
       const fVec gv = masked_grad(gp + i, outp + i, relu, n);
       store_n(gv, g_out + i, n);
       const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
@@ -668,20 +681,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
       map_per_channel(l, params, [values, dyp](int64_t i, int64_t n, const dVec* pv) { values(i, n, pv, dyp + i); });
       return;
     }
-    auto dy_rows = [&](int64_t r0, int64_t nr, float* buffer) -> const float* {
+    auto dy_rows = [&](int64_t r0, int64_t nr, auto* buffer) {
       map_rows(l, params, r0, r0 + nr, [values, buffer, r0, c](int64_t i, int64_t n, const dVec* pv) {
         values(i, n, pv, buffer + (i - r0 * c));
       });
-      return buffer;
+      return static_cast<const std::remove_pointer_t<decltype(buffer)>*>(buffer);
     };
-    std::tie(gx, gw) = pointwise_conv_grads(dy_rows, x, weight, input_grad);
+    if (grads_path == PointwiseGrads::kBrgemmBf16)
+      std::tie(gx, gw) = pointwise_conv_grads<BFloat16>(dy_rows, x, weight, input_grad);
+    else
+      std::tie(gx, gw) = pointwise_conv_grads<float>(dy_rows, x, weight, input_grad);
   });
   if (!dy_in_chunks) std::tie(gx, gw) = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
   return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
 }
 
-std::string pointwise_grads() { return pointwise_grads_use_brgemm() ? "brgemm" : "aten"; }
+std::string pointwise_grads(const std::string& dtype) {
+  TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "pointwise_grads: 'dtype' must be 'float32' or 'bfloat16', got '",
+              dtype, "'");
+  switch (pointwise_grads_path(dtype == "bfloat16" ? at::kBFloat16 : at::kFloat)) {
+    case PointwiseGrads::kAten: return "aten";
+    case PointwiseGrads::kBrgemm: return "brgemm";
+    default: return "brgemm_bf16";
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -45,9 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& qkv_weight, const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& out, int64_t qk_dim, double gn_eps, double bn_eps);
 
-// The GEMMs the 1x1 channels_last conv gradients run on: "brgemm" (the micro-kernel) or "aten" (ATen's mm);
-// measured once per process unless SHVIT_CPU_POINTWISE_GRADS forces one.
-std::string pointwise_grads();
+// The GEMMs the 1x1 channels_last conv gradients of a Conv+BN in `dtype` ("float32" or "bfloat16") run on: "brgemm"
+// (the micro-kernel in fp32), "brgemm_bf16" (the micro-kernel on bf16 pairs) or "aten" (ATen's mm in fp32); fp32's
+// choice is measured once per process unless SHVIT_CPU_POINTWISE_GRADS forces one.
+std::string pointwise_grads(const std::string& dtype);
 // What bf16 channels_last dense kxk convolutions (and 1x1 ones with even c_in) run on: "pairs" (register-blocked
 // VDPBF16PS, AVX512_BF16 with bf16 products "dot"), "rows" (a brgemm per kernel row; 3 input channels widened to
 // fp32; 1x1 on brgemm tiles) or "fp32" (widened).

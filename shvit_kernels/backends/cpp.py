@@ -88,13 +88,18 @@ def bf16_products() -> Optional[str]:
     return "fp32" if _module.bf16_widened() else "dot"
 
 
-def pointwise_grads() -> Optional[str]:
-    """The GEMMs the 1x1 channels_last conv gradients (training) run on: ``"brgemm"`` (oneDNN's micro-kernel) or
-    ``"aten"`` (ATen's mm, MKL's sgemm where torch has it, a third as fast on AMD Zen 5). The faster is timed once per
-    process; ``SHVIT_CPU_POINTWISE_GRADS=brgemm|aten`` forces one. None when the backend is unavailable."""
+def pointwise_grads(dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """The GEMMs a training Conv+BN's 1x1 channels_last conv gradients in ``dtype`` run on: ``"brgemm"`` (oneDNN's
+    micro-kernel, fp32), ``"brgemm_bf16"`` (the micro-kernel multiplying bf16 pairs, for bf16 where bf16 GEMMs are
+    multiplied as pairs: see :func:`bf16_products`) or ``"aten"`` (ATen's mm in fp32, MKL's sgemm where torch has it,
+    a third as fast on AMD Zen 5). For fp32 the faster is timed once per process;
+    ``SHVIT_CPU_POINTWISE_GRADS=brgemm|aten`` forces the micro-kernel or ATen's. None when the backend is
+    unavailable."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"pointwise_grads: 'dtype' must be torch.float32 or torch.bfloat16, got {dtype}")
     if _module is None or not hasattr(_module, "pointwise_grads"):
         return None
-    return str(_module.pointwise_grads())
+    return str(_module.pointwise_grads(str(dtype).removeprefix("torch.")))
 
 
 def dense_conv_bf16() -> Optional[str]:
