@@ -1091,14 +1091,15 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
 
 
 @requires_cpp
-@pytest.mark.parametrize("mode", ("brgemm", "aten"))
+@pytest.mark.parametrize("mode", ("brgemm", "aten", "aten_bf16"))
 @pytest.mark.parametrize("threads", (1, 2))
 def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
     """Dense channels_last conv gradients on the micro-kernel GEMMs (im2col / col2im over blocks of output rows,
     rows zeroed as the blocks reach them, per-thread weight-gradient partials) and on ATen's, against fp64 under
     the tolerance rule: strides 1 and 2, 3x3 and 5x5, padding 0-2, 3 and 7 input channels (vector tails), 1 and 3
-    images, maps of several row blocks, a last input row no patch reaches (its gradient is zero); without the input
-    gradient the weight gradient is bit-identical."""
+    images, maps of several row blocks, a last input row no patch reaches (its gradient is zero), a stride-2 output
+    one pixel wide; without the input gradient the weight gradient is bit-identical. The Conv+BN backward also in
+    bf16 (aten_bf16: ATen's conv backward in bf16 where bf16 GEMMs multiply as pairs; fp32 gradients elsewhere)."""
     monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", mode)
     module = in_use()
     previous = torch.get_num_threads()
@@ -1106,7 +1107,8 @@ def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
     try:
         for n, cin, cout, hw, k, stride, pad in ((3, 16, 40, (17, 13), 3, 2, 1), (1, 7, 24, (9, 30), 5, 2, 2),
                                                  (3, 20, 33, (8, 7), 3, 1, 1), (1, 8, 16, (4, 3), 3, 1, 0),
-                                                 (2, 3, 16, (45, 41), 3, 2, 1), (2, 12, 24, (8, 10), 3, 2, 0)):
+                                                 (2, 3, 16, (45, 41), 3, 2, 1), (2, 12, 24, (8, 10), 3, 2, 0),
+                                                 (3, 8, 16, (5, 2), 3, 2, 1)):
             x = torch.randn(n, cin, *hw).contiguous(memory_format=torch.channels_last)
             w, b = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5, torch.randn(cout)
             out = module.conv_bias_act(x, w, b, stride, pad, 1, False, None)
@@ -1124,10 +1126,16 @@ def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
             args = (g, x, w, gamma, beta, beta * 0, gamma, out, stride, pad, 1, 1e-5, False, False)
             full, weight_only = module.conv_bn_train_backward(*args, True, None), module.conv_bn_train_backward(*args, False, None)
             assert torch.equal(full[1], weight_only[1]) and not weight_only[0].any()
+            bn_out, mean, var, _ = conv_bn_train_reference(x, w, gamma, beta, stride, pad, 1, 1e-5, True, None, True)
+            bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, stride, pad, 1, 1e-5, True, False,
+                   True, None)
+            _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, torch.bfloat16, True,
+                           f"{mode} {threads} threads {x.shape} k{k} s{stride} p{pad} bf16 conv_bn_train_backward",
+                           unavoidable_reference=rounded_conv_output_reference)
     finally:
         torch.set_num_threads(previous)
     monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", "fast")
-    with pytest.raises(RuntimeError, match="SHVIT_CPU_DENSE_GRADS must be auto, brgemm or aten, got 'fast'"):
+    with pytest.raises(RuntimeError, match="SHVIT_CPU_DENSE_GRADS must be auto, brgemm, aten or aten_bf16, got 'fast'"):
         module.conv_bias_act_backward(g, x, w, b, stride, pad, 1, False, None, out)
 
 

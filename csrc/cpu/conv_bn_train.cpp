@@ -408,20 +408,29 @@ std::tuple<at::Tensor, at::Tensor> brgemm_dense_grads(const at::Tensor& dy, cons
   return {gx, gw_rows.permute({0, 3, 1, 2})};
 }
 
-// Which gradients a dense channels_last conv of this shape takes: the micro-kernel ones above or ATen's. oneDNN's
+// Which gradients a dense (groups 1) channels_last conv takes.
+enum class DenseGrads { kAten, kBrgemm, kAtenBf16 };
+
+// The micro-kernel ones above or ATen's in fp32, or for a bf16 conv where bf16 GEMMs multiply as pairs ATen's in
+// bf16 (oneDNN's pair or AMX kernels; dy rounded to bf16, as the reference's conv backward takes it). oneDNN's fp32
 // backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5, 2026-12-02), so "auto"
-// times both once per shape, thread count and input_grad (best of three on random data of the shape) and remembers
-// the faster; SHVIT_CPU_DENSE_GRADS=brgemm|aten forces one (tests run both).
-bool dense_grads_use_brgemm(const DenseConvShape& s, bool input_grad) {
+// times the candidates once per shape, dtype, thread count and input_grad (best of three on random data of the
+// shape) and remembers the fastest; SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (aten_bf16: where the
+// bf16 candidate exists, else aten; tests run each). Not in bf16: a stride > 1 conv one pixel wide (see conv_raw).
+DenseGrads dense_grads_path(const DenseConvShape& s, bool input_grad, at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
   const std::string mode = env ? env : "auto";
-  if (mode == "brgemm") return true;
-  if (mode == "aten") return false;
-  TORCH_CHECK(mode == "auto" || mode.empty(), "SHVIT_CPU_DENSE_GRADS must be auto, brgemm or aten, got '", mode, "'");
-  const std::array<int64_t, 13> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
-                                    input_grad, at::get_num_threads()};
+  TORCH_CHECK(mode == "auto" || mode.empty() || mode == "brgemm" || mode == "aten" || mode == "aten_bf16",
+              "SHVIT_CPU_DENSE_GRADS must be auto, brgemm, aten or aten_bf16, got '", mode, "'");
+  const bool bf16_candidate = dtype == at::kBFloat16 && bf16_brgemm_usable() && !bf16_widened() &&
+                              !(s.stride > 1 && s.ow == 1);
+  if (mode == "brgemm") return DenseGrads::kBrgemm;
+  if (mode == "aten") return DenseGrads::kAten;
+  if (mode == "aten_bf16") return bf16_candidate ? DenseGrads::kAtenBf16 : DenseGrads::kAten;
+  const std::array<int64_t, 14> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
+                                    input_grad, at::get_num_threads(), bf16_candidate};
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 13>, bool> chosen;
+  static std::map<std::array<int64_t, 14>, DenseGrads> chosen;
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen.find(key);
@@ -440,10 +449,27 @@ bool dense_grads_use_brgemm(const DenseConvShape& s, bool input_grad) {
     }
     return best;
   };
-  const bool faster = best_of_three([&] { brgemm_dense_grads(dy, x, w, s, input_grad); }) <
-                      best_of_three([&] { aten_conv_grads(dy, x, w, s.stride, s.pad, 1, input_grad); });
+  std::vector<std::pair<double, DenseGrads>> times{
+      {best_of_three([&] { brgemm_dense_grads(dy, x, w, s, input_grad); }), DenseGrads::kBrgemm},
+      {best_of_three([&] { aten_conv_grads(dy, x, w, s.stride, s.pad, 1, input_grad); }), DenseGrads::kAten}};
+  if (bf16_candidate) {
+    const at::Tensor x16 = x.to(at::kBFloat16), dy16 = dy.to(at::kBFloat16), w16 = w.to(at::kBFloat16);
+    times.emplace_back(best_of_three([&] { aten_conv_grads(dy16, x16, w16, s.stride, s.pad, 1, input_grad); }),
+                       DenseGrads::kAtenBf16);
+  }
+  const DenseGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
+                               return a.first < b.first;
+                             })->second;
   std::lock_guard<std::mutex> lock(mutex);
-  return chosen.emplace(key, faster).first->second;
+  return chosen.emplace(key, fastest).first->second;
+}
+
+// A dense (groups 1) channels_last conv's geometry, from arguments check_conv_train_args accepted.
+DenseConvShape dense_conv_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding) {
+  const int64_t oh = (x.size(2) + 2 * padding - weight.size(2)) / stride + 1;
+  const int64_t ow = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
+  return {x.size(0), x.size(2), x.size(3), x.size(1), oh, ow, weight.size(0), weight.size(2), weight.size(3),
+          stride, padding};
 }
 
 // The input gradient nobody asked for (input_grad false): zeros in x's shape and layout, fp32.
@@ -468,7 +494,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at
   return {gx, gw};
 }
 
-// dL/dx and dL/dw of the conv from dL/dy (fp32), in fp32; the caller casts. Without input_grad (a network's first
+// dL/dx and dL/dw of the conv from dL/dy (fp32, or bf16 for a dense conv whose gradients run in bf16), accumulated
+// in fp32 (a dense conv's path may return bf16); the caller casts. Without input_grad (a network's first
 // conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back as zeros. A 1x1 stride-1 conv in
 // channels_last is two GEMMs on the (pixels, channels) matrices: faster here than ATen's convolution_backward
 // (about 12% on S1's shapes). Input gradients (and the zeros) go to reused output blocks: a fresh multi-MiB one
@@ -491,15 +518,20 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     return {gx, at::mm(dy_rows.t(), x_rows).view(weight.sizes())};
   }
   if (groups == 1 && !pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
-    const DenseConvShape s{x.size(0), x.size(2), x.size(3), x.size(1), dy.size(2), dy.size(3), weight.size(0),
-                           weight.size(2), weight.size(3), stride, padding};
-    if (dense_grads_use_brgemm(s, input_grad)) {
-      auto [dense_gx, gw] = brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
+    const DenseConvShape s = dense_conv_shape(x, weight, stride, padding);
+    const DenseGrads path = dense_grads_path(s, input_grad, x.scalar_type());
+    if (path == DenseGrads::kBrgemm) {
+      auto [dense_gx, gw] =
+          brgemm_dense_grads(dy.to(at::kFloat), x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
       return {input_grad ? dense_gx : skipped_input_grad(x), gw};
+    }
+    if (path == DenseGrads::kAtenBf16) {
+      auto [bf16_gx, gw] = aten_conv_grads(dy.to(at::kBFloat16), x, weight, stride, padding, groups, input_grad);
+      return {input_grad ? bf16_gx : skipped_input_grad(x), gw};
     }
   }
   auto [aten_gx, gw] =
-      aten_conv_grads(dy, x.to(at::kFloat), weight.to(at::kFloat), stride, padding, groups, input_grad);
+      aten_conv_grads(dy.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), stride, padding, groups, input_grad);
   return {input_grad ? aten_gx : skipped_input_grad(x), gw};
 }
 
@@ -629,14 +661,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   (void)var;  // recomputed in fp64 from y below
   at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
   // A 1x1 channels_last conv on the micro-kernel GEMMs takes dy chunk by chunk as it is computed (still in cache);
-  // else dy is one tensor, overwriting a recomputed y (this call's own buffer) when both are fp32.
+  // else dy is one tensor, overwriting a recomputed y (this call's own buffer) when both have dy's dtype.
   const PointwiseGrads grads_path = is_pointwise(weight, stride, padding, groups) && l.channels_last
                                         ? pointwise_grads_path(x.scalar_type())
                                         : PointwiseGrads::kAten;
   const bool dy_in_chunks = grads_path != PointwiseGrads::kAten;
+  // A dense conv whose gradients run in bf16 takes dy in bf16.
+  const bool dy_bf16 = !dy_in_chunks && groups == 1 && !is_pointwise(weight, stride, padding, groups) &&
+                       l.channels_last &&
+                       dense_grads_path(dense_conv_shape(x, weight, stride, padding), input_grad, x.scalar_type()) ==
+                           DenseGrads::kAtenBf16;
+  const auto dy_dtype = dy_bf16 ? at::kBFloat16 : at::kFloat;
   at::Tensor dy;
   if (!dy_in_chunks)
-    dy = y.scalar_type() == at::kFloat && !kept ? y : empty_output(go.sizes(), go.options().dtype(at::kFloat), fmt);
+    dy = y.scalar_type() == dy_dtype && !kept ? y : empty_output(go.sizes(), go.options().dtype(dy_dtype), fmt);
   at::Tensor gx, gw;
   // dy = gamma invstd (g - mean(g) - x_hat mean(g x_hat)) cancels to a small fraction of g where g lies close to
   // the span of 1 and x_hat (BatchNorm over a few values per channel: over two it is exactly eps-sized). fp32
@@ -677,8 +715,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
       store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dy_out, n);
     };
     if (!dy_in_chunks) {
-      float* dyp = dy.data_ptr<float>();
-      map_per_channel(l, params, [values, dyp](int64_t i, int64_t n, const dVec* pv) { values(i, n, pv, dyp + i); });
+      auto write_dy = [&](auto* dyp) {
+        map_per_channel(l, params, [values, dyp](int64_t i, int64_t n, const dVec* pv) { values(i, n, pv, dyp + i); });
+      };
+      if (dy_bf16) write_dy(dy.data_ptr<BFloat16>());
+      else write_dy(dy.data_ptr<float>());
       return;
     }
     auto dy_rows = [&](int64_t r0, int64_t nr, auto* buffer) {
