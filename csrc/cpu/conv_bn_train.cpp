@@ -218,10 +218,11 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
 // The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices of T (float, or bf16 multiplied
 // as pairs), chunk by chunk of rows: the chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced
 // into the per-thread buffer, where they stay in cache for both GEMMs) give gx rows = dy W and, transposed, add
-// dy^T x to per-thread partial weight gradients, all accumulated in fp32. w: (cout, cin) row-major. gx may be null.
+// dy^T x to per-thread partial weight gradients, all accumulated in fp32. w: (cout, cin) row-major. gx (of T) may be
+// null.
 template <typename T, typename DyRows>
 void pointwise_grads_brgemm(DyRows dy_rows, const T* x, const T* w, int64_t rows, int64_t cin, int64_t cout,
-                            float* gx, float* gw) {
+                            T* gx, float* gw) {
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = ceil_div(ceil_div(rows, 512), threads) * threads;  // at most 512 rows, whole rounds
   const int64_t chunk = std::min(rows, ceil_div(ceil_div(rows, chunks), 16) * 16);
@@ -232,11 +233,21 @@ void pointwise_grads_brgemm(DyRows dy_rows, const T* x, const T* w, int64_t rows
     MatmulThreadGuard guard;
     float* acc = partial.data() + at::get_thread_num() * cout * cin;
     Scratch<T> buffer(chunk * cout), dy_t(cout * chunk);
+    // bf16 gx rows are rounded from the chunk's fp32 product while it is in cache (a whole fp32 gx converted after
+    // was another pass over memory).
+    Scratch<float> gx_acc(std::is_same_v<T, float> ? 0 : chunk * cin);
     MatB<T> xb;  // one per thread: its bf16 VNNI copy's storage is reused, not zero-filled afresh per chunk
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t r0 = ch * chunk, nr = std::min(chunk, rows - r0);
       const T* dy = dy_rows(r0, nr, buffer.data());
-      if (gx) matmul(nr, dy, cout, wb, gx + r0 * cin, cin);
+      if (gx) {
+        if constexpr (std::is_same_v<T, float>) {
+          matmul(nr, dy, cout, wb, gx + r0 * cin, cin);
+        } else {
+          matmul(nr, dy, cout, wb, gx_acc.data(), cin);
+          at::vec::convert(gx_acc.data(), gx + r0 * cin, nr * cin);
+        }
+      }
       transpose_matrix(dy, nr, cout, dy_t.data());
       xb.assign(x + r0 * cin, nr, cin, cin);
       matmul(cout, dy_t.data(), nr, xb, acc, cin, true);
@@ -478,19 +489,19 @@ at::Tensor skipped_input_grad(const at::Tensor& x) {
 }
 
 // A 1x1 channels_last conv's gradients on the micro-kernel GEMMs in T (see pointwise_grads_brgemm), dy rows of T
-// from dy_rows.
+// from dy_rows; gx in T (zeros in fp32 without input_grad), gw in fp32.
 template <typename T, typename DyRows>
 std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at::Tensor& x, const at::Tensor& weight,
                                                         bool input_grad) {
   const int64_t cin = x.size(1), cout = weight.size(0), rows = x.numel() / cin;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(at::kFloat), cl) : skipped_input_grad(x);
+  at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(dtype), cl) : skipped_input_grad(x);
   at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
   const at::Tensor x_rows = x.to(dtype).contiguous(cl);
   const at::Tensor w_rows = contiguous_matrix(weight.to(dtype).reshape({cout, cin}));
   pointwise_grads_brgemm<T>(dy_rows, x_rows.data_ptr<T>(), w_rows.data_ptr<T>(), rows, cin, cout,
-                            input_grad ? gx.data_ptr<float>() : nullptr, gw.data_ptr<float>());
+                            input_grad ? gx.data_ptr<T>() : nullptr, gw.data_ptr<float>());
   return {gx, gw};
 }
 
