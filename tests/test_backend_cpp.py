@@ -1139,6 +1139,26 @@ def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
         module.conv_bias_act_backward(g, x, w, b, stride, pad, 1, False, None, out)
 
 
+@requires_cpp
+@pytest.mark.parametrize("mode", ("brgemm", "aten", "aten_bf16"))
+def test_depthwise_conv_bn_grads_on_each_path(monkeypatch, mode):
+    """A channels_last depthwise Conv+BN backward in fp32 and bf16 against fp64 under the tolerance rule, its conv
+    gradients on ATen's fp32 backward (brgemm: no micro-kernel path for grouped convs, so ATen's) or, aten_bf16, ATen's
+    bf16 one where bf16 GEMMs multiply as pairs: strides 1 and 2, a stride-2 output one pixel wide (fp32 there)."""
+    monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", mode)
+    module = in_use()
+    for n, c, hw, stride in ((2, 32, (9, 11), 1), (3, 48, (7, 7), 2), (3, 16, (5, 2), 2)):
+        x = torch.randn(n, c, *hw).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, 1, 3, 3) / 3
+        gamma, beta = torch.rand(c) + 0.5, torch.randn(c)
+        bn_out, mean, var, _ = conv_bn_train_reference(x, w, gamma, beta, stride, 1, c, 1e-5, True, None, True)
+        bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, stride, 1, c, 1e-5, True, False, True, None)
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, dtype, True,
+                           f"{mode} {x.shape} s{stride} {dtype} depthwise conv_bn_train_backward",
+                           unavoidable_reference=rounded_conv_output_reference)
+
+
 def _explain_as_if_built(op, *args):
     with dispatch.patched_backend("cpp", availability=lambda: []):
         return dispatch.explain(op, *args)

@@ -277,9 +277,11 @@ inline void add_channels(const float* src, float* dst, int64_t n) {
   if (c < n) (fVec::loadu(dst + c, n - c) + fVec::loadu(src + c, n - c)).store(dst + c, n - c);
 }
 
-// A dense conv's geometry (channels_last; one stride and padding for both axes).
+// A kxk conv's geometry (channels_last; one stride and padding for both axes); the micro-kernel gradients take
+// groups 1 only.
 struct DenseConvShape {
   int64_t batch, h, w, cin, oh, ow, cout, kh, kw, stride, pad;
+  int64_t groups = 1;
   int64_t k() const { return kh * kw * cin; }
 };
 
@@ -419,38 +421,42 @@ std::tuple<at::Tensor, at::Tensor> brgemm_dense_grads(const at::Tensor& dy, cons
   return {gx, gw_rows.permute({0, 3, 1, 2})};
 }
 
-// Which gradients a dense (groups 1) channels_last conv takes.
-enum class DenseGrads { kAten, kBrgemm, kAtenBf16 };
+// Which gradients a kxk (dense or grouped, not 1x1) channels_last conv takes.
+enum class KxkGrads { kAten, kBrgemm, kAtenBf16 };
 
-// The micro-kernel ones above or ATen's in fp32, or for a bf16 conv where bf16 GEMMs multiply as pairs ATen's in
-// bf16 (oneDNN's pair or AMX kernels; dy rounded to bf16, as the reference's conv backward takes it). oneDNN's fp32
-// backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5, 2026-12-02), so "auto"
-// times the candidates once per shape, dtype, thread count and input_grad (best of three on random data of the
-// shape) and remembers the fastest; SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (aten_bf16: where the
-// bf16 candidate exists, else aten; tests run each). Not in bf16: a stride > 1 conv one pixel wide (see conv_raw).
-DenseGrads dense_grads_path(const DenseConvShape& s, bool input_grad, at::ScalarType dtype) {
+// The micro-kernel ones above (groups 1) or ATen's in fp32, or for a bf16 conv where bf16 GEMMs multiply as pairs
+// ATen's in bf16 (oneDNN's pair or AMX kernels; dy rounded to bf16, as the reference's conv backward takes it).
+// oneDNN's fp32 backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5,
+// 2026-12-02), and its bf16 depthwise backward ran 0.7x its fp32 one alone but 1.1-2.2x with the fp32 path's
+// conversions (Xeon with AMX, 2026-12-03), so "auto" times the candidates (bf16 inputs converted as the call would)
+// once per shape, dtype, thread count and input_grad (best of three on random data of the shape) and remembers the
+// fastest; SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm: groups 1 only, else aten; aten_bf16: where
+// the bf16 candidate exists, else aten; tests run each). Not in bf16: a stride > 1 conv one pixel wide (see conv_raw).
+KxkGrads kxk_grads_path(const DenseConvShape& s, bool input_grad, at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
   const std::string mode = env ? env : "auto";
   TORCH_CHECK(mode == "auto" || mode.empty() || mode == "brgemm" || mode == "aten" || mode == "aten_bf16",
               "SHVIT_CPU_DENSE_GRADS must be auto, brgemm, aten or aten_bf16, got '", mode, "'");
   const bool bf16_candidate = dtype == at::kBFloat16 && bf16_brgemm_usable() && !bf16_widened() &&
                               !(s.stride > 1 && s.ow == 1);
-  if (mode == "brgemm") return DenseGrads::kBrgemm;
-  if (mode == "aten") return DenseGrads::kAten;
-  if (mode == "aten_bf16") return bf16_candidate ? DenseGrads::kAtenBf16 : DenseGrads::kAten;
-  const std::array<int64_t, 14> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
-                                    input_grad, at::get_num_threads(), bf16_candidate};
+  if (mode == "brgemm") return s.groups == 1 ? KxkGrads::kBrgemm : KxkGrads::kAten;
+  if (mode == "aten") return KxkGrads::kAten;
+  if (mode == "aten_bf16") return bf16_candidate ? KxkGrads::kAtenBf16 : KxkGrads::kAten;
+  if (s.groups > 1 && !bf16_candidate) return KxkGrads::kAten;  // the only candidate
+  const std::array<int64_t, 16> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
+                                    s.groups, input_grad, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 14>, DenseGrads> chosen;
+  static std::map<std::array<int64_t, 16>, KxkGrads> chosen;
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen.find(key);
     if (it != chosen.end()) return it->second;
   }
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl);
+  // x and w in the call's dtype; dy in fp32 as the fp32 paths take it.
+  const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl).to(dtype);
   const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
-  const at::Tensor w = at::rand({s.cout, s.cin, s.kh, s.kw});
+  const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
   auto best_of_three = [&](auto&& fn) {
     double best = 1e30;
     for (int rep = 0; rep < 3; ++rep) {
@@ -460,27 +466,38 @@ DenseGrads dense_grads_path(const DenseConvShape& s, bool input_grad, at::Scalar
     }
     return best;
   };
-  std::vector<std::pair<double, DenseGrads>> times{
-      {best_of_three([&] { brgemm_dense_grads(dy, x, w, s, input_grad); }), DenseGrads::kBrgemm},
-      {best_of_three([&] { aten_conv_grads(dy, x, w, s.stride, s.pad, 1, input_grad); }), DenseGrads::kAten}};
-  if (bf16_candidate) {
-    const at::Tensor x16 = x.to(at::kBFloat16), dy16 = dy.to(at::kBFloat16), w16 = w.to(at::kBFloat16);
-    times.emplace_back(best_of_three([&] { aten_conv_grads(dy16, x16, w16, s.stride, s.pad, 1, input_grad); }),
-                       DenseGrads::kAtenBf16);
+  auto to_call_dtype = [&](const at::Tensor& gx) {  // the fp32 paths' last conversion
+    if (gx.defined()) gx.to(dtype);
+  };
+  std::vector<std::pair<double, KxkGrads>> times;
+  if (s.groups == 1) {
+    times.emplace_back(best_of_three([&] {
+      to_call_dtype(std::get<0>(brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(cl), w, s, input_grad)));
+    }), KxkGrads::kBrgemm);
   }
-  const DenseGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
+  times.emplace_back(best_of_three([&] {
+    to_call_dtype(
+        std::get<0>(aten_conv_grads(dy, x.to(at::kFloat), w.to(at::kFloat), s.stride, s.pad, s.groups, input_grad)));
+  }), KxkGrads::kAten);
+  if (bf16_candidate) {
+    const at::Tensor dy16 = dy.to(at::kBFloat16);
+    times.emplace_back(best_of_three([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, input_grad); }),
+                       KxkGrads::kAtenBf16);
+  }
+  const KxkGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
                                return a.first < b.first;
                              })->second;
   std::lock_guard<std::mutex> lock(mutex);
   return chosen.emplace(key, fastest).first->second;
 }
 
-// A dense (groups 1) channels_last conv's geometry, from arguments check_conv_train_args accepted.
-DenseConvShape dense_conv_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding) {
+// A channels_last conv's geometry, from arguments check_conv_train_args accepted.
+DenseConvShape kxk_conv_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding,
+                              int64_t groups) {
   const int64_t oh = (x.size(2) + 2 * padding - weight.size(2)) / stride + 1;
   const int64_t ow = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
   return {x.size(0), x.size(2), x.size(3), x.size(1), oh, ow, weight.size(0), weight.size(2), weight.size(3),
-          stride, padding};
+          stride, padding, groups};
 }
 
 // The input gradient nobody asked for (input_grad false): zeros in x's shape and layout, fp32.
@@ -505,8 +522,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at
   return {gx, gw};
 }
 
-// dL/dx and dL/dw of the conv from dL/dy (fp32, or bf16 for a dense conv whose gradients run in bf16), accumulated
-// in fp32 (a dense conv's path may return bf16); the caller casts. Without input_grad (a network's first
+// dL/dx and dL/dw of the conv from dL/dy (fp32, or bf16 for a kxk conv whose gradients run in bf16), accumulated
+// in fp32 (a kxk conv's bf16 path returns bf16); the caller casts. Without input_grad (a network's first
 // conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back as zeros. A 1x1 stride-1 conv in
 // channels_last is two GEMMs on the (pixels, channels) matrices: faster here than ATen's convolution_backward
 // (about 12% on S1's shapes). Input gradients (and the zeros) go to reused output blocks: a fresh multi-MiB one
@@ -528,15 +545,15 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     }
     return {gx, at::mm(dy_rows.t(), x_rows).view(weight.sizes())};
   }
-  if (groups == 1 && !pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
-    const DenseConvShape s = dense_conv_shape(x, weight, stride, padding);
-    const DenseGrads path = dense_grads_path(s, input_grad, x.scalar_type());
-    if (path == DenseGrads::kBrgemm) {
+  if (!pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
+    const DenseConvShape s = kxk_conv_shape(x, weight, stride, padding, groups);
+    const KxkGrads path = kxk_grads_path(s, input_grad, x.scalar_type());
+    if (path == KxkGrads::kBrgemm) {
       auto [dense_gx, gw] =
           brgemm_dense_grads(dy.to(at::kFloat), x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
       return {input_grad ? dense_gx : skipped_input_grad(x), gw};
     }
-    if (path == DenseGrads::kAtenBf16) {
+    if (path == KxkGrads::kAtenBf16) {
       auto [bf16_gx, gw] = aten_conv_grads(dy.to(at::kBFloat16), x, weight, stride, padding, groups, input_grad);
       return {input_grad ? bf16_gx : skipped_input_grad(x), gw};
     }
@@ -677,11 +694,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
                                         ? pointwise_grads_path(x.scalar_type())
                                         : PointwiseGrads::kAten;
   const bool dy_in_chunks = grads_path != PointwiseGrads::kAten;
-  // A dense conv whose gradients run in bf16 takes dy in bf16.
-  const bool dy_bf16 = !dy_in_chunks && groups == 1 && !is_pointwise(weight, stride, padding, groups) &&
-                       l.channels_last &&
-                       dense_grads_path(dense_conv_shape(x, weight, stride, padding), input_grad, x.scalar_type()) ==
-                           DenseGrads::kAtenBf16;
+  // A kxk conv whose gradients run in bf16 takes dy in bf16.
+  const bool dy_bf16 =
+      !dy_in_chunks && !is_pointwise(weight, stride, padding, groups) && l.channels_last &&
+      kxk_grads_path(kxk_conv_shape(x, weight, stride, padding, groups), input_grad, x.scalar_type()) ==
+          KxkGrads::kAtenBf16;
   const auto dy_dtype = dy_bf16 ? at::kBFloat16 : at::kFloat;
   at::Tensor dy;
   if (!dy_in_chunks)
