@@ -428,11 +428,11 @@ enum class KxkGrads { kAten, kBrgemm, kAtenBf16 };
 // ATen's in bf16 (oneDNN's pair or AMX kernels; dy rounded to bf16, as the reference's conv backward takes it).
 // oneDNN's fp32 backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5,
 // 2026-12-02), and its bf16 depthwise backward ran 0.7x its fp32 one alone but 1.1-2.2x with the fp32 path's
-// conversions (Xeon with AMX, 2026-12-03), so "auto" times the candidates (bf16 inputs converted as the call would)
-// once per shape, dtype, thread count and input_grad (best of three on random data of the shape) and remembers the
-// fastest; SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm: groups 1 only, else aten; aten_bf16: where
+// conversions (Xeon with AMX, 2026-12-03), so "auto" times the candidates (bf16 inputs converted as the call would,
+// both gradients) once per shape, dtype and thread count (best of three on random data of the shape) and remembers
+// the fastest: one choice whether or not the input gradient is asked for, so the weight gradient is the same; SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm: groups 1 only, else aten; aten_bf16: where
 // the bf16 candidate exists, else aten; tests run each). Not in bf16: a stride > 1 conv one pixel wide (see conv_raw).
-KxkGrads kxk_grads_path(const DenseConvShape& s, bool input_grad, at::ScalarType dtype) {
+KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
   const std::string mode = env ? env : "auto";
   TORCH_CHECK(mode == "auto" || mode.empty() || mode == "brgemm" || mode == "aten" || mode == "aten_bf16",
@@ -443,10 +443,10 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, bool input_grad, at::ScalarType
   if (mode == "aten") return KxkGrads::kAten;
   if (mode == "aten_bf16") return bf16_candidate ? KxkGrads::kAtenBf16 : KxkGrads::kAten;
   if (s.groups > 1 && !bf16_candidate) return KxkGrads::kAten;  // the only candidate
-  const std::array<int64_t, 16> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
-                                    s.groups, input_grad, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
+  const std::array<int64_t, 15> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
+                                    s.groups, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
   static std::mutex mutex;
-  static std::map<std::array<int64_t, 16>, KxkGrads> chosen;
+  static std::map<std::array<int64_t, 15>, KxkGrads> chosen;
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen.find(key);
@@ -457,6 +457,7 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, bool input_grad, at::ScalarType
   const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl).to(dtype);
   const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
   const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
+  constexpr bool input_grad = true;
   auto best_of_three = [&](auto&& fn) {
     double best = 1e30;
     for (int rep = 0; rep < 3; ++rep) {
@@ -547,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
   }
   if (!pointwise && fmt == at::MemoryFormat::ChannelsLast && dy.is_contiguous(fmt)) {
     const DenseConvShape s = kxk_conv_shape(x, weight, stride, padding, groups);
-    const KxkGrads path = kxk_grads_path(s, input_grad, x.scalar_type());
+    const KxkGrads path = kxk_grads_path(s, x.scalar_type());
     if (path == KxkGrads::kBrgemm) {
       auto [dense_gx, gw] =
           brgemm_dense_grads(dy.to(at::kFloat), x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
@@ -697,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   // A kxk conv whose gradients run in bf16 takes dy in bf16.
   const bool dy_bf16 =
       !dy_in_chunks && !is_pointwise(weight, stride, padding, groups) && l.channels_last &&
-      kxk_grads_path(kxk_conv_shape(x, weight, stride, padding, groups), input_grad, x.scalar_type()) ==
+      kxk_grads_path(kxk_conv_shape(x, weight, stride, padding, groups), x.scalar_type()) ==
           KxkGrads::kAtenBf16;
   const auto dy_dtype = dy_bf16 ? at::kBFloat16 : at::kFloat;
   at::Tensor dy;
