@@ -221,7 +221,7 @@ int64_t cached_output_bytes() {
 
 namespace {
 
-// dst (cols x rows) = src (rows x cols)^T, both contiguous, in 16 x 16 blocks.
+// dst (cols x rows) = src (rows x cols)^T, both contiguous, in square blocks.
 template <typename E>
 void transpose_blocked(const E* src, int64_t rows, int64_t cols, E* dst) {
   // 32 x 32 for 2-byte elements: ATen transposes those in 32 x 32 tiles, and 16 x 16 blocks ran them as masked tiles

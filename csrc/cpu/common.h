@@ -60,7 +60,8 @@ at::MemoryFormat activation_format(const at::Tensor& x);
 // than t().contiguous() for the weight transposes the channels_last GEMMs need on every call. A matrix stored
 // transposed comes back as a view. Read-only use.
 at::Tensor transposed(const at::Tensor& m);
-// dst (cols x rows) = src (rows x cols)^T, both contiguous fp32, in 16 x 16 blocks (inline inside a parallel region).
+// dst (cols x rows) = src (rows x cols)^T, both contiguous, in 16 x 16 (fp32) or 32 x 32 (bf16) blocks (inline inside
+// a parallel region).
 void transpose_matrix(const float* src, int64_t rows, int64_t cols, float* dst);
 void transpose_matrix(const BFloat16* src, int64_t rows, int64_t cols, BFloat16* dst);
 // A 2-D tensor as a contiguous row-major matrix, blocked-transposing one stored transposed (an input-major 1x1

@@ -200,15 +200,18 @@ void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor
               " with padding ", padding);
 }
 
+// oneDNN's bf16 conv with stride > 1 and a one-pixel-wide output returned wrong values (torch 2.13.0, Xeon with AMX,
+// 2026-12-02): such convs, and their gradients, run in fp32.
+inline bool onednn_bf16_conv_wrong(int64_t stride, int64_t out_w) { return stride > 1 && out_w == 1; }
+
 // Raw conv output in x's dtype and layout through ATen's convolution, exactly as the reference computes it: the
 // ReLU mask of `out` then agrees with the reference's wherever a pre-activation is not within rounding of zero
 // (this extension's own 1x1 / depthwise kernels round differently and flipped masks in lock-step training).
-// As the reference's conv2d, a bf16 conv with stride > 1 and a one-pixel-wide output runs in fp32, rounded once:
-// oneDNN's bf16 kernel returned wrong values there (torch 2.13.0, Xeon with AMX, 2026-12-02).
+// As the reference's conv2d, a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
 at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
   const auto fmt = activation_format(x);
   const int64_t out_w = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
-  if (x.scalar_type() == at::kBFloat16 && stride > 1 && out_w == 1)
+  if (x.scalar_type() == at::kBFloat16 && onednn_bf16_conv_wrong(stride, out_w))
     return at::conv2d(x.contiguous(fmt).to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, 1, groups)
         .to(at::kBFloat16)
         .contiguous(fmt);
@@ -430,15 +433,16 @@ enum class KxkGrads { kAten, kBrgemm, kAtenBf16 };
 // 2026-12-02), and its bf16 depthwise backward ran 0.7x its fp32 one alone but 1.1-2.2x with the fp32 path's
 // conversions (Xeon with AMX, 2026-12-03), so "auto" times the candidates (bf16 inputs converted as the call would,
 // both gradients) once per shape, dtype and thread count (best of three on random data of the shape) and remembers
-// the fastest: one choice whether or not the input gradient is asked for, so the weight gradient is the same; SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm: groups 1 only, else aten; aten_bf16: where
-// the bf16 candidate exists, else aten; tests run each). Not in bf16: a stride > 1 conv one pixel wide (see conv_raw).
+// the fastest: one choice whether or not the input gradient is asked for, so the weight gradient is the same.
+// SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm: groups 1 only, else aten; aten_bf16: where the bf16
+// candidate exists, else aten; tests run each). Not in bf16 where oneDNN's bf16 conv is wrong (see conv_raw).
 KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
   const std::string mode = env ? env : "auto";
   TORCH_CHECK(mode == "auto" || mode.empty() || mode == "brgemm" || mode == "aten" || mode == "aten_bf16",
               "SHVIT_CPU_DENSE_GRADS must be auto, brgemm, aten or aten_bf16, got '", mode, "'");
-  const bool bf16_candidate = dtype == at::kBFloat16 && bf16_brgemm_usable() && !bf16_widened() &&
-                              !(s.stride > 1 && s.ow == 1);
+  const bool bf16_candidate =
+      dtype == at::kBFloat16 && bf16_brgemm_usable() && !bf16_widened() && !onednn_bf16_conv_wrong(s.stride, s.ow);
   if (mode == "brgemm") return s.groups == 1 ? KxkGrads::kBrgemm : KxkGrads::kAten;
   if (mode == "aten") return KxkGrads::kAten;
   if (mode == "aten_bf16") return bf16_candidate ? KxkGrads::kAtenBf16 : KxkGrads::kAten;
@@ -457,7 +461,6 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl).to(dtype);
   const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
   const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
-  constexpr bool input_grad = true;
   auto best_of_three = [&](auto&& fn) {
     double best = 1e30;
     for (int rep = 0; rep < 3; ++rep) {
@@ -467,22 +470,19 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
     }
     return best;
   };
-  auto to_call_dtype = [&](const at::Tensor& gx) {  // the fp32 paths' last conversion
-    if (gx.defined()) gx.to(dtype);
-  };
+  // Both gradients; the fp32 paths' gx converted back to the call's dtype.
   std::vector<std::pair<double, KxkGrads>> times;
   if (s.groups == 1) {
     times.emplace_back(best_of_three([&] {
-      to_call_dtype(std::get<0>(brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(cl), w, s, input_grad)));
+      std::get<0>(brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(cl), w, s, true)).to(dtype);
     }), KxkGrads::kBrgemm);
   }
   times.emplace_back(best_of_three([&] {
-    to_call_dtype(
-        std::get<0>(aten_conv_grads(dy, x.to(at::kFloat), w.to(at::kFloat), s.stride, s.pad, s.groups, input_grad)));
+    std::get<0>(aten_conv_grads(dy, x.to(at::kFloat), w.to(at::kFloat), s.stride, s.pad, s.groups, true)).to(dtype);
   }), KxkGrads::kAten);
   if (bf16_candidate) {
     const at::Tensor dy16 = dy.to(at::kBFloat16);
-    times.emplace_back(best_of_three([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, input_grad); }),
+    times.emplace_back(best_of_three([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, true); }),
                        KxkGrads::kAtenBf16);
   }
   const KxkGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
