@@ -3,8 +3,8 @@ model in plain eager PyTorch.
 
     python benchmarks/profile_train.py --model shvit_s1 --batch-size 16 --threads 1 [--amp bf16] [--output FILE]
 
-A step is forward + cross-entropy + backward + AdamW step on a fixed synthetic batch (channels_last, as
-``shvit train`` runs). Every kernel the dispatcher picks is timed by a dispatch observer (wall clock on CPU,
+A step is forward + cross-entropy + backward + AdamW step on a fixed synthetic batch (channels_last, and AdamW as
+``shvit train`` builds it: torch's fused kernel on CPU and CUDA). Every kernel the dispatcher picks is timed by a dispatch observer (wall clock on CPU,
 synchronised on CUDA) under its phase: forward ops, and their ``*_backward`` ops, which autograd runs in the
 backward pass. "outside the ops" is the rest of each phase (plain torch layers such as the squeeze-excite gate,
 BatchNorm of the head, the loss, autograd's own bookkeeping, Python). Achieved GFLOP/s count the algorithmic
@@ -32,6 +32,7 @@ import shvit  # noqa: E402
 from benchmarks.plain import to_plain  # noqa: E402
 from benchmarks.profile_model import OpTimer, flops, kind, print_ceiling_and_rows, write_json  # noqa: E402
 from shvit import bench  # noqa: E402
+from shvit.train import build_optimizer, param_groups  # noqa: E402
 from shvit_kernels import dispatch  # noqa: E402
 
 def _as_inference_call(op: str, args):
@@ -58,7 +59,8 @@ def _kind_and_flops(op: str, args):
 class Trainee:
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, amp: str):
         self.model, self.x, self.labels, self.amp = model, x, labels, amp
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # The optimizer ``shvit train`` builds (torch's fused AdamW on CPU and CUDA), the same for every variant.
+        self.optimizer = build_optimizer(param_groups(model, weight_decay=0.025), lr=1e-4, device=x.device)
 
     def step(self, phases=None) -> None:
         marks = [time.perf_counter()]

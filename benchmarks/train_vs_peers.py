@@ -6,7 +6,8 @@
 
 A step is benchmarks/profile_train.py's: forward (under bf16 autocast with ``--amp bf16``) + cross-entropy +
 backward + AdamW step on a fixed synthetic batch, channels_last. Variants (``--variants``), all starting from
-the same weights (one model built with a fixed seed), each with its own copy of them and its own AdamW:
+the same weights (one model built with a fixed seed), each with its own copy of them and its own AdamW (torch's
+fused kernel, as ``shvit train`` builds it):
 
   fused    the project's model (shvit_kernels ops, automatic backend choice, the user's defaults)
   fused-keep-all / fused-keep-none   the same with every training Conv+BN keeping its conv output for the
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
         environment=dict(bench.environment(torch.device("cpu")), git_revision=git_revision()),
         threads=torch.get_num_threads(),
         load_average={"start": load_start, "end": load_end},
-        step="forward (autocast if amp) + cross-entropy (label smoothing 0.1) + backward + AdamW, channels_last",
+        step="forward (autocast if amp) + cross-entropy (label smoothing 0.1) + backward + AdamW (fused, as shvit train builds it), channels_last",
         peak_memory_how=None if args.skip_peak else
         "each variant in a fresh process: one warm-up step, then benchmarks.device.PeakMemory around one step",
         round_orders=orders,
