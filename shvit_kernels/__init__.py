@@ -14,7 +14,8 @@ Tracing and export:
 Layout:
     to_channels_last(x): x.contiguous(memory_format=torch.channels_last), at copy speed for CPU image batches
 Memory:
-    empty_cache() frees the output blocks the cpp backend keeps for reuse (bounded by SHVIT_CPU_OUTPUT_CACHE_MB)
+    empty_cache(packed_weights=True) frees the output blocks the cpp backend keeps for reuse (bounded by
+    SHVIT_CPU_OUTPUT_CACHE_MB), and its packed weight copies unless packed_weights=False
     keep_conv_outputs(min_macs) (context manager) / set_keep_conv_outputs(min_macs), env
     SHVIT_KERNELS_KEEP_CONV_OUTPUTS: which training Conv+BN ops keep their conv output for backward (faster)
     instead of recomputing it (less memory)
@@ -36,15 +37,19 @@ from .layout import to_channels_last
 __version__ = "0.1.0"
 
 
-def empty_cache() -> int:
+def empty_cache(packed_weights: bool = True) -> int:
     """Free the output blocks the cpp backend keeps for reuse; returns the bytes freed (0 when it has none).
 
     Outputs of 256 KiB and more reuse released blocks of the same size (at most 4 per size and
     ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off).
-    Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again. It also forgets the
-    packed weight copies the cpp backend keeps (a weight still in use is repacked on its next call).
+    Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again. Unless
+    ``packed_weights=False`` it also forgets the packed weight copies the cpp backend keeps (a weight still in use
+    is repacked on its next call).
     """
-    _backends.cpp.clear_packed_weights()
+    if not isinstance(packed_weights, bool):
+        raise TypeError(f"empty_cache: 'packed_weights' must be a bool, got {type(packed_weights).__name__}")
+    if packed_weights:
+        _backends.cpp.clear_packed_weights()
     return _backends.cpp.empty_output_cache()
 
 __all__ = [

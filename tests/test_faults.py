@@ -96,6 +96,18 @@ def test_output_cache_is_bounded_and_can_be_emptied():
     del y
     assert cpp.output_cache_bytes() >= nbytes
     assert K.empty_cache() >= nbytes and cpp.output_cache_bytes() == 0
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 1, 1)  # held: its packed copy is remembered while it lives
+    with K.use_backend("cpp"):
+        K.conv_bias_act(x, w, None)
+    held = cpp.packed_weight_count()
+    assert held >= 1
+    K.empty_cache(packed_weights=False)
+    assert cpp.packed_weight_count() == held
+    K.empty_cache()
+    assert cpp.packed_weight_count() == 0
+    with pytest.raises(TypeError, match="'packed_weights' must be a bool, got str"):
+        K.empty_cache(packed_weights="no")
     previous = cpp.set_output_cache_limit(nbytes - 1)  # smaller than one block: nothing is kept
     try:
         del_me = _big_cpp_output()
