@@ -390,7 +390,8 @@ def conv_bn(
 # multiply-adds (C_in / groups x kH x kW); cheaper outputs are recomputed there. 128 keeps every 1x1 and dense conv
 # of SHViT but a 3-channel first conv, and recomputes the depthwise ones. AMD Zen 5, batch 16, one thread, 2026-12-02
 # (interleaved in one process): S1's step 1.06x and S4's 1.05x the speed of the previous 256, keeping all 1.09x /
-# 1.06x; peak memory within run-to-run noise of keeping all (S1 147 MiB, S4 407 against eager PyTorch's 219 / 613).
+# 1.06x. Peak memory of a step (Xeon with AMX, 2026-12-03): about eager PyTorch's (S1 bf16 1.12x, fp32 1.00x; S4
+# 0.96x); recomputing every output: 0.65-0.90x eager's, at 1.17-1.22x the step time.
 DEFAULT_KEEP_MIN_MACS = 128.0
 _KEEP_ENV = "SHVIT_KERNELS_KEEP_CONV_OUTPUTS"
 
