@@ -174,14 +174,14 @@ def _reset_peak_rss() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of the block above what was allocated at its start: on CUDA the caching allocator's peak; on
-    the CPU the peak resident set (VmHWM, its mark reset at the start, freed heap memory and the cpp backend's
-    cached output blocks first handed back to the OS) above the resident set at the start. Blocks left in that
-    cache by the warm-up would sit in the starting resident set and the block's outputs reuse them unseen: a fused
-    S1 training step measured 97 MiB so instead of 146 (bf16, Xeon with AMX, 2026-12-03). Where the mark cannot be reset: the growth of the process's
-    lifetime peak (an upper bound when the block stays under an earlier peak). Run a warm-up call before the
-    block, so one-time initialisation (thread pools, library caches) is not counted. After the block: ``bytes``
-    and ``measure`` (how it was taken)."""
+    """Peak memory of the block above what was allocated at its start: on CUDA the caching allocator's peak; on the CPU
+    the peak resident set (VmHWM, its mark reset at the start, freed heap memory and the cpp backend's cached output
+    blocks first handed back to the OS) above the resident set at the start. Blocks left in that cache by the
+    warm-up would sit in the starting resident set and the block's outputs reuse them unseen (a fused S1 training
+    step measured 97 MiB that way against 146 with them handed back; bf16, Xeon with AMX, 2026-12-03). Where the
+    mark cannot be reset: the growth of the process's lifetime peak (an upper bound when the block stays under an
+    earlier peak). Run a warm-up call before the block, so one-time initialisation (thread pools, library caches) is
+    not counted. After the block: ``bytes`` and ``measure`` (how it was taken)."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)

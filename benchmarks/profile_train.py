@@ -4,13 +4,13 @@ model in plain eager PyTorch.
     python benchmarks/profile_train.py --model shvit_s1 --batch-size 16 --threads 1 [--amp bf16] [--output FILE]
 
 A step is forward + cross-entropy + backward + AdamW step on a fixed synthetic batch (channels_last, and AdamW as
-``shvit train`` builds it: torch's fused kernel on CPU and CUDA). Every kernel the dispatcher picks is timed by a dispatch observer (wall clock on CPU,
-synchronised on CUDA) under its phase: forward ops, and their ``*_backward`` ops, which autograd runs in the
-backward pass. "outside the ops" is the rest of each phase (plain torch layers such as the squeeze-excite gate,
-BatchNorm of the head, the loss, autograd's own bookkeeping, Python). Achieved GFLOP/s count the algorithmic
-products (a backward: input and weight gradients, twice the forward's; recomputation not counted) against the
-measured matmul ceiling. The plain-eager step (benchmarks/plain.py: the same modules and weights on torch ops
-only) is timed in the same process, interleaved with the fused one.
+``shvit train`` builds it: torch's fused kernel on CPU and CUDA). Every kernel the dispatcher picks is timed by a
+dispatch observer (wall clock on CPU, synchronised on CUDA) under its phase: forward ops, and their ``*_backward``
+ops, which autograd runs in the backward pass. "outside the ops" is the rest of each phase (plain torch layers such
+as the squeeze-excite gate, BatchNorm of the head, the loss, autograd's own bookkeeping, Python). Achieved GFLOP/s
+count the algorithmic products (a backward: input and weight gradients, twice the forward's; recomputation not
+counted) against the measured matmul ceiling. The plain-eager step (benchmarks/plain.py: the same modules and
+weights on torch ops only) is timed in the same process, interleaved with the fused one.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _kind_and_flops(op: str, args):
 class Trainee:
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, amp: str):
         self.model, self.x, self.labels, self.amp = model, x, labels, amp
-        # The optimizer ``shvit train`` builds (torch's fused AdamW on CPU and CUDA), the same for every variant.
+        # The optimizer ``shvit train`` builds (torch's fused AdamW on CPU and CUDA), the same for every variant; the
+        # weight decay (S1's recipe value) does not change a step's cost.
         self.optimizer = build_optimizer(param_groups(model, weight_decay=0.025), lr=1e-4, device=x.device)
 
     def step(self, phases=None) -> None:

@@ -215,7 +215,8 @@ def main(argv=None) -> int:
         environment=dict(bench.environment(torch.device("cpu")), git_revision=git_revision()),
         threads=torch.get_num_threads(),
         load_average={"start": load_start, "end": load_end},
-        step="forward (autocast if amp) + cross-entropy (label smoothing 0.1) + backward + AdamW (fused, as shvit train builds it), channels_last",
+        step="forward (autocast if amp) + cross-entropy (label smoothing 0.1) + backward "
+        "+ AdamW (fused, as shvit train builds it), channels_last",
         peak_memory_how=None if args.skip_peak else
         "each variant in a fresh process: one warm-up step, then benchmarks.device.PeakMemory around one step",
         round_orders=orders,
