@@ -370,10 +370,49 @@ class SHViT(nn.Module):
             raise ValueError(f"SHViT expects an input {expected}, got spatial size {h}x{w}")
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_fused and not torch.compiler.is_compiling() and shvit_kernels.replay.replayable(x):
+            return self._replayed_features(x)
+        return self._module_features(x)
+
+    def _module_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
         return self.blocks3(x)
+
+    def _replayed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused CPU inference forward's kernels replayed from one recorded chain (see shvit_kernels.replay:
+        S1 at batch 16 on one thread spent a tenth of its forward in the Python between its 58 kernels), while
+        the input's signature, the dispatcher's state, the module tree and its tensors are those recorded and no
+        module has hooks; otherwise the modules run as usual."""
+        key = (x.shape, x.dtype, x.stride(), torch.get_num_threads(), shvit_kernels.dispatch.selection_state())
+        chains = self.__dict__.setdefault("_kernel_chains", {})
+        entry = chains.get(key)
+        if entry is not None:
+            chain, tree = entry
+            if _tree_unchanged(tree):
+                if chain is None:
+                    return self._module_features(x)
+                if chain.valid():
+                    return chain(x)
+        tree = _tree_snapshot(self)
+        if not _tree_unchanged(tree):  # hooks: they must see the module calls
+            return self._module_features(x)
+        if len(chains) >= 16:  # many input sizes: start afresh
+            chains.clear()
+        constants = [t for _, _, t in tree[0] if isinstance(t, torch.Tensor)]
+        chain, out = shvit_kernels.replay.KernelChain.capture(self._module_features, x, constants)
+        chains[key] = (chain, tree)
+        return out
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel_chains", None)  # recorded for the old dtype / device
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_kernel_chains", None)  # kernels and tensors of this process: recorded again after loading
+        return state
 
     def _run_layout(self, x: torch.Tensor) -> Optional[torch.memory_format]:
         """The memory format a fused model moves its input to (None: keep the input's).
@@ -474,3 +513,23 @@ class SHViT(nn.Module):
     def fuse(self) -> "SHViT":
         """A new eval-mode model with every BatchNorm folded (see ``shvit.fuse``); this model is untouched."""
         return fuse(self)
+
+
+def _tree_snapshot(model: nn.Module) -> tuple:
+    """Every (dict, name, entry) of the module tree's children, parameters and buffers, and its modules."""
+    edges = []
+    modules = tuple(model.modules())
+    for module in modules:
+        for table in (module._modules, module._parameters, module._buffers):
+            edges.extend((table, name, value) for name, value in table.items())
+    return tuple(edges), modules
+
+
+def _tree_unchanged(tree: tuple) -> bool:
+    """The tree holds the same modules and tensors under the same names, and no forward hook is set."""
+    edges, modules = tree
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return all(table.get(name) is value for table, name, value in edges) and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)

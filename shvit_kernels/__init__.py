@@ -11,6 +11,9 @@ env SHVIT_KERNELS_AUTOTUNE, cached_choices).
 Tracing and export:
     inline_reference() (context manager; automatic in torch.onnx.export): tracers record the reference's torch ops
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND, backend_table()
+Replay:
+    replay.KernelChain: a recorded chain of CPU kernel calls replayed without the Python between them (a fused
+    SHViT's inference forward uses one per input signature)
 Layout:
     to_channels_last(x): x.contiguous(memory_format=torch.channels_last), at copy speed for CPU image batches
 Memory:
@@ -32,6 +35,7 @@ from .ops.sync_batch_norm import sync_batch_norm
 from .tracing import inline_reference
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
 from .layout import to_channels_last
+from . import replay
 
 # The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
@@ -70,6 +74,7 @@ __all__ = [
     "keep_conv_outputs",
     "patch_embed",
     "prefer_backend",
+    "replay",
     "set_backend",
     "set_keep_conv_outputs",
     "shsa",

@@ -1,0 +1,130 @@
+"""Replay a recorded chain of CPU kernel calls without the Python between them: :class:`KernelChain`.
+
+Between two large kernels the Python of a module call (nn.Module dispatch, the op wrapper, the remembered-call
+lookup) finds its objects evicted from the core's caches by the kernel's data, and costs ten times what it costs
+warm: one op call took 16 us warm and 229 us after a 32 MB sweep, and in S1's batch-16 forward the gaps between
+kernels added up to 11-18 ms of 110 (Intel Xeon family 6 model 167, one thread, 2026-12-03). A chain replays the
+same kernels with the same arguments from one short loop.
+
+A chain is recorded from one plain eager call of ``fn(x)`` (inference) in which every kernel's non-constant tensor
+arguments are the previous kernel's output (``x`` for the first): a model's feature extractor whose residuals live
+inside the ops. It is kept only if replaying it on ``x`` gives exactly ``fn(x)``'s result, so a function that does
+anything else between its kernels (a torch op, a branch on values) is declined rather than replayed wrongly. The
+caller decides when a chain applies (same input signature, same module tree) and checks :meth:`KernelChain.valid`
+and :func:`replayable` before each replay.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+
+from . import dispatch
+from .ops import _common
+from .tracing import inlining_reference
+
+__all__ = ["KernelChain", "replayable"]
+
+def replayable(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` here and now would run its kernels directly, as a recorded chain does: a plain
+    CPU tensor, gradients off (the weights may require them), no autocast, torch.compile, tracing, export,
+    profiler, mode or dispatch observer."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and not dispatch.has_observers()
+        and not inlining_reference()
+        and _common._plain_eager_call((x,))
+    )
+
+
+class KernelChain:
+    """Kernel calls recorded from ``fn(x)``, each fed ``x`` or earlier calls' outputs; call it with a new ``x``."""
+
+    def __init__(self, steps: List[tuple], constants: List[Tuple[torch.Tensor, int]]):
+        # Per step: kernel, argument template, (argument position, value index) slots, value indices whose last
+        # use this step is, whether its output takes the op's layout rule. Value 0 is x, value i + 1 step i's output.
+        self._steps = steps
+        self._constants = constants  # (tensor, version at recording)
+
+    @classmethod
+    def capture(cls, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                constants: Iterable[torch.Tensor]) -> Tuple[Optional["KernelChain"], torch.Tensor]:
+        """Run ``fn(x)`` once, recording its kernels; returns ``(chain, fn(x))``, chain None where ``fn`` is not
+        such a chain. ``constants``: the tensors that are the same on every call (a model's parameters and
+        buffers); every other tensor argument of a kernel must be ``x`` or an earlier kernel's output."""
+        if not replayable(x):
+            return None, fn(x)
+        constant_ids = {id(t) for t in constants}
+        with dispatch.record() as calls:
+            expected = fn(x)
+        if not calls or not isinstance(expected, torch.Tensor):
+            return None, expected
+        try:
+            chain = cls._learn(calls, x, constant_ids)
+        except Exception:  # a kernel that rejects what the chain fed it: not such a chain
+            chain = None
+        if chain is None:
+            return None, expected
+        got = chain(x)
+        same = (got.shape == expected.shape and got.dtype == expected.dtype and got.stride() == expected.stride()
+                and torch.allclose(got, expected, rtol=0.0, atol=0.0, equal_nan=True))
+        return (chain if same else None), expected
+
+    @classmethod
+    def _learn(cls, calls, x: torch.Tensor, constant_ids: set) -> Optional["KernelChain"]:
+        """Replay the recorded calls once, finding each non-constant tensor argument among x and the outputs so
+        far: the one value equal to it (same shape, strides, dtype, bits); None where there is not exactly one."""
+        values: List[torch.Tensor] = [x]
+        steps, used, last_use = [], {}, {}
+        for i, call in enumerate(calls):
+            kernel = dispatch.kernel(call.backend, call.op)
+            if not call.direct or call.device_type != "cpu" or kernel is None:
+                return None
+            template, slots = list(call.args), []
+            for pos, a in enumerate(call.args):
+                if not isinstance(a, torch.Tensor):
+                    continue
+                if id(a) in constant_ids:
+                    used[id(a)] = a
+                    continue
+                matches = [v for v, t in enumerate(values) if t.shape == a.shape and t.stride() == a.stride()
+                           and t.dtype == a.dtype and torch.equal(t, a)]
+                if len(matches) != 1:
+                    return None
+                slots.append((pos, matches[0]))
+                template[pos] = None
+                last_use[matches[0]] = i
+            args = list(template)
+            for pos, v in slots:
+                args[pos] = values[v]
+            out = kernel(*args)
+            fixed = _common._normalize_outputs(out, tuple(args))
+            if not isinstance(fixed, torch.Tensor):
+                return None
+            steps.append([kernel, tuple(template), tuple(slots), (), fixed is not out])
+            values.append(fixed)
+        for v, i in last_use.items():
+            steps[i][3] += (v,)
+        return cls([tuple(s) for s in steps], [(t, t._version) for t in used.values()])
+
+    def valid(self) -> bool:
+        """False once a recorded constant was changed in place (its version moved): record a new chain."""
+        return all(t._version == v for t, v in self._constants)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        values = [x] + [None] * len(self._steps)
+        for i, (kernel, template, slots, release, normalize) in enumerate(self._steps):
+            args = list(template)
+            for pos, v in slots:
+                args[pos] = values[v]
+            out = kernel(*args)
+            values[i + 1] = _common._normalize_outputs(out, args) if normalize else out
+            for v in release:  # no later step reads it: its block can go back to the output cache
+                values[v] = None
+        return values[-1]
+
+    def __len__(self) -> int:
+        return len(self._steps)
