@@ -330,3 +330,18 @@ def test_cpu_peak_memory_counts_outputs_the_cpp_cache_would_serve():
     if "upper bound" in peak.measure:
         pytest.skip(f"this kernel cannot reset the peak resident set: {peak.measure}")
     assert peak.bytes >= 0.9 * nbytes, (peak.bytes, nbytes, peak.measure)
+
+
+def test_onnxruntime_convs_are_matched_to_the_fused_ops_by_shape():
+    from benchmarks.vs_onnxruntime import matched_convs
+
+    x = torch.zeros(16, 128, 14, 14)
+    w1, w2, b = torch.zeros(256, 128, 1, 1), torch.zeros(128, 256, 1, 1), torch.zeros(1)
+    assert matched_convs("ffn_fused", (x, w1, b, w2, b)) == [
+        ((16, 128, 14, 14), (256, 128, 1, 1)), ((16, 256, 14, 14), (128, 256, 1, 1))]
+    stem = [torch.zeros(16, 3, 3, 3), b, torch.zeros(32, 16, 3, 3), b, torch.zeros(64, 32, 3, 3), b,
+            torch.zeros(128, 64, 3, 3), b]
+    assert [k[0] for k in matched_convs("patch_embed", (torch.zeros(2, 3, 224, 224), *stem))] == [
+        (2, 3, 224, 224), (2, 16, 112, 112), (2, 32, 56, 56), (2, 64, 28, 28)]
+    assert matched_convs("conv_bias_act", (x, w1, b, 1, 0, 1, False, None)) == [((16, 128, 14, 14), (256, 128, 1, 1))]
+    assert matched_convs("shsa_fused", (x, w1)) == []
