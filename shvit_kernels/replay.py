@@ -79,7 +79,8 @@ class KernelChain:
         far: the one value equal to it (same shape, strides, dtype, bits); None where there is not exactly one."""
         values: List[torch.Tensor] = [x]
         steps, used, last_use = [], {}, {}
-        for i, call in enumerate(calls):
+        for i in range(len(calls)):
+            call, calls[i] = calls[i], None  # the recorded arguments go once matched: the forward's activations
             kernel = dispatch.kernel(call.backend, call.op)
             if not call.direct or call.device_type != "cpu" or kernel is None:
                 return None
