@@ -345,3 +345,15 @@ def test_onnxruntime_convs_are_matched_to_the_fused_ops_by_shape():
         (2, 3, 224, 224), (2, 16, 112, 112), (2, 32, 56, 56), (2, 64, 28, 28)]
     assert matched_convs("conv_bias_act", (x, w1, b, 1, 0, 1, False, None)) == [((16, 128, 14, 14), (256, 128, 1, 1))]
     assert matched_convs("shsa_fused", (x, w1)) == []
+
+
+def test_onnxruntime_convs_with_padded_channels_are_found():
+    from benchmarks.vs_onnxruntime import find_conv
+
+    profiled = {((16, 3, 256, 256), (32, 3, 3, 3)): 1.0, ((16, 32, 128, 128), (64, 32, 3, 3)): 2.0,
+                ((16, 224, 8, 8), (224, 1, 3, 3)): 3.0}
+    assert find_conv(((16, 3, 256, 256), (28, 3, 3, 3)), profiled) == ((16, 3, 256, 256), (32, 3, 3, 3))
+    assert find_conv(((16, 28, 128, 128), (56, 28, 3, 3)), profiled) == ((16, 32, 128, 128), (64, 32, 3, 3))
+    assert find_conv(((16, 224, 8, 8), (224, 1, 3, 3)), profiled) == ((16, 224, 8, 8), (224, 1, 3, 3))
+    assert find_conv(((16, 3, 256, 256), (8, 3, 3, 3)), profiled) is None  # 8 -> 32 is not a padding
+    assert find_conv(((16, 3, 128, 128), (28, 3, 3, 3)), profiled) is None
