@@ -7,11 +7,12 @@ kernels added up to 11-18 ms of 110 (Intel Xeon family 6 model 167, one thread, 
 same kernels with the same arguments from one short loop.
 
 A chain is recorded from one plain eager call of ``fn(x)`` (inference) in which every kernel's non-constant tensor
-arguments are the previous kernel's output (``x`` for the first): a model's feature extractor whose residuals live
-inside the ops. It is kept only if replaying it on ``x`` gives exactly ``fn(x)``'s result, so a function that does
-anything else between its kernels (a torch op, a branch on values) is declined rather than replayed wrongly. The
-caller decides when a chain applies (same input signature, same module tree) and checks :meth:`KernelChain.valid`
-and :func:`replayable` before each replay.
+argument is ``x`` or an earlier kernel's output: a model's feature extractor whose residuals live inside the ops.
+It is kept only if replaying it on ``x`` gives exactly ``fn(x)``'s result, so a function that changes values
+between its kernels with torch ops is declined. What the recording cannot see is for the caller to rule out: the
+kernels ``fn`` calls must depend on nothing but the input's signature (no branch on values), and the caller
+decides when a chain applies (same input signature, same module tree) and checks :meth:`KernelChain.valid` and
+:func:`replayable` before each replay.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ class KernelChain:
     def _learn(cls, calls, x: torch.Tensor, constant_ids: set) -> Optional["KernelChain"]:
         """Replay the recorded calls once, finding each non-constant tensor argument among x and the outputs so
         far: the one value equal to it (same shape, strides, dtype, bits); None where there is not exactly one."""
-        values: List[torch.Tensor] = [x]
+        values: List[Optional[torch.Tensor]] = [x]
         steps, used, last_use = [], {}, {}
+        # A value goes once its recorded counterpart (the object it matched) appears in no later call: the recording
+        # then holds at most what the forward itself held, not a second copy of every activation.
+        last_seen = {id(a): i for i, call in enumerate(calls) for a in call.args if isinstance(a, torch.Tensor)}
+        counterpart = {}  # value index -> id of the recorded object it matched
         for i in range(len(calls)):
             call, calls[i] = calls[i], None  # the recorded arguments go once matched: the forward's activations
             kernel = dispatch.kernel(call.backend, call.op)
@@ -91,10 +96,11 @@ class KernelChain:
                 if id(a) in constant_ids:
                     used[id(a)] = a
                     continue
-                matches = [v for v, t in enumerate(values) if t.shape == a.shape and t.stride() == a.stride()
-                           and t.dtype == a.dtype and torch.equal(t, a)]
+                matches = [v for v, t in enumerate(values) if t is not None and t.shape == a.shape
+                           and t.stride() == a.stride() and t.dtype == a.dtype and torch.equal(t, a)]
                 if len(matches) != 1:
                     return None
+                counterpart[matches[0]] = id(a)
                 slots.append((pos, matches[0]))
                 template[pos] = None
                 last_use[matches[0]] = i
@@ -107,6 +113,10 @@ class KernelChain:
                 return None
             steps.append([kernel, tuple(template), tuple(slots), (), fixed is not out])
             values.append(fixed)
+            for v, obj in list(counterpart.items()):
+                if last_seen[obj] <= i:
+                    values[v] = None
+                    del counterpart[v]
         for v, i in last_use.items():
             steps[i][3] += (v,)
         return cls([tuple(s) for s in steps], [(t, t._version) for t in used.values()])
