@@ -526,10 +526,11 @@ def _tree_snapshot(model: nn.Module) -> tuple:
 
 
 def _tree_unchanged(tree: tuple) -> bool:
-    """The tree holds the same modules and tensors under the same names, and no forward hook is set."""
+    """The tree holds the same modules and tensors under the same names, and no forward hook is set or forward
+    replaced on an instance (either must see the module calls)."""
     edges, modules = tree
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
     return all(table.get(name) is value for table, name, value in edges) and not any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules)
+        m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)

@@ -83,6 +83,22 @@ def test_hooks_see_every_call_while_they_are_set(fused_s1):
     assert seen == [1, 1]
 
 
+def test_a_forward_replaced_on_an_instance_is_called(fused_s1):
+    x = torch.randn(1, 3, 64, 64)
+    block = fused_s1.blocks2[3]
+    original = block.forward
+    with torch.inference_mode():
+        expected = fused_s1(x)
+        fused_s1(x)
+        block.forward = lambda t: original(t) * 0  # a patched forward (not a hook): the chain must not skip it
+        patched = fused_s1(x)
+        via_modules = module_path(fused_s1, x)
+        del block.forward
+        restored = fused_s1(x)
+    assert torch.equal(patched, via_modules) and not torch.equal(patched, expected)
+    assert torch.equal(restored, expected)
+
+
 def test_no_replay_under_autograd_observers_or_forced_backends(fused_s1):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
