@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import shvit  # noqa: E402
 from shvit import bench  # noqa: E402
 from shvit_kernels import dispatch  # noqa: E402
+from benchmarks.profile_model import OpTimer  # noqa: E402
 
 ConvKey = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (input shape, weight shape) of one convolution
 
@@ -86,26 +87,6 @@ def group_name(op: str, args) -> str:
     return op
 
 
-class CallTimer:
-    """A dispatch observer: wall-clock time and count of each kernel call, by group, and each group's convs."""
-
-    def __init__(self):
-        self.ms: Dict[str, float] = collections.defaultdict(float)
-        self.calls: Dict[str, int] = collections.Counter()
-        self.convs: Dict[str, List[ConvKey]] = {}
-
-    def __call__(self, call):
-        name = group_name(call.op, call.args)
-        self.convs.setdefault(name, matched_convs(call.op, call.args))
-        start = time.perf_counter()
-
-        def done():
-            self.ms[name] += (time.perf_counter() - start) * 1e3
-            self.calls[name] += 1
-
-        return done
-
-
 def onnxruntime_conv_times(events: list, skip_runs: int, runs: int) -> Dict[ConvKey, float]:
     """ms per run of each Conv shape in a profile of ``skip_runs + runs`` runs, the first ``skip_runs`` left out."""
     per_shape: Dict[ConvKey, List[float]] = collections.defaultdict(list)
@@ -134,7 +115,14 @@ def compare(model_name: str, threads: int, batch: int, rounds: int) -> Dict:
     runner = OnnxRuntimeModel(to_plain(shvit.fuse(model)).eval(), x, threads)
     profiled = runner.new_session(profile_prefix=os.path.join(os.path.dirname(runner.path), "profile"))
     feed = {runner.input_name: x.numpy()}
-    timer = CallTimer()
+    convs: Dict[str, List[ConvKey]] = {}
+
+    def classify(call):  # profile_model's timer, keyed by group; each group's convs noted on the way
+        name = group_name(call.op, call.args)
+        convs.setdefault(name, matched_convs(call.op, call.args))
+        return (name,), 0
+
+    timer = OpTimer(torch.device("cpu"), classify)
     warmup = 3
     ours_ms, ort_ms, observed_ms, profiled_ms = [], [], [], []
     with torch.inference_mode():
@@ -159,16 +147,15 @@ def compare(model_name: str, threads: int, batch: int, rounds: int) -> Dict:
     with open(profiled.end_profiling()) as f:
         conv_ms = onnxruntime_conv_times(json.load(f), warmup, rounds)
     rows, claimed = [], set()
-    for name in sorted(timer.ms, key=lambda n: -timer.ms[n]):
-        keys = [find_conv(k, conv_ms) for k in timer.convs[name]]
-        ours = timer.ms[name] / rounds
+    for timed in sorted(timer.rows(rounds, ("group",)), key=lambda r: -r["ms"]):
+        name, ours = timed["group"], timed["ms"]
+        keys = [find_conv(k, conv_ms) for k in convs[name]]
         if not keys or None in keys:
-            rows.append(dict(group=name, calls=timer.calls[name] // rounds, ours_ms=ours, onnxruntime_ms=None))
+            rows.append(dict(group=name, calls=timed["calls"], ours_ms=ours, onnxruntime_ms=None))
             continue
         claimed.update(keys)
         theirs = sum(conv_ms[k] for k in set(keys))
-        rows.append(dict(group=name, calls=timer.calls[name] // rounds, ours_ms=ours, onnxruntime_ms=theirs,
-                         speedup=theirs / ours))
+        rows.append(dict(group=name, calls=timed["calls"], ours_ms=ours, onnxruntime_ms=theirs, speedup=theirs / ours))
     ours_total, ort_total = statistics.median(ours_ms), statistics.median(ort_ms)
     matched_ours = sum(r["ours_ms"] for r in rows if r["onnxruntime_ms"] is not None)
     matched_ort = sum(r["onnxruntime_ms"] for r in rows if r["onnxruntime_ms"] is not None)

@@ -27,6 +27,7 @@ from .tracing import inlining_reference
 
 __all__ = ["KernelChain", "replayable"]
 
+
 def replayable(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` here and now would run its kernels directly, as a recorded chain does: a plain
     CPU tensor, gradients off (the weights may require them), no autocast, torch.compile, tracing, export,
