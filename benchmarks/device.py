@@ -117,6 +117,7 @@ def probe(device: torch.device, dtypes=(torch.float32,), quick: bool = False) ->
         result["core_peak_GFLOPs"] = {kind: cpp.peak_gflops(kind) for kind in ("fp32_fma", "bf16_dot", "amx_bf16")}
         result["bf16_products"] = cpp.bf16_products()
         result["bf16_pair_unit"] = cpp.bf16_pair_unit()
+        result["fp32_gemm"] = cpp.fp32_gemm()
     return result
 
 

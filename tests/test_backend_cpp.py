@@ -267,6 +267,79 @@ def test_each_bf16_products_mode_matches_reference(mode):
             module.set_bf16_products(previous)
 
 
+@drawn_with_seed(11)
+def fp32_tile_cases():
+    """(op, label, args) around the fp32 tiles' edges: rows not a multiple of the 6-row tile, output channels ending
+    mid-vector and with 1..4 vectors in the last 64-wide panel, K of 1 and odd, with and without residual and ReLU,
+    and a weight (700 x 400) over the 1 MiB of panels one pass over the rows takes."""
+    cases = []
+    for hw, c_in, c_out, relu, residual in (((1, 1), 1, 1, True, False), ((1, 5), 3, 17, False, True),
+                                            ((2, 3), 33, 64, True, True), ((3, 7), 16, 65, False, False),
+                                            ((4, 5), 40, 130, True, False), ((5, 5), 7, 47, False, True),
+                                            ((13, 1), 64, 15, True, True), ((2, 2), 700, 400, True, True)):
+        x = torch.randn(2, c_in, *hw)
+        args = (x, torch.randn(c_out, c_in, 1, 1) / c_in ** 0.5, torch.randn(c_out), 1, 0, 1, relu,
+                torch.randn(2, c_out, *hw) if residual else None)
+        cases.append(("conv_bias_act", f"1x1 {c_in}->{c_out} at {hw}", args))
+    for hw, c, hidden in (((3, 5), 17, 34), ((2, 7), 40, 130), ((1, 1), 64, 64), ((5, 3), 9, 200)):
+        args = (torch.randn(3, c, *hw), torch.randn(hidden, c, 1, 1) / c ** 0.5, torch.randn(hidden),
+                torch.randn(c, hidden, 1, 1) / hidden ** 0.5, torch.randn(c))
+        cases.append(("ffn_fused", f"ffn {c}->{hidden} at {hw}", args))
+    return cases
+
+
+@requires_cpp
+@pytest.mark.parametrize("mode", ("tiles", "brgemm"))
+def test_each_fp32_gemm_mode_matches_reference(mode):
+    """fp32 channels_last 1x1 convs and FFNs in each GEMM mode, forced, on every variant that runs it: the edge cases
+    above and the forward grid's conv and FFN cases. Where the tiles run, an input-major weight is packed into their
+    panels (brgemm reads it in place), which shows the tiles are what ran."""
+    references = {"conv_bias_act": conv_bias_act_reference, "ffn_fused": ffn_fused_reference}
+    ran = []
+    for variant in VARIANTS:
+        module = cpp.load_variant(variant)
+        try:
+            previous = module.set_fp32_gemm(mode)
+        except RuntimeError as e:
+            assert mode == "tiles" and "needs the AVX-512 build" in str(e), str(e)
+            continue
+        try:
+            assert module.fp32_tiles_active() == (mode == "tiles") and module.fp32_gemm() == mode
+            cases = fp32_tile_cases() + [(op, label, args) for op, _, label, args in OP_CASES if op in references]
+            for op, label, args in cases:
+                _check_against_reference(getattr(module, op), references[op], args, torch.float32, channels_last=True,
+                                         name=f"{variant} {mode} {op} {label}")
+            x = torch.randn(2, 24, 3, 3).contiguous(memory_format=torch.channels_last)
+            module.clear_derived_weights()
+            module.conv_bias_act(x, _input_major(torch.randn(40, 24, 1, 1)), torch.randn(40), 1, 0, 1, True, None)
+            assert module.derived_weight_count() == (1 if mode == "tiles" else 0), f"{variant} {mode}"
+            ran.append(variant)
+        finally:
+            module.set_fp32_gemm(previous)
+            module.clear_derived_weights()
+    if not ran:
+        pytest.skip(f"no built variant runs the fp32 {mode} path here (built: {VARIANTS})")
+
+
+def test_fp32_gemm_mode_is_validated_by_setter_and_variable():
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    with pytest.raises(RuntimeError, match="'auto', 'tiles' or 'brgemm', got 'fast'"):
+        cpp.set_fp32_gemm("fast")
+    assert cpp.fp32_gemm() in ("tiles", "brgemm")
+    code = "from shvit_kernels.backends import cpp\ntry:\n    print(cpp.fp32_gemm())\nexcept RuntimeError as e:\n" \
+           "    print(str(e).splitlines()[0])"
+
+    def with_value(value):
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "SHVIT_CPU_FP32_GEMM": value},
+                              capture_output=True, text=True, timeout=120)
+
+    bad, forced = with_value("fast"), with_value("brgemm")
+    assert bad.returncode == 0 and forced.returncode == 0, bad.stderr + forced.stderr
+    assert "SHVIT_CPU_FP32_GEMM must be 'auto', 'tiles' or 'brgemm', got 'fast'" in bad.stdout
+    assert forced.stdout.strip() == "brgemm"
+
+
 def test_bf16_pair_kernels_run_on_amx_tiles_where_the_processor_has_them():
     """Where /proc/cpuinfo lists AMX-BF16, the AVX512 build's pair kernels (and with them the grids' bf16 1x1, dense
     channels_last and FFN cases) run on AMX tiles; elsewhere on VDPBF16PS or not at all. Switching AMX off moves them
@@ -1008,7 +1081,9 @@ def test_packed_weights_are_reused_and_rebuilt_after_in_place_changes(dtype, mod
             # Read in place, nothing to pack: input-major fp32 B, and row-major A of the NCHW FFN unless widened.
             in_place = {"ffn w1 nchw"} if dtype == torch.float32 or not module.bf16_widened() else set()
             if dtype == torch.float32:
-                in_place |= {"1x1 input-major", "bias", "shsa qkv input-major"}
+                in_place |= {"shsa qkv input-major"}
+                if not module.fp32_tiles_active():  # the fp32 tiles pack 1x1 weights into panels
+                    in_place |= {"1x1 input-major", "bias"}
             assert (held == 0) == (label in in_place), f"{label}: {held} packed copies"
     finally:
         module.set_bf16_products(previous)

@@ -335,6 +335,24 @@ PairWeight pair_weight(const at::Tensor& weight, const float* bias);
 void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w, const BFloat16* residual, bool relu,
                BFloat16* out);
 
+// fp32 register tiles for pixel rows times a 1x1 weight (fp32_tiles.cpp), in place of brgemm plus an epilogue pass
+// for the channels_last 1x1 convolutions and the FFN. Usable in the AVX-512 build when the mode allows: "tiles",
+// "brgemm" or "auto" (both timed once per process, the faster kept); SHVIT_CPU_FP32_GEMM sets the initial mode,
+// set_fp32_gemm returns the previous one.
+std::string fp32_gemm();
+std::string set_fp32_gemm(const std::string& mode);
+bool f32_tiles_usable();
+// A (n, k[, 1, 1]) weight packed for f32_rows, kept per weight version, and its bias padded to whole panels.
+struct F32Weight {
+  at::Tensor panels;  // (n / 64 rounded up, k, 64) fp32, zero past n
+  std::vector<float> bias;
+  int64_t n = 0, k = 0;
+};
+F32Weight f32_weight(const at::Tensor& weight, const float* bias);
+// out (rows x n, ld n) = act(a w^T + bias [+ residual (ld n)]), a (rows x k, ld lda) read in place; one thread.
+void f32_rows(const float* a, int64_t rows, int64_t lda, const F32Weight& w, const float* residual, bool relu,
+              float* out);
+
 // dst = the rows x cols bf16 matrix at src (leading dimension ld) widened, exactly, to a contiguous fp32 matrix.
 void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst);
 

@@ -56,6 +56,18 @@ void gemm_conv_channels_last(const T* x, const at::Tensor& weight_nk, int64_t k_
   const int64_t rows = s.batch * s.out_h * s.out_w, c_out = s.c_out;
   const bool direct = s.pointwise();
   const int64_t tile = rows_per_tile(rows, (direct ? 0 : k_col) + c_out);
+  if constexpr (std::is_same_v<T, float>) {
+    if (direct && f32_tiles_usable()) {
+      const F32Weight w = f32_weight(weight_nk, bias);
+      at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
+          f32_rows(x + r0 * k_col, nr, k_col, w, residual ? residual + r0 * c_out : nullptr, relu, out + r0 * c_out);
+        }
+      });
+      return;
+    }
+  }
   MatB<T> weights;
   weights.assign_weight(weight_nk);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {

@@ -72,6 +72,20 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
+  if constexpr (std::is_same_v<T, float>) {
+    if (f32_tiles_usable()) {
+      const F32Weight w1t = f32_weight(w1, b1), w2t = f32_weight(w2, b2);
+      at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
+        const Scratch<float> hidden(tile * hd);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
+          f32_rows(x + r0 * c, nr, c, w1t, nullptr, true, hidden.data());
+          f32_rows(hidden.data(), nr, hd, w2t, x + r0 * c, false, out + r0 * c);
+        }
+      });
+      return;
+    }
+  }
   MatB<C> w1_kn, w2_kn;
   w1_kn.assign_weight(w1);
   w2_kn.assign_weight(w2);

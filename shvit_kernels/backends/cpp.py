@@ -102,6 +102,25 @@ def pointwise_grads(dtype: torch.dtype = torch.float32) -> Optional[str]:
     return str(_module.pointwise_grads(str(dtype).removeprefix("torch.")))
 
 
+def fp32_gemm() -> Optional[str]:
+    """What fp32 channels_last 1x1 convolutions and FFN GEMMs run on: ``"tiles"`` (this extension's AVX-512 register
+    tiles, bias / residual / ReLU applied in registers) or ``"brgemm"`` (oneDNN's micro-kernel, then an epilogue
+    pass). The default (``"auto"``) times both once per process on the first such call and keeps the faster;
+    ``SHVIT_CPU_FP32_GEMM=tiles|brgemm`` or :func:`set_fp32_gemm` forces one. None when the backend is
+    unavailable."""
+    if _module is None or not hasattr(_module, "fp32_tiles_active"):
+        return None
+    return "tiles" if _module.fp32_tiles_active() else "brgemm"
+
+
+def set_fp32_gemm(mode: str) -> str:
+    """``"auto"``, ``"tiles"`` or ``"brgemm"`` (also ``SHVIT_CPU_FP32_GEMM``); returns the previous setting.
+    ``"tiles"`` raises where the build in use has no AVX-512."""
+    if _module is None:
+        raise RuntimeError("set_fp32_gemm: the cpp backend is unavailable: " + "; ".join(_availability()))
+    return str(_module.set_fp32_gemm(mode))
+
+
 def dense_conv_bf16() -> Optional[str]:
     """What bf16 channels_last dense kxk convolutions (the stem's), and 1x1 ones with an even channel count, run on:
     ``"pairs"`` (this extension's register-blocked AVX512_BF16 pair products), ``"rows"`` (a bf16 GEMM per kernel
