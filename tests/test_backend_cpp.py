@@ -267,6 +267,14 @@ def test_each_bf16_products_mode_matches_reference(mode):
             module.set_bf16_products(previous)
 
 
+def _cpp_query_with_env(function, variable, value):
+    """cpp.<function>() in a fresh process with the variable set: prints its result, or its error's first line."""
+    code = f"from shvit_kernels.backends import cpp\ntry:\n    print(cpp.{function}())\nexcept RuntimeError as e:\n" \
+           "    print(str(e).splitlines()[0])"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, variable: value}, capture_output=True,
+                          text=True, timeout=120)
+
+
 @drawn_with_seed(11)
 def fp32_tile_cases():
     """(op, label, args) around the fp32 tiles' edges: rows not a multiple of the 6-row tile, output channels ending
@@ -327,14 +335,7 @@ def test_fp32_gemm_mode_is_validated_by_setter_and_variable():
     with pytest.raises(RuntimeError, match="'auto', 'tiles' or 'brgemm', got 'fast'"):
         cpp.set_fp32_gemm("fast")
     assert cpp.fp32_gemm() in ("tiles", "brgemm")
-    code = "from shvit_kernels.backends import cpp\ntry:\n    print(cpp.fp32_gemm())\nexcept RuntimeError as e:\n" \
-           "    print(str(e).splitlines()[0])"
-
-    def with_value(value):
-        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "SHVIT_CPU_FP32_GEMM": value},
-                              capture_output=True, text=True, timeout=120)
-
-    bad, forced = with_value("fast"), with_value("brgemm")
+    bad, forced = (_cpp_query_with_env("fp32_gemm", "SHVIT_CPU_FP32_GEMM", value) for value in ("fast", "brgemm"))
     assert bad.returncode == 0 and forced.returncode == 0, bad.stderr + forced.stderr
     assert "SHVIT_CPU_FP32_GEMM must be 'auto', 'tiles' or 'brgemm', got 'fast'" in bad.stdout
     assert forced.stdout.strip() == "brgemm"
@@ -437,14 +438,7 @@ def test_a_bad_bf16_products_variable_is_a_clear_error():
 def test_the_amx_variable_switches_the_tiles_off_and_a_bad_value_is_a_clear_error():
     if cpp.variant() is None:
         pytest.skip("cpp unavailable")
-    code = "from shvit_kernels.backends import cpp\ntry:\n    print(cpp.bf16_pair_unit())\nexcept RuntimeError as e:\n" \
-           "    print(str(e).splitlines()[0])"
-
-    def pair_unit_with(value):
-        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "SHVIT_CPU_AMX": value},
-                              capture_output=True, text=True, timeout=120)
-
-    off, bad = pair_unit_with("0"), pair_unit_with("yes")
+    off, bad = (_cpp_query_with_env("bf16_pair_unit", "SHVIT_CPU_AMX", value) for value in ("0", "yes"))
     assert off.returncode == 0 and bad.returncode == 0, off.stderr + bad.stderr
     assert off.stdout.strip() in ("avx512_bf16", "none")
     if cpp.bf16_pair_unit() == "amx":  # where the tiles run, the variable is read (elsewhere nothing asks for it)

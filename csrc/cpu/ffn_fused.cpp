@@ -72,20 +72,6 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
   const bool fp32 = std::is_same<T, float>::value;
-  if constexpr (std::is_same_v<T, float>) {
-    if (f32_tiles_usable()) {
-      const F32Weight w1t = f32_weight(w1, b1), w2t = f32_weight(w2, b2);
-      at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
-        const Scratch<float> hidden(tile * hd);
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
-          f32_rows(x + r0 * c, nr, c, w1t, nullptr, true, hidden.data());
-          f32_rows(hidden.data(), nr, hd, w2t, x + r0 * c, false, out + r0 * c);
-        }
-      });
-      return;
-    }
-  }
   MatB<C> w1_kn, w2_kn;
   w1_kn.assign_weight(w1);
   w2_kn.assign_weight(w2);
@@ -109,20 +95,21 @@ void ffn_channels_last(const T* x, const at::Tensor& w1, const float* b1, const 
   });
 }
 
-// bf16 channels_last on AVX512_BF16 pair products (pair_rows): per tile of pixels, hidden = bf16(relu(x W1^T + b1))
-// into a per-thread buffer, then out = x + hidden W2^T + b2, both from registers; the same roundings as the brgemm
-// path above (bit-identical where the accumulation order matches). Needs even C and H.
-void ffn_channels_last_pairs(const BFloat16* x, const at::Tensor& w1, const float* b1, const at::Tensor& w2,
-                             const float* b2, BFloat16* out, const BottleneckShape& s) {
+// channels_last on register-tile kernels with the epilogue in registers (rows_of: pair_rows on bf16 pair products,
+// f32_rows on fp32 FMAs): per tile of pixels, hidden = relu(x W1^T + b1) in T into a per-thread buffer, then
+// out = x + hidden W2^T + b2; the same roundings as the brgemm path above (bit-identical where the accumulation order
+// matches). w1, w2: the weights packed for rows_of.
+template <typename T, typename Packed, typename RowsOf>
+void ffn_channels_last_tiles(const T* x, const Packed& w1, const Packed& w2, T* out, const BottleneckShape& s,
+                             RowsOf rows_of) {
   const int64_t rows = s.batch * s.pixels, c = s.c, hd = s.hidden;
   const int64_t tile = rows_per_tile(rows, hd + c);
-  const PairWeight w1p = pair_weight(w1, b1), w2p = pair_weight(w2, b2);
   at::parallel_for(0, ceil_div(rows, tile), 1, [&](int64_t t0, int64_t t1) {
-    const Scratch<BFloat16> hidden(tile * hd);
+    const Scratch<T> hidden(tile * hd);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, rows - r0);
-      pair_rows(x + r0 * c, nr, c, w1p, nullptr, true, hidden.data());
-      pair_rows(hidden.data(), nr, hd, w2p, x + r0 * c, false, out + r0 * c);
+      rows_of(x + r0 * c, nr, c, w1, nullptr, true, hidden.data());
+      rows_of(hidden.data(), nr, hd, w2, x + r0 * c, false, out + r0 * c);
     }
   });
 }
@@ -167,7 +154,15 @@ void ffn_forward(const at::Tensor& xc, const at::Tensor& w1, const float* b1, co
   if (channels_last) {
     if constexpr (std::is_same_v<C, BFloat16>) {
       if (pair_products_usable() && s.c % 2 == 0 && s.hidden % 2 == 0) {
-        ffn_channels_last_pairs(xc.data_ptr<BFloat16>(), w1, b1, w2, b2, out.data_ptr<BFloat16>(), s);
+        ffn_channels_last_tiles(xc.data_ptr<BFloat16>(), pair_weight(w1, b1), pair_weight(w2, b2),
+                                out.data_ptr<BFloat16>(), s, pair_rows);
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (f32_tiles_usable()) {
+        ffn_channels_last_tiles(xc.data_ptr<float>(), f32_weight(w1, b1), f32_weight(w2, b2), out.data_ptr<float>(),
+                                s, f32_rows);
         return;
       }
     }
