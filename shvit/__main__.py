@@ -9,6 +9,16 @@ import sys
 import torch
 
 
+def _cpu_kernel_paths() -> dict:
+    """What the cpp backend's kernels multiply on here (the 'auto' settings resolved: each timed once per process)."""
+    from shvit_kernels.backends import cpp
+
+    if cpp.variant() is None:
+        return {}
+    return {"fp32_1x1_gemms": cpp.fp32_gemm(), "bf16_products": cpp.bf16_products(),
+            "bf16_pair_unit": cpp.bf16_pair_unit()}
+
+
 def cmd_info(args) -> int:
     import shvit
     import shvit_kernels
@@ -22,7 +32,7 @@ def cmd_info(args) -> int:
             "shvit_kernels": shvit_kernels.__version__, "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda_device": cuda,
             "forced_backend": forced, "models": shvit.list_models(), "backends": rows,
-            "autotune_machine": shvit_kernels.autotune.machine(),
+            "autotune_machine": shvit_kernels.autotune.machine(), "cpu_kernel_paths": _cpu_kernel_paths(),
         }, indent=2))
         return 0
     print(f"shvit-kernels {shvit_kernels.__version__}, torch {torch.__version__}, "
@@ -41,6 +51,8 @@ def cmd_info(args) -> int:
             missing = [r["op"] for r in mine if not r["usable"]]
             if missing:
                 print(f"  no kernel (falls back): {', '.join(missing)}")
+            if name == "cpp":
+                print("  kernel paths: " + ", ".join(f"{k} {v}" for k, v in _cpu_kernel_paths().items()))
     for device_type in ("cpu", "cuda"):
         print(f"\npreference on {device_type}: {' > '.join(dispatch.order(device_type))}")
     from shvit_kernels import autotune

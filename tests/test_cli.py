@@ -24,6 +24,9 @@ def test_info_lists_every_backend_with_reasons():
     info = json.loads(shvit_cli("info", "--json").stdout)  # the whole of stdout is one JSON document
     assert info["torch"] and info["shvit_kernels"] and "shvit_s1" in info["models"]
     assert all(r["usable"] or r["why"] for r in info["backends"])
+    if info["cpu_kernel_paths"]:  # the cpp backend is built: its resolved paths, also in the text
+        assert info["cpu_kernel_paths"]["fp32_1x1_gemms"] in ("tiles", "brgemm")
+        assert "fp32_1x1_gemms tiles" in out or "fp32_1x1_gemms brgemm" in out  # 'auto' is timed per process
 
 
 def test_bench_reports_speed_and_agreement(tmp_path):
