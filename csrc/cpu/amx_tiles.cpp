@@ -162,7 +162,7 @@ __attribute__((target("amx-tile,amx-bf16"))) double tile_multiply_gflops(int64_t
   }
   alignas(64) float sums[16 * 16];
   _tile_stored(0, sums, 64);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double s = seconds_since(start);
   release_tiles();
   TORCH_CHECK(sums[0] == float(kChunk * iters), "amx_bf16_gflops: the tiles summed ", sums[0], ", expected ",
               kChunk * iters);

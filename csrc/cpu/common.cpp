@@ -427,9 +427,7 @@ namespace {
 // Independent accumulator chains: enough to cover the FMA latency times two ports on current cores.
 constexpr int kPeakChains = 16;
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
+
 
 // The native vector type, so the compiler barrier below can keep `a` in a register.
 #if defined(CPU_CAPABILITY_AVX512)
@@ -618,6 +616,10 @@ void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64
     }
   }
   data = storage.data(), ld = cols;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 bool is_input_major(const at::Tensor& w) {

@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <cstdint>
@@ -337,7 +338,7 @@ void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w
 
 // fp32 register tiles for pixel rows times a 1x1 weight (fp32_tiles.cpp), in place of brgemm plus an epilogue pass
 // for the channels_last 1x1 convolutions and the FFN. Usable in the AVX-512 build when the mode allows: "tiles",
-// "brgemm" or "auto" (both timed once per process, the faster kept); SHVIT_CPU_FP32_GEMM sets the initial mode,
+// "brgemm" or "auto" (both timed once per process; brgemm kept only if 3% faster); SHVIT_CPU_FP32_GEMM sets the initial mode,
 // set_fp32_gemm returns the previous one.
 std::string fp32_gemm();
 std::string set_fp32_gemm(const std::string& mode);
@@ -355,6 +356,9 @@ void f32_rows(const float* a, int64_t rows, int64_t lda, const F32Weight& w, con
 
 // dst = the rows x cols bf16 matrix at src (leading dimension ld) widened, exactly, to a contiguous fp32 matrix.
 void widen_matrix(const BFloat16* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst);
+
+// Seconds on the steady clock since start (the one-off per-process timings that pick a kernel path).
+double seconds_since(std::chrono::steady_clock::time_point start);
 
 // The arithmetic peak of one core, measured by a register-resident loop (tens of ms): "fp32_fma" (this build's
 // vector width; 0 in the portable build), "bf16_dot" (512-bit VDPBF16PS, 64 flops each) or "amx_bf16" (TDPBF16PS on

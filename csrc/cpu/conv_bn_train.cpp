@@ -373,7 +373,7 @@ double time_pointwise_grads(bool brgemm) {
       at::mm_out(gx, dy, w);
       at::mm_out(gw, dy.t(), x);
     }
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    best = std::min(best, seconds_since(start));
   }
   return best;
 }
@@ -466,7 +466,7 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
     for (int rep = 0; rep < 3; ++rep) {
       const auto start = std::chrono::steady_clock::now();
       fn();
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      best = std::min(best, seconds_since(start));
     }
     return best;
   };

@@ -121,10 +121,6 @@ bool tiles_built() {
 #endif
 }
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
 // Whether the tiles beat brgemm with its epilogue pass here: a 168 x 256 x 256 product of each, alternately, best of
 // seven (a few milliseconds in all). brgemm must win by 3% (as autotune asks of a backend over the fixed order's
 // first): the two ran within noise of each other on some shapes, and a busy host flipped the choice between runs.

@@ -105,7 +105,8 @@ def pointwise_grads(dtype: torch.dtype = torch.float32) -> Optional[str]:
 def fp32_gemm() -> Optional[str]:
     """What fp32 channels_last 1x1 convolutions and FFN GEMMs run on: ``"tiles"`` (this extension's AVX-512 register
     tiles, bias / residual / ReLU applied in registers) or ``"brgemm"`` (oneDNN's micro-kernel, then an epilogue
-    pass). The default (``"auto"``) times both once per process on the first such call and keeps the faster;
+    pass). The default (``"auto"``) times both once per process on the first such call and keeps the tiles unless
+    brgemm is 3% faster;
     ``SHVIT_CPU_FP32_GEMM=tiles|brgemm`` or :func:`set_fp32_gemm` forces one. None when the backend is
     unavailable."""
     if _module is None or not hasattr(_module, "fp32_tiles_active"):
