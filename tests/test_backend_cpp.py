@@ -150,6 +150,12 @@ def conv_cases():
     cases.append(("stem 3x3 s2 c_in 3 c_out 28 61-wide residual", (torch.randn(1, 3, 3, 121), torch.randn(28, 3, 3, 3) / 5,
                                                                    torch.randn(28), 2, 1, 1, False,
                                                                    torch.randn(1, 28, 2, 61))))
+    # fp32 first layer: a two-vector block then a one-vector block of 8 channels (40 = 32 + 8) in one row, and a stride
+    # the pixel stride is not a compile-time constant for.
+    cases.append(("stem 3x3 s2 c_in 3 c_out 40", (torch.randn(2, 3, 9, 37), torch.randn(40, 3, 3, 3) / 5, torch.randn(40),
+                                                  2, 1, 1, True, None)))
+    cases.append(("stem 3x3 s3 c_in 3 c_out 20 residual", (torch.randn(1, 3, 10, 40), torch.randn(20, 3, 3, 3) / 5,
+                                                           torch.randn(20), 3, 1, 1, False, torch.randn(1, 20, 4, 14))))
     return cases
 
 

@@ -688,20 +688,73 @@ void dense_conv_channels_last(const T* x, const at::Tensor& weight, const float*
   }
 }
 
+// Where a tile of pixels x channel vectors goes: out (and residual) at its first pixel and channel, the channels
+// stored from there (the last vector masked), the pixel stride; ReLU as a max with 0 or -inf.
+template <typename T>
+struct TileStore {
+  T* out;
+  const T* residual;
+  int64_t channels, ld;
+  float floor;
+  template <int V>
+  inline void finish(fVec (&acc)[V], int p) const {
+    for (int v = 0; v < V; ++v) {
+      const int64_t n = std::min<int64_t>(kVec, channels - v * kVec), at = p * ld + v * kVec;
+      fVec r = acc[v];
+      if (residual) r = r + load_f(residual + at, n);
+      store_f(at::vec::maximum(r, fVec(floor)), out + at, n);
+    }
+  }
+};
+
+// A tile of P pixels x V channel vectors of the few-input-channel convolution below, in registers over its K taps:
+// per tap, V weight vectors are loaded and each pixel's input is broadcast once for all V (as the FMA's memory
+// operand where V is 1). KSTEP: the pixel stride in floats when it is a compile-time constant (0: step_rt), so the
+// broadcasts address the KH input rows by immediate offsets. Out of line, with the tile's row pointers taken first
+// and the tap loop left rolled: inlined into the row loop with all 27 taps unrolled, GCC hoisted every pixel and
+// tap's offset into a register of its own, spilled them and most weights to the stack and ran at 0.8-0.9x the old
+// kernel (Intel Xeon family 6 model 167, 2026-12-03).
+template <int V, int P, int KSTEP, int KH, int KW, int C, typename T>
+__attribute__((noinline)) void small_cin_tile(const float* const* rows, int64_t col, int64_t step_rt, const float* w,
+                                              int64_t w_block, const float* bias, const TileStore<T>& o) {
+  const int64_t step = KSTEP ? KSTEP : step_rt;
+  fVec acc[P][V];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = fVec::loadu(bias + v * kVec);
+  const float* tile_rows[KH];
+  for (int i = 0; i < KH; ++i) tile_rows[i] = rows[i] + col;
+#pragma GCC unroll 1
+  for (int i = 0; i < KH; ++i) {
+    const float* a = tile_rows[i];
+    const float* wi = w + i * KW * C * kVec;
+#pragma GCC unroll 3
+    for (int j = 0; j < KW * C; ++j) {
+      fVec wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = fVec::loadu(wi + v * w_block + j * kVec);
+      for (int p = 0; p < P; ++p) {
+        const fVec a_pj(a[p * step + j]);
+        for (int v = 0; v < V; ++v) acc[p][v] = at::vec::fmadd(a_pj, wv[v], acc[p][v]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) o.finish(acc[p], p);
+}
+
 // Dense convolution with few input channels (a stem's first layer, 3 -> 16..32 channels), channels_last: as a GEMM
-// its K = kh * kw * c_in is too short to feed a micro-kernel, so each block of 16 output channels keeps its K
-// weight vectors (most in registers) while pixels broadcast their inputs, kPixels at a time so that many independent
-// accumulators hide the FMA latency. bf16 input rows are widened to fp32 once per output row.
+// its K = kh * kw * c_in is too short to feed a micro-kernel, so pixels broadcast their inputs against the weight
+// vectors, 8 pixels per tile (then 4) so that many independent accumulators hide the FMA latency, on two channel
+// vectors at a time where more than 16 channels remain (with one per pass, 3 -> 28 broadcast every input twice).
+// Against the one-vector kernel with all 27 weight vectors in registers, in-process A/B, one thread: 3 -> 16 at 224
+// px 1.21-1.30x, 3 -> 28 at 256 px 1.36-1.42x (Intel Xeon family 6 model 167, 2026-12-03). bf16 input rows are
+// widened to fp32 once per output row.
 template <int KH, int KW, int C, typename T>
-void small_cin_conv_channels_last(const T* x, const float* w_kc, const float* bias, const T* residual, bool relu,
-                                  T* out, const ConvShape& s) {
-  // 8 pixels: 8 FMA chains where 4 left the FMA latency exposed; the 27 weight vectors no longer all fit in registers
-  // beside them, and the compiler reloads a few from L1. With a group of 4 for the remainder: 3 -> 16 at 224 px
-  // 67 -> 83-88 GFLOP/s fp32 (bf16, 8 only: 59 -> 71), 3 -> 28 at 256 px 60 -> 78 (Intel Xeon family 6 model 207,
-  // 2026-12-01).
+void small_cin_conv_channels_last(const T* x, const float* w_blocks, const float* bias_blocked, const T* residual,
+                                  bool relu, T* out, const ConvShape& s) {
   constexpr int K = KH * KW * C, kPixels = 8;
   constexpr bool kFloat = std::is_same<T, float>::value;
-  const int64_t c_out = s.c_out, row = s.w * C, step = s.stride * C;
+  const int64_t c_out = s.c_out, row = s.w * C, step = s.stride * C, blocks = ceil_div(c_out, kVec);
+  const int64_t w_block = K * kVec;  // w_blocks: (blocks, KH, KW, C, kVec), zero past c_out
+  const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
   // Output columns whose patch lies inside the row.
   const int64_t ow_lo = std::min(s.out_w, ceil_div(s.pad, s.stride));
   const int64_t last_inside = s.w - KW + s.pad;
@@ -727,47 +780,65 @@ void small_cin_conv_channels_last(const T* x, const float* w_kc, const float* bi
       }
       bool rows_inside = true;
       for (int i = 0; i < KH; ++i) rows_inside = rows_inside && rows[i];
-      for (int64_t co = 0; co < c_out; co += kVec) {
-        const int64_t count = std::min(kVec, c_out - co);
-        fVec wv[K];
-        for (int k = 0; k < K; ++k) wv[k] = load_f(w_kc + k * c_out + co, count);
-        const fVec bv = load_f(bias + co, count), zero(0.f);
-        auto finish = [&](fVec acc, int64_t ow) {
-          const int64_t o = (r * s.out_w + ow) * c_out + co;
-          if (residual) acc = acc + load_f(residual + o, count);
-          if (relu) acc = at::vec::maximum(acc, zero);
-          store_f(acc, out + o, count);
+      for (int64_t b = 0; b < blocks;) {
+        const int vecs = blocks - b >= 2 ? 2 : 1;
+        const int64_t co = b * kVec;
+        const float* w = w_blocks + b * w_block;
+        const float* bias = bias_blocked + co;
+        auto store_at = [&](int64_t ow) {
+          const int64_t at = (r * s.out_w + ow) * c_out + co;
+          return TileStore<T>{out + at, residual ? residual + at : nullptr, std::min<int64_t>(vecs * kVec, c_out - co),
+                              c_out, floor};
         };
         auto bordered = [&](int64_t ow) {
           const int64_t iw0 = ow * s.stride - s.pad;
-          fVec acc = bv;
+          fVec acc[2] = {fVec::loadu(bias), vecs == 2 ? fVec::loadu(bias + kVec) : fVec(0.f)};
           for (int i = 0; i < KH; ++i)
             for (int j = 0; j < KW; ++j) {
               const int64_t iw = iw0 + j;
               if (!rows[i] || iw < 0 || iw >= s.w) continue;
-              for (int ci = 0; ci < C; ++ci) acc = at::vec::fmadd(fVec(rows[i][iw * C + ci]), wv[(i * KW + j) * C + ci], acc);
+              for (int ci = 0; ci < C; ++ci) {
+                const fVec a(rows[i][iw * C + ci]);
+                const int64_t k = (i * KW + j) * C + ci;
+                for (int v = 0; v < vecs; ++v)
+                  acc[v] = at::vec::fmadd(a, fVec::loadu(w + v * w_block + k * kVec), acc[v]);
+              }
             }
-          finish(acc, ow);
+          if (vecs == 2) {
+            store_at(ow).finish(acc, 0);
+          } else {
+            fVec one[1] = {acc[0]};
+            store_at(ow).finish(one, 0);
+          }
         };
         const int64_t inner_lo = rows_inside ? ow_lo : s.out_w, inner_hi = rows_inside ? ow_hi : s.out_w;
         for (int64_t ow = 0; ow < inner_lo; ++ow) bordered(ow);
-        // P interior pixels from ow, P independent accumulators.
-        auto interior = [&](auto pixels, int64_t ow) {
-          constexpr int P = decltype(pixels)::value;
-          const int64_t col = (ow * s.stride - s.pad) * C;
-          fVec acc[P];
-          for (int p = 0; p < P; ++p) acc[p] = bv;
-#pragma GCC unroll 32
-          for (int k = 0; k < K; ++k) {
-            const float* tap = rows[k / (KW * C)] + col + k % (KW * C);
-            for (int p = 0; p < P; ++p) acc[p] = at::vec::fmadd(fVec(tap[p * step]), wv[k], acc[p]);
-          }
-          for (int p = 0; p < P; ++p) finish(acc[p], ow + p);
-        };
         int64_t ow = inner_lo;
-        for (; ow + kPixels <= inner_hi; ow += kPixels) interior(std::integral_constant<int, kPixels>{}, ow);
-        for (; ow + kPixels / 2 <= inner_hi; ow += kPixels / 2) interior(std::integral_constant<int, kPixels / 2>{}, ow);
+        auto interior = [&](auto v_c, auto kstep_c) {
+          constexpr int Vt = decltype(v_c)::value, KS = decltype(kstep_c)::value;
+          for (; ow + kPixels <= inner_hi; ow += kPixels)
+            small_cin_tile<Vt, kPixels, KS, KH, KW, C>(rows, (ow * s.stride - s.pad) * C, step, w, w_block, bias,
+                                                        store_at(ow));
+          for (; ow + kPixels / 2 <= inner_hi; ow += kPixels / 2)
+            small_cin_tile<Vt, kPixels / 2, KS, KH, KW, C>(rows, (ow * s.stride - s.pad) * C, step, w, w_block, bias,
+                                                            store_at(ow));
+        };
+        auto with_step = [&](auto v_c) {
+          if (s.stride == 2) {
+            interior(v_c, std::integral_constant<int, 2 * C>{});
+          } else if (s.stride == 1) {
+            interior(v_c, std::integral_constant<int, C>{});
+          } else {
+            interior(v_c, std::integral_constant<int, 0>{});
+          }
+        };
+        if (vecs == 2) {
+          with_step(std::integral_constant<int, 2>{});
+        } else {
+          with_step(std::integral_constant<int, 1>{});
+        }
         for (; ow < s.out_w; ++ow) bordered(ow);
+        b += vecs;
       }
     }
   });
@@ -1018,10 +1089,18 @@ void dense_conv_into(const T* x_ptr, const at::Tensor& weight, const float* bias
   if (channels_last && pair_conv_usable<T>() && (!s.pointwise() || s.c_in % 2 == 0)) {
     pair_conv(x_ptr, weight, bias_ptr, res_ptr, relu, out_ptr, s);
   } else if (channels_last && s.c_in == 3 && s.kh == 3 && s.kw == 3) {
-    const at::Tensor w_kc = derived_weight(weight, "small conv taps fp32", [&] {  // (kh, kw, c_in, c_out)
-      return weight.permute({2, 3, 1, 0}).to(at::kFloat).contiguous();
+    const int64_t blocks = ceil_div(s.c_out, kVec);
+    // (block, kh, kw, c_in, kVec), zero past c_out
+    const at::Tensor w_blocks = derived_weight(weight, "small conv tap blocks fp32", [&] {
+      return at::constant_pad_nd(weight.to(at::kFloat), {0, 0, 0, 0, 0, 0, 0, blocks * kVec - s.c_out})
+          .reshape({blocks, kVec, 3, 3, 3})
+          .permute({0, 3, 4, 2, 1})
+          .contiguous();
     });
-    small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_kc.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
+    std::vector<float> bias_blocked(blocks * kVec, 0.f);
+    std::copy_n(bias_ptr, s.c_out, bias_blocked.data());
+    small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_blocks.data_ptr<float>(), bias_blocked.data(), res_ptr, relu,
+                                             out_ptr, s);
   } else if (channels_last && s.pointwise()) {
     gemm_conv_channels_last<T>(x_ptr, weight, k, bias_ptr, res_ptr, relu, out_ptr, s);
   } else if (channels_last && row_conv) {
