@@ -427,8 +427,6 @@ namespace {
 // Independent accumulator chains: enough to cover the FMA latency times two ports on current cores.
 constexpr int kPeakChains = 16;
 
-
-
 // The native vector type, so the compiler barrier below can keep `a` in a register.
 #if defined(CPU_CAPABILITY_AVX512)
 using NativeVec = __m512;

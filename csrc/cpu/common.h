@@ -338,8 +338,8 @@ void pair_rows(const BFloat16* a, int64_t rows, int64_t lda, const PairWeight& w
 
 // fp32 register tiles for pixel rows times a 1x1 weight (fp32_tiles.cpp), in place of brgemm plus an epilogue pass
 // for the channels_last 1x1 convolutions and the FFN. Usable in the AVX-512 build when the mode allows: "tiles",
-// "brgemm" or "auto" (both timed once per process; brgemm kept only if 3% faster); SHVIT_CPU_FP32_GEMM sets the initial mode,
-// set_fp32_gemm returns the previous one.
+// "brgemm" or "auto" (both timed once per process; brgemm kept only if 3% faster); SHVIT_CPU_FP32_GEMM sets the
+// initial mode, set_fp32_gemm returns the previous one.
 std::string fp32_gemm();
 std::string set_fp32_gemm(const std::string& mode);
 bool f32_tiles_usable();

@@ -212,6 +212,13 @@ inline void conv_tile_dispatch(int64_t width, const float* const* rows, int64_t 
                           acc_out, ld_acc, prefetch, prefetch_end);
 }
 
+// The n values at v followed by zeros up to padded (a bias for kernels that store whole channel blocks).
+inline std::vector<float> zero_padded(const float* v, int64_t n, int64_t padded) {
+  std::vector<float> out(padded, 0.f);
+  std::copy_n(v, n, out.data());
+  return out;
+}
+
 // The kh input rows an output row reads, as zero-padded copies (S: their storage type) in a ring of kh slots:
 // input row ih lives in slot ih % kh (the rows one output row reads are consecutive, so their slots differ), and the
 // next output row reuses the kh - stride rows it shares with this one. Padding columns, and channels past c_in when
@@ -487,8 +494,7 @@ void pair_conv_channels_last(const BFloat16* x, const BFloat16* w_blocks, int64_
                              const BFloat16* residual, bool relu, BFloat16* out, const ConvShape& s) {
   const int64_t c = s.c_in, pairs_row = s.kw * c_pad / 2, step = s.stride * c_pad;
   const int64_t blocks = ceil_div(s.c_out, int64_t(16 * V));
-  std::vector<float> bias_blocked(blocks * 16 * V, 0.f);
-  std::copy_n(bias, s.c_out, bias_blocked.data());
+  const std::vector<float> bias_blocked = zero_padded(bias, s.c_out, blocks * 16 * V);
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     PaddedRows<BFloat16> padded(s, c_pad);
     std::vector<PairStep> steps(s.kh * pairs_row);
@@ -748,13 +754,14 @@ __attribute__((noinline)) void small_cin_tile(const float* const* rows, int64_t 
 // px 1.21-1.30x, 3 -> 28 at 256 px 1.36-1.42x (Intel Xeon family 6 model 167, 2026-12-03). bf16 input rows are
 // widened to fp32 once per output row.
 template <int KH, int KW, int C, typename T>
-void small_cin_conv_channels_last(const T* x, const float* w_blocks, const float* bias_blocked, const T* residual,
-                                  bool relu, T* out, const ConvShape& s) {
+void small_cin_conv_channels_last(const T* x, const float* w_blocks, const float* bias, const T* residual, bool relu,
+                                  T* out, const ConvShape& s) {
   constexpr int K = KH * KW * C, kPixels = 8;
   constexpr bool kFloat = std::is_same<T, float>::value;
   const int64_t c_out = s.c_out, row = s.w * C, step = s.stride * C, blocks = ceil_div(c_out, kVec);
   const int64_t w_block = K * kVec;  // w_blocks: (blocks, KH, KW, C, kVec), zero past c_out
   const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
+  const std::vector<float> bias_blocked = zero_padded(bias, c_out, blocks * kVec);
   // Output columns whose patch lies inside the row.
   const int64_t ow_lo = std::min(s.out_w, ceil_div(s.pad, s.stride));
   const int64_t last_inside = s.w - KW + s.pad;
@@ -780,19 +787,20 @@ void small_cin_conv_channels_last(const T* x, const float* w_blocks, const float
       }
       bool rows_inside = true;
       for (int i = 0; i < KH; ++i) rows_inside = rows_inside && rows[i];
-      for (int64_t b = 0; b < blocks;) {
-        const int vecs = blocks - b >= 2 ? 2 : 1;
-        const int64_t co = b * kVec;
-        const float* w = w_blocks + b * w_block;
-        const float* bias = bias_blocked + co;
+      const int64_t inner_lo = rows_inside ? ow_lo : s.out_w, inner_hi = rows_inside ? ow_hi : s.out_w;
+      // One block of Vt channel vectors from channel co (w: its weights) over the whole output row.
+      auto block = [&](auto v_c, int64_t co, const float* w) {
+        constexpr int Vt = decltype(v_c)::value;
+        const float* block_bias = bias_blocked.data() + co;
         auto store_at = [&](int64_t ow) {
           const int64_t at = (r * s.out_w + ow) * c_out + co;
-          return TileStore<T>{out + at, residual ? residual + at : nullptr, std::min<int64_t>(vecs * kVec, c_out - co),
+          return TileStore<T>{out + at, residual ? residual + at : nullptr, std::min<int64_t>(Vt * kVec, c_out - co),
                               c_out, floor};
         };
         auto bordered = [&](int64_t ow) {
           const int64_t iw0 = ow * s.stride - s.pad;
-          fVec acc[2] = {fVec::loadu(bias), vecs == 2 ? fVec::loadu(bias + kVec) : fVec(0.f)};
+          fVec acc[Vt];
+          for (int v = 0; v < Vt; ++v) acc[v] = fVec::loadu(block_bias + v * kVec);
           for (int i = 0; i < KH; ++i)
             for (int j = 0; j < KW; ++j) {
               const int64_t iw = iw0 + j;
@@ -800,45 +808,40 @@ void small_cin_conv_channels_last(const T* x, const float* w_blocks, const float
               for (int ci = 0; ci < C; ++ci) {
                 const fVec a(rows[i][iw * C + ci]);
                 const int64_t k = (i * KW + j) * C + ci;
-                for (int v = 0; v < vecs; ++v)
+                for (int v = 0; v < Vt; ++v)
                   acc[v] = at::vec::fmadd(a, fVec::loadu(w + v * w_block + k * kVec), acc[v]);
               }
             }
-          if (vecs == 2) {
-            store_at(ow).finish(acc, 0);
-          } else {
-            fVec one[1] = {acc[0]};
-            store_at(ow).finish(one, 0);
-          }
+          store_at(ow).finish(acc, 0);
         };
-        const int64_t inner_lo = rows_inside ? ow_lo : s.out_w, inner_hi = rows_inside ? ow_hi : s.out_w;
-        for (int64_t ow = 0; ow < inner_lo; ++ow) bordered(ow);
-        int64_t ow = inner_lo;
-        auto interior = [&](auto v_c, auto kstep_c) {
-          constexpr int Vt = decltype(v_c)::value, KS = decltype(kstep_c)::value;
+        auto interior = [&](int64_t& ow, auto kstep_c) {
+          constexpr int KS = decltype(kstep_c)::value;
           for (; ow + kPixels <= inner_hi; ow += kPixels)
-            small_cin_tile<Vt, kPixels, KS, KH, KW, C>(rows, (ow * s.stride - s.pad) * C, step, w, w_block, bias,
+            small_cin_tile<Vt, kPixels, KS, KH, KW, C>(rows, (ow * s.stride - s.pad) * C, step, w, w_block, block_bias,
                                                         store_at(ow));
           for (; ow + kPixels / 2 <= inner_hi; ow += kPixels / 2)
-            small_cin_tile<Vt, kPixels / 2, KS, KH, KW, C>(rows, (ow * s.stride - s.pad) * C, step, w, w_block, bias,
-                                                            store_at(ow));
+            small_cin_tile<Vt, kPixels / 2, KS, KH, KW, C>(rows, (ow * s.stride - s.pad) * C, step, w, w_block,
+                                                            block_bias, store_at(ow));
         };
-        auto with_step = [&](auto v_c) {
-          if (s.stride == 2) {
-            interior(v_c, std::integral_constant<int, 2 * C>{});
-          } else if (s.stride == 1) {
-            interior(v_c, std::integral_constant<int, C>{});
-          } else {
-            interior(v_c, std::integral_constant<int, 0>{});
-          }
-        };
-        if (vecs == 2) {
-          with_step(std::integral_constant<int, 2>{});
+        int64_t ow = 0;
+        for (; ow < inner_lo; ++ow) bordered(ow);
+        if (s.stride == 2) {
+          interior(ow, std::integral_constant<int, 2 * C>{});
+        } else if (s.stride == 1) {
+          interior(ow, std::integral_constant<int, C>{});
         } else {
-          with_step(std::integral_constant<int, 1>{});
+          interior(ow, std::integral_constant<int, 0>{});
         }
         for (; ow < s.out_w; ++ow) bordered(ow);
-        b += vecs;
+      };
+      for (int64_t b = 0; b < blocks;) {  // two vectors wherever more than 16 channels remain
+        if (blocks - b >= 2) {
+          block(std::integral_constant<int, 2>{}, b * kVec, w_blocks + b * w_block);
+          b += 2;
+        } else {
+          block(std::integral_constant<int, 1>{}, b * kVec, w_blocks + b * w_block);
+          b += 1;
+        }
       }
     }
   });
@@ -1097,10 +1100,7 @@ void dense_conv_into(const T* x_ptr, const at::Tensor& weight, const float* bias
           .permute({0, 3, 4, 2, 1})
           .contiguous();
     });
-    std::vector<float> bias_blocked(blocks * kVec, 0.f);
-    std::copy_n(bias_ptr, s.c_out, bias_blocked.data());
-    small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_blocks.data_ptr<float>(), bias_blocked.data(), res_ptr, relu,
-                                             out_ptr, s);
+    small_cin_conv_channels_last<3, 3, 3, T>(x_ptr, w_blocks.data_ptr<float>(), bias_ptr, res_ptr, relu, out_ptr, s);
   } else if (channels_last && s.pointwise()) {
     gemm_conv_channels_last<T>(x_ptr, weight, k, bias_ptr, res_ptr, relu, out_ptr, s);
   } else if (channels_last && row_conv) {
