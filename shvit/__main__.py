@@ -10,13 +10,14 @@ import torch
 
 
 def _cpu_kernel_paths() -> dict:
-    """What the cpp backend's kernels multiply on here (the 'auto' settings resolved: each timed once per process)."""
+    """What the cpp backend's kernels multiply on here: the 'auto' settings resolved (each timed once per process),
+    except the dense convs' channel blocks, timed per shape ('auto')."""
     from shvit_kernels.backends import cpp
 
     if cpp.variant() is None:
         return {}
-    return {"fp32_1x1_gemms": cpp.fp32_gemm(), "bf16_products": cpp.bf16_products(),
-            "bf16_pair_unit": cpp.bf16_pair_unit()}
+    return {"fp32_1x1_gemms": cpp.fp32_gemm(), "fp32_dense_conv_blocks": cpp.dense_conv_blocks(),
+            "bf16_products": cpp.bf16_products(), "bf16_pair_unit": cpp.bf16_pair_unit()}
 
 
 def cmd_info(args) -> int:

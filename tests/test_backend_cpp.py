@@ -335,6 +335,78 @@ def test_each_fp32_gemm_mode_matches_reference(mode):
         pytest.skip(f"no built variant runs the fp32 {mode} path here (built: {VARIANTS})")
 
 
+@drawn_with_seed(7)
+def dense_block_cases():
+    """Dense 3x3 convs whose channel blocks differ by plan: 112 channels (pairs 2+2+2+2, fours 4+3, threes 3+3+1),
+    80 (2+2+2 / 4+1 / 3+2), 56 (2+2 / 4 / 3+1, 8 channels past c_out), over widths that split into uneven tiles of
+    each block width (17 -> 8 + 9 of 3 vectors, 6 + 5 + 6 of 4)."""
+    return [
+        ("dense 3x3 s2 c_out 112 17-wide residual", (torch.randn(1, 12, 6, 34), torch.randn(112, 12, 3, 3) / 10,
+                                                     torch.randn(112), 2, 1, 1, False, torch.randn(1, 112, 3, 17))),
+        ("dense 3x3 s1 c_out 80 relu", (torch.randn(2, 9, 4, 13), torch.randn(80, 9, 3, 3) / 9, torch.randn(80), 1, 1,
+                                        1, True, None)),
+        ("dense 3x3 s2 c_out 56 23-wide", (torch.randn(1, 20, 5, 45), torch.randn(56, 20, 3, 3) / 13, None, 2, 1, 1,
+                                           True, None)),
+    ]
+
+
+DENSE_BLOCK_PLANS = {  # mode -> c_out -> channel vectors per block (AVX-512: 16 channels a vector)
+    "pairs": {112: [2, 2, 2, 2], 80: [2, 2, 2], 56: [2, 2]},
+    "fours": {112: [4, 3], 80: [4, 1], 56: [4]},
+    "threes": {112: [3, 3, 1], 80: [3, 2], 56: [3, 1]},
+}
+
+
+@requires_cpp
+@pytest.mark.parametrize("mode", ("pairs", "fours", "threes", "auto"))
+def test_each_dense_conv_block_plan_matches_reference(mode):
+    """fp32 channels_last dense convs with each channel-block plan forced (and the measured one), on every variant
+    that has it: the plan the mode reports is the one expected, and the outputs match the reference."""
+    ran = []
+    for variant in VARIANTS:
+        module = cpp.load_variant(variant)
+        try:
+            previous = module.set_dense_conv_blocks(mode)
+        except RuntimeError as e:
+            assert mode in ("fours", "threes") and "needs the AVX-512 build" in str(e), str(e)
+            continue
+        try:
+            assert module.dense_conv_blocks() == mode
+            dense = [(label, args) for label, args in conv_cases() if label.startswith("dense")]
+            for label, args in dense_block_cases() + dense:
+                _check_against_reference(module.conv_bias_act, conv_bias_act_reference, args, torch.float32,
+                                         channels_last=True, name=f"{variant} {mode} {label}")
+            wide = module.CPU_CAPABILITY == "AVX512"
+            for label, args in dense_block_cases():
+                x, w = args[0], args[1]
+                plan = list(module.dense_conv_channel_blocks(x.shape[1], w.shape[0], x.shape[2], x.shape[3], 3,
+                                                             args[3], args[4]))
+                if not wide:  # 8-channel vectors, blocks of two only
+                    assert plan and set(plan) == {2}, f"{variant} {label}: {plan}"
+                elif mode == "auto":
+                    assert plan in [p[w.shape[0]] for p in DENSE_BLOCK_PLANS.values()], f"{variant} {label}: {plan}"
+                else:
+                    assert plan == DENSE_BLOCK_PLANS[mode][w.shape[0]], f"{variant} {label}: {plan}"
+            ran.append(variant)
+        finally:
+            module.set_dense_conv_blocks(previous)
+    if not ran:
+        pytest.skip(f"no built variant has the dense conv block mode {mode} here (built: {VARIANTS})")
+
+
+def test_dense_conv_block_mode_is_validated_by_setter_and_variable():
+    if cpp.variant() is None:
+        pytest.skip("cpp unavailable")
+    with pytest.raises(RuntimeError, match="'auto', 'pairs', 'threes' or 'fours', got 'fives'"):
+        cpp.set_dense_conv_blocks("fives")
+    assert cpp.dense_conv_blocks() == "auto"
+    bad, forced = (_cpp_query_with_env("dense_conv_blocks", "SHVIT_CPU_DENSE_CONV_BLOCKS", value)
+                   for value in ("fives", "pairs"))
+    assert bad.returncode == 0 and forced.returncode == 0, bad.stderr + forced.stderr
+    assert "SHVIT_CPU_DENSE_CONV_BLOCKS must be 'auto', 'pairs', 'threes' or 'fours', got 'fives'" in bad.stdout
+    assert forced.stdout.strip() == "pairs"
+
+
 def test_fp32_gemm_mode_is_validated_by_setter_and_variable():
     if cpp.variant() is None:
         pytest.skip("cpp unavailable")

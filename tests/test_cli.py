@@ -27,6 +27,7 @@ def test_info_lists_every_backend_with_reasons():
     if info["cpu_kernel_paths"]:  # the cpp backend is built: its resolved paths, also in the text
         assert info["cpu_kernel_paths"]["fp32_1x1_gemms"] in ("tiles", "brgemm")
         assert "fp32_1x1_gemms tiles" in out or "fp32_1x1_gemms brgemm" in out  # 'auto' is timed per process
+        assert info["cpu_kernel_paths"]["fp32_dense_conv_blocks"] == "auto"  # timed per shape, bit-identical
 
 
 def test_bench_reports_speed_and_agreement(tmp_path):

@@ -27,6 +27,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "previous setting (tests, measurements)");
   m.def("bf16_pair_unit", &k::bf16_pair_unit, "What the bf16 pair kernels multiply on: 'amx', 'avx512_bf16' or 'none'");
   m.def("dense_conv_bf16", &k::dense_conv_bf16, "bf16 channels_last dense convs: 'pairs', 'rows' or 'fp32'");
+  m.def("dense_conv_blocks", &k::dense_conv_blocks, "fp32 dense conv channel blocks: 'auto', 'pairs', "
+        "'threes' or 'fours'");
+  m.def("set_dense_conv_blocks", &k::set_dense_conv_blocks, "Set the dense conv block mode; returns the previous one");
+  m.def("dense_conv_channel_blocks", &k::dense_conv_channel_blocks,
+        "Vectors per channel block for (c_in, c_out, h, w, kernel, stride, padding) in the current mode ([]: untimed)");
   m.def("peak_gflops", &k::peak_gflops, "One core's measured peak: 'fp32_fma' or 'bf16_dot' (0: none here)");
   m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");
   m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");

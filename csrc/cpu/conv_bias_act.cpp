@@ -11,7 +11,11 @@
 #include "ops.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <utility>
 
 namespace shvit_cpu {
@@ -151,30 +155,29 @@ void row_conv_channels_last(const T* x, const T* w_rows, const float* w_f, const
 }
 
 // Dense kxk convolution in channels_last, register-blocked: each call of the micro-kernel below keeps a tile of
-// kPixelBlock output pixels x kChannelBlock output channels in vector registers over the whole (kh, kw, c_in) sum,
+// output pixels x one channel block (1 to 4 channel vectors) in vector registers over the whole (kh, kw, c_in) sum,
 // reading the inputs of a kernel row in place (pixel ow's kw * c_in patch starts at ow * stride * c_in of the padded
-// row) and the weights as one contiguous stream per channel block. A GEMM micro-kernel gets only a kernel row's
+// row) and the block's weights as one contiguous stream. A GEMM micro-kernel gets only a kernel row's
 // K = kw * c_in per call and must add into C in memory between kernel rows; for the stem's 16 -> 32 that ran at half
 // of the 1x1 convolutions' speed. Input rows are copied into zero-padded rows, so no pixel is a border case.
-// Accumulators: 28 of AVX-512's 32 registers, 12 of AVX2's 16 (two hold weights, one the broadcast input). One
-// channel vector with twice the pixels measured slower, even for 3 -> 16 where half of two vectors' products are
-// zero (34 vs 44 GFLOP/s; the broadcasts then saturate the load ports).
-constexpr int64_t kChannelVecs = 2;
-constexpr int64_t kChannelBlock = kChannelVecs * kVec;
-constexpr int64_t kPixelBlock = kVec >= 16 ? 14 : 6;
+// A tile holds pixels x vectors accumulators, the block's weight vectors and one broadcast input: AVX-512's 32
+// registers take 14 x 2 (or 14 x 1), 8 x 3 or 6 x 4, AVX2's 16 take 6 x 2 (channel blocks of 2 vectors only).
+constexpr int kMaxBlockVecs = kVec >= 16 ? 4 : 2;
+constexpr int max_tile_pixels(int vecs) { return kVec >= 16 ? (vecs == 4 ? 6 : vecs == 3 ? 8 : 14) : 6; }
 
 // prefetch .. prefetch_end: input the next output row reads, requested a line per step so that the loads overlap
 // this row's arithmetic; one burst of requests per row stalled on the few line-fill buffers (two interleaved runs:
 // 16 -> 32 at 112 px 1.12-1.14x, 32 -> 64 at 56 1.05-1.06x; Intel Xeon family 6 model 207, 2026-12-01). Advanced past
 // what was requested.
-template <int64_t MB>
+template <int MB, int NV>
 inline void conv_tile(const float* const* rows, int64_t offset, int64_t kh, int64_t k_row, int64_t step, const float* w,
                       float* acc_out, int64_t ld_acc, const char*& prefetch, const char* prefetch_end) {
+  constexpr int64_t kBlock = NV * kVec;
   const char* next_line = prefetch;
-  fVec acc[MB][kChannelVecs];
-  for (int64_t m = 0; m < MB; ++m)
-    for (int64_t v = 0; v < kChannelVecs; ++v) acc[m][v] = fVec(0.f);
-  for (int64_t i = 0; i < kh; ++i, w += k_row * kChannelBlock) {
+  fVec acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = fVec(0.f);
+  for (int64_t i = 0; i < kh; ++i, w += k_row * kBlock) {
     if (rows[i] == nullptr) continue;  // kernel row in the top / bottom padding
     const float* a = rows[i] + offset;
     for (int64_t k = 0; k < k_row; ++k) {
@@ -182,34 +185,51 @@ inline void conv_tile(const float* const* rows, int64_t offset, int64_t kh, int6
         __builtin_prefetch(next_line);
         next_line += 64;
       }
-      fVec b[kChannelVecs];
-      for (int64_t v = 0; v < kChannelVecs; ++v) b[v] = fVec::loadu(w + k * kChannelBlock + v * kVec);
-      for (int64_t m = 0; m < MB; ++m) {
+      fVec b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = fVec::loadu(w + k * kBlock + v * kVec);
+      for (int m = 0; m < MB; ++m) {
         const fVec a_mk(a[m * step + k]);
-        for (int64_t v = 0; v < kChannelVecs; ++v) acc[m][v] = at::vec::fmadd(a_mk, b[v], acc[m][v]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(a_mk, b[v], acc[m][v]);
       }
     }
   }
-  for (int64_t m = 0; m < MB; ++m)
-    for (int64_t v = 0; v < kChannelVecs; ++v) acc[m][v].store(acc_out + m * ld_acc + v * kVec);
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v].store(acc_out + m * ld_acc + v * kVec);
   prefetch = next_line;
 }
 
-template <int64_t... MB>
-inline void conv_tile_dispatch_impl(std::integer_sequence<int64_t, MB...>, int64_t width, const float* const* rows,
-                                    int64_t offset, int64_t kh, int64_t k_row, int64_t step, const float* w,
-                                    float* acc_out, int64_t ld_acc, const char*& prefetch, const char* prefetch_end) {
-  // One instantiation per width 1..kPixelBlock; the fold expression calls the one that matches.
-  ((width == MB + 1 ? conv_tile<MB + 1>(rows, offset, kh, k_row, step, w, acc_out, ld_acc, prefetch, prefetch_end)
+using ConvTileFn = void (*)(int64_t width, const float* const* rows, int64_t offset, int64_t kh, int64_t k_row,
+                            int64_t step, const float* w, float* acc_out, int64_t ld_acc, const char*& prefetch,
+                            const char* prefetch_end);
+
+template <int NV, int... MB>
+void conv_tile_width(std::integer_sequence<int, MB...>, int64_t width, const float* const* rows, int64_t offset,
+                     int64_t kh, int64_t k_row, int64_t step, const float* w, float* acc_out, int64_t ld_acc,
+                     const char*& prefetch, const char* prefetch_end) {
+  // One instantiation per width 1..max_tile_pixels(NV); the fold expression calls the one that matches.
+  ((width == MB + 1 ? conv_tile<MB + 1, NV>(rows, offset, kh, k_row, step, w, acc_out, ld_acc, prefetch, prefetch_end)
                     : void()),
    ...);
 }
 
-inline void conv_tile_dispatch(int64_t width, const float* const* rows, int64_t offset, int64_t kh, int64_t k_row,
-                               int64_t step, const float* w, float* acc_out, int64_t ld_acc, const char*& prefetch,
-                               const char* prefetch_end) {
-  conv_tile_dispatch_impl(std::make_integer_sequence<int64_t, kPixelBlock>{}, width, rows, offset, kh, k_row, step, w,
-                          acc_out, ld_acc, prefetch, prefetch_end);
+template <int NV>
+void conv_tile_of_width(int64_t width, const float* const* rows, int64_t offset, int64_t kh, int64_t k_row,
+                        int64_t step, const float* w, float* acc_out, int64_t ld_acc, const char*& prefetch,
+                        const char* prefetch_end) {
+  conv_tile_width<NV>(std::make_integer_sequence<int, max_tile_pixels(NV)>{}, width, rows, offset, kh, k_row, step, w,
+                      acc_out, ld_acc, prefetch, prefetch_end);
+}
+
+template <int... NV>
+ConvTileFn conv_tile_fn_impl(std::integer_sequence<int, NV...>, int vecs) {
+  ConvTileFn fn = nullptr;
+  ((vecs == NV + 1 ? (fn = conv_tile_of_width<NV + 1>, 0) : 0), ...);
+  return fn;
+}
+
+// The tile kernel of a channel block of `vecs` vectors (1..kMaxBlockVecs).
+inline ConvTileFn conv_tile_fn(int vecs) {
+  return conv_tile_fn_impl(std::make_integer_sequence<int, kMaxBlockVecs>{}, vecs);
 }
 
 // The n values at v followed by zeros up to padded (a bias for kernels that store whole channel blocks).
@@ -264,25 +284,58 @@ inline std::pair<int64_t, int64_t> new_input_rows(const ConvShape& s, int64_t oh
   return {std::max<int64_t>(0, top + std::max<int64_t>(0, s.kh - s.stride)), std::min(s.h, top + s.kh)};
 }
 
-// w_blocks: (c_out / kChannelBlock rounded up, kh, kw * c_in, kChannelBlock) fp32, zero past c_out. bf16 input
-// rows are widened as they are copied into the padded rows (bf16_widened()).
+// One output row's accumulators (out_w x c_pad, c_pad the plan's channels) from its kh input rows: per channel block
+// of plan (vectors per block), tiles of equal width (56 = 4 x 14; 64 = 12 + 4 x 13, not 4 x 14 + 8: a narrow
+// remainder tile has too few independent accumulators to hide the FMA latency). w_blocks: pack_conv_blocks(plan).
+inline void conv_row(const float* const* rows, const std::vector<int>& plan, const float* w_blocks, float* acc,
+                     int64_t c_pad, const ConvShape& s, const char*& prefetch, const char* prefetch_end) {
+  const int64_t k_row = s.kw * s.c_in, step = s.stride * s.c_in;
+  const float* w = w_blocks;
+  float* acc_b = acc;
+  for (const int vecs : plan) {
+    const ConvTileFn tile = conv_tile_fn(vecs);
+    const int64_t tiles = ceil_div(s.out_w, max_tile_pixels(vecs));
+    for (int64_t t = 0, ow = 0; t < tiles; ++t) {
+      const int64_t width = (s.out_w - ow) / (tiles - t);
+      tile(width, rows, ow * step, s.kh, k_row, step, w, acc_b + ow * c_pad, c_pad, prefetch, prefetch_end);
+      ow += width;
+    }
+    w += s.kh * k_row * vecs * kVec;
+    acc_b += vecs * kVec;
+  }
+}
+
+inline int64_t plan_channels(const std::vector<int>& plan) {
+  int64_t vecs = 0;
+  for (const int v : plan) vecs += v;
+  return vecs * kVec;
+}
+
+// The kh input rows of output row oh of image n, copied (bf16 widened) into zero-padded fp32 rows.
 template <typename T>
-void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* bias, const T* residual, bool relu,
-                                T* out, const ConvShape& s) {
-  const int64_t c = s.c_in, k_row = s.kw * c, step = s.stride * c;
-  const int64_t blocks = ceil_div(s.c_out, kChannelBlock), c_pad = blocks * kChannelBlock;
+const float* const* gather_float_rows(PaddedRows<float>& padded, const T* x, int64_t n, int64_t oh,
+                                      const ConvShape& s) {
+  return padded.gather(x, n, oh, [&](const T* src, float* dst) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy_n(src, s.w * s.c_in, dst);
+    } else {
+      at::vec::convert(src, dst, s.w * s.c_in);
+    }
+  });
+}
+
+// w_blocks: pack_conv_blocks(weight, s, plan). bf16 input rows are widened as they are copied into the padded rows
+// (bf16_widened()).
+template <typename T>
+void blocked_conv_channels_last(const T* x, const float* w_blocks, const std::vector<int>& plan, const float* bias,
+                                const T* residual, bool relu, T* out, const ConvShape& s) {
+  const int64_t c = s.c_in, c_pad = plan_channels(plan);
   at::parallel_for(0, s.batch * s.out_h, 1, [&](int64_t r0, int64_t r1) {
     PaddedRows<float> padded(s, c);
     std::vector<float> acc(s.out_w * c_pad);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.out_h, oh = r % s.out_h;
-      const float* const* rows = padded.gather(x, n, oh, [&](const T* src, float* dst) {
-        if constexpr (std::is_same_v<T, float>) {
-          std::copy_n(src, s.w * c, dst);
-        } else {
-          at::vec::convert(src, dst, s.w * c);
-        }
-      });
+      const float* const* rows = gather_float_rows(padded, x, n, oh, s);
       // The input rows the next output row adds: consecutive in memory, and from memory (stem maps are 6-13 MB).
       const char* prefetch = nullptr;
       const char* prefetch_end = nullptr;
@@ -293,24 +346,146 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const float* 
           prefetch_end = reinterpret_cast<const char*>(x + (n * s.h + last) * s.w * c);
         }
       }
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float* w = w_blocks + b * s.kh * k_row * kChannelBlock;
-        float* acc_b = acc.data() + b * kChannelBlock;
-        // Tiles of equal width (56 = 4 x 14; 64 = 12 + 4 x 13, not 4 x 14 + 8): a narrow remainder tile has too few
-        // independent accumulators to hide the FMA latency.
-        const int64_t tiles = ceil_div(s.out_w, kPixelBlock);
-        for (int64_t t = 0, ow = 0; t < tiles; ++t) {
-          const int64_t width = (s.out_w - ow) / (tiles - t);
-          conv_tile_dispatch(width, rows, ow * step, s.kh, k_row, step, w, acc_b + ow * c_pad, c_pad, prefetch,
-                             prefetch_end);
-          ow += width;
-        }
-      }
+      conv_row(rows, plan, w_blocks, acc.data(), c_pad, s, prefetch, prefetch_end);
       for (int64_t ow = 0; ow < s.out_w; ++ow)
         epilogue_run(acc.data() + ow * c_pad, bias, 0.f, residual ? residual + (r * s.out_w + ow) * s.c_out : nullptr,
                      relu, out + (r * s.out_w + ow) * s.c_out, s.c_out);
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Channel blocks of the register-blocked dense convolution. How wide a block should be depends on c_out and out_w:
+// a block's vectors must cover c_out (S4's 112 channels are 7 vectors: 4 + 3 exactly, 2 + 2 + 2 + 2 computes 128)
+// and out_w must split into wide tiles (16 pixels: two 8-pixel tiles of 3 vectors, or 6 + 5 + 5 of 4). One image
+// in cache, Intel Xeon family 6 model 167, 2026-12-03, against blocks of two vectors: 56 -> 112 at 64 px 1.15-1.18x
+// as 4 + 3, 28 -> 56 at 128 px 1.05-1.10x as 4, but 64 -> 128 at 28 px 0.93-0.95x as 4 + 4. So "auto" times the
+// plans on one output row the first time a shape runs (every plan sums each output in the same order: the results
+// are bit-identical whichever runs) and keeps the fastest: S4's fused forward 1.02x (one thread) / 1.03x (two), S1's
+// the same, in-process against "pairs".
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kPlanAuto = 0, kPlanPairs = 2, kPlanThrees = 3, kPlanFours = 4;
+
+int parse_plan_mode(const std::string& mode, const char* what) {
+  if (mode == "auto") return kPlanAuto;
+  if (mode == "pairs") return kPlanPairs;
+  if (mode == "threes") return kPlanThrees;
+  if (mode == "fours") return kPlanFours;
+  TORCH_CHECK(false, what, " must be 'auto', 'pairs', 'threes' or 'fours', got '", mode, "'");
+  return kPlanAuto;
+}
+
+std::atomic<int>& plan_mode() {
+  static std::atomic<int> value([] {
+    const char* env = std::getenv("SHVIT_CPU_DENSE_CONV_BLOCKS");
+    return env && *env ? parse_plan_mode(env, "SHVIT_CPU_DENSE_CONV_BLOCKS") : kPlanAuto;
+  }());
+  return value;
+}
+
+// Vectors per block for c_out channels: blocks of `first` vectors while as many remain, then one of the rest;
+// "pairs" pads the last block to two vectors (as before plans existed).
+std::vector<int> block_plan(int first, int64_t c_out) {
+  std::vector<int> plan;
+  for (int64_t left = ceil_div(c_out, kVec); left > 0; left -= plan.back())
+    plan.push_back(first == kPlanPairs ? 2 : static_cast<int>(std::min<int64_t>(first, left)));
+  return plan;
+}
+
+std::string plan_name(const std::vector<int>& plan) {
+  std::string name;
+  for (const int v : plan) name += (name.empty() ? "" : ",") + std::to_string(v);
+  return name;
+}
+
+// (kh, kw, c_in, block width) fp32 per block of plan, the blocks one after another, zero past c_out.
+at::Tensor pack_conv_blocks(const at::Tensor& weight, const ConvShape& s, const std::vector<int>& plan) {
+  const int64_t c_pad = plan_channels(plan);
+  const at::Tensor taps = at::constant_pad_nd(weight.to(at::kFloat), {0, 0, 0, 0, 0, 0, 0, c_pad - s.c_out})
+                              .permute({2, 3, 1, 0});  // (kh, kw, c_in, c_pad)
+  std::vector<at::Tensor> blocks;
+  int64_t co = 0;
+  for (const int vecs : plan) {
+    blocks.push_back(taps.slice(3, co, co + vecs * kVec).contiguous().reshape({-1}));
+    co += vecs * kVec;
+  }
+  return at::cat(blocks);
+}
+
+struct MeasuredPlans {
+  std::mutex mutex;
+  std::unordered_map<std::string, std::vector<int>> by_shape;
+};
+
+MeasuredPlans& measured_plans() {
+  static MeasuredPlans plans;
+  return plans;
+}
+
+std::string plan_key(const ConvShape& s) {
+  return std::to_string(s.c_in) + " " + std::to_string(s.c_out) + " " + std::to_string(s.h) + " " +
+         std::to_string(s.w) + " " + std::to_string(s.kh) + " " + std::to_string(s.kw) + " " +
+         std::to_string(s.stride) + " " + std::to_string(s.pad);
+}
+
+std::vector<std::vector<int>> candidate_plans(int64_t c_out) {
+  std::vector<std::vector<int>> plans{block_plan(kPlanPairs, c_out)};
+  if (kMaxBlockVecs >= 4) {
+    for (const int first : {kPlanFours, kPlanThrees}) {
+      std::vector<int> plan = block_plan(first, c_out);
+      if (std::find(plans.begin(), plans.end(), plan) == plans.end()) plans.push_back(std::move(plan));
+    }
+  }
+  return plans;
+}
+
+// The fastest candidate on output row out_h / 2 of the first image, best of five alternating runs; another plan
+// must beat pairs by 3% (as autotune asks of a backend over the fixed order's first), so near-ties do not flip
+// between processes.
+template <typename T>
+std::vector<int> time_plans(const T* x, const at::Tensor& weight, const ConvShape& s) {
+  const std::vector<std::vector<int>> plans = candidate_plans(s.c_out);
+  if (plans.size() == 1) return plans[0];
+  std::vector<at::Tensor> packed;
+  int64_t c_pad_max = 0;
+  for (const auto& plan : plans) {
+    packed.push_back(pack_conv_blocks(weight, s, plan));
+    c_pad_max = std::max(c_pad_max, plan_channels(plan));
+  }
+  PaddedRows<float> padded(s, s.c_in);
+  const float* const* rows = gather_float_rows(padded, x, 0, s.out_h / 2, s);
+  std::vector<float> acc(s.out_w * c_pad_max);
+  std::vector<double> best(plans.size(), 1e30);
+  for (int round = 0; round < 5; ++round) {
+    for (size_t i = 0; i < plans.size(); ++i) {
+      const char* no_prefetch = nullptr;
+      const auto start = std::chrono::steady_clock::now();
+      conv_row(rows, plans[i], packed[i].data_ptr<float>(), acc.data(), plan_channels(plans[i]), s, no_prefetch,
+               nullptr);
+      best[i] = std::min(best[i], seconds_since(start));
+    }
+  }
+  size_t fastest = 0;
+  for (size_t i = 1; i < plans.size(); ++i)
+    if (best[i] < 0.97 * best[0] && best[i] < best[fastest]) fastest = i;
+  return plans[fastest];
+}
+
+// The channel blocks for this convolution: the forced mode's, else the shape's measured plan (timed now if new).
+template <typename T>
+std::vector<int> conv_block_plan(const T* x, const at::Tensor& weight, const ConvShape& s) {
+  const int mode = plan_mode().load();
+  if (mode != kPlanAuto) return block_plan(mode, s.c_out);
+  MeasuredPlans& cache = measured_plans();
+  const std::string key = plan_key(s);
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const auto it = cache.by_shape.find(key);
+    if (it != cache.by_shape.end()) return it->second;
+  }
+  std::vector<int> plan = time_plans(x, weight, s);
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return cache.by_shape.emplace(key, std::move(plan)).first->second;  // a concurrent first call's plan wins
 }
 
 std::atomic<bool>& pair_kernels_on() {
@@ -677,15 +852,10 @@ template <typename T>
 void dense_conv_channels_last(const T* x, const at::Tensor& weight, const float* bias, const T* residual, bool relu,
                               T* out, const ConvShape& s) {
   if (std::is_same_v<T, float> || bf16_widened()) {
-    // (c_out, c_in, kh, kw) -> (block, kh, kw, c_in, kChannelBlock), zero-padded past c_out
-    const int64_t blocks = ceil_div(s.c_out, kChannelBlock);
-    const at::Tensor w_blocks = derived_weight(weight, "dense conv channel blocks fp32", [&] {
-      return at::constant_pad_nd(weight.to(at::kFloat), {0, 0, 0, 0, 0, 0, 0, blocks * kChannelBlock - s.c_out})
-          .reshape({blocks, kChannelBlock, s.c_in, s.kh, s.kw})
-          .permute({0, 3, 4, 2, 1})
-          .contiguous();
-    });
-    blocked_conv_channels_last(x, w_blocks.data_ptr<float>(), bias, residual, relu, out, s);
+    const std::vector<int> plan = conv_block_plan(x, weight, s);
+    const std::string kind = "dense conv channel blocks fp32 " + plan_name(plan);
+    const at::Tensor w_blocks = derived_weight(weight, kind.c_str(), [&] { return pack_conv_blocks(weight, s, plan); });
+    blocked_conv_channels_last(x, w_blocks.data_ptr<float>(), plan, bias, residual, relu, out, s);
   } else {
     const auto kernel_rows = [&] { return weight.permute({2, 3, 1, 0}).contiguous(); };  // (kh, kw, c_in, c_out)
     const at::Tensor w_rows = derived_weight(weight, "dense conv kernel rows", kernel_rows);
@@ -1117,6 +1287,40 @@ void dense_conv_into(const T* x_ptr, const at::Tensor& weight, const float* bias
 }
 
 }  // namespace
+
+std::string dense_conv_blocks() {
+  switch (plan_mode().load()) {
+    case kPlanPairs: return "pairs";
+    case kPlanThrees: return "threes";
+    case kPlanFours: return "fours";
+    default: return "auto";
+  }
+}
+
+std::string set_dense_conv_blocks(const std::string& next) {
+  const int value = parse_plan_mode(next, "set_dense_conv_blocks: mode");
+  TORCH_CHECK(value == kPlanAuto || value == kPlanPairs || kMaxBlockVecs >= 4, "set_dense_conv_blocks: '", next,
+              "' needs the AVX-512 build, this one is ", C10_STRINGIZE(CPU_CAPABILITY));
+  const std::string previous = dense_conv_blocks();
+  plan_mode().store(value);
+  return previous;
+}
+
+std::vector<int64_t> dense_conv_channel_blocks(int64_t c_in, int64_t c_out, int64_t h, int64_t w, int64_t kernel,
+                                               int64_t stride, int64_t padding) {
+  const int mode = plan_mode().load();
+  std::vector<int> plan;
+  if (mode != kPlanAuto) {
+    plan = block_plan(mode, c_out);
+  } else {
+    ConvShape s{1, c_in, h, w, c_out, kernel, kernel, 0, 0, stride, padding};
+    MeasuredPlans& cache = measured_plans();
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const auto it = cache.by_shape.find(plan_key(s));
+    if (it != cache.by_shape.end()) plan = it->second;
+  }
+  return std::vector<int64_t>(plan.begin(), plan.end());
+}
 
 std::string dense_conv_bf16() {
   if (pair_conv_usable<BFloat16>()) return "pairs";

@@ -53,6 +53,15 @@ std::string pointwise_grads(const std::string& dtype);
 // VDPBF16PS, AVX512_BF16 with bf16 products "dot"), "rows" (a brgemm per kernel row; 3 input channels widened to
 // fp32; 1x1 on brgemm tiles) or "fp32" (widened).
 std::string dense_conv_bf16();
+// Channel blocks of the fp32 register-blocked dense kxk convolutions (channels_last; bf16 widened): "auto" (each
+// shape's fastest plan, timed on one output row at its first call), "pairs" (two vectors per block), "threes" or
+// "fours" (that many vectors per block, then one block of the rest; AVX-512 builds). SHVIT_CPU_DENSE_CONV_BLOCKS
+// sets the mode at start-up; set_dense_conv_blocks returns the previous one.
+std::string dense_conv_blocks();
+std::string set_dense_conv_blocks(const std::string& mode);
+// Vectors per channel block the mode gives a convolution of this shape (empty: "auto" has not timed it yet).
+std::vector<int64_t> dense_conv_channel_blocks(int64_t c_in, int64_t c_out, int64_t h, int64_t w, int64_t kernel,
+                                               int64_t stride, int64_t padding);
 // Whether bf16 takes the pair kernels where they can run (default) or ATen's micro-kernel paths, which tests keep
 // checking on processors that have the instructions; returns the previous setting.
 bool set_pair_kernels(bool on);

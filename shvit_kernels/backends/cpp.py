@@ -132,6 +132,34 @@ def dense_conv_bf16() -> Optional[str]:
     return str(_module.dense_conv_bf16())
 
 
+def dense_conv_blocks() -> Optional[str]:
+    """How the fp32 register-blocked dense kxk convolutions (channels_last; bf16 when widened) split their output
+    channels into blocks: ``"auto"`` (the default: each shape's fastest plan, timed on one output row at its first
+    call; every plan gives bit-identical results), ``"pairs"`` (two channel vectors per block), ``"threes"`` or
+    ``"fours"`` (that many, then one block of the rest; AVX-512 builds). ``SHVIT_CPU_DENSE_CONV_BLOCKS`` or
+    :func:`set_dense_conv_blocks` forces one. None when the backend is unavailable."""
+    if _module is None or not hasattr(_module, "dense_conv_blocks"):
+        return None
+    return str(_module.dense_conv_blocks())
+
+
+def set_dense_conv_blocks(mode: str) -> str:
+    """``"auto"``, ``"pairs"``, ``"threes"`` or ``"fours"`` (also ``SHVIT_CPU_DENSE_CONV_BLOCKS``); returns the
+    previous setting. ``"threes"`` and ``"fours"`` raise where the build in use has no AVX-512."""
+    if _module is None:
+        raise RuntimeError("set_dense_conv_blocks: the cpp backend is unavailable: " + "; ".join(_availability()))
+    return str(_module.set_dense_conv_blocks(mode))
+
+
+def dense_conv_channel_blocks(c_in: int, c_out: int, h: int, w: int, kernel: int = 3, stride: int = 1,
+                              padding: int = 1) -> Optional[List[int]]:
+    """Channel vectors per block the current mode gives a dense ``kernel`` x ``kernel`` convolution of this shape
+    (``[]``: ``"auto"`` has not timed it yet). None when the backend is unavailable."""
+    if _module is None or not hasattr(_module, "dense_conv_channel_blocks"):
+        return None
+    return [int(v) for v in _module.dense_conv_channel_blocks(c_in, c_out, h, w, kernel, stride, padding)]
+
+
 def bf16_pair_unit() -> Optional[str]:
     """What the bf16 pair kernels (channels_last 1x1 and dense convs, the FFN) multiply on: ``"amx"`` (AMX tiles,
     Intel Sapphire Rapids and later), ``"avx512_bf16"`` (VDPBF16PS) or ``"none"`` (they do not run: ATen's
