@@ -4,7 +4,8 @@ Run from a checkout (the repository root); the options are ``python -m shvit ben
 
 Protocol (spec section 5): BN folded, batch 256 on GPU / 16 on CPU, CPU at one thread by default, warm-up and
 then timed windows. The peers run interleaved in one process (``shvit.bench.measure``: one window per peer
-per round, median and min..max over rounds reported) so machine load and clock drift hit them alike.
+per round, each opened by an untimed call, median and min..max over rounds reported) so machine load and clock
+drift hit them alike.
 
 Peers (``--peers``, comma list; default: all but compile-max-autotune on CPU):
   eager            plain PyTorch modules (BN folded, torch ops only), NCHW
@@ -382,7 +383,9 @@ def run_paper_suite(args) -> int:
         threads=threads,
         channels_last=not args.nchw,
         protocol=dict(warmup_s=args.warmup, window_s=args.window, rounds=args.rounds, bn_folded=True,
-                      note="peers interleaved in one process; median and min..max over rounds"),
+                      window_opens_untimed=True,
+                      note="peers interleaved in one process, each window opened by an untimed call; median and "
+                           "min..max over rounds"),
         environment=env,
         probe=ceilings,
         inference=[asdict(r) for r in report.results],
