@@ -203,6 +203,28 @@ def test_train_vs_peers_tiny_run_reports_medians_ratios_and_targets(tmp_path):
     assert data["targets"]["memory_vs_eager"]["met"] is None  # --skip-peak
 
 
+def test_train_vs_peers_leaves_the_step_after_another_variant_untimed(monkeypatch):
+    """A variant whose first step after another variant's is slow (its caches refilled) is timed at its steady
+    speed: each variant's steps in a round follow one untimed step."""
+    import time as _time
+    import types
+
+    from benchmarks import train_vs_peers
+
+    last = []
+
+    class Trainee:
+        def step(self):
+            _time.sleep(0.03 if last and last[-1] is not self else 0.001)
+            last.append(self)
+
+    monkeypatch.setattr(train_vs_peers, "training_setup", lambda *args: (torch.nn.Linear(1, 1), None, None))
+    monkeypatch.setattr(train_vs_peers, "make_variant", lambda *args: Trainee())
+    args = types.SimpleNamespace(model="shvit_s1", img_size=64, batch_size=2, warmup=1, rounds=3, steps=2, amp="none")
+    report, _ = train_vs_peers.time_variants(args, ["a", "b"])
+    assert all(ms < 10 for v in report.values() for ms in v["ms_per_step_rounds"]), report
+
+
 def test_train_vs_peers_keep_variants_step_under_their_setting():
     from benchmarks.profile_train import training_setup
     from benchmarks.train_vs_peers import make_variant
