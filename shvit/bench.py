@@ -145,8 +145,9 @@ def measure(
     ``inputs`` rotate between calls so no variant is flattered by a cache holding its one input. Each window starts
     with one untimed call: the first call after another variant refills the caches that variant's model evicted, and
     with two or three calls per window (S4 on a CPU thread) it weighed on whichever variant followed another model
-    (measured on an Intel Xeon, 2026-12-03: the fused model 0.91x itself when it followed ONNX Runtime; eager PyTorch
-    ran 1.13x faster, relative to the others, once every window started warm).
+    (Intel Xeon, 2026-12-03: the fused model's default dispatch, after ONNX Runtime, measured 0.91x the same model
+    with the cpp backend forced, which followed it warm; ONNX Runtime's lead over eager PyTorch went from 1.42x to
+    1.34x once every window opened warm).
     """
     per_variant = {
         v.name: [x.to(v.input_dtype or x.dtype).contiguous(memory_format=v.input_format or torch.contiguous_format)

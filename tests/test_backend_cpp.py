@@ -339,7 +339,7 @@ def test_each_fp32_gemm_mode_matches_reference(mode):
 def dense_block_cases():
     """Dense 3x3 convs whose channel blocks differ by plan: 112 channels (pairs 2+2+2+2, fours 4+3, threes 3+3+1),
     80 (2+2+2 / 4+1 / 3+2), 56 (2+2 / 4 / 3+1, 8 channels past c_out), over widths that split into uneven tiles of
-    each block width (17 -> 8 + 9 of 3 vectors, 6 + 5 + 6 of 4)."""
+    each block width (17 -> 8 + 9 of 1 or 2 vectors, 5 + 6 + 6 of 3 or 4; 23 -> 11 + 12, 7 + 8 + 8, 5 + 6 + 6 + 6)."""
     return [
         ("dense 3x3 s2 c_out 112 17-wide residual", (torch.randn(1, 12, 6, 34), torch.randn(112, 12, 3, 3) / 10,
                                                      torch.randn(112), 2, 1, 1, False, torch.randn(1, 112, 3, 17))),

@@ -364,6 +364,7 @@ void blocked_conv_channels_last(const T* x, const float* w_blocks, const std::ve
 // are bit-identical whichever runs) and keeps the fastest: S4's fused forward 1.02x (one thread) / 1.03x (two), S1's
 // the same, in-process against "pairs".
 // ---------------------------------------------------------------------------------------------------------------
+// A forced mode's value is the width, in vectors, of its blocks (block_plan takes it as such).
 constexpr int kPlanAuto = 0, kPlanPairs = 2, kPlanThrees = 3, kPlanFours = 4;
 
 int parse_plan_mode(const std::string& mode, const char* what) {
