@@ -2,6 +2,7 @@
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/accumulate.h>
 
@@ -296,6 +297,10 @@ at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::func
   // No version counter: a copy kept could outlive an in-place change of w unnoticed. (No warning: the unfused
   // model's eval-mode Conv+BN folds fresh weights on every call under inference mode, where the copy could not be
   // reused anyway; shvit.fuse and the fused modules keep normal tensors.)
+  // Packed copies are the kernels' own: made without autograd history, which would tie a cached copy to the
+  // weight's graph (whose last reference, dropped here by a worker thread, can need the GIL that the calling
+  // thread holds: a deadlock, seen with an NCHW stem batch on two threads).
+  c10::AutoGradMode grad_off(false);
   if (w.is_inference()) return make();
   const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
   const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
