@@ -102,13 +102,16 @@ class FusedStem(nn.Sequential):
     intermediate maps are in cache: the stem alone 1.07x / 1.06x (S1 / S4, bf16) and 1.05x / 1.07x (fp32) the four
     conv calls, bit-identical (Zen 5, batch 16, one thread, interleaved). Elsewhere the convs run one by one."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_channels_last: bool = False) -> torch.Tensor:
+        """``out_channels_last``: return channels_last whatever x's layout (see ``shvit_kernels.patch_embed``)."""
         convs = (self[0], self[2], self[4], self[6])
         if x.device.type == "cpu":
-            return shvit_kernels.patch_embed(x, *(t for conv in convs for t in (conv.weight, conv.bias)))
+            return shvit_kernels.patch_embed(x, *(t for conv in convs for t in (conv.weight, conv.bias)),
+                                             out_channels_last=out_channels_last)
         for conv in convs[:3]:
             x = conv(x, relu=True)
-        return convs[3](x)
+        x = convs[3](x)
+        return x.contiguous(memory_format=torch.channels_last) if out_channels_last else x
 
 
 class FusedFFN(nn.Module):

@@ -7,7 +7,8 @@ residual adds that follow a Conv+BN folded into the same op call, so faster back
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+import functools
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -369,39 +370,41 @@ class SHViT(nn.Module):
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE or h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
             raise ValueError(f"SHViT expects an input {expected}, got spatial size {h}x{w}")
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
         if self.is_fused and not torch.compiler.is_compiling() and shvit_kernels.replay.replayable(x):
-            return self._replayed_features(x)
-        return self._module_features(x)
+            return self._replayed_features(x, stem_to_channels_last)
+        return self._module_features(x, stem_to_channels_last)
 
-    def _module_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+    def _module_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
+        x = self.patch_embed(x, out_channels_last=True) if stem_to_channels_last else self.patch_embed(x)
         x = self.blocks1(x)
         x = self.blocks2(x)
         return self.blocks3(x)
 
-    def _replayed_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _replayed_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
         """The fused CPU inference forward's kernels replayed from one recorded chain (see shvit_kernels.replay:
         S1 at batch 16 on one thread spent a tenth of its forward in the Python between its 58 kernels), while
         the input's signature, the dispatcher's state, the module tree and its tensors are those recorded and no
         module has hooks; otherwise the modules run as usual."""
-        key = (x.shape, x.dtype, x.stride(), torch.get_num_threads(), shvit_kernels.dispatch.selection_state())
+        key = (x.shape, x.dtype, x.stride(), stem_to_channels_last, torch.get_num_threads(),
+               shvit_kernels.dispatch.selection_state())
         chains = self.__dict__.setdefault("_kernel_chains", {})
         entry = chains.get(key)
         if entry is not None:
             chain, tree = entry
             if _tree_unchanged(tree):
                 if chain is None:
-                    return self._module_features(x)
+                    return self._module_features(x, stem_to_channels_last)
                 if chain.valid():
                     return chain(x)
         tree = _tree_snapshot(self)
         if not _tree_unchanged(tree):  # hooks: they must see the module calls
-            return self._module_features(x)
+            return self._module_features(x, stem_to_channels_last)
         if len(chains) >= 16:  # many input sizes: start afresh
             chains.clear()
         constants = [t for _, _, t in tree[0] if isinstance(t, torch.Tensor)]
-        chain, out = shvit_kernels.replay.KernelChain.capture(self._module_features, x, constants)
+        features = functools.partial(self._module_features, stem_to_channels_last=stem_to_channels_last)
+        chain, out = shvit_kernels.replay.KernelChain.capture(features, x, constants)
         chains[key] = (chain, tree)
         return out
 
@@ -441,20 +444,31 @@ class SHViT(nn.Module):
         ):
             return torch.channels_last
         formats = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
-        moves = {"channels_last": shvit_kernels.to_channels_last, "nchw": lambda t: t.contiguous()}
-        candidates = {name: (lambda t, move=move: self._features(move(t))) for name, move in moves.items()}
+        candidates = {"channels_last": lambda t: self._features(*self._to_channels_last(t)),
+                      "nchw": lambda t: self._features(t.contiguous())}
         # "model_input_layout": caches from before the forced-backend rule may hold "model_layout" entries timed
         # under one; they are left unread.
         name = shvit_kernels.autotune.choose(f"model_input_layout {self.variant or type(self).__name__}", device_type,
                                              (x,), candidates)
         return formats[name]
 
-    def _enter(self, x: torch.Tensor) -> torch.Tensor:
+    def _to_channels_last(self, x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """``(input, stem_to_channels_last)`` for a channels_last run: a fused CPU stem takes an NCHW image batch as
+        it is and returns channels_last (its kernel interleaves each image's planes as it reaches the image, in
+        cache: S1 bf16 at batch 16, one thread, the NCHW input had cost 4% over a channels_last one, Zen 5); else
+        the input moved."""
+        if (isinstance(self.patch_embed, FusedStem) and x.device.type == "cpu" and x.is_contiguous()
+                and not x.is_contiguous(memory_format=torch.channels_last)):
+            return x, True
+        return shvit_kernels.to_channels_last(x), False
+
+    def _enter(self, x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """The input checked, in the layout the run takes, and whether the stem is to return channels_last."""
         self.check_input(x)
         fmt = self._run_layout(x)
         if fmt is torch.channels_last:
-            return shvit_kernels.to_channels_last(x)
-        return x if fmt is None else x.contiguous(memory_format=fmt)
+            return self._to_channels_last(x)
+        return (x if fmt is None else x.contiguous(memory_format=fmt)), False
 
     @staticmethod
     def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -463,7 +477,7 @@ class SHViT(nn.Module):
         return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._like_input(self._features(self._enter(x)), x)
+        return self._like_input(self._features(*self._enter(x)), x)
 
     def forward_intermediates(
         self,
@@ -488,7 +502,8 @@ class SHViT(nn.Module):
                 raise ValueError(f"stage indices must be in 0..2 (or -3..-1), got {indices}")
             take = sorted({i % 3 for i in indices})
         given = x
-        x = self.patch_embed(self._enter(x))
+        x, stem_to_channels_last = self._enter(x)
+        x = self.patch_embed(x, out_channels_last=True) if stem_to_channels_last else self.patch_embed(x)
         intermediates = []
         for i, stage in enumerate((self.blocks1, self.blocks2, self.blocks3)):
             x = stage(x)
@@ -508,7 +523,7 @@ class SHViT(nn.Module):
         return (logits + logits_dist) / 2
 
     def forward(self, x: torch.Tensor):
-        return self.forward_head(self._features(self._enter(x)))
+        return self.forward_head(self._features(*self._enter(x)))
 
     def fuse(self) -> "SHViT":
         """A new eval-mode model with every BatchNorm folded (see ``shvit.fuse``); this model is untouched."""

@@ -47,7 +47,8 @@ class KernelChain:
 
     def __init__(self, steps: List[tuple], constants: List[Tuple[torch.Tensor, int]]):
         # Per step: kernel, argument template, (argument position, value index) slots, value indices whose last
-        # use this step is, whether its output takes the op's layout rule. Value 0 is x, value i + 1 step i's output.
+        # use this step is, the op whose layout rule its output takes (None: the kernel's output as it is). Value 0
+        # is x, value i + 1 step i's output.
         self._steps = steps
         self._constants = constants  # (tensor, version at recording)
 
@@ -109,10 +110,10 @@ class KernelChain:
             for pos, v in slots:
                 args[pos] = values[v]
             out = kernel(*args)
-            fixed = _common._normalize_outputs(out, tuple(args))
+            fixed = _common._normalize_outputs(call.op, out, tuple(args))
             if not isinstance(fixed, torch.Tensor):
                 return None
-            steps.append([kernel, tuple(template), tuple(slots), (), fixed is not out])
+            steps.append([kernel, tuple(template), tuple(slots), (), call.op if fixed is not out else None])
             values.append(fixed)
             for v, obj in list(counterpart.items()):
                 if last_seen[obj] <= i:
@@ -128,12 +129,12 @@ class KernelChain:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         values = [x] + [None] * len(self._steps)
-        for i, (kernel, template, slots, release, normalize) in enumerate(self._steps):
+        for i, (kernel, template, slots, release, layout_op) in enumerate(self._steps):
             args = list(template)
             for pos, v in slots:
                 args[pos] = values[v]
             out = kernel(*args)
-            values[i + 1] = _common._normalize_outputs(out, args) if normalize else out
+            values[i + 1] = _common._normalize_outputs(layout_op, out, args) if layout_op else out
             for v in release:  # no later step reads it: its block can go back to the output cache
                 values[v] = None
         return values[-1]

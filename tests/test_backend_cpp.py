@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import shvit_kernels
 from shvit_kernels import dispatch
 from shvit_kernels.backends import cpp
+from shvit_kernels.ops import _common
 from shvit_kernels.ops.conv_bn import (
     conv_bias_act_backward_reference,
     conv_bias_act_reference,
@@ -78,9 +79,12 @@ def _layout(t, channels_last):
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
 
 
-def _check_against_reference(fn, reference, args, dtype, *, channels_last, name):
-    """fn on args cast to dtype (4-D tensors in the given layout), held to the tolerance and layout rules."""
-    (got,) = check_kernel(fn, reference, cast_args(args, dtype, channels_last), name=name)
+def _check_against_reference(fn, reference, args, dtype, *, channels_last, name, op=None):
+    """fn on args cast to dtype (4-D tensors in the given layout), held to the tolerance and layout rules (or to the
+    layout the call asks for, where op has a layout argument)."""
+    request = _common._layout_requests.get(op)
+    (got,) = check_kernel(fn, reference, cast_args(args, dtype, channels_last), name=name,
+                          layout=request(args) if request else None)
     return got
 
 
@@ -196,14 +200,20 @@ def squeeze_excite_cases():
 @drawn_with_seed(5)
 def patch_embed_cases():
     out = []
-    # Image by image (batch >= threads; S1's and S4's first widths, odd sizes), layer by layer (one image).
-    for b, widths, hw in ((4, (16, 32, 64, 128), (64, 48)), (2, (28, 56, 112, 224), (33, 31)),
-                          (3, (6, 10, 14, 18), (19, 13)), (1, (16, 32, 64, 128), (40, 40))):
-        args, c = [torch.randn(b, 3, *hw)], 3
+    # Image by image (batch >= threads; S1's and S4's first widths, odd sizes), layer by layer (one image); a
+    # channels_last output asked for: an NCHW input's planes interleaved per image (2 to 4 channels), else moved
+    # whole (5 channels; or one image, layer by layer).
+    for b, c_in, widths, hw, out_channels_last in (
+            (4, 3, (16, 32, 64, 128), (64, 48), False), (2, 3, (28, 56, 112, 224), (33, 31), False),
+            (3, 3, (6, 10, 14, 18), (19, 13), False), (1, 3, (16, 32, 64, 128), (40, 40), False),
+            (4, 3, (16, 32, 64, 128), (64, 48), True), (3, 2, (6, 10, 14, 18), (19, 13), True),
+            (2, 5, (6, 10, 14, 18), (19, 13), True), (1, 3, (16, 32, 64, 128), (40, 40), True)):
+        args, c = [torch.randn(b, c_in, *hw)], c_in
         for c_out in widths:
             args += [torch.randn(c_out, c, 3, 3) / (9 * c) ** 0.5, torch.randn(c_out)]
             c = c_out
-        out.append((f"patch_embed {widths} batch {b} {hw}", tuple(args)))
+        label = f"patch_embed {c_in} -> {widths} batch {b} {hw}" + (" out channels_last" if out_channels_last else "")
+        out.append((label, (*args, out_channels_last)))
     return out
 
 
@@ -224,7 +234,7 @@ OP_CASES = (
 def test_variant_matches_reference(variant, dtype, channels_last, op, reference, label, args):
     module = cpp.load_variant(variant)
     _check_against_reference(getattr(module, op), reference, args, dtype, channels_last=channels_last,
-                             name=f"{variant} {op} {label}")
+                             name=f"{variant} {op} {label}", op=op)
 
 
 def _cpu_flags():
@@ -257,7 +267,7 @@ def test_each_bf16_products_mode_matches_reference(mode):
             for channels_last in (False, True):
                 for op, reference, label, args in OP_CASES:
                     _check_against_reference(getattr(module, op), reference, args, torch.bfloat16,
-                                             channels_last=channels_last, name=f"{variant} {mode} {op} {label}")
+                                             channels_last=channels_last, name=f"{variant} {mode} {op} {label}", op=op)
                 for label, (x, w1, b1, w2, b2) in ffn_cases():
                     bwd = (torch.randn_like(x), x, w1, b1.bfloat16(), w2, b2.bfloat16())
                     _check_outputs(module.ffn_fused_backward, ffn_fused_backward_reference, bwd, torch.bfloat16,
@@ -645,7 +655,7 @@ def test_thread_counts_agree(threads):
         for op, reference, label, args in OP_CASES:
             for channels_last in (False, True):
                 _check_against_reference(getattr(in_use(), op), reference, args, torch.float32,
-                                         channels_last=channels_last, name=f"{threads} threads {op} {label}")
+                                         channels_last=channels_last, name=f"{threads} threads {op} {label}", op=op)
 
 
 @requires_cpp
@@ -921,7 +931,7 @@ def test_conv_backward_outputs_need_no_layout_copy(weight_layout):
     }
     for op, args in calls.items():
         result = getattr(in_use(), op)(*args)
-        assert _common._same_outputs(_common._normalize_outputs(result, args), result), op
+        assert _common._same_outputs(_common._normalize_outputs(op, result, args), result), op
         assert result[1].stride() == weight.stride(), op
 
 
@@ -1477,6 +1487,49 @@ def test_to_channels_last_kernel_matches_aten(variant):
         assert module.to_channels_last(declined) is None
     with pytest.raises(RuntimeError, match="'x' must be 4-D"):
         module.to_channels_last(torch.randn(3, 4, 4))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_weight_copies_hold_no_autograd_graph(variant):
+    """A kernel called with grad mode on, on a weight with autograd history, keeps its packed copy without that
+    history: the copy must not keep the graph (and through it the leaf) alive, since dropping the last reference
+    to a graph can need the GIL, and a worker thread that dropped it while the calling thread held the GIL and
+    waited for the packed-weight lock deadlocked (an NCHW stem batch on two threads)."""
+    import gc
+    import weakref
+
+    module = cpp.load_variant(variant)
+    x = torch.randn(2, 3, 9, 8).contiguous(memory_format=torch.channels_last)
+    for shape, groups in (((8, 3, 3, 3), 1), ((3, 1, 3, 3), 3)):  # a dense first layer, a depthwise conv
+        leaf = torch.randn(*shape, requires_grad=True)
+        weight = leaf * 1.0  # a non-leaf: its graph ends in the leaf's AccumulateGrad
+        module.conv_bias_act(x, weight, None, 1, 1, groups, False, None)
+        alive = weakref.ref(leaf)
+        del leaf, weight
+        gc.collect()
+        assert alive() is None, f"a packed copy keeps the weight's autograd graph alive (groups {groups})"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_patch_embed_takes_nchw_planes_as_a_channels_last_input(variant):
+    """An NCHW image batch asked for a channels_last output: each image's planes interleaved as the stem reaches it
+    give the bits of the same batch moved to channels_last first, for 2 to 4 channels, one or more images per
+    thread, each dtype."""
+    module = cpp.load_variant(variant)
+    for c_in, batch in ((3, 4), (2, 3), (4, 2), (3, 1)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(batch, c_in, 37, 30).to(dtype)
+            params, c = [], c_in
+            for c_out in (16, 32, 64, 128):
+                params += [(torch.randn(c_out, c, 3, 3) / (9 * c) ** 0.5).to(dtype), torch.randn(c_out).to(dtype)]
+                c = c_out
+            for threads in (1, 2):
+                with _num_threads(threads):
+                    got = module.patch_embed(x, *params, True)
+                    moved = module.patch_embed(x.contiguous(memory_format=torch.channels_last), *params, False)
+                assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+                assert torch.equal(got, moved), (variant, c_in, batch, dtype, threads)
+            assert module.patch_embed(x, *params, False).is_contiguous()  # unasked, the output follows x
 
 
 @requires_cpp

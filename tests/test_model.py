@@ -455,6 +455,8 @@ def _first_conv_layout(model, x):
     with torch.inference_mode(), dispatch.record() as calls:
         model(x)
     first = calls[0].args[0]
+    if calls[0].op == "patch_embed" and calls[0].args[9]:  # the stem takes the input as it is, returns channels_last
+        return "channels_last"
     return "channels_last" if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous() else "nchw"
 
 
@@ -473,6 +475,32 @@ def test_fused_model_takes_either_layout_and_answers_in_the_inputs():
     assert feats_cl.is_contiguous(memory_format=torch.channels_last) and not feats_cl.is_contiguous()
     assert all(s.is_contiguous() for s in stages)
     assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in stages_cl)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_fused_cpu_stem_takes_an_nchw_input_unmoved(dtype):
+    """A channels_last run of an NCHW batch: the stem reads the input as given and returns channels_last (no
+    separate move of the whole batch), with the same bits as a channels_last input, in every forward."""
+    from shvit_kernels import dispatch
+
+    torch.manual_seed(0)
+    fused = shvit.fuse(randomize_norms(shvit.create_model("shvit_s1", num_classes=10)).eval()).to(dtype)
+    fused.input_layout = "channels_last"
+    x = torch.randn(2, 3, 128, 128).to(dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with dispatch.record() as calls:
+            logits = fused(x)
+        stem = calls[0]
+        assert stem.op == "patch_embed" and stem.args[0] is x and stem.args[9] is True
+        assert calls[1].args[0].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(logits, fused(x_cl))
+        assert torch.equal(fused(x), logits)  # replayed
+        feats = fused.forward_features(x)
+        assert feats.is_contiguous() and torch.equal(feats, fused.forward_features(x_cl))
+        _, stages = fused.forward_intermediates(x)
+        _, stages_cl = fused.forward_intermediates(x_cl)
+    assert all(s.is_contiguous() and torch.equal(s, t) for s, t in zip(stages, stages_cl))
 
 
 def test_input_layout_settings():

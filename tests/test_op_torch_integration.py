@@ -24,6 +24,7 @@ SMALL_CASES = [
     ("shsa-train", shsa_case(2, 12, 7, 3, 3, True)),
     ("squeeze-excite", squeeze_excite_case(2, 12, 3, 4, 5)),
     ("patch-embed", patch_embed_case(2, 3, (4, 6, 8, 10), 17, 16)),
+    ("patch-embed-out-channels-last", patch_embed_case(2, 3, (4, 6, 8, 10), 17, 16, out_channels_last=True)),
 ]
 
 
@@ -93,7 +94,11 @@ def test_channels_last_in_channels_last_out(name, build):
     out = fn(**{k: v.clone() for k, v in tensors.items()})
     assert out.is_contiguous(memory_format=torch.channels_last)
     same_nchw = fn(**{k: v.contiguous() for k, v in tensors.items()})
-    assert same_nchw.is_contiguous()
+    # NCHW in, NCHW out, unless the call asks for channels_last (patch_embed's out_channels_last)
+    if getattr(fn, "keywords", {}).get("out_channels_last"):
+        assert same_nchw.is_contiguous(memory_format=torch.channels_last) and not same_nchw.is_contiguous()
+    else:
+        assert same_nchw.is_contiguous()
     torch.testing.assert_close(out, same_nchw)
 
 

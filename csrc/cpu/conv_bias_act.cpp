@@ -1384,7 +1384,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
 
 at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                        const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& w4,
-                       const at::Tensor& b4) {
+                       const at::Tensor& b4, bool out_channels_last) {
   constexpr const char* op = "shvit cpp patch_embed";
   check_float_tensor(x, op, "x", 4);
   TORCH_CHECK(x.numel() > 0, op, ": 'x' must not be empty, got shape ", x.sizes());
@@ -1405,13 +1405,18 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     c = wi.size(0), h = shapes[i].out_h, w = shapes[i].out_w;
   }
   const int64_t batch = x.size(0);
-  // Layer by layer where a thread would have no image of its own, and for NCHW (whose convs are GEMMs anyway).
-  if (activation_format(x) != at::MemoryFormat::ChannelsLast || batch < at::get_num_threads()) {
-    at::Tensor t = x;
+  const bool channels_last_in = activation_format(x) == at::MemoryFormat::ChannelsLast;
+  // An NCHW image batch (few channels) asked for a channels_last output is interleaved image by image below, into a
+  // buffer layer 1 reads while it is in cache, instead of moved whole through memory first.
+  const bool planes_in = !channels_last_in && out_channels_last && x.is_contiguous() && x.size(1) >= 2 &&
+                         x.size(1) <= kMaxImageChannels;
+  // Layer by layer where a thread would have no image of its own, and for an NCHW output (whose convs are GEMMs).
+  if (!(channels_last_in || out_channels_last) || batch < at::get_num_threads()) {
+    at::Tensor t = out_channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
     for (int i = 0; i < 4; ++i) t = conv_bias_act(t, *weights[i], *biases[i], 2, 1, 1, i < 3, std::nullopt);
     return t;
   }
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xc = planes_in ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor bias_f[4];
   for (int i = 0; i < 4; ++i) bias_f[i] = float_vector(*biases[i]);
   at::Tensor out = empty_output({batch, c, h, w}, x.options(), at::MemoryFormat::ChannelsLast);
@@ -1424,11 +1429,16 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     T* op_ = out.data_ptr<T>();
     const int64_t in_image = x.size(1) * x.size(2) * x.size(3), out_image = c * h * w;
     at::parallel_for(0, batch, 1, [&](int64_t n0, int64_t n1) {
+      const Scratch<T> image(planes_in ? in_image : 0);
       const Scratch<T> maps[3] = {Scratch<T>(shapes[0].c_out * shapes[0].out_h * shapes[0].out_w),
                                   Scratch<T>(shapes[1].c_out * shapes[1].out_h * shapes[1].out_w),
                                   Scratch<T>(shapes[2].c_out * shapes[2].out_h * shapes[2].out_w)};
       for (int64_t n = n0; n < n1; ++n) {
         const T* in = xp + n * in_image;
+        if (planes_in) {
+          image_to_channels_last(in, image.data(), x.size(1), x.size(2) * x.size(3), sizeof(T));
+          in = image.data();
+        }
         for (int i = 0; i < 4; ++i) {
           T* dst = i < 3 ? maps[i].data() : op_ + n * out_image;
           dense_conv_into<T>(in, *weights[i], bias_f[i].data_ptr<float>(), nullptr, i < 3, dst, shapes[i], true);

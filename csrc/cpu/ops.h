@@ -15,7 +15,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const st
 // SHViT's stem: four 3x3 stride-2 convs (BN folded), ReLU after the first three.
 at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                        const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& w4,
-                       const at::Tensor& b4);
+                       const at::Tensor& b4, bool out_channels_last);
 
 at::Tensor ffn_fused(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                      const at::Tensor& b2);
@@ -81,8 +81,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad,
     const std::optional<at::Tensor>& conv_output);
 
-// x (N, C, H, W), contiguous NCHW with at most 4 channels, copied to channels_last at copy speed; nullopt for any
-// other x (ATen's copy serves those as well).
+constexpr int64_t kMaxImageChannels = 4;
+
+// One image's channels planes (each pixels long, NCHW) at src interleaved into channels_last at dst, on the calling
+// thread; 2 to kMaxImageChannels channels of element_size 2 or 4 bytes.
+void image_to_channels_last(const void* src, void* dst, int64_t channels, int64_t pixels, int64_t element_size);
+
+// x (N, C, H, W), contiguous NCHW with at most kMaxImageChannels channels, copied to channels_last at copy speed;
+// nullopt for any other x (ATen's copy serves those as well).
 std::optional<at::Tensor> to_channels_last(const at::Tensor& x);
 
 }  // namespace CPU_CAPABILITY

@@ -38,12 +38,18 @@ def _tensor_args(args) -> list:
     return [a for a in args if isinstance(a, torch.Tensor)]
 
 
-def _normalize_outputs(result, args):
+_layout_requests: dict = {}  # op name -> fn(args): the memory format the call asks for its 4-D outputs (None: the rule)
+
+
+def _normalize_outputs(name: str, result, args):
+    """``result`` with each 4-D output in the format the call asks for (an op's layout argument), else the rule's."""
     tensors = _tensor_args(args)
+    request = _layout_requests.get(name)
+    asked = request(args) if request is not None else None
 
     def fix(t):
         if isinstance(t, torch.Tensor) and t.dim() == 4:
-            return t.contiguous(memory_format=_output_format(t.shape, tensors))
+            return t.contiguous(memory_format=asked or _output_format(t.shape, tensors))
         return t
 
     if isinstance(result, tuple):
@@ -51,10 +57,12 @@ def _normalize_outputs(result, args):
     return fix(result)
 
 
-def new_output(shape, dtype, like_args, device) -> torch.Tensor:
-    """Allocate an output (used by fake kernels) with the format rule above."""
-    fmt = _output_format(shape, _tensor_args(like_args)) if len(shape) == 4 else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+def new_output(shape, dtype, like_args, device, memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+    """Allocate an output (used by fake kernels) in ``memory_format`` if given, else by the format rule above."""
+    if memory_format is None:
+        four_d = len(shape) == 4
+        memory_format = _output_format(shape, _tensor_args(like_args)) if four_d else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
 def like_x_fake(x, *_):
@@ -97,7 +105,7 @@ def _run_kernel(name: str, args, direct: bool = False, remember: bool = False):
     result = _call_without_autocast(kernel, args, device_type)
     for after in done:
         after()
-    normalized = _normalize_outputs(result, args)
+    normalized = _normalize_outputs(name, result, args)
     if remember and not checked and not _capturing(device_type):
         if len(_remembered) >= _REMEMBERED_LIMIT:  # many shapes (dynamic sizes): start afresh
             _remembered.clear()
@@ -153,7 +161,7 @@ def remembered_call(op, args):
         return MISS
     kernel, normalize = entry
     result = kernel(*args)
-    return _normalize_outputs(result, args) if normalize else result
+    return _normalize_outputs(_op_names[op], result, args) if normalize else result
 
 
 def _run_checked(name: str, args):
@@ -168,7 +176,7 @@ def _run_checked(name: str, args):
         if entry is not None:
             kernel, normalize = entry
             result = _call_without_autocast(kernel, args, device_type)
-            return _normalize_outputs(result, args) if normalize else result
+            return _normalize_outputs(name, result, args) if normalize else result
     return _run_kernel(name, args, direct=True, remember=True)
 
 
@@ -180,17 +188,21 @@ def schema_argument_names(schema: str) -> Tuple[str, ...]:
     return tuple(part.split("=")[0].split()[-1] for part in inside.group(1).split(","))
 
 
-def define_op(name: str, schema: str, reference: Callable, fake: Callable):
+def define_op(name: str, schema: str, reference: Callable, fake: Callable,
+              output_layout: Optional[Callable] = None):
     """Define ``shvit::name`` from a schema; each call runs the kernel the dispatcher picks for its arguments.
 
     Kernels run with autocast disabled (the functional wrappers already cast), and their 4-D outputs are
-    laid out by the shared memory-format rule.
+    laid out by the shared memory-format rule, or where ``output_layout(args)`` names a memory format (an op's
+    layout argument), in that one.
     """
     names = schema_argument_names(schema)
     if tuple(inspect.signature(reference).parameters) != names:
         raise TypeError(f"{name}: the reference's parameters {tuple(inspect.signature(reference).parameters)} "
                         f"differ from the schema's {names}")
     dispatch.register_backend("reference", kernels={name: reference})
+    if output_layout is not None:
+        _layout_requests[name] = output_layout
 
     def impl(*args):
         return _run_kernel(name, dispatch.with_defaults(name, args))

@@ -91,6 +91,7 @@ def check_kernel(
     outputs: Optional[Sequence[Optional[str]]] = None,
     check_layout: Optional[int] = None,
     unavoidable_reference: Optional[Callable] = None,
+    layout: Optional[torch.memory_format] = None,
 ) -> tuple:
     """Run ``kernel(*args)`` and hold every output to the tolerance rule against ``reference``; returns them.
 
@@ -100,6 +101,7 @@ def check_kernel(
     ``check_layout``: how many leading outputs must follow the layout rule (None: all; 0: none). The dispatcher
     lays out every output by the rule anyway, so a kernel may leave e.g. weight gradients to it.
     ``unavoidable_reference(*args)``: float64 outputs for :func:`assert_close_to_fp64`'s ``unavoidable``.
+    ``layout``: the memory format the call asks for its 4-D outputs (an op's layout argument) instead of the rule's.
     """
     got = _as_tuple(kernel(*args))
     eager = _as_tuple(reference(*args))
@@ -113,7 +115,7 @@ def check_kernel(
             continue
         assert g.device == e.device, f"{name} {label}: on {g.device}, the reference's on {e.device}"
         if (check_layout is None or i < check_layout) and g.dim() == 4:
-            fmt = _output_format(g.shape, tensors)
+            fmt = layout or _output_format(g.shape, tensors)
             assert g.is_contiguous(memory_format=fmt), f"{name} {label}: not in {fmt} like its inputs"
         assert_close_to_fp64(g, e, r, name=f"{name} {label}", unavoidable=f)
     return got

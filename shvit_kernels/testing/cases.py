@@ -110,7 +110,7 @@ def squeeze_excite_case(b, c, h, w, reduced):
     return build
 
 
-def patch_embed_case(b, c_in, widths, h, w):
+def patch_embed_case(b, c_in, widths, h, w, out_channels_last=False):
     def build(dtype, device, channels_last):
         t = dict(x=_act(b, c_in, h, w, dtype, device, channels_last))
         c = c_in
@@ -118,7 +118,7 @@ def patch_embed_case(b, c_in, widths, h, w):
             t[f"w{i}"] = _t(c_out, c, 3, 3, dtype=dtype, device=device, scale=(9 * c) ** -0.5)
             t[f"b{i}"] = _t(c_out, dtype=dtype, device=device, scale=0.1)
             c = c_out
-        return K.patch_embed, t
+        return (functools.partial(K.patch_embed, out_channels_last=True) if out_channels_last else K.patch_embed), t
 
     return build
 
@@ -162,6 +162,7 @@ CASES = (
         ("squeeze-excite-odd", squeeze_excite_case(2, 37, 3, 5, 9)),
         ("patch-embed-s1-widths", patch_embed_case(3, 3, (16, 32, 64, 128), 48, 40)),
         ("patch-embed-odd", patch_embed_case(2, 5, (6, 10, 14, 18), 19, 13)),
+        ("patch-embed-out-channels-last", patch_embed_case(3, 3, (16, 32, 64, 128), 48, 40, out_channels_last=True)),
     ]
     + _shsa_cases(None)
     + _shsa_cases(True)
