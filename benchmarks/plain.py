@@ -47,6 +47,8 @@ class PlainFusedSqueezeExcite(shvit.FusedSqueezeExcite):
 
 
 class PlainFusedStem(shvit.FusedStem):
+    takes_nchw_images = False  # the model moves an NCHW input itself, as plain PyTorch would be used
+
     def forward(self, x):
         return shvit.model.Stem.forward(self, x)
 

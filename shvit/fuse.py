@@ -102,6 +102,10 @@ class FusedStem(nn.Sequential):
     intermediate maps are in cache: the stem alone 1.07x / 1.06x (S1 / S4, bf16) and 1.05x / 1.07x (fp32) the four
     conv calls, bit-identical (Zen 5, batch 16, one thread, interleaved). Elsewhere the convs run one by one."""
 
+    # Its forward takes out_channels_last, and an NCHW image batch with it needs no move first (a model then passes
+    # its input as given); a subclass whose forward runs other code sets this False.
+    takes_nchw_images = True
+
     def forward(self, x: torch.Tensor, out_channels_last: bool = False) -> torch.Tensor:
         """``out_channels_last``: return channels_last whatever x's layout (see ``shvit_kernels.patch_embed``)."""
         convs = (self[0], self[2], self[4], self[6])

@@ -448,8 +448,9 @@ class SHViT(nn.Module):
                       "nchw": lambda t: self._features(t.contiguous())}
         # "model_input_layout": caches from before the forced-backend rule may hold "model_layout" entries timed
         # under one; they are left unread.
-        name = shvit_kernels.autotune.choose(f"model_input_layout {self.variant or type(self).__name__}", device_type,
-                                             (x,), candidates)
+        # The stem's class in the key: a model with other modules (a benchmark's plain-torch copy) times its own.
+        key = f"model_input_layout {self.variant or type(self).__name__} {type(self.patch_embed).__name__}"
+        name = shvit_kernels.autotune.choose(key, device_type, (x,), candidates)
         return formats[name]
 
     def _to_channels_last(self, x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
@@ -457,7 +458,7 @@ class SHViT(nn.Module):
         it is and returns channels_last (its kernel interleaves each image's planes as it reaches the image, in
         cache: S1 bf16 at batch 16, one thread, the NCHW input had cost 4% over a channels_last one, Zen 5); else
         the input moved."""
-        if (isinstance(self.patch_embed, FusedStem) and x.device.type == "cpu" and x.is_contiguous()
+        if (getattr(self.patch_embed, "takes_nchw_images", False) and x.device.type == "cpu" and x.is_contiguous()
                 and not x.is_contiguous(memory_format=torch.channels_last)):
             return x, True
         return shvit_kernels.to_channels_last(x), False

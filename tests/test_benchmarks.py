@@ -59,6 +59,28 @@ def test_layers_follow_the_model():
     assert sum(c for layer, c in layers.items() if layer.op == "shsa_fused") == 4 + 5  # S1 depths (s-blocks)
 
 
+def test_plain_baseline_times_its_own_input_layout(tmp_path, monkeypatch):
+    """The plain copy runs an NCHW input in either layout (its stem takes no kernel flag: the input is moved) and
+    keeps its own measured layout: a choice timed on plain torch must not decide the fused model's, as it did when
+    the eager peer ran first in a benchmark (the fused model then ran its NCHW path, 0.6x its speed)."""
+    from shvit_kernels import autotune
+
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV_VAR, str(tmp_path))
+    autotune.clear()
+    fused = shvit.fuse(shvit.create_model("shvit_s1", num_classes=10).eval())
+    plain = to_plain(fused)
+    x = torch.randn(2, 3, 64, 64)
+    try:
+        with autotune.autotune("inference"), torch.inference_mode():
+            for layout in ("auto", "channels_last"):
+                plain.input_layout = layout
+                torch.testing.assert_close(plain(x), fused(x), rtol=1e-4, atol=1e-4)
+            keys = [k for k in autotune.cached_choices() if k.startswith("model_input_layout")]
+    finally:
+        autotune.clear()
+    assert len(keys) == 2 and {k.split()[2] for k in keys} == {"FusedStem", "PlainFusedStem"}, keys
+
+
 def test_plain_baseline_uses_no_custom_ops_and_matches():
     model = shvit.create_model("shvit_s1").eval()
     fused = shvit.fuse(model)
