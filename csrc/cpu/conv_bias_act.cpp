@@ -1412,7 +1412,11 @@ at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& w1, const at::Tens
                          x.size(1) <= kMaxImageChannels;
   // Layer by layer where a thread would have no image of its own, and for an NCHW output (whose convs are GEMMs).
   if (!(channels_last_in || out_channels_last) || batch < at::get_num_threads()) {
-    at::Tensor t = out_channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+    at::Tensor t = x;
+    if (out_channels_last) {
+      const std::optional<at::Tensor> moved = to_channels_last(x);  // an image batch at copy speed
+      t = moved ? *moved : x.contiguous(at::MemoryFormat::ChannelsLast);
+    }
     for (int i = 0; i < 4; ++i) t = conv_bias_act(t, *weights[i], *biases[i], 2, 1, 1, i < 3, std::nullopt);
     return t;
   }
