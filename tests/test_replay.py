@@ -30,7 +30,7 @@ def chains(model):
 
 def module_path(model, x):
     with torch.inference_mode():
-        return model.forward_head(model._module_features(model._enter(x)))
+        return model.forward_head(model._module_features(*model._enter(x)))
 
 
 def test_fused_forward_replays_its_kernels_with_the_same_result(fused_s1, monkeypatch):
