@@ -375,8 +375,12 @@ class SHViT(nn.Module):
             return self._replayed_features(x, stem_to_channels_last)
         return self._module_features(x, stem_to_channels_last)
 
+    def _stem(self, x: torch.Tensor, to_channels_last: bool) -> torch.Tensor:
+        # Only a stem that takes the flag gets it (the unfused Stem's forward has no such argument).
+        return self.patch_embed(x, out_channels_last=True) if to_channels_last else self.patch_embed(x)
+
     def _module_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
-        x = self.patch_embed(x, out_channels_last=True) if stem_to_channels_last else self.patch_embed(x)
+        x = self._stem(x, stem_to_channels_last)
         x = self.blocks1(x)
         x = self.blocks2(x)
         return self.blocks3(x)
@@ -502,8 +506,7 @@ class SHViT(nn.Module):
                 raise ValueError(f"stage indices must be in 0..2 (or -3..-1), got {indices}")
             take = sorted({i % 3 for i in indices})
         given = x
-        x, stem_to_channels_last = self._enter(x)
-        x = self.patch_embed(x, out_channels_last=True) if stem_to_channels_last else self.patch_embed(x)
+        x = self._stem(*self._enter(x))
         intermediates = []
         for i, stage in enumerate((self.blocks1, self.blocks2, self.blocks3)):
             x = stage(x)

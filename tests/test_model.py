@@ -503,6 +503,16 @@ def test_fused_cpu_stem_takes_an_nchw_input_unmoved(dtype):
     assert all(s.is_contiguous() and torch.equal(s, t) for s, t in zip(stages, stages_cl))
 
 
+def test_patch_embed_rejects_a_non_bool_layout_flag():
+    x = torch.randn(2, 3, 32, 32)
+    stem, c = [], 3
+    for c_out in (4, 6, 8, 10):
+        stem += [torch.randn(c_out, c, 3, 3), torch.randn(c_out)]
+        c = c_out
+    with pytest.raises(TypeError, match="'out_channels_last' must be a bool, got str"):
+        shvit_kernels.patch_embed(x, *stem, out_channels_last="yes")
+
+
 def test_input_layout_settings():
     fused = shvit.fuse(shvit.create_model("shvit_s1", num_classes=10).eval())
     x = torch.randn(2, 3, 64, 64)
