@@ -32,6 +32,15 @@ inline namespace CPU_CAPABILITY {
 using at::BFloat16;
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = fVec::size();
+// fVec's register type, for accumulator arrays: fVec's constructor zeroes its lanes, and where an array of fVec
+// reached memory (an epilogue taking its address), GCC zeroed it there with a `rep stos` on every tile call.
+#if defined(CPU_CAPABILITY_AVX512)
+using fReg = __m512;
+#elif defined(CPU_CAPABILITY_AVX2)
+using fReg = __m256;
+#else
+using fReg = fVec;
+#endif
 
 // ------------------------------------------------------------------------------------------------------------
 // Argument checks (clear messages naming the op, the argument and what was expected)
