@@ -1300,8 +1300,8 @@ def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
 @pytest.mark.parametrize("mode", ("brgemm", "aten", "aten_bf16"))
 def test_depthwise_conv_bn_grads_on_each_path(monkeypatch, mode):
     """A channels_last depthwise Conv+BN backward in fp32 and bf16 against fp64 under the tolerance rule, its conv
-    gradients on ATen's fp32 backward (brgemm: no micro-kernel path for grouped convs, so ATen's) or, aten_bf16, ATen's
-    bf16 one where bf16 GEMMs multiply as pairs: strides 1 and 2, a stride-2 output one pixel wide (fp32 there)."""
+    gradients on the project's depthwise kernel (brgemm), ATen's fp32 backward (aten) or, aten_bf16, ATen's bf16 one
+    where bf16 GEMMs multiply as pairs: strides 1 and 2, a stride-2 output one pixel wide (fp32 there)."""
     monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", mode)
     module = in_use()
     for n, c, hw, stride in ((2, 32, (9, 11), 1), (3, 48, (7, 7), 2), (3, 16, (5, 2), 2)):
@@ -1314,6 +1314,50 @@ def test_depthwise_conv_bn_grads_on_each_path(monkeypatch, mode):
             _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, dtype, True,
                            f"{mode} {x.shape} s{stride} {dtype} depthwise conv_bn_train_backward",
                            unavoidable_reference=rounded_conv_output_reference)
+
+
+@requires_cpp
+@pytest.mark.parametrize("threads", (1, 2))
+def test_depthwise_conv_grads_kernel(monkeypatch, threads):
+    """The project's depthwise 3x3 gradient kernel (SHVIT_CPU_DENSE_GRADS=brgemm), channels_last, against fp64 under
+    the tolerance rule, input and weight gradients: strides 1 and 2, channel tails (20 = 16 + 4, 8 of AVX2's 8-lane
+    vectors), odd maps whose last input row or column no output reads, a one-pixel map, fp32 and bf16 (its input
+    gradient rounded to bf16 once); without the input gradient the weight gradient is bit-identical, and it does not
+    depend on the thread count (per-image sums added in order)."""
+    monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", "brgemm")
+    module = in_use()
+    previous = torch.get_num_threads()
+    try:
+        for n, c, hw, stride in ((3, 20, (9, 11), 1), (5, 48, (14, 14), 2), (2, 16, (7, 8), 2), (3, 40, (1, 1), 1),
+                                 (4, 8, (5, 3), 2)):
+            x = torch.randn(n, c, *hw).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(c, 1, 3, 3) / 3, torch.randn(c)
+            for dtype in (torch.float32, torch.bfloat16):
+                xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+                torch.set_num_threads(threads)
+                out = module.conv_bias_act(xd, wd, bd, stride, 1, c, False, None)
+                g = torch.randn(out.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+                gx, gw = module.conv_bias_act_backward(g, xd, wd, bd, stride, 1, c, False, None, out)[:2]
+                torch.set_num_threads(1)
+                gw_one_thread = module.conv_bias_act_backward(g, xd, wd, bd, stride, 1, c, False, None, out)[1]
+                assert torch.equal(gw, gw_one_thread), f"{x.shape} s{stride} {dtype}: weight gradient depends on threads"
+                grads = {}
+                for ref_dtype in (dtype, torch.float64):  # PyTorch's own error in the dtype, and the fp64 reference
+                    xr, wr = (t.to(ref_dtype, copy=True).requires_grad_() for t in (xd, wd))
+                    torch.autograd.backward(torch.nn.functional.conv2d(xr, wr, None, stride, 1, 1, c), g.to(ref_dtype))
+                    grads[ref_dtype] = (xr.grad, wr.grad)
+                for i, (name, got) in enumerate((("grad x", gx), ("grad w", gw))):
+                    assert got.dtype in (dtype, torch.float32), f"{name} {got.dtype}"
+                    assert_close_to_fp64(got.to(dtype), grads[dtype][i], grads[torch.float64][i],
+                                         name=f"{threads} threads {x.shape} s{stride} {dtype} {name}")
+            gamma, beta = torch.rand(c) + 0.5, torch.randn(c)
+            bn_out = module.conv_bias_act(x, w, b, stride, 1, c, False, None)
+            args = (torch.randn_like(bn_out), x, w, gamma, beta, beta * 0, gamma, bn_out, stride, 1, c, 1e-5, False, False)
+            torch.set_num_threads(threads)
+            full, weight_only = module.conv_bn_train_backward(*args, True, None), module.conv_bn_train_backward(*args, False, None)
+            assert torch.equal(full[1], weight_only[1]) and not weight_only[0].any()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _explain_as_if_built(op, *args):

@@ -424,17 +424,141 @@ std::tuple<at::Tensor, at::Tensor> brgemm_dense_grads(const at::Tensor& dy, cons
   return {gx, gw_rows.permute({0, 3, 1, 2})};
 }
 
+// The input gradient nobody asked for (input_grad false): zeros in x's shape and layout, fp32.
+at::Tensor skipped_input_grad(const at::Tensor& x) {
+  return empty_output(x.sizes(), x.options().dtype(at::kFloat), activation_format(x)).zero_();
+}
+
+// A depthwise 3x3 conv (groups == channels, weight (C, 1, 3, 3)).
+bool is_depthwise3x3(const DenseConvShape& s) {
+  return s.groups == s.cin && s.cout == s.cin && s.kh == 3 && s.kw == 3;
+}
+
+// Depthwise 3x3 gradients in channels_last, vectorised over channels, image by image. The input gradient is gathered:
+// each input pixel sums the dy of the output pixels that read it times their taps (fp32) and is stored once in x's
+// dtype, rounded as the caller's cast would. For the weight gradient, per channel vector, the 9 sums stay in
+// registers while the image's output pixels pass; each image's (fp32) is summed over the images in order in fp64, so
+// the result does not depend on the thread count. ATen's fp32 backward, with the bf16 input widened to fp32 and its
+// gradient rounded back by copies, took a median 2.8 ms on S1's 512-channel stride-2 conv (batch 16, one thread;
+// AMD Zen 5, 2026-12-04).
+template <typename TD, typename TX>
+void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseConvShape& s, TX* gx, float* image_gw) {
+  const int64_t c = s.cin;
+  // Per input row (column): the (tap, output row (column)) pairs that read it, up to 3, tap -1 after the last, so the
+  // gather loops divide by the stride nowhere.
+  struct Reach {
+    int tap;
+    int64_t out;
+  };
+  auto reach = [&](int64_t size, int64_t out_size) {
+    std::vector<Reach> table(size * 3, Reach{-1, 0});
+    for (int64_t in = 0; in < size; ++in) {
+      int found = 0;
+      for (int t = 0; t < 3; ++t) {
+        const int64_t o = in + s.pad - t;  // output index times the stride
+        if (o >= 0 && o % s.stride == 0 && o / s.stride < out_size) table[in * 3 + found++] = Reach{t, o / s.stride};
+      }
+    }
+    return table;
+  };
+  const std::vector<Reach> reach_h = reach(s.h, s.oh), reach_w = reach(s.w, s.ow);
+  at::parallel_for(0, s.batch, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const TX* xn = x + n * s.h * s.w * c;
+      const TD* dyn = dy + n * s.oh * s.ow * c;
+      // One channel vector (FULL: all kVec lanes, loads without a mask) over the image.
+      auto channel_block = [&](int64_t c0, int64_t nc, auto full_c) {
+        constexpr bool kFull = decltype(full_c)::value;
+        auto load = [nc](const auto* p) { return kFull ? load_f(p) : load_f(p, nc); };
+        fVec acc[9];
+        for (int64_t oh = 0; oh < s.oh; ++oh) {
+          for (int i = 0; i < 3; ++i) {
+            const int64_t ih = oh * s.stride - s.pad + i;
+            if (ih < 0 || ih >= s.h) continue;
+            const TX* xr = xn + ih * s.w * c + c0;
+            const TD* dr = dyn + oh * s.ow * c + c0;
+            fVec a0 = acc[i * 3], a1 = acc[i * 3 + 1], a2 = acc[i * 3 + 2];
+            for (int64_t ow = 0; ow < s.ow; ++ow) {
+              const fVec d = load(dr + ow * c);
+              const int64_t iw = ow * s.stride - s.pad;
+              if (iw >= 0 && iw + 2 < s.w) {
+                const TX* xp = xr + iw * c;
+                a0 = at::vec::fmadd(d, load(xp), a0);
+                a1 = at::vec::fmadd(d, load(xp + c), a1);
+                a2 = at::vec::fmadd(d, load(xp + 2 * c), a2);
+              } else {
+                if (iw >= 0 && iw < s.w) a0 = at::vec::fmadd(d, load(xr + iw * c), a0);
+                if (iw + 1 >= 0 && iw + 1 < s.w) a1 = at::vec::fmadd(d, load(xr + (iw + 1) * c), a1);
+                if (iw + 2 >= 0 && iw + 2 < s.w) a2 = at::vec::fmadd(d, load(xr + (iw + 2) * c), a2);
+              }
+            }
+            acc[i * 3] = a0, acc[i * 3 + 1] = a1, acc[i * 3 + 2] = a2;
+          }
+        }
+        for (int t = 0; t < 9; ++t) store_n(acc[t], image_gw + (n * 9 + t) * c + c0, nc);
+        if (!gx) return;
+        fVec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = load(taps + t * c + c0);
+        TX* gxn = gx + n * s.h * s.w * c + c0;
+        for (int64_t ih = 0; ih < s.h; ++ih) {
+          const Reach* rows = &reach_h[ih * 3];
+          for (int64_t iw = 0; iw < s.w; ++iw) {
+            const Reach* cols = &reach_w[iw * 3];
+            fVec sum(0.f);
+            for (int ra = 0; ra < 3 && rows[ra].tap >= 0; ++ra) {
+              const TD* dr = dyn + rows[ra].out * s.ow * c + c0;
+              for (int cb = 0; cb < 3 && cols[cb].tap >= 0; ++cb)
+                sum = at::vec::fmadd(load(dr + cols[cb].out * c), w[rows[ra].tap * 3 + cols[cb].tap], sum);
+            }
+            if constexpr (kFull) store_f(sum, gxn + (ih * s.w + iw) * c);
+            else store_f(sum, gxn + (ih * s.w + iw) * c, nc);
+          }
+        }
+      };
+      int64_t c0 = 0;
+      for (; c0 + kVec <= c; c0 += kVec) channel_block(c0, kVec, std::true_type{});
+      if (c0 < c) channel_block(c0, c - c0, std::false_type{});
+    }
+  });
+}
+
+// depthwise_grads on a channels_last conv: gx in x's dtype (fp32 zeros without input_grad), gw fp32 (C, 1, 3, 3).
+std::tuple<at::Tensor, at::Tensor> depthwise_conv_grads(const at::Tensor& dy, const at::Tensor& x,
+                                                        const at::Tensor& weight, const DenseConvShape& s,
+                                                        bool input_grad) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const int64_t c = s.cin;
+  at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options(), cl) : skipped_input_grad(x);
+  const at::Tensor taps = weight.to(at::kFloat).reshape({c, 9}).t().contiguous();  // (9, C)
+  at::Tensor image_gw = at::empty({s.batch, 9, c}, x.options().dtype(at::kFloat));
+  const at::Tensor xc = x.contiguous(cl), dyc = dy.contiguous(cl);
+  SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_depthwise_grads", [&] {
+    using TX = scalar_t;
+    TX* gxp = input_grad ? gx.data_ptr<TX>() : nullptr;
+    if (dyc.scalar_type() == at::kBFloat16) {
+      depthwise_grads(dyc.data_ptr<BFloat16>(), xc.data_ptr<TX>(), taps.data_ptr<float>(), s, gxp,
+                      image_gw.data_ptr<float>());
+    } else {
+      depthwise_grads(dyc.data_ptr<float>(), xc.data_ptr<TX>(), taps.data_ptr<float>(), s, gxp,
+                      image_gw.data_ptr<float>());
+    }
+  });
+  const at::Tensor gw = image_gw.to(at::kDouble).sum(0).t().to(at::kFloat).reshape(weight.sizes());
+  return {gx, gw.contiguous()};
+}
+
 // Which gradients a kxk (dense or grouped, not 1x1) channels_last conv takes.
-enum class KxkGrads { kAten, kBrgemm, kAtenBf16 };
+enum class KxkGrads { kAten, kBrgemm, kAtenBf16, kDepthwise };
 
 // The micro-kernel ones above (groups 1) or ATen's in fp32, or for a bf16 conv where bf16 GEMMs multiply as pairs
 // ATen's in bf16 (oneDNN's pair or AMX kernels; dy rounded to bf16, as the reference's conv backward takes it).
 // oneDNN's fp32 backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5,
 // 2026-12-02), and its bf16 depthwise backward ran 0.7x its fp32 one alone but 1.1-2.2x with the fp32 path's
 // conversions (Xeon with AMX, 2026-12-03), so "auto" times the candidates (bf16 inputs converted as the call would,
-// both gradients) once per shape, dtype and thread count (best of three on random data of the shape) and remembers
+// both gradients) once per shape, dtype and thread count (on random data of the shape) and remembers
 // the fastest: one choice whether or not the input gradient is asked for, so the weight gradient is the same.
-// SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm: groups 1 only, else aten; aten_bf16: where the bf16
+// A depthwise 3x3 conv also has depthwise_grads above. SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm:
+// the project's kernels, the micro-kernel GEMMs for groups 1 or depthwise_grads, else aten; aten_bf16: where the bf16
 // candidate exists, else aten; tests run each). Not in bf16 where oneDNN's bf16 conv is wrong (see conv_raw).
 KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
@@ -443,10 +567,11 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
               "SHVIT_CPU_DENSE_GRADS must be auto, brgemm, aten or aten_bf16, got '", mode, "'");
   const bool bf16_candidate =
       dtype == at::kBFloat16 && bf16_brgemm_usable() && !bf16_widened() && !onednn_bf16_conv_wrong(s.stride, s.ow);
-  if (mode == "brgemm") return s.groups == 1 ? KxkGrads::kBrgemm : KxkGrads::kAten;
+  if (mode == "brgemm")
+    return s.groups == 1 ? KxkGrads::kBrgemm : is_depthwise3x3(s) ? KxkGrads::kDepthwise : KxkGrads::kAten;
   if (mode == "aten") return KxkGrads::kAten;
   if (mode == "aten_bf16") return bf16_candidate ? KxkGrads::kAtenBf16 : KxkGrads::kAten;
-  if (s.groups > 1 && !bf16_candidate) return KxkGrads::kAten;  // the only candidate
+  if (s.groups > 1 && !is_depthwise3x3(s) && !bf16_candidate) return KxkGrads::kAten;  // the only candidate
   const std::array<int64_t, 15> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
                                     s.groups, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
   static std::mutex mutex;
@@ -461,29 +586,38 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl).to(dtype);
   const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
   const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
-  auto best_of_three = [&](auto&& fn) {
-    double best = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
+  // The median of five calls after one untimed: the fastest of a few hid the page faults of the fp32 path's
+  // fresh multi-MiB copies, which most of its calls pay (S1's 512-channel stride-2 depthwise backward in bf16: 0.8 ms
+  // at best, 2.9 ms median; AMD Zen 5, 2026-12-04).
+  auto median_of_five = [&](auto&& fn) {
+    fn();
+    std::vector<double> times;
+    for (int rep = 0; rep < 5; ++rep) {
       const auto start = std::chrono::steady_clock::now();
       fn();
-      best = std::min(best, seconds_since(start));
+      times.push_back(seconds_since(start));
     }
-    return best;
+    std::nth_element(times.begin(), times.begin() + 2, times.end());
+    return times[2];
   };
   // Both gradients; the fp32 paths' gx converted back to the call's dtype.
   std::vector<std::pair<double, KxkGrads>> times;
   if (s.groups == 1) {
-    times.emplace_back(best_of_three([&] {
+    times.emplace_back(median_of_five([&] {
       std::get<0>(brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(cl), w, s, true)).to(dtype);
     }), KxkGrads::kBrgemm);
   }
-  times.emplace_back(best_of_three([&] {
+  times.emplace_back(median_of_five([&] {
     std::get<0>(aten_conv_grads(dy, x.to(at::kFloat), w.to(at::kFloat), s.stride, s.pad, s.groups, true)).to(dtype);
   }), KxkGrads::kAten);
   if (bf16_candidate) {
     const at::Tensor dy16 = dy.to(at::kBFloat16);
-    times.emplace_back(best_of_three([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, true); }),
+    times.emplace_back(median_of_five([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, true); }),
                        KxkGrads::kAtenBf16);
+  }
+  if (is_depthwise3x3(s)) {
+    times.emplace_back(median_of_five([&] { std::get<0>(depthwise_conv_grads(dy, x, w, s, true)).to(dtype); }),
+                       KxkGrads::kDepthwise);
   }
   const KxkGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
                                return a.first < b.first;
@@ -501,10 +635,6 @@ DenseConvShape kxk_conv_shape(const at::Tensor& x, const at::Tensor& weight, int
           stride, padding, groups};
 }
 
-// The input gradient nobody asked for (input_grad false): zeros in x's shape and layout, fp32.
-at::Tensor skipped_input_grad(const at::Tensor& x) {
-  return empty_output(x.sizes(), x.options().dtype(at::kFloat), activation_format(x)).zero_();
-}
 
 // A 1x1 channels_last conv's gradients on the micro-kernel GEMMs in T (see pointwise_grads_brgemm), dy rows of T
 // from dy_rows; gx in T (zeros in fp32 without input_grad), gw in fp32.
@@ -554,6 +684,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
           brgemm_dense_grads(dy.to(at::kFloat), x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
       return {input_grad ? dense_gx : skipped_input_grad(x), gw};
     }
+    if (path == KxkGrads::kDepthwise) return depthwise_conv_grads(dy.to(at::kFloat), x, weight, s, input_grad);
     if (path == KxkGrads::kAtenBf16) {
       auto [bf16_gx, gw] = aten_conv_grads(dy.to(at::kBFloat16), x, weight, stride, padding, groups, input_grad);
       return {input_grad ? bf16_gx : skipped_input_grad(x), gw};
