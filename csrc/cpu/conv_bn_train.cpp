@@ -439,8 +439,8 @@ bool is_depthwise3x3(const DenseConvShape& s) {
 // dtype, rounded as the caller's cast would. For the weight gradient, per channel vector, the 9 sums stay in
 // registers while the image's output pixels pass; each image's (fp32) is summed over the images in order in fp64, so
 // the result does not depend on the thread count. ATen's fp32 backward, with the bf16 input widened to fp32 and its
-// gradient rounded back by copies, took a median 2.8 ms on S1's 512-channel stride-2 conv (batch 16, one thread;
-// AMD Zen 5, 2026-12-04).
+// gradient rounded back by copies, took a median 2.8-2.9 ms (three runs) on S1's 512-channel stride-2 conv (batch 16,
+// one thread; AMD Zen 5, 2026-12-04).
 template <typename TD, typename TX>
 void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseConvShape& s, TX* gx, float* image_gw) {
   const int64_t c = s.cin;
