@@ -1321,7 +1321,7 @@ def test_depthwise_conv_bn_grads_on_each_path(monkeypatch, mode):
 def test_depthwise_conv_grads_kernel(monkeypatch, threads):
     """The project's depthwise 3x3 gradient kernel (SHVIT_CPU_DENSE_GRADS=brgemm), channels_last, against fp64 under
     the tolerance rule, input and weight gradients: strides 1 and 2, channel tails (20 = 16 + 4, 8 of AVX2's 8-lane
-    vectors), odd maps whose last input row or column no output reads, a one-pixel map, fp32 and bf16 (its input
+    vectors), odd and even maps with the padding on every side, a one-pixel map, fp32 and bf16 (its input
     gradient rounded to bf16 once); without the input gradient the weight gradient is bit-identical, and it does not
     depend on the thread count (per-image sums added in order)."""
     monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", "brgemm")

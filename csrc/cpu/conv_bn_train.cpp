@@ -439,10 +439,11 @@ bool is_depthwise3x3(const DenseConvShape& s) {
 // dtype, rounded as the caller's cast would. For the weight gradient, per channel vector, the 9 sums stay in
 // registers while the image's output pixels pass; each image's (fp32) is summed over the images in order in fp64, so
 // the result does not depend on the thread count. ATen's fp32 backward, with the bf16 input widened to fp32 and its
-// gradient rounded back by copies, took a median 2.8-2.9 ms (three runs) on S1's 512-channel stride-2 conv (batch 16,
+// gradient rounded back by copies, took a median 2.6-2.9 ms (four runs) on S1's 512-channel stride-2 conv (batch 16,
 // one thread; AMD Zen 5, 2026-12-04).
-template <typename TD, typename TX>
-void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseConvShape& s, TX* gx, float* image_gw) {
+template <typename TX>
+void depthwise_grads(const float* dy, const TX* x, const float* taps, const DenseConvShape& s, TX* gx,
+                     float* image_gw) {
   const int64_t c = s.cin;
   // Per input row (column): the (tap, output row (column)) pairs that read it, up to 3, tap -1 after the last, so the
   // gather loops divide by the stride nowhere.
@@ -465,7 +466,7 @@ void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseCo
   at::parallel_for(0, s.batch, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const TX* xn = x + n * s.h * s.w * c;
-      const TD* dyn = dy + n * s.oh * s.ow * c;
+      const float* dyn = dy + n * s.oh * s.ow * c;
       // One channel vector (FULL: all kVec lanes, loads without a mask) over the image.
       auto channel_block = [&](int64_t c0, int64_t nc, auto full_c) {
         constexpr bool kFull = decltype(full_c)::value;
@@ -476,7 +477,7 @@ void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseCo
             const int64_t ih = oh * s.stride - s.pad + i;
             if (ih < 0 || ih >= s.h) continue;
             const TX* xr = xn + ih * s.w * c + c0;
-            const TD* dr = dyn + oh * s.ow * c + c0;
+            const float* dr = dyn + oh * s.ow * c + c0;
             fVec a0 = acc[i * 3], a1 = acc[i * 3 + 1], a2 = acc[i * 3 + 2];
             for (int64_t ow = 0; ow < s.ow; ++ow) {
               const fVec d = load(dr + ow * c);
@@ -506,7 +507,7 @@ void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseCo
             const Reach* cols = &reach_w[iw * 3];
             fVec sum(0.f);
             for (int ra = 0; ra < 3 && rows[ra].tap >= 0; ++ra) {
-              const TD* dr = dyn + rows[ra].out * s.ow * c + c0;
+              const float* dr = dyn + rows[ra].out * s.ow * c + c0;
               for (int cb = 0; cb < 3 && cols[cb].tap >= 0; ++cb)
                 sum = at::vec::fmadd(load(dr + cols[cb].out * c), w[rows[ra].tap * 3 + cols[cb].tap], sum);
             }
@@ -522,7 +523,8 @@ void depthwise_grads(const TD* dy, const TX* x, const float* taps, const DenseCo
   });
 }
 
-// depthwise_grads on a channels_last conv: gx in x's dtype (fp32 zeros without input_grad), gw fp32 (C, 1, 3, 3).
+// depthwise_grads on a channels_last conv from an fp32 dy: gx in x's dtype (fp32 zeros without input_grad), gw fp32
+// (C, 1, 3, 3), the images' weight gradients added one after another in fp64.
 std::tuple<at::Tensor, at::Tensor> depthwise_conv_grads(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& weight, const DenseConvShape& s,
                                                         bool input_grad) {
@@ -530,21 +532,21 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_grads(const at::Tensor& dy, co
   const int64_t c = s.cin;
   at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options(), cl) : skipped_input_grad(x);
   const at::Tensor taps = weight.to(at::kFloat).reshape({c, 9}).t().contiguous();  // (9, C)
-  at::Tensor image_gw = at::empty({s.batch, 9, c}, x.options().dtype(at::kFloat));
-  const at::Tensor xc = x.contiguous(cl), dyc = dy.contiguous(cl);
+  std::vector<float> image_gw(s.batch * 9 * c);  // (N, 9, C)
+  const at::Tensor xc = x.contiguous(cl), dyc = dy.to(at::kFloat).contiguous(cl);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_depthwise_grads", [&] {
     using TX = scalar_t;
-    TX* gxp = input_grad ? gx.data_ptr<TX>() : nullptr;
-    if (dyc.scalar_type() == at::kBFloat16) {
-      depthwise_grads(dyc.data_ptr<BFloat16>(), xc.data_ptr<TX>(), taps.data_ptr<float>(), s, gxp,
-                      image_gw.data_ptr<float>());
-    } else {
-      depthwise_grads(dyc.data_ptr<float>(), xc.data_ptr<TX>(), taps.data_ptr<float>(), s, gxp,
-                      image_gw.data_ptr<float>());
-    }
+    depthwise_grads(dyc.data_ptr<float>(), xc.data_ptr<TX>(), taps.data_ptr<float>(), s,
+                    input_grad ? gx.data_ptr<TX>() : nullptr, image_gw.data());
   });
-  const at::Tensor gw = image_gw.to(at::kDouble).sum(0).t().to(at::kFloat).reshape(weight.sizes());
-  return {gx, gw.contiguous()};
+  std::vector<double> total(9 * c, 0.0);
+  for (int64_t n = 0; n < s.batch; ++n)
+    for (int64_t k = 0; k < 9 * c; ++k) total[k] += image_gw[n * 9 * c + k];
+  at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  float* gwp = gw.data_ptr<float>();  // (C, 1, 3, 3) contiguous
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int t = 0; t < 9; ++t) gwp[ch * 9 + t] = static_cast<float>(total[t * c + ch]);
+  return {gx, gw};
 }
 
 // Which gradients a kxk (dense or grouped, not 1x1) channels_last conv takes.
@@ -684,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
           brgemm_dense_grads(dy.to(at::kFloat), x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
       return {input_grad ? dense_gx : skipped_input_grad(x), gw};
     }
-    if (path == KxkGrads::kDepthwise) return depthwise_conv_grads(dy.to(at::kFloat), x, weight, s, input_grad);
+    if (path == KxkGrads::kDepthwise) return depthwise_conv_grads(dy, x, weight, s, input_grad);
     if (path == KxkGrads::kAtenBf16) {
       auto [bf16_gx, gw] = aten_conv_grads(dy.to(at::kBFloat16), x, weight, stride, padding, groups, input_grad);
       return {input_grad ? bf16_gx : skipped_input_grad(x), gw};
