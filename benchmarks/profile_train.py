@@ -48,6 +48,8 @@ def _as_inference_call(op: str, args):
 def _kind_and_flops(op: str, args):
     """(kind label, algorithmic FLOPs) of one call; a backward's input and weight gradients are twice its
     forward's products."""
+    if op == "conv_bn_train_output":  # an elementwise pass: no products
+        return f"{op} {'x'.join(map(str, args[0].shape[1:]))}", 0
     inference_op, inference_args = _as_inference_call(op, args)
     label = kind(inference_op, inference_args)
     if op.startswith("conv_bn_train"):
@@ -115,7 +117,8 @@ def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rou
 
     # Per-op times of the fused step, by phase.
     def classify(call):
-        phase = "backward" if call.op.endswith("_backward") else "forward"
+        # Outputs are recomputed for the backward pass, in it.
+        phase = "backward" if call.op.endswith("_backward") or call.op == "conv_bn_train_output" else "forward"
         label, products = _kind_and_flops(call.op, call.args)
         return (phase, label, call.backend), products
 

@@ -7,6 +7,7 @@ residual adds that follow a Conv+BN folded into the same op call, so faster back
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -380,10 +381,18 @@ class SHViT(nn.Module):
         return self.patch_embed(x, out_channels_last=True) if to_channels_last else self.patch_embed(x)
 
     def _module_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
-        x = self._stem(x, stem_to_channels_last)
-        x = self.blocks1(x)
-        x = self.blocks2(x)
-        return self.blocks3(x)
+        with self._training_memory():
+            x = self._stem(x, stem_to_channels_last)
+            x = self.blocks1(x)
+            x = self.blocks2(x)
+            return self.blocks3(x)
+
+    def _training_memory(self):
+        """Training: each Conv+BN output that its kept conv output can give back is recomputed in the backward
+        pass instead of held (``shvit_kernels.recompute_conv_bn_outputs``)."""
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return shvit_kernels.recompute_conv_bn_outputs()
+        return contextlib.nullcontext()
 
     def _replayed_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
         """The fused CPU inference forward's kernels replayed from one recorded chain (see shvit_kernels.replay:
@@ -506,12 +515,13 @@ class SHViT(nn.Module):
                 raise ValueError(f"stage indices must be in 0..2 (or -3..-1), got {indices}")
             take = sorted({i % 3 for i in indices})
         given = x
-        x = self._stem(*self._enter(x))
         intermediates = []
-        for i, stage in enumerate((self.blocks1, self.blocks2, self.blocks3)):
-            x = stage(x)
-            if i in take:
-                intermediates.append(self._like_input(x, given))
+        with self._training_memory():
+            x = self._stem(*self._enter(x))
+            for i, stage in enumerate((self.blocks1, self.blocks2, self.blocks3)):
+                x = stage(x)
+                if i in take:
+                    intermediates.append(self._like_input(x, given))
         return intermediates if intermediates_only else (self._like_input(x, given), intermediates)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):

@@ -22,11 +22,20 @@ Memory:
     keep_conv_outputs(min_macs) (context manager) / set_keep_conv_outputs(min_macs), env
     SHVIT_KERNELS_KEEP_CONV_OUTPUTS: which training Conv+BN ops keep their conv output for backward (faster)
     instead of recomputing it (less memory)
+    recompute_conv_bn_outputs() (context manager; SHViT's training forward enters it): a Conv+BN that keeps its
+    conv output lets the backward recompute its output from it instead of holding both
 """
 
 from . import autotune, dispatch
 from .dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
-from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn, keep_conv_outputs, set_keep_conv_outputs
+from .ops.conv_bn import (
+    conv_bias_act,
+    conv_bn,
+    fold_bn,
+    keep_conv_outputs,
+    recompute_conv_bn_outputs,
+    set_keep_conv_outputs,
+)
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
 from .ops.squeeze_excite import squeeze_excite
@@ -74,6 +83,7 @@ __all__ = [
     "keep_conv_outputs",
     "patch_embed",
     "prefer_backend",
+    "recompute_conv_bn_outputs",
     "replay",
     "set_backend",
     "set_keep_conv_outputs",

@@ -45,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bias_act_backward", &k::conv_bias_act_backward, "shvit::conv_bias_act_backward");
   m.def("conv_bn_train", &k::conv_bn_train, "shvit::conv_bn_train forward");
   m.def("conv_bn_train_backward", &k::conv_bn_train_backward, "shvit::conv_bn_train_backward");
+  m.def("conv_bn_train_output", &k::conv_bn_train_output, "shvit::conv_bn_train_output");
   m.def("patch_embed", &k::patch_embed, "shvit::patch_embed forward");
   m.def("ffn_fused", &k::ffn_fused, "shvit::ffn_fused forward");
   m.def("ffn_fused_backward", &k::ffn_fused_backward, "shvit::ffn_fused_backward");

@@ -724,6 +724,47 @@ void check_grad_and_out(const char* op, const at::Tensor& grad_out, const at::Te
   }
 }
 
+
+// The residual (4-D, like's dtype and shape) in layout fmt, or an undefined tensor without one.
+at::Tensor checked_residual(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& like,
+                            at::MemoryFormat fmt) {
+  if (!residual.has_value() || !residual->defined()) return {};
+  check_float_tensor(*residual, op, "residual", 4);
+  check_same_dtype(*residual, like, op, "residual");
+  check_shape(*residual, like.sizes(), op, "residual");
+  return residual->contiguous(fmt);
+}
+
+// scale = gamma / sqrt(var + eps) and shift = beta - mean * scale per channel (fp32 outputs), rounded step by step in
+// fp32 as the reference's eager ops do; the forward and conv_bn_train_output share it, so a recomputed output is
+// the forward's bit for bit.
+void bn_scale_shift(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_weight,
+                    const at::Tensor& bn_bias, double eps, const at::Tensor& scale, const at::Tensor& shift) {
+  const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous(), beta = bn_bias.to(at::kFloat).contiguous();
+  const float* m = mean.data_ptr<float>();
+  const float* v = var.data_ptr<float>();
+  for (int64_t ch = 0; ch < mean.numel(); ++ch) {
+    const float s = gamma.data_ptr<float>()[ch] * (1.f / std::sqrt(v[ch] + static_cast<float>(eps)));
+    scale.data_ptr<float>()[ch] = s;
+    shift.data_ptr<float>()[ch] = beta.data_ptr<float>()[ch] - m[ch] * s;
+  }
+}
+
+// out = act(y * scale + shift (+ residual)) in one pass; y, residual and out in l's layout.
+template <typename T>
+void normalise(const ChannelLayout& l, const T* yp, const at::Tensor& scale, const at::Tensor& shift, const T* rp,
+               bool relu, T* op_) {
+  const fVec zero(0.f);
+  map_per_channel(l, ChannelParams<2>{{scale.data_ptr<float>(), shift.data_ptr<float>()}},
+                  [=](int64_t i, int64_t n, const fVec* pv) {
+                    fVec v = load_n(yp + i, n) * pv[0] + pv[1];  // not fused, as the reference
+                    // The reference rounds the normalised value to x's dtype before adding the residual.
+                    if (rp) v = round_to<T>(v) + load_n(rp + i, n);
+                    if (relu) v = at::vec::maximum(v, zero);
+                    store_n(v, op_ + i, n);
+                  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
@@ -741,13 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
   TORCH_CHECK(l.count() >= 2, op, ": training BatchNorm needs more than one value per channel, got conv output ",
               y.sizes());
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    check_float_tensor(*residual, op, "residual", 4);
-    check_same_dtype(*residual, x, op, "residual");
-    check_shape(*residual, y.sizes(), op, "residual");
-    res = residual->contiguous(fmt);
-  }
+  const at::Tensor res = checked_residual(op, residual, y, fmt);
   // The mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
   // bit: lock-step training parity (tests/test_train.py) amplifies any other rounding of it past its bound, a
   // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order.
@@ -768,30 +803,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
                                     v[0] = d;
                                     v[1] = d * d;
                                   }, sums.data());
-    const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous(), beta = bn_bias.to(at::kFloat).contiguous();
     const double count = static_cast<double>(l.count());
     for (int64_t ch = 0; ch < c; ++ch) {
       const double d = sums[ch] / count;
-      const float m = mean.data_ptr<float>()[ch], vf = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
-      // scale and shift rounded step by step in fp32 as the reference's eager ops do.
-      const float s = gamma.data_ptr<float>()[ch] * (1.f / std::sqrt(vf + static_cast<float>(eps)));
-      var.data_ptr<float>()[ch] = vf;
-      scale.data_ptr<float>()[ch] = s;
-      shift.data_ptr<float>()[ch] = beta.data_ptr<float>()[ch] - m * s;
+      var.data_ptr<float>()[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
     }
-    const T* rp = res.defined() ? res.data_ptr<T>() : nullptr;
-    T* op_ = out.data_ptr<T>();
-    const fVec zero(0.f);
-    map_per_channel(l, ChannelParams<2>{{scale.data_ptr<float>(), shift.data_ptr<float>()}},
-                    [=](int64_t i, int64_t n, const fVec* pv) {
-                      fVec v = load_n(yp + i, n) * pv[0] + pv[1];  // not fused, as the reference
-                      // The reference rounds the normalised value to x's dtype before adding the residual.
-                      if (rp) v = round_to<T>(v) + load_n(rp + i, n);
-                      if (relu) v = at::vec::maximum(v, zero);
-                      store_n(v, op_ + i, n);
-                    });
+    bn_scale_shift(mean, var, bn_weight, bn_bias, eps, scale, shift);
+    normalise(l, yp, scale, shift, res.defined() ? res.data_ptr<T>() : nullptr, relu, out.data_ptr<T>());
   });
   return {out, mean, var, keep_conv_output ? y : at::empty({0}, y.options())};
+}
+
+at::Tensor conv_bn_train_output(const at::Tensor& conv_output, const at::Tensor& bn_weight,
+                                const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+                                bool relu, const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "shvit cpp conv_bn_train_output";
+  check_float_tensor(conv_output, op, "conv_output", 4);
+  const int64_t c = conv_output.size(1);
+  check_channel_vector(bn_weight, op, "bn_weight", c);
+  check_channel_vector(bn_bias, op, "bn_bias", c);
+  for (const NamedTensor& t : {NamedTensor{&mean, "mean"}, NamedTensor{&var, "var"}}) {
+    check_channel_vector(*t.first, op, t.second, c);
+    TORCH_CHECK(t.first->scalar_type() == at::kFloat, op, ": '", t.second, "' must be float32 (the forward's "
+                "statistics), got ", t.first->scalar_type());
+  }
+  TORCH_CHECK(eps >= 0, op, ": 'eps' must be >= 0, got ", eps);
+  const auto fmt = activation_format(conv_output);
+  const at::Tensor y = conv_output.contiguous(fmt);
+  TORCH_CHECK(!residual.has_value() || !residual->defined() || residual->scalar_type() == y.scalar_type(), op,
+              ": 'residual' has dtype ", residual.has_value() ? residual->scalar_type() : y.scalar_type(),
+              " but 'conv_output' has ", y.scalar_type(), "; they must match");
+  const at::Tensor res = checked_residual(op, residual, y, fmt);
+  const at::Tensor out = empty_output(y.sizes(), y.options(), fmt);
+  if (y.numel() == 0) return out;
+  const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
+  const at::Tensor scale = at::empty({c}, mean.options()), shift = at::empty({c}, mean.options());
+  bn_scale_shift(mean.contiguous(), var.contiguous(), bn_weight, bn_bias, eps, scale, shift);
+  SHVIT_DISPATCH_FLOAT_BF16(y.scalar_type(), "shvit_conv_bn_train_output", [&] {
+    normalise(l, y.data_ptr<scalar_t>(), scale, shift, res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu,
+              out.data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(

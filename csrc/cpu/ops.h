@@ -75,6 +75,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     int64_t stride, int64_t padding, int64_t groups, double eps, bool relu, const std::optional<at::Tensor>& residual,
     bool keep_conv_output);
 
+// A training Conv+BN's output recomputed from its conv output, the forward's statistics and its residual.
+at::Tensor conv_bn_train_output(const at::Tensor& conv_output, const at::Tensor& bn_weight,
+                                const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, double eps,
+                                bool relu, const std::optional<at::Tensor>& residual);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& out, int64_t stride,

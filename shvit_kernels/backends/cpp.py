@@ -279,6 +279,14 @@ def dtype_reasons(x, **args) -> List[str]:
     return []
 
 
+def conv_bn_train_output_reasons(conv_output, mean, var, **_) -> List[str]:
+    """conv_bn_train_output: a conv output in fp32 or bf16 with the forward's fp32 statistics."""
+    reasons = dtype_reasons(conv_output)
+    if mean.dtype != torch.float32 or var.dtype != torch.float32:
+        reasons.append(f"the cpp backend takes the statistics in float32, got {mean.dtype} and {var.dtype}")
+    return reasons
+
+
 def conv_support_reasons(x, weight, stride, padding, groups, **args) -> List[str]:
     """Why the C++ convolutions cannot run this call (dense: any kernel; grouped: depthwise 3x3 only)."""
     reasons = dtype_reasons(x, weight=weight, **args)
@@ -346,6 +354,7 @@ NOT_SUPPORTED = {
     "conv_bias_act_backward": dtype_reasons,
     "conv_bn_train": dtype_reasons,
     "conv_bn_train_backward": dtype_reasons,
+    "conv_bn_train_output": conv_bn_train_output_reasons,
     "ffn_fused": dtype_reasons,
     "ffn_fused_backward": dtype_reasons,
     "shsa_fused": dtype_reasons,
