@@ -389,9 +389,9 @@ class SHViT(nn.Module):
 
     def _training_memory(self):
         """Training: each Conv+BN output that its kept conv output can give back is recomputed in the backward
-        pass instead of held (``shvit_kernels.recompute_conv_bn_outputs``)."""
+        pass instead of held (``shvit_kernels.recompute_cheap_tensors``)."""
         if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return shvit_kernels.recompute_conv_bn_outputs()
+            return shvit_kernels.recompute_cheap_tensors()
         return contextlib.nullcontext()
 
     def _replayed_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:

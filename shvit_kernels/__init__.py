@@ -22,8 +22,8 @@ Memory:
     keep_conv_outputs(min_macs) (context manager) / set_keep_conv_outputs(min_macs), env
     SHVIT_KERNELS_KEEP_CONV_OUTPUTS: which training Conv+BN ops keep their conv output for backward (faster)
     instead of recomputing it (less memory)
-    recompute_conv_bn_outputs() (context manager; SHViT's training forward enters it): a Conv+BN that keeps its
-    conv output lets the backward recompute its output from it instead of holding both
+    recompute_cheap_tensors() (context manager; SHViT's training forward enters it): tensors cheap to recompute
+    (a Conv+BN output from its kept conv output) are recomputed in the backward instead of held
 """
 
 from . import autotune, dispatch
@@ -33,9 +33,9 @@ from .ops.conv_bn import (
     conv_bn,
     fold_bn,
     keep_conv_outputs,
-    recompute_conv_bn_outputs,
     set_keep_conv_outputs,
 )
+from .ops._recompute import recompute_cheap_tensors
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
 from .ops.squeeze_excite import squeeze_excite
@@ -83,7 +83,7 @@ __all__ = [
     "keep_conv_outputs",
     "patch_embed",
     "prefer_backend",
-    "recompute_conv_bn_outputs",
+    "recompute_cheap_tensors",
     "replay",
     "set_backend",
     "set_keep_conv_outputs",

@@ -1,9 +1,9 @@
-"""Training Conv+BN outputs recomputed in the backward pass from the kept conv output (issue #16's memory).
+"""Saved tensors recomputed in the backward pass instead of held (issue #16's memory).
 
-Inside ``shvit_kernels.recompute_conv_bn_outputs`` (SHViT's training forward enters it) an op that keeps its conv
-output saves that instead of its output, wherever the output is saved; ``shvit::conv_bn_train_output`` gives the
-output back in the backward. It must give the forward's output bit for bit on the same backend, so a training step
-has the same gradients with and without it, while the output itself is freed after the forward.
+Inside ``shvit_kernels.recompute_cheap_tensors`` (SHViT's training forward enters it) an op that keeps its conv
+output saves that instead of its output, wherever the output is saved, and ``shvit::conv_bn_train_output`` gives the
+output back in the backward. It must be the forward's bit for bit on the same backend, so a training step has the
+same gradients with and without it, while the output itself is freed after the forward.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def tiny_model():
 
 def training_grads(model, x, labels, recompute, amp):
     m = copy.deepcopy(model)
-    with K.recompute_conv_bn_outputs(recompute), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with K.recompute_cheap_tensors(recompute), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         logits = m(x)
     F.cross_entropy(logits.float(), labels).backward()
     return {n: p.grad for n, p in m.named_parameters()}
@@ -81,7 +81,7 @@ def training_grads(model, x, labels, recompute, amp):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_has_the_same_gradients_with_recomputed_outputs(backend, amp):
     """SHViT's training forward recomputes outputs by default; every gradient matches the run that holds them.
-    The run is also compared against one that holds them, with ``recompute_conv_bn_outputs(False)`` nested inside
+    The run is also compared against one that holds them, with ``recompute_cheap_tensors(False)`` nested inside
     the model's own block, so the switch is shown to take effect."""
     model = tiny_model()
     g = torch.Generator().manual_seed(1)
@@ -106,7 +106,7 @@ def test_output_is_freed_after_the_forward_and_recomputed_for_the_backward():
     ones, zeros = torch.ones(4), torch.zeros(4)
     grads = []
     for recompute in (True, False):
-        with K.keep_conv_outputs("all"), K.recompute_conv_bn_outputs(recompute):
+        with K.keep_conv_outputs("all"), K.recompute_cheap_tensors(recompute):
             hidden = K.conv_bn(x, w, bn_w, bn_b, None, None, training=True, relu=True)
             out = K.conv_bn(hidden, w2, ones, zeros, None, None, training=True)
         alive = weakref.ref(hidden)
@@ -131,7 +131,7 @@ def test_other_saved_tensor_hooks_keep_their_tensors():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with K.keep_conv_outputs("all"), K.recompute_conv_bn_outputs():
+        with K.keep_conv_outputs("all"), K.recompute_cheap_tensors():
             hidden = K.conv_bn(x, w, bn_w, bn_b, None, None, training=True, relu=True)
     assert any(t is hidden for t in seen)
     hidden.sum().backward()
@@ -139,5 +139,5 @@ def test_other_saved_tensor_hooks_keep_their_tensors():
 
 def test_recompute_switch_takes_a_bool():
     with pytest.raises(TypeError, match="'enabled' must be a bool"):
-        with K.recompute_conv_bn_outputs("yes"):
+        with K.recompute_cheap_tensors("yes"):
             pass

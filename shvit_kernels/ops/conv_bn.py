@@ -20,15 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 import warnings
-import weakref
 from typing import Iterator, Optional
 
 import torch
 
 from .. import dispatch
-from . import _common
+from . import _common, _recompute
 from ..tracing import untraced_check
 from ._common import (
     acc_dtype,
@@ -218,7 +216,7 @@ conv_bn_train_backward_op = define_op(
 )
 
 
-# For the backward of a training Conv+BN that kept its conv output (see recompute_conv_bn_outputs).
+# For the backward of a training Conv+BN that kept its conv output (see _recompute.recompute_cheap_tensors).
 conv_bn_train_output_op = define_op(
     "conv_bn_train_output",
     "(Tensor conv_output, Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, float eps, bool relu, "
@@ -245,7 +243,7 @@ def _conv_bias_act_backward(ctx, grad_out):
 def _conv_bn_train_setup(ctx, inputs, output):
     x, weight, bn_weight, bn_bias, stride, padding, groups, eps, relu, residual, keep_conv_output = inputs
     out, mean, var, y = output
-    if keep_conv_output and _recomputed_outputs.offer(out, y, bn_weight, bn_bias, mean, var, eps, relu, residual):
+    if keep_conv_output and _offer_output(out, y, bn_weight, bn_bias, mean, var, eps, relu, residual):
         if not relu:  # out only gives the backward its ReLU mask: the kept y (same shape and dtype) stands in
             out = y
     ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var, out, y if keep_conv_output else None)
@@ -483,101 +481,32 @@ def keep_conv_outputs(min_macs) -> Iterator[None]:
         set_keep_conv_outputs(previous)
 
 
-class _RecomputedOutput:
-    """A training Conv+BN's output held for the backward pass as its kept conv output and the forward's statistics,
-    and recomputed there on first use (one elementwise pass; later uses share it)."""
+class _RecomputedOutput(_recompute.Recipe):
+    """A training Conv+BN's output from its kept conv output, the forward's statistics and its residual."""
 
-    __slots__ = ("conv_output", "bn_weight", "bn_bias", "mean", "var", "eps", "relu", "residual", "forcing", "_out")
+    __slots__ = ("conv_output", "bn_weight", "bn_bias", "mean", "var", "eps", "relu", "residual", "forcing")
 
     def __init__(self, conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual):
+        super().__init__()
         self.conv_output, self.mean, self.var, self.eps, self.relu = conv_output, mean, var, eps, relu
         self.residual = residual
         # Copies: a BatchNorm parameter changed in place before the backward must not change the output.
         self.bn_weight, self.bn_bias = bn_weight.detach().clone(), bn_bias.detach().clone()
         self.forcing = dispatch.current_forcing()
-        self._out = None
 
-    def get(self) -> torch.Tensor:
-        if self._out is None:
-            with torch.no_grad(), dispatch.forcing(self.forcing):
-                self._out = _common.call_op(conv_bn_train_output_op, self.conv_output, self.bn_weight, self.bn_bias,
-                                            self.mean, self.var, self.eps, self.relu, self.residual)
-        return self._out
+    def make(self) -> torch.Tensor:
+        with dispatch.forcing(self.forcing):
+            return _common.call_op(conv_bn_train_output_op, self.conv_output, self.bn_weight, self.bn_bias,
+                                   self.mean, self.var, self.eps, self.relu, self.residual)
 
 
-class _RecomputedOutputs(threading.local):
-    """This thread's outputs offered for recomputation inside :func:`recompute_conv_bn_outputs`, and its
-    saved-tensor hooks: an offered output saved by any op (its Conv+BN for the ReLU mask, the ops it feeds for
-    their gradients) is saved as a :class:`_RecomputedOutput`."""
-
-    def __init__(self):
-        self.active = False
-        self.disabled = 0  # recompute_conv_bn_outputs(False) blocks entered
-        self.offered = {}  # id(out) -> (weak reference to out, out's version when offered, _RecomputedOutput)
-
-    def would_take(self, residual) -> bool:
-        """Whether an output made with this residual (or None) would be offered. The residual is held as it is:
-        one that is itself an offered output would chain the recomputations (a residual stream recomputed back to
-        the stem at the backward's first use, and held until its end)."""
-        return self.active and (residual is None or self.pack(residual) is residual)
-
-    def offer(self, out, conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual) -> bool:
-        """Saved tensors that are ``out`` are saved as a recipe from here on; whether it was taken."""
-        if not self.would_take(residual) or conv_output.stride() != out.stride() or conv_output.dtype != out.dtype:
-            return False
-        if residual is not None and residual.stride() != out.stride():
-            return False
-        recipe = _RecomputedOutput(conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual)
-        self.offered[id(out)] = (weakref.ref(out), out._version, recipe)
-        return True
-
-    def pack(self, t):
-        entry = self.offered.get(id(t))
-        # The very tensor, unchanged since its op made it (an in-place change after that makes it another value).
-        if entry is not None and entry[0]() is t and t._version == entry[1]:
-            return entry[2]
-        return t
-
-    @staticmethod
-    def unpack(saved):
-        return saved.get() if type(saved) is _RecomputedOutput else saved
-
-
-_recomputed_outputs = _RecomputedOutputs()
-
-
-@contextlib.contextmanager
-def recompute_conv_bn_outputs(enabled: bool = True) -> Iterator[None]:
-    """Inside the block, a training Conv+BN (no residual) that keeps its conv output for the backward pass (see
-    :func:`keep_conv_outputs`) does not also hold its output for it: the backward recomputes the output from the
-    conv output and the batch statistics (one elementwise pass, bit for bit the forward's on the cpp backend),
-    wherever it was saved (by the op itself for its ReLU mask, by the ops it feeds). About a fifth less activation
-    memory in SHViT's training step, whose model enters this block itself. ``enabled=False`` turns it off inside
-    (the blocks entered there, a model's included).
-
-    Nothing changes where autograd is off, under torch.compile, or inside other saved-tensor hooks (activation
-    checkpointing or offloading keep theirs).
-    """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"recompute_conv_bn_outputs: 'enabled' must be a bool, got {type(enabled).__name__}")
-    state = _recomputed_outputs
-    if not enabled:  # off for the block, blocks entered inside it included
-        previous, state.active = state.active, False
-        state.disabled += 1
-        try:
-            yield
-        finally:
-            state.disabled -= 1
-            state.active = previous
-        return
-    if (state.active or state.disabled or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
-        yield
-        return
-    state.active = True
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):
-            yield
-    finally:
-        state.active = False
-        state.offered.clear()
+def _offer_output(out, conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual) -> bool:
+    """Offer a training Conv+BN's output for recomputation (see recompute_cheap_tensors); whether it was taken. Its
+    residual is held as it is: one that is itself offered would chain the recomputations (a residual stream
+    recomputed back to the stem at the backward's first use, and held until its end), so such outputs are not."""
+    if not _recompute.offers.active or conv_output.stride() != out.stride() or conv_output.dtype != out.dtype:
+        return False
+    if residual is not None and (residual.stride() != out.stride() or _recompute.offers.is_offered(residual)):
+        return False
+    recipe = _RecomputedOutput(conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual)
+    return _recompute.offers.offer(out, recipe)
