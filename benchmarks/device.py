@@ -223,7 +223,7 @@ class PeakMemory:
 # A fresh process's environment for a CPU peak that follows the live allocations: glibc then maps every block from
 # 128 KiB up on allocation and unmaps it when freed. By default it raises that threshold as blocks are freed and keeps
 # later ones in its heap, whose freed pages stay resident: the same fused S1 training step (bf16, batch 16, AMD Zen 5,
-# 2026-12-04) measured 125-144 MiB of resident-set growth that way from run to run, against 94 MiB this way. CUDA's
+# 2026-12-04) measured 120-137 MiB of resident-set growth that way from run to run, against 90 MiB this way. CUDA's
 # max_memory_allocated, this benchmark's peak there, likewise counts live blocks, not the allocator's reserve.
 LIVE_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 LIVE_PEAK_HOW = "the resident set's growth with glibc's mmap threshold fixed at 128 KiB (live blocks)"

@@ -3,7 +3,7 @@
 Inside :func:`recompute_cheap_tensors` the ops offer such tensors as they make them: a training Conv+BN's output
 that its kept conv output gives back (ops/conv_bn.py). Saved-tensor hooks then save an offered tensor, wherever an op
 saves it, as its recipe; the backward recomputes it on first use, and later uses share that. (Autocast's casts of the
-parameters and of the input, offered the same way, saved 1.6-2.7 MiB of S1's 77 MiB bf16 step and cost it 3-5% of
+parameters and of the input, offered the same way, saved 1.2-2.5 MiB of S1's 73 MiB bf16 step and cost it 3-5% of
 its speed, AMD Zen 5, 2026-12-04: not offered.)
 """
 
