@@ -119,6 +119,32 @@ def test_output_is_freed_after_the_forward_and_recomputed_for_the_backward():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_a_residual_stream_recomputes_one_link_deep():
+    """out2 = f(out1) + out1 is recomputed from out1's recipe in turn; out3 = g(out2) + out2 would need a chain of
+    two and keeps out2's output for real. Gradients match the run that holds everything."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    ws = [torch.nn.Parameter(torch.randn(8, 8, 1, 1, generator=g) * 0.3) for _ in range(3)]
+    ones, zeros = torch.ones(8), torch.zeros(8)
+    grads, freed = [], []
+    for recompute in (True, False):
+        with K.keep_conv_outputs("all"), K.recompute_cheap_tensors(recompute):
+            out1 = K.conv_bn(x, ws[0], ones, zeros, None, None, training=True, relu=True)
+            out2 = K.conv_bn(out1, ws[1], ones, zeros, None, None, training=True, residual=out1)
+            out3 = K.conv_bn(out2, ws[2], ones, zeros, None, None, training=True, residual=out2)
+            out4 = K.conv_bn(out3, ws[0], ones, zeros, None, None, training=True)
+        refs = [weakref.ref(t) for t in (out1, out2, out3)]
+        del out1, out2, out3
+        gc.collect()
+        freed.append([r() is None for r in refs])
+        out4.square().sum().backward()
+        grads.append([w.grad.clone() for w in ws])
+        for w in ws:
+            w.grad = None
+    assert freed == [[True, True, False], [False, False, False]]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_other_saved_tensor_hooks_keep_their_tensors():
     """Inside a user's saved-tensor hooks (activation offloading, checkpointing) the user's hooks see every saved
     tensor: the recomputation stays off."""

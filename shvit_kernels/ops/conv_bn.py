@@ -482,7 +482,8 @@ def keep_conv_outputs(min_macs) -> Iterator[None]:
 
 
 class _RecomputedOutput(_recompute.Recipe):
-    """A training Conv+BN's output from its kept conv output, the forward's statistics and its residual."""
+    """A training Conv+BN's output from its kept conv output, the forward's statistics and its residual (a tensor,
+    None, or the recipe of a residual recomputed in turn)."""
 
     __slots__ = ("conv_output", "bn_weight", "bn_bias", "mean", "var", "eps", "relu", "residual", "forcing")
 
@@ -495,18 +496,26 @@ class _RecomputedOutput(_recompute.Recipe):
         self.forcing = dispatch.current_forcing()
 
     def make(self) -> torch.Tensor:
+        residual = self.residual.get() if isinstance(self.residual, _recompute.Recipe) else self.residual
         with dispatch.forcing(self.forcing):
             return _common.call_op(conv_bn_train_output_op, self.conv_output, self.bn_weight, self.bn_bias,
-                                   self.mean, self.var, self.eps, self.relu, self.residual)
+                                   self.mean, self.var, self.eps, self.relu, residual)
 
 
 def _offer_output(out, conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual) -> bool:
-    """Offer a training Conv+BN's output for recomputation (see recompute_cheap_tensors); whether it was taken. Its
-    residual is held as it is: one that is itself offered would chain the recomputations (a residual stream
-    recomputed back to the stem at the backward's first use, and held until its end), so such outputs are not."""
+    """Offer a training Conv+BN's output for recomputation (see recompute_cheap_tensors); whether it was taken.
+
+    A residual that is itself offered is recomputed in turn, from a residual held as it is: longer chains are
+    refused, as they would recompute a whole residual stream at the backward's first use and hold it."""
     if not _recompute.offers.active or conv_output.stride() != out.stride() or conv_output.dtype != out.dtype:
         return False
-    if residual is not None and (residual.stride() != out.stride() or _recompute.offers.is_offered(residual)):
-        return False
+    if residual is not None:
+        if residual.stride() != out.stride():
+            return False
+        saved = _recompute.offers.pack(residual)
+        if saved is not residual:
+            if not isinstance(saved, _RecomputedOutput) or isinstance(saved.residual, _recompute.Recipe):
+                return False
+            residual = saved
     recipe = _RecomputedOutput(conv_output, bn_weight, bn_bias, mean, var, eps, relu, residual)
     return _recompute.offers.offer(out, recipe)
