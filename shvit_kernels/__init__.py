@@ -54,7 +54,8 @@ def empty_cache(packed_weights: bool = True) -> int:
     """Free the output blocks the cpp backend keeps for reuse; returns the bytes freed (0 when it has none).
 
     Outputs of 256 KiB and more reuse released blocks of the same size (at most 4 per size and
-    ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off).
+    ``SHVIT_CPU_OUTPUT_CACHE_MB`` MiB in all, default 512; ``SHVIT_CPU_OUTPUT_CACHE=0`` turns the cache off); a call
+    that needs a size the cache lacks frees the blocks no call has taken for 64 allocations.
     Like ``torch.cuda.empty_cache``, call it after a run at sizes that will not come again. Unless
     ``packed_weights=False`` it also forgets the packed weight copies the cpp backend keeps (a weight still in use
     is repacked on its next call).
