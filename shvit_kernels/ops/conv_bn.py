@@ -225,6 +225,7 @@ conv_bn_train_output_op = define_op(
     _conv_bn_train_output_fake,
 )
 
+
 def _conv_bias_act_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, groups, relu, residual = inputs
     ctx.save_for_backward(x, weight, bias, residual, output)
