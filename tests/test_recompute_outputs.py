@@ -163,6 +163,29 @@ def test_other_saved_tensor_hooks_keep_their_tensors():
     hidden.sum().backward()
 
 
+def test_a_function_compiled_inside_the_block_traces_and_matches_eager():
+    """torch.compile(fullgraph=True) of training Conv+BN ops called inside the block: the traced graph saves what it
+    saves (nothing is offered while tracing) and its gradients are eager's."""
+    torch._dynamo.reset()
+    x, w, bn_w, bn_b, *_ = conv_bn_args(torch.float32, True, True, False)
+    w = torch.nn.Parameter(w)
+    w2 = torch.nn.Parameter(torch.randn(10, 10, 1, 1) * 0.3)
+
+    def block(x):
+        hidden = K.conv_bn(x, w, bn_w, bn_b, None, None, training=True, relu=True)
+        return K.conv_bn(hidden, w2, bn_w, bn_b, None, None, training=True, residual=hidden)
+
+    grads = []
+    for fn in (block, torch.compile(block, fullgraph=True, backend="aot_eager")):
+        with K.keep_conv_outputs("all"), K.recompute_cheap_tensors():
+            out = fn(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), w.grad.clone(), w2.grad.clone()))
+        w.grad = w2.grad = None
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager)
+
+
 def test_recompute_switch_takes_a_bool():
     with pytest.raises(TypeError, match="'enabled' must be a bool"):
         with K.recompute_cheap_tensors("yes"):

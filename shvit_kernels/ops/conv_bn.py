@@ -508,7 +508,9 @@ def _offer_output(out, conv_output, bn_weight, bn_bias, mean, var, eps, relu, re
 
     A residual that is itself offered is recomputed in turn, from a residual held as it is: longer chains are
     refused, as they would recompute a whole residual stream at the backward's first use and hold it."""
-    if not _recompute.offers.active or conv_output.stride() != out.stride() or conv_output.dtype != out.dtype:
+    if not _recompute.offers.active or torch.compiler.is_compiling():  # traced: the graph saves what it saves
+        return False
+    if conv_output.stride() != out.stride() or conv_output.dtype != out.dtype:
         return False
     if residual is not None:
         if residual.stride() != out.stride():
