@@ -232,17 +232,18 @@ LIVE_PEAK_HOW = "the resident set's growth with glibc's mmap threshold fixed at 
 def run_in_fresh_process(script: str, flag: str, spec: dict, timeout: Optional[float] = None,
                          env: Optional[dict] = None) -> dict:
     """Run ``python script flag JSON(spec)`` with the repository on the path (and ``env`` added to the
-    environment); its last stdout line is a JSON dict. A failure or a timeout comes back as ``dict(spec, error=...)``."""
+    environment); its last stdout line is a JSON dict. A failure or a timeout comes back as
+    ``dict(spec, error=...)``."""
     import json
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, **(env or {}),
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    child_env = dict(os.environ, **(env or {}),
+                     PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     try:
         done = subprocess.run([sys.executable, script, flag, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout, env=child_env)
     except subprocess.TimeoutExpired:
         return dict(spec, error=f"timed out after {timeout:.0f} s")
     if done.returncode:

@@ -390,7 +390,7 @@ class SHViT(nn.Module):
     def _training_memory(self):
         """Training: each Conv+BN output that its kept conv output can give back is recomputed in the backward
         pass instead of held (``shvit_kernels.recompute_cheap_tensors``)."""
-        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.training and not torch.compiler.is_compiling():  # the block itself stays off without autograd
             return shvit_kernels.recompute_cheap_tensors()
         return contextlib.nullcontext()
 

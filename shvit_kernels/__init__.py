@@ -28,13 +28,7 @@ Memory:
 
 from . import autotune, dispatch
 from .dispatch import BACKENDS, backend_table, chosen_backend, forced_backend, prefer_backend, set_backend, use_backend
-from .ops.conv_bn import (
-    conv_bias_act,
-    conv_bn,
-    fold_bn,
-    keep_conv_outputs,
-    set_keep_conv_outputs,
-)
+from .ops.conv_bn import conv_bias_act, conv_bn, fold_bn, keep_conv_outputs, set_keep_conv_outputs
 from .ops._recompute import recompute_cheap_tensors
 from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused

@@ -145,8 +145,9 @@ void trim_locked(OutputCache& cache, size_t limit) {
 // On a miss (a size the cache has no block for), frees the blocks no call has taken for kIdleAllocations
 // allocations. A run whose sizes repeat (an inference loop) stops missing once warm and keeps its blocks; in a
 // training step, blocks of one stage's sizes freed in the forward sat there through the rest of the step (S1 bf16 at
-// batch 64, AMD Zen 5, 2026-12-04: 70 MiB of them at the step's peak). 64: live peak 282 -> 254 MiB there, fp32 batch 16 121 -> 111 MiB, speed 1.000x / 1.003x (bf16, in-process
-// A/B) and 0.987x (fp32, within its 0.95..1.03 rounds); 16 saved more but cost bf16 1-2%.
+// batch 64, AMD Zen 5, 2026-12-04: 70 MiB of them at the step's peak). 64: live peak 282 -> 254 MiB there, fp32
+// batch 16 121 -> 111 MiB, speed 1.000x / 1.003x (bf16, in-process A/B) and 0.987x (fp32, within its 0.95..1.03
+// rounds); 16 saved more but cost bf16 1-2%.
 void free_idle_locked(OutputCache& cache) {
   for (auto entry = cache.free_blocks.begin(); entry != cache.free_blocks.end();) {
     auto& blocks = entry->second;

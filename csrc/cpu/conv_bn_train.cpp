@@ -724,13 +724,14 @@ void check_grad_and_out(const char* op, const at::Tensor& grad_out, const at::Te
   }
 }
 
-
-// The residual (4-D, like's dtype and shape) in layout fmt, or an undefined tensor without one.
+// The residual (4-D, like's dtype and shape; like is the argument like_name or has its dtype) in layout fmt, or an
+// undefined tensor without one.
 at::Tensor checked_residual(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& like,
-                            at::MemoryFormat fmt) {
+                            const char* like_name, at::MemoryFormat fmt) {
   if (!residual.has_value() || !residual->defined()) return {};
   check_float_tensor(*residual, op, "residual", 4);
-  check_same_dtype(*residual, like, op, "residual");
+  TORCH_CHECK(residual->scalar_type() == like.scalar_type(), op, ": 'residual' has dtype ", residual->scalar_type(),
+              " but '", like_name, "' has ", like.scalar_type(), "; they must match");
   check_shape(*residual, like.sizes(), op, "residual");
   return residual->contiguous(fmt);
 }
@@ -741,12 +742,12 @@ at::Tensor checked_residual(const char* op, const std::optional<at::Tensor>& res
 void bn_scale_shift(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_weight,
                     const at::Tensor& bn_bias, double eps, const at::Tensor& scale, const at::Tensor& shift) {
   const at::Tensor gamma = bn_weight.to(at::kFloat).contiguous(), beta = bn_bias.to(at::kFloat).contiguous();
-  const float* m = mean.data_ptr<float>();
-  const float* v = var.data_ptr<float>();
+  const float *m = mean.data_ptr<float>(), *v = var.data_ptr<float>(), *g = gamma.data_ptr<float>(),
+              *b = beta.data_ptr<float>();
+  float *sp = scale.data_ptr<float>(), *tp = shift.data_ptr<float>();
   for (int64_t ch = 0; ch < mean.numel(); ++ch) {
-    const float s = gamma.data_ptr<float>()[ch] * (1.f / std::sqrt(v[ch] + static_cast<float>(eps)));
-    scale.data_ptr<float>()[ch] = s;
-    shift.data_ptr<float>()[ch] = beta.data_ptr<float>()[ch] - m[ch] * s;
+    sp[ch] = g[ch] * (1.f / std::sqrt(v[ch] + static_cast<float>(eps)));
+    tp[ch] = b[ch] - m[ch] * sp[ch];
   }
 }
 
@@ -782,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
   TORCH_CHECK(l.count() >= 2, op, ": training BatchNorm needs more than one value per channel, got conv output ",
               y.sizes());
-  const at::Tensor res = checked_residual(op, residual, y, fmt);
+  const at::Tensor res = checked_residual(op, residual, y, "x", fmt);
   // The mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
   // bit: lock-step training parity (tests/test_train.py) amplifies any other rounding of it past its bound, a
   // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order.
@@ -830,10 +831,7 @@ at::Tensor conv_bn_train_output(const at::Tensor& conv_output, const at::Tensor&
   TORCH_CHECK(eps >= 0, op, ": 'eps' must be >= 0, got ", eps);
   const auto fmt = activation_format(conv_output);
   const at::Tensor y = conv_output.contiguous(fmt);
-  TORCH_CHECK(!residual.has_value() || !residual->defined() || residual->scalar_type() == y.scalar_type(), op,
-              ": 'residual' has dtype ", residual.has_value() ? residual->scalar_type() : y.scalar_type(),
-              " but 'conv_output' has ", y.scalar_type(), "; they must match");
-  const at::Tensor res = checked_residual(op, residual, y, fmt);
+  const at::Tensor res = checked_residual(op, residual, y, "conv_output", fmt);
   const at::Tensor out = empty_output(y.sizes(), y.options(), fmt);
   if (y.numel() == 0) return out;
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};

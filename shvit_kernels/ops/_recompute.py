@@ -57,9 +57,6 @@ class _Offers(threading.local):
             return entry[2]
         return t
 
-    def is_offered(self, t: torch.Tensor) -> bool:
-        return self.pack(t) is not t
-
     @staticmethod
     def unpack(saved):
         return saved.get() if isinstance(saved, Recipe) else saved
