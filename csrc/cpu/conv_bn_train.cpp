@@ -7,7 +7,8 @@
 // g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
 // fp64) and g, then the conv's gradients, accumulated in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs
 // where measured faster than ATen's convolution_backward (the 1x1 ones take dy chunk by chunk from the pass, and in
-// bf16 multiply bf16 pairs where bf16 GEMMs do), the rest on it in fp32.
+// bf16 multiply bf16 pairs where bf16 GEMMs do), the rest on it in fp32. bf16 over many values per channel
+// (kFp32Count) sums in fp32 blocks into fp64 totals and computes dy in fp32.
 #include "ops.h"
 
 #include <array>
@@ -199,6 +200,10 @@ void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor
               ": input spatial size ", x.sizes().slice(2), " is smaller than the kernel ", weight.sizes().slice(2),
               " with padding ", padding);
 }
+
+// bf16 Conv+BN over at least this many values per channel sums its statistics in fp32 blocks (see conv_bn_train and
+// its backward).
+constexpr int64_t kFp32Count = 256;
 
 // oneDNN's bf16 conv with stride > 1 and a one-pixel-wide output returned wrong values (torch 2.13.0, Xeon with AMX,
 // 2026-12-02): such convs, and their gradients, run in fp32.
@@ -796,14 +801,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     using T = scalar_t;
     const T* yp = y.data_ptr<T>();
     // Second pass: fp64 sums of d = y - mean and d^2, so var = E[d^2] - E[d]^2 (E[d] ~ 0: the fp32 mean's rounding)
-    // is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does.
+    // is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does. bf16 over many
+    // values (kFp32Count) sums in fp32 blocks into fp64 totals: var may then differ from torch.var's by an ulp, far
+    // below what the bf16 output resolves.
     std::vector<double> sums(2 * c);
-    reduce_per_channel<2, double>(l, ChannelParams<1>{{mean.data_ptr<float>()}},
-                                  [yp](int64_t i, int64_t n, const fVec* pv, dVec* v) {
-                                    const dVec d = widen(load_n(yp + i, n)) - widen(pv[0]);
-                                    v[0] = d;
-                                    v[1] = d * d;
-                                  }, sums.data());
+    const ChannelParams<1> mean_param{{mean.data_ptr<float>()}};
+    if (std::is_same_v<T, BFloat16> && l.count() >= kFp32Count) {
+      reduce_per_channel<2, float>(l, mean_param, [yp](int64_t i, int64_t n, const fVec* pv, fVec* v) {
+        const fVec d = load_n(yp + i, n) - pv[0];
+        v[0] = d;
+        v[1] = d * d;
+      }, sums.data());
+    } else {
+      reduce_per_channel<2, double>(l, mean_param, [yp](int64_t i, int64_t n, const fVec* pv, dVec* v) {
+        const dVec d = widen(load_n(yp + i, n)) - widen(pv[0]);
+        v[0] = d;
+        v[1] = d * d;
+      }, sums.data());
+    }
     const double count = static_cast<double>(l.count());
     for (int64_t ch = 0; ch < c; ++ch) {
       const double d = sums[ch] / count;
@@ -891,19 +906,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   // dy = gamma invstd (g - mean(g) - x_hat mean(g x_hat)) cancels to a small fraction of g where g lies close to
   // the span of 1 and x_hat (BatchNorm over a few values per channel: over two it is exactly eps-sized). fp32
   // statistics then leave errors many times the reference's (whose rounding happens to cancel consistently), so the
-  // statistics and dy are computed in fp64 from the fp32 y and g: then dy's error is y's own rounding.
+  // statistics and dy are computed in fp64 from the fp32 y and g: then dy's error is y's own rounding. A bf16 call
+  // over many values per channel (kFp32Count) sums in fp32 blocks into fp64 totals and computes dy in fp32 from
+  // per-channel fp64 coefficients: dy is rounded to bf16 for the conv's gradients, far above fp32's error unless g
+  // cancels by a factor of 2^15. S4's 224 -> 448 bf16 1x1 backward (batch 16, 16 x 16) took 5.33 ms with the fp64
+  // passes, 4.60 without; its bf16 training step ran 1.06x (AMD Zen 5, 2026-12-04).
   // sums: [0, c) sum(g), [c, 2c) sum(g (y - mean_f)), [2c, 3c) sum(y - mean_f), [3c, 4c) sum((y - mean_f)^2).
+  const bool fp32_passes = x.scalar_type() == at::kBFloat16 && l.count() >= kFp32Count;
   std::vector<double> sums(4 * c), mean64(c), invstd(c), a(c), b(c), d(c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
     using T = scalar_t;
     const T *yp = y.data_ptr<T>(), *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
-    reduce_per_channel<4, double>(l, ChannelParams<1>{{mean_f.data_ptr<float>()}}, [=](int64_t i, int64_t n, const fVec* pv, dVec* v) {
-      const dVec gv = widen(masked_grad(gp + i, outp + i, relu, n)), dev = widen(load_n(yp + i, n)) - widen(pv[0]);
-      v[0] = gv;
-      v[1] = gv * dev;
-      v[2] = dev;
-      v[3] = dev * dev;
-    }, sums.data());
+    const ChannelParams<1> mean_param{{mean_f.data_ptr<float>()}};
+    if (fp32_passes) {
+      reduce_per_channel<4, float>(l, mean_param, [=](int64_t i, int64_t n, const fVec* pv, fVec* v) {
+        const fVec gv = masked_grad(gp + i, outp + i, relu, n), dev = load_n(yp + i, n) - pv[0];
+        v[0] = gv;
+        v[1] = gv * dev;
+        v[2] = dev;
+        v[3] = dev * dev;
+      }, sums.data());
+    } else {
+      reduce_per_channel<4, double>(l, mean_param, [=](int64_t i, int64_t n, const fVec* pv, dVec* v) {
+        const dVec gv = widen(masked_grad(gp + i, outp + i, relu, n)), dev = widen(load_n(yp + i, n)) - widen(pv[0]);
+        v[0] = gv;
+        v[1] = gv * dev;
+        v[2] = dev;
+        v[3] = dev * dev;
+      }, sums.data());
+    }
     const at::Tensor gamma = bn_weight.to(at::kDouble).contiguous();
     const double count = static_cast<double>(l.count());
     for (int64_t ch = 0; ch < c; ++ch) {
@@ -916,34 +947,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
       b[ch] = sums[ch] / count;
       d[ch] = sums[c + ch] / count;
     }
-    // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in fp64, to dy_out; and g (the residual's grad).
     T* g_out = g.data_ptr<T>();
-    const ChannelParams<5, double> params{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}};
     // Captures by value (here and below): pointers read through the caller's frame were reloaded for every vector.
-    auto values = [=](int64_t i, int64_t n, const dVec* pv, auto* dy_out) {
-      const fVec gv = masked_grad(gp + i, outp + i, relu, n);
-      store_n(gv, g_out + i, n);
-      const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
-      store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dy_out, n);
-    };
-    if (!dy_in_chunks) {
-      auto write_dy = [&](auto* dyp) {
-        map_per_channel(l, params, [values, dyp](int64_t i, int64_t n, const dVec* pv) { values(i, n, pv, dyp + i); });
+    auto run = [&](const auto& params, auto values) {
+      if (!dy_in_chunks) {
+        auto write_dy = [&](auto* dyp) {
+          map_per_channel(l, params,
+                          [values, dyp](int64_t i, int64_t n, const auto* pv) { values(i, n, pv, dyp + i); });
+        };
+        if (dy_bf16) write_dy(dy.data_ptr<BFloat16>());
+        else write_dy(dy.data_ptr<float>());
+        return;
+      }
+      auto dy_rows = [&](int64_t r0, int64_t nr, auto* buffer) {
+        map_rows(l, params, r0, r0 + nr, [values, buffer, r0, c](int64_t i, int64_t n, const auto* pv) {
+          values(i, n, pv, buffer + (i - r0 * c));
+        });
+        return static_cast<const std::remove_pointer_t<decltype(buffer)>*>(buffer);
       };
-      if (dy_bf16) write_dy(dy.data_ptr<BFloat16>());
-      else write_dy(dy.data_ptr<float>());
-      return;
-    }
-    auto dy_rows = [&](int64_t r0, int64_t nr, auto* buffer) {
-      map_rows(l, params, r0, r0 + nr, [values, buffer, r0, c](int64_t i, int64_t n, const dVec* pv) {
-        values(i, n, pv, buffer + (i - r0 * c));
-      });
-      return static_cast<const std::remove_pointer_t<decltype(buffer)>*>(buffer);
+      if (grads_path == PointwiseGrads::kBrgemmBf16)
+        std::tie(gx, gw) = pointwise_conv_grads<BFloat16>(dy_rows, x, weight, input_grad);
+      else
+        std::tie(gx, gw) = pointwise_conv_grads<float>(dy_rows, x, weight, input_grad);
     };
-    if (grads_path == PointwiseGrads::kBrgemmBf16)
-      std::tie(gx, gw) = pointwise_conv_grads<BFloat16>(dy_rows, x, weight, input_grad);
-    else
-      std::tie(gx, gw) = pointwise_conv_grads<float>(dy_rows, x, weight, input_grad);
+    if (fp32_passes) {
+      // dy = A g - B - D ((y - mean_f) - shift), x_hat = ((y - mean_f) - shift) invstd: A = a, B = a b, D = a d invstd.
+      std::vector<float> shift_f(c), coef_a(c), coef_b(c), coef_d(c);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        shift_f[ch] = static_cast<float>(mean64[ch] - static_cast<double>(mean_f.data_ptr<float>()[ch]));
+        coef_a[ch] = static_cast<float>(a[ch]);
+        coef_b[ch] = static_cast<float>(a[ch] * b[ch]);
+        coef_d[ch] = static_cast<float>(a[ch] * d[ch] * invstd[ch]);
+      }
+      const ChannelParams<5> params{{mean_f.data_ptr<float>(), shift_f.data(), coef_a.data(), coef_b.data(),
+                                     coef_d.data()}};
+      run(params, [=](int64_t i, int64_t n, const fVec* pv, auto* dy_out) {
+        const fVec gv = masked_grad(gp + i, outp + i, relu, n);
+        store_n(gv, g_out + i, n);
+        const fVec dev = (load_n(yp + i, n) - pv[0]) - pv[1];
+        store_n(pv[2] * gv - pv[3] - pv[4] * dev, dy_out, n);
+      });
+    } else {
+      // dy = a (g - b - x_hat d), x_hat = (y - mean) invstd, in fp64.
+      const ChannelParams<5, double> params{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}};
+      run(params, [=](int64_t i, int64_t n, const dVec* pv, auto* dy_out) {
+        const fVec gv = masked_grad(gp + i, outp + i, relu, n);
+        store_n(gv, g_out + i, n);
+        const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
+        store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dy_out, n);
+      });
+    }
   });
   if (!dy_in_chunks) std::tie(gx, gw) = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
   return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
