@@ -27,6 +27,7 @@ from shvit_kernels.ops.conv_bn import (
     conv_bias_act_backward_reference,
     conv_bias_act_reference,
     conv_bn_train_backward_reference,
+    conv_bn_train_output_reference,
     conv_bn_train_reference,
 )
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
@@ -899,21 +900,34 @@ def test_conv_bn_train_is_the_reference_bit_for_bit(variant, threads, channels_l
     """Lock-step training parity (tests/test_train.py) amplifies any other rounding of the batch statistics past its
     bound (a correctly rounded fp64 mean failed it), so mean, var and out equal the reference's exactly in fp32. In
     bf16 the mean does too, and out wherever var does (an exact variance on a rounding tie may round the other way
-    than torch.var's fp64 Welford): rounded to bf16 before the residual add and after, as the reference's."""
+    than torch.var's fp64 Welford): rounded to bf16 before the residual add and after, as the reference's. bf16 over
+    256 values per channel or more takes its statistics from one pass of its own: they are checked against fp64 ones,
+    and out is the reference's normalisation with them, bit for bit."""
     with _num_threads(threads):
         for label, args in conv_train_cases():
             for dtype in DTYPES:
                 low = [_layout(a.to(dtype), channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
                        for a in args]
                 ref_out, ref_mean, ref_var, ref_y = conv_bn_train_reference(*low, True)
+                own_statistics = dtype == torch.bfloat16 and ref_y.numel() // ref_y.shape[1] >= 256
                 for keep in (False, True):
                     out, mean, var, y = cpp.load_variant(variant).conv_bn_train(*low, keep)
                     name = f"{variant} {label} {dtype} keep_conv_output={keep}"
+                    assert torch.equal(y, ref_y) if keep else y.numel() == 0, name
+                    if own_statistics:
+                        y64 = ref_y.double()
+                        mean64, var64 = y64.mean(dim=(0, 2, 3)), y64.var(dim=(0, 2, 3), unbiased=False)
+                        spread = var64.sqrt() + mean64.abs()
+                        assert ((mean.double() - mean64).abs() <= 1e-6 * spread).all(), name
+                        assert ((var.double() - var64).abs() <= 1e-5 * var64 + 1e-12).all(), name
+                        gamma, beta, eps, relu, residual = low[2], low[3], low[7], low[8], low[9]
+                        expected = conv_bn_train_output_reference(ref_y, gamma, beta, mean, var, eps, relu, residual)
+                        assert torch.equal(out, expected), name
+                        continue
                     assert torch.equal(mean, ref_mean), name
                     same = var == ref_var
                     assert same.all() or dtype == torch.bfloat16, name
                     assert torch.equal(out[:, same], ref_out[:, same]), name
-                    assert torch.equal(y, ref_y) if keep else y.numel() == 0, name
 
 
 @requires_cpp

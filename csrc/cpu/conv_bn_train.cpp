@@ -8,7 +8,8 @@
 // fp64) and g, then the conv's gradients, accumulated in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs
 // where measured faster than ATen's convolution_backward (the 1x1 ones take dy chunk by chunk from the pass, and in
 // bf16 multiply bf16 pairs where bf16 GEMMs do), the rest on it in fp32. bf16 over many values per channel
-// (kFp32Count) sums in fp32 blocks into fp64 totals and computes dy in fp32.
+// (kFp32Count) takes mean and variance from one pass and sums in fp32 blocks into fp64 totals, and its backward
+// computes dy in fp32.
 #include "ops.h"
 
 #include <array>
@@ -789,10 +790,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   TORCH_CHECK(l.count() >= 2, op, ": training BatchNorm needs more than one value per channel, got conv output ",
               y.sizes());
   const at::Tensor res = checked_residual(op, residual, y, "x", fmt);
-  // The mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
+  // fp32: the mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
   // bit: lock-step training parity (tests/test_train.py) amplifies any other rounding of it past its bound, a
-  // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order.
-  const at::Tensor mean = at::mean(y, {0, 2, 3}, false, at::kFloat);
+  // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order. bf16 over
+  // many values per channel (kFp32Count), which no lock-step test runs: one pass sums d = y - s and d^2 about a value
+  // s near the channel's mean in fp32 blocks into fp64 totals. ATen's mean alone took 0.18 ms of S1's 0.55 ms
+  // 128 -> 256 1x1 forward (batch 16, 14 x 14) on two threads, twice its one-thread time (AMD Zen 5, 2026-12-04).
+  const bool fp32_stats = x.scalar_type() == at::kBFloat16 && l.count() >= kFp32Count;
+  const at::Tensor mean = fp32_stats ? at::empty({c}, y.options().dtype(at::kFloat))
+                                     : at::mean(y, {0, 2, 3}, false, at::kFloat);
   at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
   // Normalised in place unless y is kept: y is this call's own buffer, and a fresh one costs page faults on the
   // large stem maps.
@@ -800,29 +806,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train", [&] {
     using T = scalar_t;
     const T* yp = y.data_ptr<T>();
-    // Second pass: fp64 sums of d = y - mean and d^2, so var = E[d^2] - E[d]^2 (E[d] ~ 0: the fp32 mean's rounding)
-    // is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does. bf16 over many
-    // values (kFp32Count) sums in fp32 blocks into fp64 totals: var may then differ from torch.var's by an ulp, far
-    // below what the bf16 output resolves.
+    float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
+    const double count = static_cast<double>(l.count());
     std::vector<double> sums(2 * c);
-    const ChannelParams<1> mean_param{{mean.data_ptr<float>()}};
-    if (std::is_same_v<T, BFloat16> && l.count() >= kFp32Count) {
-      reduce_per_channel<2, float>(l, mean_param, [yp](int64_t i, int64_t n, const fVec* pv, fVec* v) {
+    if (fp32_stats) {
+      // s: the mean of the channel's first 16 values, a fraction of a standard deviation from the mean but for
+      // outlying data, so E[d^2] - E[d]^2 cancels little.
+      std::vector<float> first(c);
+      const int64_t k = std::min<int64_t>(16, l.count());
+      for (int64_t ch = 0; ch < c; ++ch) {
+        double sum = 0;
+        for (int64_t j = 0; j < k; ++j)  // the j-th value of the channel: image j / plane, pixel j % plane
+          sum += static_cast<double>(
+              yp[l.channels_last ? j * c + ch : ((j / l.plane) * c + ch) * l.plane + j % l.plane]);
+        first[ch] = static_cast<float>(sum / k);
+      }
+      reduce_per_channel<2, float>(l, ChannelParams<1>{{first.data()}}, [yp](int64_t i, int64_t n, const fVec* pv,
+                                                                             fVec* v) {
         const fVec d = load_n(yp + i, n) - pv[0];
         v[0] = d;
         v[1] = d * d;
       }, sums.data());
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const double d = sums[ch] / count;
+        mp[ch] = static_cast<float>(first[ch] + d);
+        vp[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
+      }
     } else {
-      reduce_per_channel<2, double>(l, mean_param, [yp](int64_t i, int64_t n, const fVec* pv, dVec* v) {
+      // Second pass: fp64 sums of d = y - mean and d^2, so var = E[d^2] - E[d]^2 (E[d] ~ 0: the fp32 mean's
+      // rounding) is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does.
+      reduce_per_channel<2, double>(l, ChannelParams<1>{{mp}}, [yp](int64_t i, int64_t n, const fVec* pv, dVec* v) {
         const dVec d = widen(load_n(yp + i, n)) - widen(pv[0]);
         v[0] = d;
         v[1] = d * d;
       }, sums.data());
-    }
-    const double count = static_cast<double>(l.count());
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const double d = sums[ch] / count;
-      var.data_ptr<float>()[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const double d = sums[ch] / count;
+        vp[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
+      }
     }
     bn_scale_shift(mean, var, bn_weight, bn_bias, eps, scale, shift);
     normalise(l, yp, scale, shift, res.defined() ? res.data_ptr<T>() : nullptr, relu, out.data_ptr<T>());
