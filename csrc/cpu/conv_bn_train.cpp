@@ -790,9 +790,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   TORCH_CHECK(l.count() >= 2, op, ": training BatchNorm needs more than one value per channel, got conv output ",
               y.sizes());
   const at::Tensor res = checked_residual(op, residual, y, "x", fmt);
-  // fp32: the mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
+  // The mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
   // bit: lock-step training parity (tests/test_train.py) amplifies any other rounding of it past its bound, a
-  // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order. bf16 over
+  // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order. But bf16 over
   // many values per channel (kFp32Count), which no lock-step test runs: one pass sums d = y - s and d^2 about a value
   // s near the channel's mean in fp32 blocks into fp64 totals. ATen's mean alone took 0.18 ms of S1's 0.55 ms
   // 128 -> 256 1x1 forward (batch 16, 14 x 14) on two threads, twice its one-thread time (AMD Zen 5, 2026-12-04).
