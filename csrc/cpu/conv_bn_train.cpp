@@ -144,6 +144,22 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
     for (int64_t i = 0; i < K * l.c; ++i) out[i] += partial[t * K * l.c + i];
 }
 
+// reduce_per_channel summing in fp32 blocks (fp32_blocks) or in fp64; contrib takes its accumulator vectors as an
+// auto* (fVec or dVec, see as_acc).
+template <int K, int P, typename S, typename F>
+void reduce_per_channel_in(bool fp32_blocks, const ChannelLayout& l, const ChannelParams<P, S>& params, F contrib,
+                           double* out) {
+  if (fp32_blocks) reduce_per_channel<K, float>(l, params, contrib, out);
+  else reduce_per_channel<K, double>(l, params, contrib, out);
+}
+
+// v as accumulator vector V: itself (fVec) or widened exactly (dVec).
+template <typename V>
+inline V as_acc(const fVec& v) {
+  if constexpr (std::is_same_v<V, dVec>) return widen(v);
+  else return v;
+}
+
 // body(offset, count, params) for the channel blocks of channels_last rows [r0, r1), in this thread.
 template <int P, typename S, typename F>
 void map_rows(const ChannelLayout& l, const ChannelParams<P, S>& params, int64_t r0, int64_t r1, F body) {
@@ -808,11 +824,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
     const T* yp = y.data_ptr<T>();
     float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
     const double count = static_cast<double>(l.count());
-    std::vector<double> sums(2 * c);
+    // Sums of d = y - s and d^2, so var = E[d^2] - E[d]^2. fp64 sums about s = the mean (E[d] ~ 0: the fp32 mean's
+    // rounding) give the exact variance to fp64 rounding, which rounds to fp32 as torch.var's fp64 Welford does.
+    // fp32_stats: s is the mean of the channel's first 16 values, a fraction of a standard deviation from the mean but
+    // for outlying data, so E[d^2] - E[d]^2 cancels little; mean = s + E[d].
+    std::vector<float> first;
     if (fp32_stats) {
-      // s: the mean of the channel's first 16 values, a fraction of a standard deviation from the mean but for
-      // outlying data, so E[d^2] - E[d]^2 cancels little.
-      std::vector<float> first(c);
+      first.resize(c);
       const int64_t k = std::min<int64_t>(16, l.count());
       for (int64_t ch = 0; ch < c; ++ch) {
         double sum = 0;
@@ -821,29 +839,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
               yp[l.channels_last ? j * c + ch : ((j / l.plane) * c + ch) * l.plane + j % l.plane]);
         first[ch] = static_cast<float>(sum / k);
       }
-      reduce_per_channel<2, float>(l, ChannelParams<1>{{first.data()}}, [yp](int64_t i, int64_t n, const fVec* pv,
-                                                                             fVec* v) {
-        const fVec d = load_n(yp + i, n) - pv[0];
-        v[0] = d;
-        v[1] = d * d;
-      }, sums.data());
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const double d = sums[ch] / count;
-        mp[ch] = static_cast<float>(first[ch] + d);
-        vp[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
-      }
-    } else {
-      // Second pass: fp64 sums of d = y - mean and d^2, so var = E[d^2] - E[d]^2 (E[d] ~ 0: the fp32 mean's
-      // rounding) is the exact variance to fp64 rounding and rounds to fp32 as torch.var's fp64 Welford does.
-      reduce_per_channel<2, double>(l, ChannelParams<1>{{mp}}, [yp](int64_t i, int64_t n, const fVec* pv, dVec* v) {
-        const dVec d = widen(load_n(yp + i, n)) - widen(pv[0]);
-        v[0] = d;
-        v[1] = d * d;
-      }, sums.data());
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const double d = sums[ch] / count;
-        vp[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
-      }
+    }
+    const float* about = fp32_stats ? first.data() : mp;
+    std::vector<double> sums(2 * c);
+    reduce_per_channel_in<2>(fp32_stats, l, ChannelParams<1>{{about}}, [yp](int64_t i, int64_t n, const fVec* pv,
+                                                                          auto* v) {
+      using V = std::remove_pointer_t<decltype(v)>;
+      const V d = as_acc<V>(load_n(yp + i, n)) - as_acc<V>(pv[0]);
+      v[0] = d;
+      v[1] = d * d;
+    }, sums.data());
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double d = sums[ch] / count;
+      if (fp32_stats) mp[ch] = static_cast<float>(about[ch] + d);
+      vp[ch] = static_cast<float>(std::max(sums[c + ch] / count - d * d, 0.0));
     }
     bn_scale_shift(mean, var, bn_weight, bn_bias, eps, scale, shift);
     normalise(l, yp, scale, shift, res.defined() ? res.data_ptr<T>() : nullptr, relu, out.data_ptr<T>());
@@ -939,23 +948,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     using T = scalar_t;
     const T *yp = y.data_ptr<T>(), *gp = go.data_ptr<T>(), *outp = outc.data_ptr<T>();
     const ChannelParams<1> mean_param{{mean_f.data_ptr<float>()}};
-    if (fp32_passes) {
-      reduce_per_channel<4, float>(l, mean_param, [=](int64_t i, int64_t n, const fVec* pv, fVec* v) {
-        const fVec gv = masked_grad(gp + i, outp + i, relu, n), dev = load_n(yp + i, n) - pv[0];
-        v[0] = gv;
-        v[1] = gv * dev;
-        v[2] = dev;
-        v[3] = dev * dev;
-      }, sums.data());
-    } else {
-      reduce_per_channel<4, double>(l, mean_param, [=](int64_t i, int64_t n, const fVec* pv, dVec* v) {
-        const dVec gv = widen(masked_grad(gp + i, outp + i, relu, n)), dev = widen(load_n(yp + i, n)) - widen(pv[0]);
-        v[0] = gv;
-        v[1] = gv * dev;
-        v[2] = dev;
-        v[3] = dev * dev;
-      }, sums.data());
-    }
+    reduce_per_channel_in<4>(fp32_passes, l, mean_param, [=](int64_t i, int64_t n, const fVec* pv, auto* v) {
+      using V = std::remove_pointer_t<decltype(v)>;
+      const V gv = as_acc<V>(masked_grad(gp + i, outp + i, relu, n)),
+              dev = as_acc<V>(load_n(yp + i, n)) - as_acc<V>(pv[0]);
+      v[0] = gv;
+      v[1] = gv * dev;
+      v[2] = dev;
+      v[3] = dev * dev;
+    }, sums.data());
     const at::Tensor gamma = bn_weight.to(at::kDouble).contiguous();
     const double count = static_cast<double>(l.count());
     for (int64_t ch = 0; ch < c; ++ch) {
