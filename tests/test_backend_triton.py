@@ -204,6 +204,32 @@ def test_backend_registration_and_reasons():
     assert any("P=130" in r for r in reasons("shsa_fused", torch.randn(1, 130, 2, 2), torch.randn(162, 130, 1, 1), torch.randn(162), Q, 1e-5))
 
 
+class _CudaTensorStandIn:
+    """What the H200-failure reasons read of a CUDA tensor (no GPU here): is_cuda, dtype, shape."""
+
+    is_cuda = True
+
+    def __init__(self, *shape, dtype=torch.bfloat16):
+        self.shape, self.dtype = shape, dtype
+
+
+@pytest.mark.parametrize("op", ["shsa_fused", "shsa_fused_backward"])
+def test_calls_that_failed_on_the_h200_are_declined_until_retested(op, monkeypatch):
+    from shvit_kernels.backends import triton as triton_backend
+
+    def reasons(c, p, h, w, dtype=torch.bfloat16):
+        x = _CudaTensorStandIn(2, c, h, w, dtype=dtype)
+        return triton_backend.NOT_SUPPORTED[op](x=x, qkv_weight=_CudaTensorStandIn(2 * Q + p, p, 1, 1), qk_dim=Q)
+
+    monkeypatch.delenv("SHVIT_KERNELS_RETEST_GPU_FAILURES", raising=False)
+    p_equals_c = reasons(40, 40, 4, 4)
+    assert len(p_equals_c) == 1 and "H200" in p_equals_c[0]
+    assert (reasons(96, 66, 1, 1) != []) == (op == "shsa_fused_backward")  # wrong weight gradients at 1 token
+    assert reasons(40, 40, 4, 4, dtype=torch.float32) == [] and reasons(40, 40, 5, 4) == []  # fp32; 20 tokens
+    monkeypatch.setenv("SHVIT_KERNELS_RETEST_GPU_FAILURES", "1")
+    assert reasons(40, 40, 4, 4) == []
+
+
 def test_interpreter_computes_bf16_dots_and_casts_as_a_gpu():
     """conftest's emulation: without it the interpreter's bf16 tl.dot multiplies bit patterns and its fp32 ->
     bf16 cast truncates; with it, exact products summed in fp32 and round-to-nearest-even casts."""

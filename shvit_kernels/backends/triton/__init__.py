@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from ... import dispatch
+from ..._env import EnvSetting
 from .limits import FFN_MAX_C, SHSA_MAX_P, SHSA_MAX_QK_DIM, SUPPORTED_DTYPES, conv_kind
 
 BACKEND = "triton"
@@ -107,10 +108,38 @@ def shsa_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
     return reasons
 
 
+# Calls the H200 GPU check of 2026-12-04 (benchmarks/results/gpu/2026-12-04-run1) got wrong, declined until a GPU
+# run passes them with the changes made since. Set to 1 (the GPU check's smoke phase does, in processes of its own)
+# to run them anyway. An illegal address poisons the process's CUDA context, which the first-use check cannot undo.
+RETEST_GPU_FAILURES = EnvSetting("SHVIT_KERNELS_RETEST_GPU_FAILURES", lambda v: v == "1")
+_GPU_FAILURE_MAX_TOKENS = 16  # every failing case had at most one 16-token block
+
+
+def _h200_failure_reasons(op: str, x, qkv_weight) -> List[str]:
+    if (not x.is_cuda or x.dtype == torch.float32 or x.shape[2] * x.shape[3] > _GPU_FAILURE_MAX_TOKENS
+            or RETEST_GPU_FAILURES()):
+        return []
+    if op == "shsa_fused_backward":
+        return ["on the H200 (2026-12-04) this fp16/bf16 backward at <= 16 tokens gave wrong qkv_weight gradients "
+                "(up to 40x the error bound) and, with P == C, an illegal memory access; fixed since, unverified"]
+    if op == "shsa_fused" and qkv_weight.shape[1] == x.shape[1]:
+        return ["on the H200 (2026-12-04) an fp16/bf16 SHSA call with P == C at <= 16 tokens hit an illegal memory "
+                "access (forward or backward, not told apart); unverified since"]
+    return []
+
+
+def _shsa_inference_reasons(op: str):
+    def reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
+        return shsa_reasons(x, qkv_weight, qk_dim, **args) + _h200_failure_reasons(op, x, qkv_weight)
+
+    return reasons
+
+
 NOT_SUPPORTED = {
     op: {"conv_bn": conv_reasons, "ffn": ffn_reasons, "shsa": shsa_reasons}[module]
     for op, module in KERNEL_MODULES.items()
 }
+NOT_SUPPORTED.update({op: _shsa_inference_reasons(op) for op in ("shsa_fused", "shsa_fused_backward")})
 
 
 def _kernel(op: str):

@@ -344,10 +344,9 @@ def _input_grad_tile(g_b, pre_b, xn_b, w_ptr, bn_ptr, gw, gb, offs_p, p_mask, of
                      TRAIN: tl.constexpr, QP: tl.constexpr, PP: tl.constexpr, TC: tl.constexpr):
     """For one token block: xn, the GEMM input xg, the raw-qkv gradients and g_xg = W^T g_raw (all fp32)."""
     xn = _load_rows(xn_b, 0, P, N, offs_n, n_mask, PP)
-    if TRAIN:
-        xg = tl.where(p_mask[:, None] & n_mask[None, :], xn * gw[:, None] + gb[:, None], 0.0)
-    else:
-        xg = xn
+    # also without TRAIN (gw = 1, gb = 0): on the H200 the loaded xn as this GEMM operand gave wrong weight
+    # gradients at 16-token blocks in tf32x3, while the computed operand of the training path was right
+    xg = tl.where(p_mask[:, None] & n_mask[None, :], xn * gw[:, None] + gb[:, None], 0.0)
     gq = _graw_rows(g_b, pre_b, 0, QK, R, N, offs_n, n_mask, bn_ptr, TRAIN, QP)
     gk = _graw_rows(g_b, pre_b, QK, QK, R, N, offs_n, n_mask, bn_ptr, TRAIN, QP)
     gv = _graw_rows(g_b, pre_b, 2 * QK, P, R, N, offs_n, n_mask, bn_ptr, TRAIN, PP)
