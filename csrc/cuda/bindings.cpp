@@ -1,6 +1,8 @@
 // Torch binding of the CUDA kernels: argument checks (errors name the argument), output and workspace
 // allocation, fp32 staging of the small parameters, and the calls into the C launch API on the current
-// stream. Each function takes the op schema's arguments in order and returns the op's outputs.
+// stream. Each function takes the op schema's arguments in order and returns the op's outputs. Every argument
+// is checked before the device guard and the first allocation: on the H200 an argument error raised after
+// the guard crashed the process (2026-11-30 and 2026-12-04), where errors raised before it did not.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -106,9 +108,9 @@ Tensor conv_bias_act(const Tensor& x, const Tensor& weight, const OptTensor& bia
                      int64_t groups, bool relu, const OptTensor& residual) {
   const std::string op = "shvit cuda conv_bias_act";
   Dw d = dw_setup(op, x, weight, stride, padding, groups);
-  const c10::cuda::CUDAGuard guard(x.device());
   Tensor shift = bias ? param_f32(op, "bias", *bias, x, x.size(1)) : Tensor();
   Tensor res = residual ? like_activation(op, "residual", *residual, x, d.out_shape) : Tensor();
+  const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = empty_like_format(d.out_shape, x);
   check_launch(op, shvit_dw_forward(&d.shape, view4(x), nullptr, bias ? shift.data_ptr<float>() : nullptr,
                                     residual ? view4(res) : shvit_view{}, relu, view4(out), stream()));
@@ -120,10 +122,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const Tensor& 
                                                  double eps, bool relu, const OptTensor& residual) {
   const std::string op = "shvit cuda conv_bn_train";
   Dw d = dw_setup(op, x, weight, stride, padding, groups);
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t c = x.size(1);
   Tensor gamma = param_f32(op, "bn_weight", bn_weight, x, c), beta = param_f32(op, "bn_bias", bn_bias, x, c);
   Tensor res = residual ? like_activation(op, "residual", *residual, x, d.out_shape) : Tensor();
+  const c10::cuda::CUDAGuard guard(x.device());
   auto f32 = x.options().dtype(at::kFloat);
   Tensor partials = at::empty({shvit_dw_stats_workspace(&d.shape)}, f32);
   Tensor mean = at::empty({c}, f32), var = at::empty({c}, f32);
@@ -144,9 +146,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dw_backward(const std::string& op, co
                                                        const Tensor& gamma, const Tensor& mean, const Tensor& var,
                                                        double eps) {
   Dw d = dw_setup(op, x, weight, stride, padding, groups);
-  const c10::cuda::CUDAGuard guard(x.device());
   Tensor grad_out = like_activation(op, "grad_out", grad_out_in, x, d.out_shape);
   Tensor out = like_activation(op, "out", out_in, x, d.out_shape);
+  const c10::cuda::CUDAGuard guard(x.device());
   auto f32 = x.options().dtype(at::kFloat);
   const int64_t c = x.size(1);
   const bool bn = gamma.defined();
@@ -257,9 +259,9 @@ Tensor shsa_forward(const std::string& op, Shsa& s, bool train, const Tensor& bn
 Tensor shsa_fused(const Tensor& x, const Tensor& qkv_weight, const Tensor& qkv_bias, int64_t qk_dim, double gn_eps) {
   const std::string op = "shvit cuda shsa_fused";
   Shsa s = shsa_setup(op, x, qkv_weight, qk_dim, gn_eps);
-  const c10::cuda::CUDAGuard guard(x.device());
   s.b32 = param_f32(op, "qkv_bias", qkv_bias, x, qkv_weight.size(0));
   s.shape.qkv_bias = s.b32.data_ptr<float>();
+  const c10::cuda::CUDAGuard guard(x.device());
   return shsa_forward(op, s, false, Tensor(), Tensor(), 0.0, nullptr, nullptr);
 }
 
@@ -268,10 +270,10 @@ std::tuple<Tensor, Tensor, Tensor> shsa_train(const Tensor& x, const Tensor& gn_
                                               int64_t qk_dim, double gn_eps, double bn_eps) {
   const std::string op = "shvit cuda shsa_train";
   Shsa s = shsa_setup(op, x, qkv_weight, qk_dim, gn_eps);
-  const c10::cuda::CUDAGuard guard(x.device());
   set_gn(op, s, gn_weight, gn_bias);
   const int64_t o = qkv_weight.size(0);
   Tensor bw = param_f32(op, "bn_weight", bn_weight, x, o), bb = param_f32(op, "bn_bias", bn_bias, x, o);
+  const c10::cuda::CUDAGuard guard(x.device());
   auto f32 = x.options().dtype(at::kFloat);
   Tensor mean = at::empty({o}, f32), var = at::empty({o}, f32);
   Tensor out = shsa_forward(op, s, true, bw, bb, bn_eps, &mean, &var);
@@ -279,11 +281,16 @@ std::tuple<Tensor, Tensor, Tensor> shsa_train(const Tensor& x, const Tensor& gn_
 }
 
 // Returns grad_x and the fp32 gradient buffers.
-Tensor shsa_backward(const std::string& op, Shsa& s, const Tensor& grad_out_in, const Tensor& out_in, bool train,
+// grad_out and out checked (shsa_activations) before the caller's device guard.
+std::pair<Tensor, Tensor> shsa_activations(const std::string& op, const Shsa& s, const Tensor& grad_out,
+                                           const Tensor& out) {
+  return {token_addressable(like_activation(op, "grad_out", grad_out, s.x, s.x.sizes()), s.x),
+          token_addressable(like_activation(op, "out", out, s.x, s.x.sizes()), s.x)};
+}
+
+Tensor shsa_backward(const std::string& op, Shsa& s, const Tensor& grad_out, const Tensor& out, bool train,
                      const Tensor& bn_w, const Tensor& bn_b, const Tensor& mean, const Tensor& var, double bn_eps,
                      const shvit_shsa_grads& grads) {
-  Tensor grad_out = token_addressable(like_activation(op, "grad_out", grad_out_in, s.x, s.x.sizes()), s.x);
-  Tensor out = token_addressable(like_activation(op, "out", out_in, s.x, s.x.sizes()), s.x);
   auto f32 = s.x.options().dtype(at::kFloat);
   Tensor ws = at::empty({shvit_shsa_backward_workspace(&s.shape, train)}, f32);
   Tensor grad_x = empty_like_format(s.x.sizes(), s.x);
@@ -300,14 +307,15 @@ std::tuple<Tensor, Tensor, Tensor> shsa_fused_backward(const Tensor& grad_out, c
                                                        double gn_eps) {
   const std::string op = "shvit cuda shsa_fused_backward";
   Shsa s = shsa_setup(op, x, qkv_weight, qk_dim, gn_eps);
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t o = qkv_weight.size(0);
   s.b32 = param_f32(op, "qkv_bias", qkv_bias, x, o);
   s.shape.qkv_bias = s.b32.data_ptr<float>();
+  auto [g, y] = shsa_activations(op, s, grad_out, out);
+  const c10::cuda::CUDAGuard guard(x.device());
   auto f32 = x.options().dtype(at::kFloat);
   Tensor gw = at::empty({o, s.shape.p}, f32), gb = at::empty({o}, f32);
   shvit_shsa_grads grads{gw.data_ptr<float>(), gb.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
-  Tensor grad_x = shsa_backward(op, s, grad_out, out, false, Tensor(), Tensor(), Tensor(), Tensor(), 0.0, grads);
+  Tensor grad_x = shsa_backward(op, s, g, y, false, Tensor(), Tensor(), Tensor(), Tensor(), 0.0, grads);
   return {grad_x, gw.reshape(qkv_weight.sizes()).to(qkv_weight.scalar_type()), gb.to(qkv_bias.scalar_type())};
 }
 
@@ -317,17 +325,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> shsa_train_backward(
     int64_t qk_dim, double gn_eps, double bn_eps) {
   const std::string op = "shvit cuda shsa_train_backward";
   Shsa s = shsa_setup(op, x, qkv_weight, qk_dim, gn_eps);
-  const c10::cuda::CUDAGuard guard(x.device());
   set_gn(op, s, gn_weight, gn_bias);
   const int64_t o = qkv_weight.size(0), p = s.shape.p;
   Tensor bw = param_f32(op, "bn_weight", bn_weight, x, o), bb = param_f32(op, "bn_bias", bn_bias, x, o);
   Tensor m32 = param_f32(op, "mean", mean, x, o), v32 = param_f32(op, "var", var, x, o);
+  auto [g, y] = shsa_activations(op, s, grad_out, out);
+  const c10::cuda::CUDAGuard guard(x.device());
   auto f32 = x.options().dtype(at::kFloat);
   Tensor gw = at::empty({o, p}, f32), gbw = at::empty({o}, f32), gbb = at::empty({o}, f32);
   Tensor ggw = at::empty({p}, f32), ggb = at::empty({p}, f32);
   shvit_shsa_grads grads{gw.data_ptr<float>(), nullptr, gbw.data_ptr<float>(), gbb.data_ptr<float>(),
                          ggw.data_ptr<float>(), ggb.data_ptr<float>()};
-  Tensor grad_x = shsa_backward(op, s, grad_out, out, true, bw, bb, m32, v32, bn_eps, grads);
+  Tensor grad_x = shsa_backward(op, s, g, y, true, bw, bb, m32, v32, bn_eps, grads);
   return {grad_x,
           ggw.to(gn_weight.scalar_type()),
           ggb.to(gn_bias.scalar_type()),
