@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import shvit_kernels as K
 from helpers import NOT_DIFFERENTIABLE, compare_backend
 from shvit_kernels import dispatch
+from shvit_kernels.testing import assert_close_to_fp64
 from shvit_kernels.testing.cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, patch_embed_case, shsa_case, squeeze_excite_case
 
 def _backend_params():
@@ -250,3 +251,18 @@ def test_bf16_strided_convs_one_pixel_wide_are_right(backend, width):
     assert (y.double() - y_in).abs().max() <= 0.01 * y64.abs().max()
     z64 = F.batch_norm(y_in, None, None, bn_w.bfloat16().double(), bn_b.bfloat16().double(), training=True)
     assert (z.double() - z64).abs().max() <= 0.05 * z64.abs().max()
+
+
+def test_tolerance_rule_on_results_that_are_rounding_noise():
+    """Where the exact result is ~0 the rule compares root mean squares: a chance outlier passes, a bias fails."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(75, generator=g, dtype=torch.float64) * 1e-15
+    eager = (ref + torch.randn(75, generator=g, dtype=torch.float64) * 3e-7).float()
+    outlier = (ref + torch.randn(75, generator=g, dtype=torch.float64) * 3e-7).float()
+    outlier[7] = (eager.double() - ref).abs().max() * 2.8  # the H200 case: 2.8x eager's max, same noise level
+    assert_close_to_fp64(outlier, eager, ref)
+    biased = (eager.double() + 4 * (eager.double() - ref).square().mean().sqrt()).float()
+    with pytest.raises(AssertionError, match="rms error"):
+        assert_close_to_fp64(biased, eager, ref)
+    with pytest.raises(AssertionError, match="max error"):  # not noise: the ordinary rule
+        assert_close_to_fp64(outlier + 1e-5, eager + 1e-5, ref + 1e-5)

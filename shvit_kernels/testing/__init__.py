@@ -2,7 +2,8 @@
 (``shvit_kernels.testing.cases``) shared by the tests and the benchmarks.
 
 The rule: a kernel's error against a float64 run of the reference may be at most about twice the error of
-PyTorch's own eager result (the reference run in the kernel's dtype), plus a floor of a few ulps.
+PyTorch's own eager result (the reference run in the kernel's dtype), plus a floor of a few ulps; root mean
+squares instead of maxima where the exact result is ~0 and both results are rounding noise.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def assert_close_to_fp64(got, eager, ref64, *, name="output", factor=2.0, unavoi
     scale = max(ref.abs().max().item(), 1e-30)
     bound = factor * base + ERROR_FLOOR[got.dtype] * scale
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if err > bound and base >= scale:
+        # Eager missed even the largest value's first digit: the exact result is ~0 (a gradient that cancels by
+        # construction, e.g. a shift that batch statistics remove) and both results are rounding noise. The
+        # maxima of two noise samples differ by 2-3x by chance (the H200 run, 2026-12-04); their root mean
+        # squares do not, while a systematic error still shows in them.
+        def rms(t):
+            return (t.double() - ref).square().mean().sqrt().item()
+
+        err_rms, base_rms = rms(got), rms(eager)
+        assert err_rms <= factor * base_rms + ERROR_FLOOR[got.dtype] * scale, (
+            f"{name}: rms error {err_rms:.3e} vs fp64 exceeds {factor:g}x eager's {base_rms:.3e} where the exact "
+            f"values are ~0 (max error {err:.3e}, eager's {base:.3e}, scale {scale:.3e})")
+        return
     assert err <= bound, f"{name}: max error {err:.3e} vs fp64 exceeds {bound:.3e} (eager error {base:.3e}, scale {scale:.3e})"
 
 
