@@ -26,6 +26,7 @@ Peers that cannot run here are skipped with a printed reason and listed in the J
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -256,21 +257,52 @@ def inference_variants(peers, fused, fused_fmt, plain, x, device, dtype, threads
     return variants
 
 
+@contextlib.contextmanager
+def _full_fp32():
+    """fp32 matmuls and convolutions without TF32 (cuDNN's convs default to TF32 on CUDA), restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _fp32_reference(model: torch.nn.Module, fmt) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fused fp32 model run on the pure-PyTorch reference kernels (their spec).
+
+    Forced, no op is autotuned and the input layout is not timed (model._run_layout), so nothing is compiled:
+    the fp32 fused model on automatic dispatch timed and compiled fp32 Triton kernels past the GPU check's time
+    box (H200, 2026-12-04).
+    """
+    with shvit_kernels.use_backend("reference"):
+        reference = shvit.fuse(model).float().to(memory_format=fmt or torch.contiguous_format)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with shvit_kernels.use_backend("reference"), _full_fp32():
+            return reference(x)
+
+    return run
+
+
 def low_precision_agreement(model: torch.nn.Module, fused: torch.nn.Module, size: int, batch: int, batches: int,
                             fmt) -> Dict[str, float]:
-    """Top-1 agreement of the low-precision fused model with the fp32 fused model on fresh random images."""
+    """Top-1 agreement of the low-precision fused model with the fp32 fused model (reference kernels, no TF32) on
+    fresh random images."""
     device, dtype = next(fused.parameters()).device, next(fused.parameters()).dtype
-    reference = shvit.fuse(model).float().to(memory_format=fmt or torch.contiguous_format)
+    reference = _fp32_reference(model, fmt)
     g = torch.Generator().manual_seed(2)
     agree, total, worst = 0, 0, 0.0
     with torch.inference_mode():
         for _ in range(batches):
-            x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt or torch.contiguous_format)
+            x = torch.randn(batch, 3, size, size, generator=g).to(device)
+            x = x.contiguous(memory_format=fmt or torch.contiguous_format)
             want, got = reference(x), fused(x.to(dtype)).float()
             agree += (want.argmax(1) == got.argmax(1)).sum().item()
             total += batch
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-    return dict(images=total, top1_agreement=agree / total, max_rel_logit_err=worst)
+    return dict(images=total, top1_agreement=agree / total, max_rel_logit_err=worst,
+                fp32_side="fused model on the reference kernels, no TF32")
 
 
 def training_variants(model, x, labels, fmt, dtype, skipped, setup_s) -> List[bench.Variant]:
@@ -342,12 +374,48 @@ def run_paper_suite(args) -> int:
             r.extra["setup_s"] = round(setup_s.get(r.name, 0.0), 3)
         print(report.table(), flush=True)
 
-    agreement = {}
+    env = dict(report.environment)
+    via_main = sys.argv[0].endswith(os.path.join("benchmarks", "paper_protocol.py"))
+    command = ("python -m benchmarks.paper_protocol " + " ".join(sys.argv[1:])) if via_main else " ".join(sys.argv)
+    env.update(command=command, load_average_start=load_start, git=git_revision())
+    result = dict(
+        suite="paper",
+        model=args.model,
+        img_size=size,
+        batch_size=args.batch_size,
+        device=str(dev),
+        dtype=args.dtype,
+        threads=threads,
+        channels_last=not args.nchw,
+        protocol=dict(warmup_s=args.warmup, window_s=args.window, rounds=args.rounds, bn_folded=True,
+                      window_opens_untimed=True,
+                      note="peers interleaved in one process, each window opened by an untimed call; median and "
+                           "min..max over rounds"),
+        environment=env,
+        probe={},
+        inference=[asdict(r) for r in report.results],
+        low_precision_vs_fp32={},
+        training=[],
+        skipped=skipped,
+        complete=False,  # True once the agreement, training and probe parts are in
+    )
+    path = args.output or os.path.join(RESULTS_DIR, result_name(result))
+
+    def save() -> None:
+        env["load_average_end"] = load_average()
+        write_report(path, result)
+
+    # Saved as soon as the table is measured: a run stopped in a later part (a time box) keeps it.
+    save()
+
     if dtype != torch.float32 and "fused" in peers:
         agreement = low_precision_agreement(model, fused, size, args.batch_size,
                                               -(-AGREEMENT_IMAGES // args.batch_size), fmt)
         print(f"{args.dtype} fused vs fp32 fused on {agreement['images']} random images: top-1 agreement "
-              f"{agreement['top1_agreement']:.4f}, max relative logit error {agreement['max_rel_logit_err']:.2e}")
+              f"{agreement['top1_agreement']:.4f}, max relative logit error {agreement['max_rel_logit_err']:.2e}",
+              flush=True)
+        result["low_precision_vs_fp32"] = agreement
+        save()
 
     train_results = []
     if "train" in peers:
@@ -367,41 +435,32 @@ def run_paper_suite(args) -> int:
             print(train_report.table().replace("img/s", "img/s (train)", 1), flush=True)
             for r in train_results:
                 print(f"  {r.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.extra.items()))
+        result["training"] = [asdict(r) for r in train_results]
+        save()
 
-    ceilings = probe(dev, dtypes=sorted({torch.float32, dtype}, key=str))
-    env = dict(report.environment)
-    via_main = sys.argv[0].endswith(os.path.join("benchmarks", "paper_protocol.py"))
-    env.update(command=("python -m benchmarks.paper_protocol " + " ".join(sys.argv[1:])) if via_main else " ".join(sys.argv),
-               load_average_start=load_start, load_average_end=load_average(), git=git_revision())
-    result = dict(
-        suite="paper",
-        model=args.model,
-        img_size=size,
-        batch_size=args.batch_size,
-        device=str(dev),
-        dtype=args.dtype,
-        threads=threads,
-        channels_last=not args.nchw,
-        protocol=dict(warmup_s=args.warmup, window_s=args.window, rounds=args.rounds, bn_folded=True,
-                      window_opens_untimed=True,
-                      note="peers interleaved in one process, each window opened by an untimed call; median and "
-                           "min..max over rounds"),
-        environment=env,
-        probe=ceilings,
-        inference=[asdict(r) for r in report.results],
-        low_precision_vs_fp32=agreement,
-        training=[asdict(r) for r in train_results],
-        skipped=skipped,
-    )
-    path = args.output or os.path.join(RESULTS_DIR, result_name(result))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    result["probe"] = probe(dev, dtypes=sorted({torch.float32, dtype}, key=str))
+    result["complete"] = True
+    save()
     print(f"saved {path}")
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def write_report(path: str, result: dict) -> None:
+    """Write the JSON through a temporary file and os.replace: a reader, or a run stopped while writing, sees the
+    previous whole file or the new one, never a truncated one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # same folder: os.replace stays one rename
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def result_name(r: dict) -> str:
