@@ -595,7 +595,7 @@ class Check:
 
     def test_files(self):
         files = ["tests/test_backend_cuda.py", "tests/test_op_accuracy.py", "tests/test_backend_triton.py",
-                 "tests/test_first_use_check.py"]
+                 "tests/test_first_use_check.py", "tests/test_cuda_graphs.py"]
         return [f for f in files if os.path.exists(os.path.join(ROOT, f))]
 
     def do_tests(self, rec, t):

@@ -1,0 +1,130 @@
+"""A fused model's CUDA inference forward replayed from CUDA graphs (``model.cuda_graphs = True``;
+shvit_kernels.replay.CudaGraphReplay). The replay itself needs a GPU (the GPU check runs these tests); the
+rules that decide when it may run are checked everywhere."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import shvit
+from shvit import bench
+from shvit_kernels.replay import CudaGraphReplay, graph_replayable
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _fused_s1(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = shvit.create_model("shvit_s1").eval()
+    bench._randomize_bn(model)
+    return shvit.fuse(model).to(device, dtype)
+
+
+def _module_path(model, x):
+    with torch.inference_mode():
+        return model.forward_head(model._module_features(*model._enter(x)))
+
+
+def _graphs(model):
+    return [r for r, _ in model.__dict__.get("_cuda_graphs", {}).values()]
+
+
+def test_cuda_graphs_are_off_by_default_and_never_taken_on_the_cpu():
+    model = _fused_s1()
+    assert model.cuda_graphs is False
+    model.cuda_graphs = True
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert not graph_replayable(x)
+        assert torch.equal(model(x), _module_path(model, x))
+    assert _graphs(model) == []
+
+
+def test_captured_graphs_stay_out_of_copies_pickles_and_moves():
+    class Uncopyable:
+        def __deepcopy__(self, memo):
+            raise AssertionError("a captured graph was copied")
+
+        def __reduce__(self):
+            raise AssertionError("a captured graph was pickled")
+
+    model = _fused_s1()
+    model.__dict__["_cuda_graphs"] = {"signature": (Uncopyable(), None)}
+    assert "_cuda_graphs" not in copy.deepcopy(model).__dict__
+    assert "_cuda_graphs" not in pickle.loads(pickle.dumps(model)).__dict__
+    model.to(torch.bfloat16)  # recorded for the old dtype
+    assert "_cuda_graphs" not in model.__dict__
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_forward_matches_the_module_path_and_returns_fresh_outputs(dtype):
+    model = _fused_s1("cuda", dtype)
+    model.cuda_graphs = True
+    x, y = (torch.randn(4, 3, 128, 128, device="cuda", dtype=dtype) for _ in range(2))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        first = model(x)  # captures
+        (replay,) = _graphs(model)
+        assert replay is not None
+        kept = first.clone()
+        second = model(y)  # replays
+        features = model.forward_features(x)
+    torch.testing.assert_close(first, _module_path(model, x), **tol)
+    torch.testing.assert_close(second, _module_path(model, y), **tol)
+    assert torch.equal(first, kept), "a later replay overwrote an earlier result"
+    with torch.no_grad():  # captured under inference_mode, replayed under no_grad: same input buffer
+        torch.testing.assert_close(model(y), second, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(features, model._like_input(model._module_features(*model._enter(x)), x), **tol)
+
+
+@gpu
+@pytest.mark.gpu
+def test_graphs_follow_weight_changes_new_shapes_and_stay_few():
+    model = _fused_s1("cuda")
+    model.cuda_graphs = True
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        model(x)
+        with torch.no_grad():
+            next(model.blocks3.parameters()).mul_(2)  # in place: captured again, with the new values
+        torch.testing.assert_close(model(x), _module_path(model, x), rtol=1e-4, atol=1e-4)
+        for size in (64, 80, 96, 112, 128):
+            model(torch.randn(1, 3, size, size, device="cuda"))
+    assert 1 <= len(_graphs(model)) <= 4
+
+
+@gpu
+@pytest.mark.gpu
+def test_a_caller_capturing_the_model_itself_gets_no_nested_capture():
+    model = _fused_s1("cuda")
+    model.cuda_graphs = True
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        expected = _module_path(model, x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        graph.replay()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_a_function_that_syncs_with_the_host_is_not_captured():
+    def fn(t):
+        return t * float(t.sum().item())  # reads a value on the host: cannot be captured
+
+    x = torch.randn(8, device="cuda")
+    with torch.inference_mode():
+        replay, out = CudaGraphReplay.capture(fn, x, [])
+    assert replay is None and torch.equal(out, fn(x))
