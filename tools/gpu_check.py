@@ -8,7 +8,7 @@ Phases, in order, each a time-boxed subprocess (a failure or hang in one does no
   graph      the fused S1 model's forward with host syncs turned into errors (torch.cuda.set_sync_debug_mode)
              and captured in a CUDA graph, per backend (issue 12 point 6: no host sync on the inference path);
              run early because it is cheap and decisive
-  tests      the CUDA tests in parallel (pytest -n 8), JUnit XML
+  tests      the CUDA tests in parallel (pytest-xdist, all cores but two, at most 12), JUnit XML
   sanitizer  compute-sanitizer memcheck on a small run of each CUDA kernel
   bench_s1   paper protocol, S1 at 224, bf16, batch 256: fused vs eager (BN folded, channels_last),
   bench_s4   torch.compile and CUDA graphs (S4 at 256 likewise); short windows
@@ -52,6 +52,11 @@ BUDGETS = dict(env=30, build=120, smoke=110, graph=45, tests=90, sanitizer=30, b
 GPU_BACKENDS = ("triton", "cuda")
 STICKY_CUDA = ("illegal memory access", "unspecified launch failure", "misaligned address", "CUDA error",
                "device-side assert", "an illegal instruction")
+
+
+def parallel_workers() -> int:
+    """Processes for the compile-bound phases: all cores but two (for the orchestrator and the driver), at most 12."""
+    return max(1, min(12, (os.cpu_count() or 2) - 2))
 
 
 def now_iso() -> str:
@@ -540,7 +545,9 @@ class Check:
     def do_smoke(self, rec, t):
         """Shards in parallel processes (Triton compiles each new kernel on one core; the GPU has room)."""
         end = time.time() + t
-        shards = 1 if self.dry_run or not self.has_cuda else max(1, min(6, (os.cpu_count() or 2) // 2))
+        # Triton compiles each kernel on one core of the process that first needs it: the H200 run of 2026-12-04
+        # used 6 shards of 16 cores and spent its box compiling; the small cases leave the GPU idle anyway.
+        shards = 1 if self.dry_run or not self.has_cuda else parallel_workers()
         outcome = {}
 
         def shard(i):
@@ -608,7 +615,7 @@ class Check:
             cmd += ["--collect-only"]
         else:
             if have("xdist"):
-                cmd += ["-n", "8"]
+                cmd += ["-n", str(parallel_workers())]
             if have("pytest_timeout"):
                 cmd += ["--timeout", "90"]
             cmd += [f"--junitxml={junit}"]
