@@ -178,3 +178,19 @@ def test_int32_offsets_are_guarded():
     assert reasons and "int32" in reasons[0]
     assert triton_common.offset_reasons(torch.empty(2, 64, 56, 56)) == []
     assert any("int32" in r for r in triton_backend.tensor_reasons(big))
+
+
+@pytest.mark.slow
+def test_prewarmed_cache_is_found_by_tritons_own_jit_path(tmp_path):
+    """tools/triton_prewarm.py compiles kernels here for sm_90; Triton's JIT path (as on the GPU, launches skipped)
+    must then find every kernel of a model's forward in that cache and compile none (``--quick``; this Python
+    stands in for the GPU machine's, same Triton)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_prewarm.py"), "--device-python", sys.executable,
+                        "--quick", "--jobs", "2", "--cache", str(cache)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "compiled 0 anew" in r.stdout and (tmp_path / "cache.tar.xz").exists()
+    files = {f.suffix for d in cache.iterdir() if d.is_dir() for f in d.iterdir()}
+    assert files == {".json", ".cubin"}, files

@@ -88,7 +88,9 @@ def _stand_in_driver(cc: int):
 
 @contextlib.contextmanager
 def _triton_on_cpu(cc: int, record):
-    """Force the triton backend on CPU tensors, launches recorded (not run), the target's limits visible."""
+    """Force the triton backend on CPU tensors, launches recorded (not run), the target's limits visible.
+    ``record`` None: no recording hook, so launches compile (or hit the cache) as on the GPU; the caller keeps
+    them from running."""
     import triton
     from triton import knobs
 
@@ -113,7 +115,8 @@ def _triton_on_cpu(cc: int, record):
         return reasons
 
     triton.runtime.driver.set_active(_stand_in_driver(cc))
-    knobs.runtime.jit_cache_hook = hook
+    if record is not None:
+        knobs.runtime.jit_cache_hook = hook
     patched = dispatch.patched_backend(
         "triton", device_types=("cuda", "cpu"), availability=lambda: [], verify_first_use=False,
         not_supported={op: recording_declines(op, f) for op, f in backend.NOT_SUPPORTED.items()})
@@ -149,32 +152,37 @@ def _run_model(name, mode, dtype, layout, batch):
         out.float().sum().backward()
 
 
+def record_launch(specs: dict, jit_fn, c, label: str) -> None:
+    """Add one recorded launch (the JIT cache hook's ``compile`` dict) to ``specs``: {spec key: spec}, where a spec
+    holds the kernel, its compile inputs and where it was seen."""
+    sig = dict(c["signature"])
+    constants = {tuple(k): v for k, v in c["constants"].items()}
+    attrs = {tuple(k): v for k, v in c["configs"][0].items()}
+    options = dict(num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"])
+    key = repr((jit_fn.fn.__module__, jit_fn.fn.__name__, sorted(sig.items()), sorted(constants.items()),
+                sorted((k, repr(v)) for k, v in attrs.items()), sorted(options.items())))
+    spec = specs.get(key)
+    if spec is None:
+        names = list(sig)
+        spec = specs[key] = dict(
+            module=jit_fn.fn.__module__, kernel=jit_fn.fn.__name__, signature=sig,
+            constants=constants, attrs=attrs, options=options,
+            constexprs={names[k[0]]: v for k, v in constants.items() if sig[names[k[0]]] == "constexpr"},
+            declared={names[i]: constants.get((i,)) for i in jit_fn.constexprs},
+            dtypes=sorted({t for t in sig.values() if t.startswith("*")}),
+            seen=[], launches=0)
+    spec["launches"] += 1
+    if label not in spec["seen"]:
+        spec["seen"].append(label)
+
+
 def capture(cc, models, modes, dtypes, layouts, batches):
-    """{spec key: spec} of every distinct launch; spec has the kernel, its compile inputs and where it was seen."""
+    """{spec key: spec} of every distinct launch of the models, and the calls the triton backend declined."""
     specs, declines = {}, {}
     current = {}
 
     def record(jit_fn, c):
-        sig = dict(c["signature"])
-        constants = {tuple(k): v for k, v in c["constants"].items()}
-        attrs = {tuple(k): v for k, v in c["configs"][0].items()}
-        options = dict(num_warps=c["num_warps"], num_stages=c["num_stages"], num_ctas=c["num_ctas"])
-        key = repr((jit_fn.fn.__module__, jit_fn.fn.__name__, sorted(sig.items()), sorted(constants.items()),
-                    sorted((k, repr(v)) for k, v in attrs.items()), sorted(options.items())))
-        spec = specs.get(key)
-        if spec is None:
-            names = list(sig)
-            spec = specs[key] = dict(
-                module=jit_fn.fn.__module__, kernel=jit_fn.fn.__name__, signature=sig,
-                constants=constants, attrs=attrs, options=options,
-                constexprs={names[k[0]]: v for k, v in constants.items() if sig[names[k[0]]] == "constexpr"},
-                declared={names[i]: constants.get((i,)) for i in jit_fn.constexprs},
-                dtypes=sorted({t for t in sig.values() if t.startswith("*")}),
-                seen=[], launches=0)
-        spec["launches"] += 1
-        label = current["label"]
-        if label not in spec["seen"]:
-            spec["seen"].append(label)
+        record_launch(specs, jit_fn, c, current["label"])
 
     for name in models:
         for mode in modes:
