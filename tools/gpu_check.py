@@ -14,6 +14,8 @@ Phases, in order, each a time-boxed subprocess (a failure or hang in one does no
   bench_s4   torch.compile and CUDA graphs (S4 at 256 likewise); short windows
   opbench    op microbenchmarks (benchmarks/test_op_bench.py) with achieved GB/s and TFLOP/s
   summary    one screen, also summary.json
+A Triton cache compiled for this GPU on a CPU machine (tools/triton_prewarm.py) is unpacked and used when
+``.triton_cache.tar.xz`` travels with the checkout; the summary says how many kernels were still compiled here.
 Everything is written as it goes to $OUT when set, else benchmarks/results/gpu/ (at most 8 files: the device
 tool brings back 8): gpu_check.log, results.json, junit.xml, paper_s1.json, paper_s4.json, ops.json,
 summary.json. ``--dry-run`` walks every phase on a CPU machine: what needs CUDA is skipped with its reason, the
@@ -33,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -375,6 +378,17 @@ class Check:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", SHVIT_KERNELS_RETEST_GPU_FAILURES="1",
                         PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
         self.has_cuda = False
+        # Triton kernels compiled ahead of time for this GPU on a CPU machine (tools/triton_prewarm.py), carried
+        # in with the checkout: a kernel found there is not compiled here.
+        self.triton_cache = os.path.join(ROOT, ".triton_cache")
+        archive = self.triton_cache + ".tar.xz"
+        if os.path.exists(archive) and not os.path.isdir(self.triton_cache):
+            with tarfile.open(archive) as tar:
+                tar.extractall(ROOT, filter="data")
+        self.prewarmed = _cache_entries(self.triton_cache)
+        if self.prewarmed:
+            self.env["TRITON_CACHE_DIR"] = self.triton_cache
+        self.results["triton_cache"] = dict(prewarmed=len(self.prewarmed))
 
     # ---- plumbing -------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -736,6 +750,10 @@ class Check:
             ips = r["phases"].get(tag, {}).get("img_per_s")
             if ips:
                 lines.append(f"  {tag} img/s: " + ", ".join(f"{k} {v}" for k, v in ips.items())[:300])
+        cache = r.get("triton_cache") or {}
+        if cache.get("prewarmed"):
+            lines.append(f"  triton cache: {cache['prewarmed']} kernels prewarmed on a CPU machine, "
+                         f"{cache.get('compiled_here', '?')} compiled here")
         for row in (r["phases"].get("opbench", {}).get("ops") or [])[:14]:
             lines.append(f"  op {row}")
         if final:
@@ -759,10 +777,17 @@ class Check:
         self.phase("bench_s1", lambda rec, t: self.do_bench(rec, t, "shvit_s1", 224, "s1"))
         self.phase("bench_s4", lambda rec, t: self.do_bench(rec, t, "shvit_s4", 256, "s4"))
         self.phase("opbench", self.do_opbench)
+        if self.prewarmed:
+            self.results["triton_cache"]["compiled_here"] = len(_cache_entries(self.triton_cache) - self.prewarmed)
         self.save()
         rc = self.summary()
         shutil.rmtree(self.work, ignore_errors=True)
         return rc
+
+
+def _cache_entries(folder: str) -> set:
+    """The kernel entries of a Triton cache folder (empty when there is none)."""
+    return {e.name for e in os.scandir(folder) if e.is_dir()} if os.path.isdir(folder) else set()
 
 
 def _bench_note(rec) -> str:
