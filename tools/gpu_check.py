@@ -18,7 +18,8 @@ A Triton cache compiled for this GPU on a CPU machine (tools/triton_prewarm.py) 
 ``.triton_cache.tar.xz`` travels with the checkout; the summary says how many kernels were still compiled here.
 Everything is written as it goes to $OUT when set, else benchmarks/results/gpu/ (at most 8 files: the device
 tool brings back 8): gpu_check.log, results.json, junit.xml, paper_s1.json, paper_s4.json, ops.json,
-summary.json. ``--dry-run`` walks every phase on a CPU machine: what needs CUDA is skipped with its reason, the
+summary.json, autotune.json (the backend autotuning chose per call signature, every phase's). ``--dry-run``
+walks every phase on a CPU machine: what needs CUDA is skipped with its reason, the
 rest runs on the CPU in a reduced form (smoke on the cpp backend, pytest and the benchmark command lines
 collected or parsed only). Exit status: 1 if any phase failed, else 0.
 """
@@ -389,6 +390,9 @@ class Check:
         if self.prewarmed:
             self.env["TRITON_CACHE_DIR"] = self.triton_cache
         self.results["triton_cache"] = dict(prewarmed=len(self.prewarmed))
+        # Dispatch measured here: the autotuned choices of every phase land in one folder, saved as autotune.json
+        self.tune_dir = os.path.join(self.work, "autotune")
+        self.env["SHVIT_KERNELS_CACHE_DIR"] = self.tune_dir
 
     # ---- plumbing -------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -715,6 +719,25 @@ class Check:
         rec["ops"] = summarize_ops(output)
         self._finish(rec, rc, timed_out)
 
+    def save_dispatch(self) -> None:
+        """The backend autotuning chose per call signature on this GPU (every phase's choices), as autotune.json,
+        and per op how many signatures went to each backend."""
+        choices = {}
+        for path in sorted(glob.glob(os.path.join(self.tune_dir, "autotune-*.json"))):
+            try:
+                choices.update(load(path, {}).get("choices", {}))
+            except AttributeError:  # not a cache file
+                continue
+        if not choices:
+            return
+        dump(os.path.join(self.out, "autotune.json"), dict(device=self.results.get("environment", {}).get("device"),
+                                                           date=now_iso(), choices=choices))
+        per_op = {}
+        for key, backend in choices.items():
+            counts = per_op.setdefault(key.split()[0], {})
+            counts[backend] = counts.get(backend, 0) + 1
+        self.results["dispatch"] = per_op
+
     def summary(self, final: bool = True) -> int:
         """Writes summary.json (``final=False``: quietly, after each phase, so a run killed later still has one)."""
         r = self.results
@@ -750,6 +773,8 @@ class Check:
             ips = r["phases"].get(tag, {}).get("img_per_s")
             if ips:
                 lines.append(f"  {tag} img/s: " + ", ".join(f"{k} {v}" for k, v in ips.items())[:300])
+        for op, counts in sorted((r.get("dispatch") or {}).items()):
+            lines.append(f"  tuned {op:24} " + ", ".join(f"{b} {n}" for b, n in sorted(counts.items())))
         cache = r.get("triton_cache") or {}
         if cache.get("prewarmed"):
             lines.append(f"  triton cache: {cache['prewarmed']} kernels prewarmed on a CPU machine, "
@@ -779,6 +804,7 @@ class Check:
         self.phase("opbench", self.do_opbench)
         if self.prewarmed:
             self.results["triton_cache"]["compiled_here"] = len(_cache_entries(self.triton_cache) - self.prewarmed)
+        self.save_dispatch()
         self.save()
         rc = self.summary()
         shutil.rmtree(self.work, ignore_errors=True)

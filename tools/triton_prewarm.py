@@ -17,8 +17,8 @@ bf16 at batch 256 (the benchmarks, both input layouts) and S1 at batch 64 (the g
 ``.triton_cache/`` in the checkout (git-ignored), keeping only what a cache hit reads (metadata and cubin), and
 packed as ``.triton_cache.tar.xz`` (2026-12-04: 808 kernels, 84 MiB, 11.5 MiB packed; about 3 minutes on two
 cores). Carry the archive to the device (run's ``carry: [".triton_cache.tar.xz"]``): tools/gpu_check.py unpacks
-and uses it and reports how many kernels it still had to compile. The cache holds absolute paths: the checkout must be at the same path
-on both machines (/work/main in this workplace).
+and uses it and reports how many kernels it still had to compile. The cache holds absolute paths: the checkout
+must be at the same path on both machines (/work/main in this workplace).
 """
 
 from __future__ import annotations
