@@ -119,7 +119,7 @@ def test_help_shows_defaults(capsys):
 SCRIPTS = ["benchmarks/attention_ablation.py", "benchmarks/highres.py", "benchmarks/paper_protocol.py",
            "benchmarks/profile_model.py", "benchmarks/profile_train.py", "benchmarks/render.py",
            "benchmarks/train_throughput.py", "benchmarks/train_vs_peers.py", "benchmarks/vs_onnxruntime.py",
-           "tools/gpu_check.py", "tools/triton_aot_check.py"]
+           "tools/gpu_check.py", "tools/triton_aot_check.py", "tools/triton_prewarm.py"]
 
 
 def test_every_script_is_listed_here():
