@@ -676,8 +676,11 @@ class Check:
         self.results["sanitizer"] = dict(rec)
 
     def bench_cmd(self, model, size, output):
+        # S1 also times a training step (bf16 autocast) of the project's model against eager PyTorch (#19); after
+        # the inference table, so a box reached there still leaves the table
+        peers = "eager-cl,compile,cuda-graph,fused" + (",train" if model == "shvit_s1" else "")
         return ["-m", "benchmarks.paper_protocol", "--model", model, "--img-size", str(size), "--device",
-                "cuda", "--dtype", "bf16", "--batch-size", "256", "--peers", "eager-cl,compile,cuda-graph,fused",
+                "cuda", "--dtype", "bf16", "--batch-size", "256", "--peers", peers,
                 "--warmup", "0.5", "--window", "0.25", "--rounds", "3", "--output", output]
 
     def do_bench(self, rec, t, model, size, tag):
@@ -698,6 +701,8 @@ class Check:
         data = load(output, None) if os.path.exists(output) and os.path.getmtime(output) >= start - 1 else None
         if data:
             rec["img_per_s"] = {r["name"]: round(r["img_per_s"]) for r in data.get("inference", [])}
+            if data.get("training"):
+                rec["train_img_per_s"] = {r["name"]: round(r["img_per_s"]) for r in data["training"]}
             rec["skipped_peers"] = {s["peer"]: s["reason"][:200] for s in data.get("skipped", [])}
             rec["probe"] = data.get("probe")
             rec["agreement"] = data.get("low_precision_vs_fp32") or None
@@ -773,6 +778,9 @@ class Check:
             ips = r["phases"].get(tag, {}).get("img_per_s")
             if ips:
                 lines.append(f"  {tag} img/s: " + ", ".join(f"{k} {v}" for k, v in ips.items())[:300])
+            train = r["phases"].get(tag, {}).get("train_img_per_s")
+            if train:
+                lines.append(f"  {tag} train img/s: " + ", ".join(f"{k} {v}" for k, v in train.items())[:300])
         for op, counts in sorted((r.get("dispatch") or {}).items()):
             lines.append(f"  tuned {op:24} " + ", ".join(f"{b} {n}" for b, n in sorted(counts.items())))
         cache = r.get("triton_cache") or {}

@@ -13,9 +13,10 @@ version that imports that Triton (e.g. a pyenv 3.12 with the cp312 wheel on its 
 
 Captured with the stand-in driver of tools/triton_aot_check.py (nothing runs): the GPU check's smoke cases on the
 triton backend (fp32, bf16, fp16, channels_last and NCHW, forward and backward), S1 at 224 and S4 at 256 fused in
-bf16 at batch 256 (the benchmarks, both input layouts) and S1 at batch 64 (the graph check). Written to
+bf16 at batch 256 (the benchmarks, both input layouts), S1 at batch 64 (the graph check) and an S1 training step
+at batch 256 with bf16 autocast (the S1 benchmark's training peers). Written to
 ``.triton_cache/`` in the checkout (git-ignored), keeping only what a cache hit reads (metadata and cubin), and
-packed as ``.triton_cache.tar.xz`` (2026-12-04: 808 kernels, 84 MiB, 11.5 MiB packed; about 3 minutes on two
+packed as ``.triton_cache.tar.xz`` (2026-12-04: 843 kernels, 87 MiB, 11.2 MiB packed; about 3 minutes on two
 cores). Carry the archive to the device (run's ``carry: [".triton_cache.tar.xz"]``): tools/gpu_check.py unpacks
 and uses it and reports how many kernels it still had to compile. The cache holds absolute paths: the checkout
 must be at the same path on both machines (/work/main in this workplace).
@@ -97,6 +98,7 @@ def capture_all(quick: bool) -> dict:
 
     runs = [(f"{m} bf16 {lay} b{b}", _model_run, (m, b, lay))
             for m, b in (("shvit_s1", 256), ("shvit_s4", 256), ("shvit_s1", 64)) for lay in ("cl", "nchw")]
+    runs.append(("shvit_s1 train bf16 cl b256", aot._run_model, ("shvit_s1", "train", torch.bfloat16, "cl", 256)))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     runs += [(f"smoke {n} {d} {'cl' if cl else 'nchw'}", _smoke_run, (n, d, cl))
              for cl in (True, False) for n, _ in CASES for d in dtypes]
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
         print("  failed:", f)
     found, anew = verify(key, cache, args.quick)
     print(f"verify: Triton's JIT path found {found} kernels of the benchmark models in the cache, compiled {anew} anew")
-    with tarfile.open(archive, "w:xz") as tar:  # 84 MiB of cache packs to ~12 (the device takes 64 MiB in all)
+    with tarfile.open(archive, "w:xz") as tar:  # 87 MiB of cache packs to ~11 (the device takes 64 MiB in all)
         tar.add(cache, arcname=cache.name)
     print(f"wrote {archive} ({archive.stat().st_size / 2**20:.1f} MiB): carry it to the device")
     return 1 if failures or anew else 0
