@@ -402,39 +402,28 @@ class SHViT(nn.Module):
 
     def _replayed_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
         """The fused CPU inference forward's kernels replayed from one recorded chain (see shvit_kernels.replay:
-        S1 at batch 16 on one thread spent a tenth of its forward in the Python between its 58 kernels), while
-        the input's signature, the dispatcher's state, the module tree and its tensors are those recorded and no
-        module has hooks; otherwise the modules run as usual."""
+        S1 at batch 16 on one thread spent a tenth of its forward in the Python between its 58 kernels)."""
         key = (x.shape, x.dtype, x.stride(), stem_to_channels_last, torch.get_num_threads(),
                shvit_kernels.dispatch.selection_state())
-        chains = self.__dict__.setdefault("_kernel_chains", {})
-        entry = chains.get(key)
-        if entry is not None:
-            chain, tree = entry
-            if _tree_unchanged(tree):
-                if chain is None:
-                    return self._module_features(x, stem_to_channels_last)
-                if chain.valid():
-                    return chain(x)
-        tree = _tree_snapshot(self)
-        if not _tree_unchanged(tree):  # hooks: they must see the module calls
-            return self._module_features(x, stem_to_channels_last)
-        if len(chains) >= 16:  # many input sizes: start afresh
-            chains.clear()
-        constants = [t for _, _, t in tree[0] if isinstance(t, torch.Tensor)]
-        features = functools.partial(self._module_features, stem_to_channels_last=stem_to_channels_last)
-        chain, out = shvit_kernels.replay.KernelChain.capture(features, x, constants)
-        chains[key] = (chain, tree)
-        return out
+        return self._recorded_features(x, stem_to_channels_last, "_kernel_chains", key,
+                                       shvit_kernels.replay.KernelChain, 16)
 
     def _graphed_features(self, x: torch.Tensor, stem_to_channels_last: bool = False) -> torch.Tensor:
         """The fused CUDA inference forward replayed from a CUDA graph (shvit_kernels.replay.CudaGraphReplay; S1 at
-        batch 256, bf16, H200: 5.5 ms per batch op by op, 2.9 ms replayed), under the same conditions as a CPU
-        kernel chain. Each captured signature holds its graph's memory and a copy of its input: at most four are
-        kept. The first call per signature runs the modules three times (two on a side stream, one captured)."""
+        batch 256, bf16, H200: 5.5 ms per batch op by op, 2.9 ms replayed). Each captured signature holds its
+        graph's memory and a copy of its input: at most four are kept. The first call per signature runs the
+        modules three times (two on a side stream, one captured)."""
         key = (x.shape, x.dtype, x.stride(), x.device, stem_to_channels_last, shvit_kernels.dispatch.selection_state())
-        graphs = self.__dict__.setdefault("_cuda_graphs", {})
-        entry = graphs.get(key)
+        return self._recorded_features(x, stem_to_channels_last, "_cuda_graphs", key,
+                                       shvit_kernels.replay.CudaGraphReplay, 4)
+
+    def _recorded_features(self, x: torch.Tensor, stem_to_channels_last: bool, store: str, key: tuple, recording,
+                           limit: int) -> torch.Tensor:
+        """The features from ``recording`` (a KernelChain or CudaGraphReplay class) made for ``key``, while the
+        dispatcher's state, the module tree and its tensors are those recorded and no module has hooks; otherwise
+        the modules run as usual. At most ``limit`` recordings are kept (many input sizes: start afresh)."""
+        recordings = self.__dict__.setdefault(store, {})
+        entry = recordings.get(key)
         if entry is not None:
             replay, tree = entry
             if _tree_unchanged(tree):
@@ -445,12 +434,12 @@ class SHViT(nn.Module):
         tree = _tree_snapshot(self)
         if not _tree_unchanged(tree):  # hooks: they must see the module calls
             return self._module_features(x, stem_to_channels_last)
-        if len(graphs) >= 4:
-            graphs.clear()
+        if len(recordings) >= limit:
+            recordings.clear()
         constants = [t for _, _, t in tree[0] if isinstance(t, torch.Tensor)]
         features = functools.partial(self._module_features, stem_to_channels_last=stem_to_channels_last)
-        replay, out = shvit_kernels.replay.CudaGraphReplay.capture(features, x, constants)
-        graphs[key] = (replay, tree)
+        replay, out = recording.capture(features, x, constants)
+        recordings[key] = (replay, tree)
         return out
 
     def _apply(self, fn, recurse=True):

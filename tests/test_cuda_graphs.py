@@ -15,11 +15,13 @@ from shvit_kernels.replay import CudaGraphReplay, graph_replayable
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _fused_s1(device="cpu", dtype=torch.float32):
+def _fused_s1(device="cpu", dtype=torch.float32, graphs=False):
     torch.manual_seed(0)
     model = shvit.create_model("shvit_s1").eval()
     bench._randomize_bn(model)
-    return shvit.fuse(model).to(device, dtype)
+    model = shvit.fuse(model).to(device, dtype)
+    model.cuda_graphs = graphs
+    return model
 
 
 def _module_path(model, x):
@@ -32,9 +34,8 @@ def _graphs(model):
 
 
 def test_cuda_graphs_are_off_by_default_and_never_taken_on_the_cpu():
-    model = _fused_s1()
-    assert model.cuda_graphs is False
-    model.cuda_graphs = True
+    assert shvit.create_model("shvit_s1").cuda_graphs is False
+    model = _fused_s1(graphs=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert not graph_replayable(x)
@@ -62,8 +63,7 @@ def test_captured_graphs_stay_out_of_copies_pickles_and_moves():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_forward_matches_the_module_path_and_returns_fresh_outputs(dtype):
-    model = _fused_s1("cuda", dtype)
-    model.cuda_graphs = True
+    model = _fused_s1("cuda", dtype, graphs=True)
     x, y = (torch.randn(4, 3, 128, 128, device="cuda", dtype=dtype) for _ in range(2))
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     with torch.inference_mode():
@@ -85,9 +85,7 @@ def test_graphed_forward_matches_the_module_path_and_returns_fresh_outputs(dtype
 @gpu
 @pytest.mark.gpu
 def test_graphs_follow_weight_changes_new_shapes_and_stay_few():
-    model = _fused_s1("cuda")
-    model.cuda_graphs = True
-    x = torch.randn(2, 3, 64, 64, device="cuda")
+    model, x = _fused_s1("cuda", graphs=True), torch.randn(2, 3, 64, 64, device="cuda")
     with torch.inference_mode():
         model(x)
         with torch.no_grad():
@@ -101,9 +99,7 @@ def test_graphs_follow_weight_changes_new_shapes_and_stay_few():
 @gpu
 @pytest.mark.gpu
 def test_a_caller_capturing_the_model_itself_gets_no_nested_capture():
-    model = _fused_s1("cuda")
-    model.cuda_graphs = True
-    x = torch.randn(2, 3, 64, 64, device="cuda")
+    model, x = _fused_s1("cuda", graphs=True), torch.randn(2, 3, 64, 64, device="cuda")
     with torch.inference_mode():
         expected = _module_path(model, x)
         stream = torch.cuda.Stream()
