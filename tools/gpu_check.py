@@ -52,6 +52,7 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "gpu")
 # ~75 each (then out of time compiling the agreement's fp32 model, now on the reference kernels), opbench out at
 # its 45 s box. Expected with these boxes: ~505 s of the 525 s default; boxes of the quick phases kept ~2-3x
 # their time so that a hang there does not eat smoke's or the benchmarks' time.
+ALL_PHASES = ("env", "build", "smoke", "graph", "tests", "sanitizer", "bench_s1", "bench_s4", "opbench")
 BUDGETS = dict(env=30, build=120, smoke=110, graph=45, tests=90, sanitizer=30, bench_s1=85, bench_s4=85, opbench=45)
 GPU_BACKENDS = ("triton", "cuda")
 STICKY_CUDA = ("illegal memory access", "unspecified launch failure", "misaligned address", "CUDA error",
@@ -366,6 +367,7 @@ PY_PHASES = {"env": phase_env, "smoke": phase_smoke, "graph": phase_graph, "sani
 class Check:
     def __init__(self, args):
         self.dry_run = args.dry_run
+        self.only = set(args.only.split(",")) if getattr(args, "only", None) else None
         self.out = os.path.abspath(args.out or os.environ.get("OUT") or DEFAULT_OUT)
         os.makedirs(self.out, exist_ok=True)
         self.work = tempfile.mkdtemp(prefix="gpu_check_")
@@ -457,6 +459,9 @@ class Check:
     def phase(self, name: str, fn) -> None:
         t = self.time_for(name)
         rec = self.results["phases"].setdefault(name, {})
+        if self.only is not None and name not in self.only and name not in ("env", "build"):
+            rec.update(status="skipped", reason="not selected (--only)")
+            return
         self.say(f"\n===== {name} (time box {max(t, 0):.0f}s, {time.time() - self.start:.0f}s elapsed) =====")
         if t < 10:
             rec.update(status="skipped", reason=f"out of time ({self.deadline - time.time():.0f}s left of the budget)")
@@ -752,8 +757,8 @@ class Check:
                  f"triton {env.get('triton')}, Python {env.get('python')}; {r.get('elapsed_s', 0):.0f}s in all"]
         for name, rec in r["phases"].items():
             extra = rec.get("reason") or ""
-            if name == "smoke":
-                extra = f"{rec.get('counts')}{' of %d planned' % rec['planned'] if rec.get('planned') else ''} {extra}"
+            if name == "smoke" and rec.get("counts") is not None:
+                extra = f"{rec['counts']}{' of %d planned' % rec['planned'] if rec.get('planned') else ''} {extra}"
             if name == "tests" and rec.get("junit"):
                 j = rec["junit"]
                 extra = f"{j['tests']} tests, {j['failures']} failed, {j['errors']} errors, {j['skipped']} skipped"
@@ -880,9 +885,16 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="walk every phase on a CPU machine (CI)")
     p.add_argument("--out", default=None, help="results folder (default $OUT, else benchmarks/results/gpu)")
     p.add_argument("--budget", type=float, default=525.0, help="seconds for the whole run (default 525 = 8m45s)")
+    p.add_argument("--only", default=None,
+                   help="comma list of phases to run (env and build always run), e.g. tests,bench_s1 for a rerun "
+                        f"after a fix; phases: {', '.join(ALL_PHASES)}")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.only is not None:
+        unknown = sorted(set(args.only.split(",")) - set(ALL_PHASES))
+        if unknown:
+            p.error(f"--only: unknown phase(s) {', '.join(unknown)}; phases: {', '.join(ALL_PHASES)}")
     if args.phase:
         return PY_PHASES[args.phase](args.work, args.dry_run)
     return Check(args).run()
