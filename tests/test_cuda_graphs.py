@@ -124,3 +124,109 @@ def test_a_function_that_syncs_with_the_host_is_not_captured():
     with torch.inference_mode():
         replay, out = CudaGraphReplay.capture(fn, x, [])
     assert replay is None and torch.equal(out, fn(x))
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: a function run under capture registers how to recompute its
+    output into the same buffer, and replay() does that, as a graph replays its kernels on fixed buffers."""
+
+    capturing = None
+
+    def __init__(self):
+        self.kernels = []
+
+    def replay(self):
+        with torch.inference_mode():  # kernels write their buffers below autograd's rules, whatever the mode
+            for kernel in self.kernels:
+                kernel()
+
+
+class _FakeCapture:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        _FakeGraph.capturing = self.graph
+
+    def __exit__(self, *exc):
+        _FakeGraph.capturing = None
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """CudaGraphReplay's own logic on CPU tensors, with torch.cuda's streams and graphs replaced by stand-ins."""
+    import contextlib
+
+    from shvit_kernels import replay as replay_module
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(replay_module, "graph_replayable", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+
+
+def _captured_affine(weight, wrong_replay=False):
+    """t * weight + 1, registering its recomputation when run under a (fake) capture."""
+
+    def fn(t):
+        out = t * weight + 1
+        if _FakeGraph.capturing is not None:
+            bias = 2.0 if wrong_replay else 1.0
+            _FakeGraph.capturing.kernels.append(lambda: torch.add(t * weight, bias, out=out))
+        return out
+
+    return fn
+
+
+def test_replay_copies_the_input_in_and_returns_fresh_outputs(cpu_graphs):
+    weight = torch.randn(8)
+    fn = _captured_affine(weight)
+    x, y = torch.randn(8), torch.randn(8)
+    with torch.inference_mode():
+        replay, out = CudaGraphReplay.capture(fn, x, [weight])
+        assert replay is not None and torch.equal(out, fn(x))
+        first, second = replay(x), replay(y)
+    assert torch.equal(first, fn(x)) and torch.equal(second, fn(y)), "replay did not read the new input"
+    assert first.data_ptr() != second.data_ptr()
+    with torch.no_grad():  # the input buffer is a normal tensor: no_grad alone may copy into it
+        assert torch.equal(replay(x), first)
+
+
+def test_a_replay_is_invalid_once_a_constant_changes_or_moves(cpu_graphs):
+    weight = torch.randn(8)
+    with torch.inference_mode():
+        replay, _ = CudaGraphReplay.capture(_captured_affine(weight), torch.randn(8), [weight])
+    assert replay.valid()
+    with torch.no_grad():
+        weight.mul_(2)
+    assert not replay.valid()
+    weight2 = torch.randn(8)
+    with torch.inference_mode():
+        replay, _ = CudaGraphReplay.capture(_captured_affine(weight2), torch.randn(8), [weight2])
+    weight2.data = torch.randn(8)  # new storage: the graph would read the old one
+    assert not replay.valid()
+
+
+def test_a_capture_that_replays_differently_or_fails_is_not_kept(cpu_graphs):
+    weight = torch.randn(8)
+    x = torch.randn(8)
+    with torch.inference_mode():
+        replay, out = CudaGraphReplay.capture(_captured_affine(weight, wrong_replay=True), x, [weight])
+        assert replay is None and torch.equal(out, x * weight + 1)
+
+        def unsupported(t):
+            if _FakeGraph.capturing is not None:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return t + 1
+
+        replay, out = CudaGraphReplay.capture(unsupported, x, [])
+        assert replay is None and torch.equal(out, x + 1)
