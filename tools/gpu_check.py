@@ -742,6 +742,8 @@ class Check:
             return
         dump(os.path.join(self.out, "autotune.json"), dict(device=self.results.get("environment", {}).get("device"),
                                                            date=now_iso(), choices=choices))
+        # what a user on this GPU sees of it (#19): the info command reads the same cache folder
+        self.run_cmd([self.python, "-m", "shvit", "info"], 60)
         per_op = {}
         for key, backend in choices.items():
             counts = per_op.setdefault(key.split()[0], {})
