@@ -9,6 +9,7 @@ within a run, the ratio within a round is steadier than the ratio of two medians
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import platform
@@ -203,7 +204,8 @@ def measure(
 
 
 def model_variants(model_name: str, device: torch.device, dtype: torch.dtype, channels_last: bool) -> List[Variant]:
-    """Reference (unfused, reference ops), fused on reference ops, and fused on the best available backends."""
+    """Reference (unfused, reference ops), fused on reference ops, fused on the best available backends, and on CUDA
+    the same replayed from CUDA graphs."""
     import shvit
 
     model = shvit.create_model(model_name).to(device).eval()
@@ -215,11 +217,16 @@ def model_variants(model_name: str, device: torch.device, dtype: torch.dtype, ch
     for name, m in (("unfused", model), ("fused", fused)):
         m = m.to(memory_format=fmt)
         models[name] = m.to(dtype) if low else m
-    return [
+    variants = [
         Variant("reference (unfused)", models["unfused"], backend="reference"),
         Variant("fused, reference ops", models["fused"], backend="reference"),
         Variant("fused, best backends", models["fused"], backend=None),
     ]
+    if device.type == "cuda":  # op by op the fused model is host-bound there; replayed, it is not (model.cuda_graphs)
+        graphed = copy.deepcopy(models["fused"])
+        graphed.cuda_graphs = True
+        variants.append(Variant("fused, best backends, CUDA graphs", graphed, backend=None))
+    return variants
 
 
 def _randomize_bn(model: torch.nn.Module) -> None:

@@ -230,3 +230,12 @@ def test_a_capture_that_replays_differently_or_fails_is_not_kept(cpu_graphs):
 
         replay, out = CudaGraphReplay.capture(unsupported, x, [])
         assert replay is None and torch.equal(out, x + 1)
+
+
+@gpu
+@pytest.mark.gpu
+def test_the_bench_command_times_the_graphed_model_on_cuda():
+    variants = bench.model_variants("shvit_s1", torch.device("cuda"), torch.float32, True)
+    graphed = [v for v in variants if v.model.__dict__.get("cuda_graphs")]
+    assert [v.name for v in graphed] == ["fused, best backends, CUDA graphs"]
+    assert not any(v.model.cuda_graphs for v in variants if v is not graphed[0] and hasattr(v.model, "cuda_graphs"))
