@@ -200,6 +200,8 @@ class CudaGraphReplay:
         stream.wait_stream(side)
         if not isinstance(expected, torch.Tensor):
             return None, expected
+        if expected.is_cuda:  # made on the side stream, used on this one: not reused before this one is done with it
+            expected.record_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
