@@ -52,8 +52,8 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "gpu")
 # ~75 each (then out of time compiling the agreement's fp32 model, now on the reference kernels), opbench out at
 # its 45 s box. Expected with these boxes: ~505 s of the 525 s default; boxes of the quick phases kept ~2-3x
 # their time so that a hang there does not eat smoke's or the benchmarks' time.
-ALL_PHASES = ("env", "build", "smoke", "graph", "tests", "sanitizer", "bench_s1", "bench_s4", "opbench")
 BUDGETS = dict(env=30, build=120, smoke=110, graph=45, tests=90, sanitizer=30, bench_s1=85, bench_s4=85, opbench=45)
+ALL_PHASES = tuple(BUDGETS)  # in the order they run
 GPU_BACKENDS = ("triton", "cuda")
 STICKY_CUDA = ("illegal memory access", "unspecified launch failure", "misaligned address", "CUDA error",
                "device-side assert", "an illegal instruction")
@@ -367,7 +367,7 @@ PY_PHASES = {"env": phase_env, "smoke": phase_smoke, "graph": phase_graph, "sani
 class Check:
     def __init__(self, args):
         self.dry_run = args.dry_run
-        self.only = set(args.only.split(",")) if getattr(args, "only", None) else None
+        self.only = set(args.only.split(",")) if args.only else None
         self.out = os.path.abspath(args.out or os.environ.get("OUT") or DEFAULT_OUT)
         os.makedirs(self.out, exist_ok=True)
         self.work = tempfile.mkdtemp(prefix="gpu_check_")
@@ -734,10 +734,9 @@ class Check:
         and per op how many signatures went to each backend."""
         choices = {}
         for path in sorted(glob.glob(os.path.join(self.tune_dir, "autotune-*.json"))):
-            try:
-                choices.update(load(path, {}).get("choices", {}))
-            except AttributeError:  # not a cache file
-                continue
+            data = load(path, {})
+            if isinstance(data, dict):
+                choices.update(data.get("choices", {}))
         if not choices:
             return
         dump(os.path.join(self.out, "autotune.json"), dict(device=self.results.get("environment", {}).get("device"),

@@ -64,19 +64,6 @@ def device_triton_key(python: str) -> str:
     return key
 
 
-def _model_run(name: str, batch: int, layout: str) -> None:
-    from shvit import create_model
-
-    torch.manual_seed(0)
-    res = aot.RESOLUTION.get(name, 224)
-    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-    model = create_model(name).eval().fuse().to(torch.bfloat16)
-    model.input_layout = "as_given"  # autotuning on the GPU times both layouts
-    x = torch.randn(batch, 3, res, res).to(torch.bfloat16).contiguous(memory_format=fmt)
-    with torch.inference_mode():
-        model(x)
-
-
 def _smoke_run(name: str, dtype: torch.dtype, cl: bool) -> None:
     from helpers import backend_vs_fp64
     from shvit_kernels.testing.cases import CASES
@@ -96,7 +83,7 @@ def capture_all(quick: bool) -> dict:
     def record(jit_fn, c):
         aot.record_launch(specs, jit_fn, c, current["label"])
 
-    runs = [(f"{m} bf16 {lay} b{b}", _model_run, (m, b, lay))
+    runs = [(f"{m} bf16 {lay} b{b}", aot._run_model, (m, "eval", torch.bfloat16, lay, b))
             for m, b in (("shvit_s1", 256), ("shvit_s4", 256), ("shvit_s1", 64)) for lay in ("cl", "nchw")]
     runs.append(("shvit_s1 train bf16 cl b256", aot._run_model, ("shvit_s1", "train", torch.bfloat16, "cl", 256)))
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -182,7 +169,7 @@ def verify(key: str, cache: Path, quick: bool) -> tuple:
         runs = [("shvit_s1", 256, "cl")] if quick else [("shvit_s1", 256, "cl"), ("shvit_s4", 256, "nchw")]
         for name, batch, layout in runs:
             with aot._triton_on_cpu(90, None):
-                _model_run(name, batch, layout)
+                aot._run_model(name, "eval", torch.bfloat16, layout, batch)
     finally:
         compiler.CompiledKernel.run, compiler.CompiledKernel.__init__ = saved_run, saved_init
         compiler.CompiledKernel.launch_metadata = saved_meta

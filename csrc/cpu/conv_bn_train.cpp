@@ -222,6 +222,10 @@ void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor
 // its backward).
 constexpr int64_t kFp32Count = 256;
 
+inline bool stats_in_fp32_blocks(const at::Tensor& x, int64_t count) {
+  return x.scalar_type() == at::kBFloat16 && count >= kFp32Count;
+}
+
 // oneDNN's bf16 conv with stride > 1 and a one-pixel-wide output returned wrong values (torch 2.13.0, Xeon with AMX,
 // 2026-12-02): such convs, and their gradients, run in fp32.
 inline bool onednn_bf16_conv_wrong(int64_t stride, int64_t out_w) { return stride > 1 && out_w == 1; }
@@ -812,7 +816,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   // many values per channel (kFp32Count), which no lock-step test runs: one pass sums d = y - s and d^2 about a value
   // s near the channel's mean in fp32 blocks into fp64 totals. ATen's mean alone took 0.18 ms of S1's 0.55 ms
   // 128 -> 256 1x1 forward (batch 16, 14 x 14) on two threads, twice its one-thread time (AMD Zen 5, 2026-12-04).
-  const bool fp32_stats = x.scalar_type() == at::kBFloat16 && l.count() >= kFp32Count;
+  const bool fp32_stats = stats_in_fp32_blocks(x, l.count());
   const at::Tensor mean = fp32_stats ? at::empty({c}, y.options().dtype(at::kFloat))
                                      : at::mean(y, {0, 2, 3}, false, at::kFloat);
   at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
@@ -942,7 +946,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   // cancels by a factor of 2^15. S4's 224 -> 448 bf16 1x1 backward (batch 16, 16 x 16) took 5.33 ms with the fp64
   // passes, 4.60 without; its bf16 training step ran 1.06x (AMD Zen 5, 2026-12-04).
   // sums: [0, c) sum(g), [c, 2c) sum(g (y - mean_f)), [2c, 3c) sum(y - mean_f), [3c, 4c) sum((y - mean_f)^2).
-  const bool fp32_passes = x.scalar_type() == at::kBFloat16 && l.count() >= kFp32Count;
+  const bool fp32_passes = stats_in_fp32_blocks(x, l.count());
   std::vector<double> sums(4 * c), mean64(c), invstd(c), a(c), b(c), d(c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
     using T = scalar_t;

@@ -109,8 +109,8 @@ def shsa_reasons(x, qkv_weight, qk_dim, **args) -> List[str]:
 
 
 # Calls the H200 GPU check of 2026-12-04 (benchmarks/results/gpu/2026-12-04-run1) got wrong, declined until a GPU
-# run passes them with the changes made since. Set to 1 (the GPU check's smoke phase does, in processes of its own)
-# to run them anyway. An illegal address poisons the process's CUDA context, which the first-use check cannot undo.
+# run passes them with the changes made since. Set to 1 (tools/gpu_check.py does, in processes of its own) to run
+# them anyway. An illegal address poisons the process's CUDA context, which the first-use check cannot undo.
 RETEST_GPU_FAILURES = EnvSetting("SHVIT_KERNELS_RETEST_GPU_FAILURES", lambda v: v == "1")
 _GPU_FAILURE_MAX_TOKENS = 16  # every failing case had at most one 16-token block
 
