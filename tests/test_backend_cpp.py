@@ -1651,3 +1651,36 @@ def test_public_to_channels_last_is_atens_copy_in_every_case():
     compiled = torch.compile(lambda t: shvit_kernels.to_channels_last(t) * 2, fullgraph=True)
     y = torch.randn(2, 3, 5, 5)
     assert torch.equal(compiled(y), 2 * y.contiguous(memory_format=torch.channels_last))
+
+
+@requires_cpp
+def test_packed_weights_follow_updates_that_skip_the_version_counter():
+    """torch's fused AdamW (``fused=True``, as ``shvit train`` builds it) updates parameters in place without bumping
+    their version counters (torch 2.13), and so do writes through ``.data``: the cpp backend's packed weight copies
+    must not outlive such an update (a functional op trained this way ran on its first step's weights)."""
+    torch.manual_seed(0)
+    c = 32
+    x = torch.randn(4, c, 6, 6).contiguous(memory_format=torch.channels_last)
+    wd, bd = torch.nn.Parameter(torch.randn(c, 1, 3, 3) * 0.3), torch.nn.Parameter(torch.zeros(c))
+    w1, b1 = torch.nn.Parameter(torch.randn(2 * c, c, 1, 1) * 0.1), torch.nn.Parameter(torch.zeros(2 * c))
+    w2, b2 = torch.nn.Parameter(torch.randn(c, 2 * c, 1, 1) * 0.1), torch.nn.Parameter(torch.zeros(c))
+    params = [wd, bd, w1, b1, w2, b2]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+
+    def check(step):
+        with shvit_kernels.use_backend("cpp"):
+            out = shvit_kernels.ffn_fused(shvit_kernels.conv_bias_act(x, wd, bd, padding=1, groups=c), w1, b1, w2, b2)
+        with torch.no_grad():
+            y = conv_bias_act_reference(x, wd, bd, 1, 1, c, False, None)
+            torch.testing.assert_close(out, ffn_fused_reference(y, w1, b1, w2, b2), rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{step}: {m}")
+        return out
+
+    for step in range(3):
+        check(f"step {step}").square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    version = w1._version
+    w1.data.mul_(0.5)
+    assert w1._version == version  # the update the packed copies must notice without the counter
+    check("after a write through .data")

@@ -299,8 +299,24 @@ namespace {
 struct DerivedEntry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   uint32_t version;
+  uint64_t sample;  // content_sample(w) when value was made
   at::Tensor value;
 };
+
+// A hash of 16 elements spread over w's memory, first and last included. Some in-place updates leave the version
+// counter as it was: torch's fused AdamW (torch.optim.AdamW(fused=True), as `shvit train` builds it; torch 2.13), and
+// writes through .data. An optimizer step changes every element, so it changes these; a copy made before it is not
+// reused (a functional op trained with fused AdamW ran on stale weights from its second step on).
+uint64_t content_sample(const at::Tensor& w) {
+  const auto* bytes = static_cast<const unsigned char*>(w.data_ptr());
+  const int64_t n = w.numel(), size = static_cast<int64_t>(w.element_size());
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a
+  for (int i = 0; i < 16 && n > 0; ++i) {
+    const int64_t at = (n - 1) * i / 15;
+    for (int64_t b = 0; b < size; ++b) hash = (hash ^ bytes[at * size + b]) * 1099511628211ull;
+  }
+  return hash;
+}
 
 struct DerivedWeights {
   std::mutex mutex;
@@ -334,17 +350,19 @@ at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::func
   // weight's graph (whose last reference, dropped here by a worker thread, can need the GIL that the calling
   // thread holds: a deadlock, seen with an NCHW stem batch on two threads).
   c10::AutoGradMode grad_off(false);
-  if (w.is_inference()) return make();
+  // Sampled by memory offset: only a dense w's elements are 0 .. numel - 1 from its data pointer.
+  if (w.is_inference() || !w.is_non_overlapping_and_dense()) return make();
   const c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
   const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  const uint64_t sample = content_sample(w);
   const std::string key = derived_key(w, kind);
   DerivedWeights& cache = derived_weights();
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
     const auto it = cache.entries.find(key);
     // A live weak pointer to the same StorageImpl: the weight was not freed (and its address reused) meanwhile.
-    if (it != cache.entries.end() && it->second.version == version && !it->second.storage.expired() &&
-        it->second.storage._unsafe_get_target() == storage)
+    if (it != cache.entries.end() && it->second.version == version && it->second.sample == sample &&
+        !it->second.storage.expired() && it->second.storage._unsafe_get_target() == storage)
       return it->second.value;
   }
   at::Tensor value = make();
@@ -353,7 +371,7 @@ at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::func
   std::lock_guard<std::mutex> lock(cache.mutex);
   for (auto it = cache.entries.begin(); it != cache.entries.end();)
     it = it->second.storage.expired() ? cache.entries.erase(it) : std::next(it);
-  cache.entries.insert_or_assign(key, DerivedEntry{w.storage().getWeakStorageImpl(), version, value});
+  cache.entries.insert_or_assign(key, DerivedEntry{w.storage().getWeakStorageImpl(), version, sample, value});
   return value;
 }
 

@@ -95,9 +95,10 @@ int64_t set_output_cache_limit(int64_t max_bytes);
 // A tensor computed from weight w by make() (a packed, widened or transposed copy), remembered while w's storage
 // lives and its version is unchanged, so a constant weight is repacked once instead of on every call (S1's bf16
 // FFN at 320 channels spent about 200 of a 730 us call repacking its two weights, Zen 5, 2026-12-02). `kind` names
-// what make() builds (a string literal). Writing to w in place bumps its version, so the copy is rebuilt;
-// inference tensors have no version counter and are never remembered. Entries of freed weights are dropped on the
-// next insertion.
+// what make() builds (a string literal). Writing to w in place bumps its version, so the copy is rebuilt; so does a
+// change of 16 elements sampled across w, for the in-place updates that leave the version as it was (torch's fused
+// AdamW, writes through .data). Inference tensors have no version counter and non-dense ones no sample: never
+// remembered. Entries of freed weights are dropped on the next insertion.
 at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::function<at::Tensor()>& make);
 // Entries held now; drops them all and returns how many there were.
 int64_t derived_weight_count();
