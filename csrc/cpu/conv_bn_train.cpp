@@ -1,15 +1,15 @@
 // Training Conv+BN and the conv backwards.
 //
-// conv_bn_train: the raw conv y (ATen's convolution, bit-identical to the reference's), the mean (ATen's sum, the
-// reference's), ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass variance), ONE pass
-// normalise + residual + ReLU (in place on y unless y is kept for the backward).
+// conv_bn_train: the raw conv y (fp32 on this backend's own kernels, bf16 on ATen's as the reference), the mean
+// (ATen's sum, the reference's), ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass
+// variance), ONE pass normalise + residual + ReLU (in place on y unless y is kept for the backward).
 // conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for fp64 sums of g,
 // g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
 // fp64) and g, then the conv's gradients, accumulated in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs
 // where measured faster than ATen's convolution_backward (the 1x1 ones take dy chunk by chunk from the pass, and in
 // bf16 multiply bf16 pairs where bf16 GEMMs do), the rest on it in fp32. Over many values per channel (kFp32Count)
-// the backward sums in fp32 blocks into fp64 totals and computes dy in fp32; a bf16 forward there takes mean and
-// variance from one pass of its own, summed the same way.
+// the forward takes mean and variance from one pass of its own and the backward its sums, both in fp32 blocks into
+// fp64 totals, and the backward computes dy in fp32.
 #include "ops.h"
 
 #include <array>
@@ -21,8 +21,8 @@
 #include <mutex>
 #include <string>
 
-// The forward's normalisation rounds step by step like the reference's eager ops (no fused multiply-add), so a ReLU
-// mask does not drift from the reference's in lock-step training.
+// The forward's normalisation rounds step by step like the reference's eager ops (no fused multiply-add): given the
+// same y and statistics, its output is the reference's bit for bit.
 #pragma GCC optimize("fp-contract=off")
 
 namespace shvit_cpu {
@@ -218,26 +218,33 @@ void check_conv_train_args(const char* op, const at::Tensor& x, const at::Tensor
               " with padding ", padding);
 }
 
-// A Conv+BN over at least this many values per channel sums its statistics in fp32 blocks: the backward in fp32 and
-// bf16, the forward in bf16 only (see conv_bn_train and its backward).
+// A Conv+BN over at least this many values per channel sums its statistics in fp32 blocks, forward and backward
+// (see conv_bn_train and its backward).
 constexpr int64_t kFp32Count = 256;
 
-inline bool stats_in_fp32_blocks(const at::Tensor& x, int64_t count) {
-  return x.scalar_type() == at::kBFloat16 && count >= kFp32Count;
-}
-
-inline bool backward_in_fp32_blocks(int64_t count) { return count >= kFp32Count; }
+inline bool stats_in_fp32_blocks(int64_t count) { return count >= kFp32Count; }
 
 // oneDNN's bf16 conv with stride > 1 and a one-pixel-wide output returned wrong values (torch 2.13.0, Xeon with AMX,
 // 2026-12-02): such convs, and their gradients, run in fp32.
 inline bool onednn_bf16_conv_wrong(int64_t stride, int64_t out_w) { return stride > 1 && out_w == 1; }
 
-// Raw conv output in x's dtype and layout through ATen's convolution, exactly as the reference computes it: the
-// ReLU mask of `out` then agrees with the reference's wherever a pre-activation is not within rounding of zero
-// (this extension's own 1x1 / depthwise kernels round differently and flipped masks in lock-step training).
-// As the reference's conv2d, a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
+// fp32 convs this backend's own kernels take (conv_bias_act, no bias): groups 1 and depthwise 3x3 with padding 1.
+bool own_fp32_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  if (x.scalar_type() != at::kFloat) return false;
+  return groups == 1 || (groups == x.size(1) && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
+                         weight.size(2) == 3 && weight.size(3) == 3 && padding == 1 && (stride == 1 || stride == 2));
+}
+
+// The raw conv output of a training Conv+BN in x's dtype and layout; the backward recomputes it the same way. fp32 on
+// this backend's own kernels: ATen's (oneDNN) ran S1's 1x1 training convs at 66% of the FMA peak where the inference
+// GEMMs reach about 90%, and its 3 -> 16 stem conv at 27 GFLOP/s against 166 (AMD Zen 5, one thread, 2026-12-04).
+// Rounded differently from the reference's, it can flip a ReLU mask by an ulp: the lock-step test allows that in one
+// step of 30, as it does for the reference on ATen's other fp32 conv. bf16 on ATen's, as the reference's (its bf16
+// 1x1 convs run near the pair kernels' rate); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
 at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
   const auto fmt = activation_format(x);
+  if (own_fp32_conv(x, weight, stride, padding, groups))
+    return conv_bias_act(x.contiguous(fmt), weight, std::nullopt, stride, padding, groups, false, std::nullopt);
   const int64_t out_w = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
   if (x.scalar_type() == at::kBFloat16 && onednn_bf16_conv_wrong(stride, out_w))
     return at::conv2d(x.contiguous(fmt).to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, 1, groups)
@@ -812,13 +819,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_train(
   TORCH_CHECK(l.count() >= 2, op, ": training BatchNorm needs more than one value per channel, got conv output ",
               y.sizes());
   const at::Tensor res = checked_residual(op, residual, y, "x", fmt);
-  // The mean is ATen's fp32 sum over (N, H, W), the reference's own reduction, so it is the reference's bit for
-  // bit: lock-step training parity (tests/test_train.py) amplifies any other rounding of it past its bound, a
-  // correctly rounded fp64 mean as well as the reference's formula summing the images in reverse order. But bf16 over
-  // many values per channel (kFp32Count), which no lock-step test runs: one pass sums d = y - s and d^2 about a value
-  // s near the channel's mean in fp32 blocks into fp64 totals. ATen's mean alone took 0.18 ms of S1's 0.55 ms
-  // 128 -> 256 1x1 forward (batch 16, 14 x 14) on two threads, twice its one-thread time (AMD Zen 5, 2026-12-04).
-  const bool fp32_stats = stats_in_fp32_blocks(x, l.count());
+  // Over few values per channel the mean is ATen's fp32 sum over (N, H, W), the reference's own reduction; from
+  // kFp32Count on, one pass sums d = y - s and d^2 about a value s near the channel's mean in fp32 blocks into fp64
+  // totals. ATen's mean alone took 0.18 ms of S1's 0.55 ms 128 -> 256 bf16 1x1 forward (batch 16, 14 x 14) on two
+  // threads, twice its one-thread time, and on a map a two-thread conv had just written, 85 us against 16 (depthwise,
+  // 128 channels at 14 x 14, fp32; AMD Zen 5, 2026-12-04).
+  const bool fp32_stats = stats_in_fp32_blocks(l.count());
   const at::Tensor mean = fp32_stats ? at::empty({c}, y.options().dtype(at::kFloat))
                                      : at::mean(y, {0, 2, 3}, false, at::kFloat);
   at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
@@ -949,7 +955,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   // took 5.33 ms with the fp64 passes, 4.60 without (AMD Zen 5, 2026-12-04); in fp32, one thread, S1's depthwise
   // 128-channel 14 x 14 backward 506 -> 370 us, 1x1 128 -> 256 2.34 -> 2.12 ms.
   // sums: [0, c) sum(g), [c, 2c) sum(g (y - mean_f)), [2c, 3c) sum(y - mean_f), [3c, 4c) sum((y - mean_f)^2).
-  const bool fp32_passes = backward_in_fp32_blocks(l.count());
+  const bool fp32_passes = stats_in_fp32_blocks(l.count());
   std::vector<double> sums(4 * c), mean64(c), invstd(c), a(c), b(c), d(c);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_conv_bn_train_backward", [&] {
     using T = scalar_t;
