@@ -1,6 +1,7 @@
 """Training (``python -m shvit train`` / ``shvit.train.train``) on tiny models: S1 widths, one block per stage,
 64 px, a handful of synthetic classes, one CPU thread."""
 
+import contextlib
 import copy
 import math
 import os
@@ -159,8 +160,10 @@ def test_backend_training_matches_reference(backend):
     assert sum(losses[-5:]) < sum(losses[:5]), f"loss did not decrease: {losses}"
 
 
-def test_lockstep_comparison_catches_a_wrong_kernel():
-    """A conv+BN backward whose input gradient leaks 0.1% of the neighbouring channel's (an indexing bug)."""
+@contextlib.contextmanager
+def leaky_conv_bn_backward():
+    """A fused backend whose conv+BN backward leaks 0.1% of the neighbouring channel's input gradient into each
+    channel's (an indexing bug), as the backend's name; skips the test where no backend has that kernel."""
     backend = next((b for b in FUSED if dispatch.kernel(b, "conv_bn_train_backward") is not None), None)
     if backend is None:
         pytest.skip("no usable fused backend has a conv_bn_train_backward kernel to break")
@@ -171,6 +174,11 @@ def test_lockstep_comparison_catches_a_wrong_kernel():
         return (grad_x + 1e-3 * grad_x.roll(1, dims=1), *rest)
 
     with dispatch.patched_backend(backend, kernels={"conv_bn_train_backward": leaky}):
+        yield backend
+
+
+def test_lockstep_comparison_catches_a_wrong_kernel():
+    with leaky_conv_bn_backward() as backend:
         missed_steps, _ = lockstep_misses(backend)
     assert len(missed_steps) > LOCKSTEP_MISSES, f"a wrong kernel missed the rule in only {len(missed_steps)} steps"
 
@@ -258,17 +266,7 @@ def test_backend_free_running_training_matches_reference(backend, free_reference
 
 
 def test_free_running_comparison_catches_a_wrong_kernel(free_reference, tmp_path):
-    """A conv+BN backward whose input gradient leaks 0.1% of the neighbouring channel's (an indexing bug)."""
-    backend = next((b for b in FUSED if dispatch.kernel(b, "conv_bn_train_backward") is not None), None)
-    if backend is None:
-        pytest.skip("no usable fused backend has a conv_bn_train_backward kernel to break")
-    real = dispatch.kernel(backend, "conv_bn_train_backward")
-
-    def leaky(*args):
-        grad_x, *rest = real(*args)
-        return (grad_x + 1e-3 * grad_x.roll(1, dims=1), *rest)
-
-    with dispatch.patched_backend(backend, kernels={"conv_bn_train_backward": leaky}):
+    with leaky_conv_bn_backward() as backend:
         loss_x, param_x, _ = free_running_excess(tmp_path, backend, free_reference)
     assert loss_x > 1 and param_x > 1, f"a wrong kernel passed: {loss_x:.2f}x / {param_x:.2f}x of the allowed divergence"
 

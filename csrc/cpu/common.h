@@ -98,7 +98,8 @@ int64_t set_output_cache_limit(int64_t max_bytes);
 // what make() builds (a string literal). Writing to w in place bumps its version, so the copy is rebuilt; so does a
 // change of 16 elements sampled across w, for the in-place updates that leave the version as it was (torch's fused
 // AdamW, which changes every element; writes through .data, unseen only if they miss all 16). Inference tensors have
-// no version counter and non-dense ones no sample: never remembered. Entries of freed weights are dropped on the next insertion.
+// no version counter and non-dense ones no sample: never remembered. Entries of freed weights are dropped on the
+// next insertion.
 at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::function<at::Tensor()>& make);
 // Entries held now; drops them all and returns how many there were.
 int64_t derived_weight_count();

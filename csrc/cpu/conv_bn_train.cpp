@@ -238,9 +238,9 @@ bool own_fp32_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride
 // The raw conv output of a training Conv+BN in x's dtype and layout; the backward recomputes it the same way. fp32 on
 // this backend's own kernels: ATen's (oneDNN) ran S1's 1x1 training convs at 66% of the FMA peak where the inference
 // GEMMs reach about 90%, and its 3 -> 16 stem conv at 27 GFLOP/s against 166 (AMD Zen 5, one thread, 2026-12-04).
-// Rounded differently from the reference's, it can flip a ReLU mask by an ulp: the lock-step test allows that in one
-// step of 30, as it does for the reference on ATen's other fp32 conv. bf16 on ATen's, as the reference's (its bf16
-// 1x1 convs run near the pair kernels' rate); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
+// Rounded differently from the reference's, it can flip a ReLU mask by an ulp: the lock-step test allows that in a
+// few of its 30 steps (the reference on ATen's other fp32 conv does it in one). bf16 on ATen's, as the reference's
+// (its bf16 1x1 convs run near the pair kernels' rate); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
 at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
   const auto fmt = activation_format(x);
   if (own_fp32_conv(x, weight, stride, padding, groups))
