@@ -725,7 +725,7 @@ def conv_train_cases():
         if x.shape[0] * ((x.shape[2] + 2 * pad - w.shape[2]) // stride + 1) * ((x.shape[3] + 2 * pad - w.shape[3]) // stride + 1) < 2:
             continue
         out.append((label, (x, w, torch.rand(c) + 0.5, torch.randn(c) * 0.3, stride, pad, groups, 1e-5, relu, res)))
-    # 288 values per channel: backward passes (and bf16 forward statistics) in fp32 blocks from 256 on.
+    # 288 values per channel: forward statistics and backward passes in fp32 blocks from 256 on.
     out.append(("pw 288 values relu", (torch.randn(2, 40, 12, 12), torch.randn(24, 40, 1, 1) / 6, torch.rand(24) + 0.5,
                                        torch.randn(24) * 0.3, 1, 0, 1, 1e-5, True, None)))
     out.append(("dw3x3 288 values residual", (torch.randn(2, 37, 12, 12), torch.randn(37, 1, 3, 3) / 3,

@@ -1,8 +1,9 @@
 // Training Conv+BN and the conv backwards.
 //
 // conv_bn_train: the raw conv y (fp32 on this backend's own kernels, bf16 on ATen's as the reference), the mean
-// (ATen's sum, the reference's), ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass
-// variance), ONE pass normalise + residual + ReLU (in place on y unless y is kept for the backward).
+// (ATen's sum, the reference's) and ONE pass for the fp64 per-channel sums of d = y - mean and d^2 (a two-pass
+// variance), or over many values per channel one pass of its own for both (below), ONE pass normalise + residual +
+// ReLU (in place on y unless y is kept for the backward).
 // conv_bn_train_backward takes the kept y or recomputes it (as the reference does), one pass for fp64 sums of g,
 // g (y - mean), y - mean and (y - mean)^2 with the ReLU mask taken from `out`, one pass writing dy (fp32, computed in
 // fp64) and g, then the conv's gradients, accumulated in fp32: 1x1 and dense channels_last convs on micro-kernel GEMMs
@@ -227,31 +228,6 @@ inline bool stats_in_fp32_blocks(int64_t count) { return count >= kFp32Count; }
 // oneDNN's bf16 conv with stride > 1 and a one-pixel-wide output returned wrong values (torch 2.13.0, Xeon with AMX,
 // 2026-12-02): such convs, and their gradients, run in fp32.
 inline bool onednn_bf16_conv_wrong(int64_t stride, int64_t out_w) { return stride > 1 && out_w == 1; }
-
-// fp32 convs this backend's own kernels take (conv_bias_act, no bias): groups 1 and depthwise 3x3 with padding 1.
-bool own_fp32_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
-  if (x.scalar_type() != at::kFloat) return false;
-  return groups == 1 || (groups == x.size(1) && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
-                         weight.size(2) == 3 && weight.size(3) == 3 && padding == 1 && (stride == 1 || stride == 2));
-}
-
-// The raw conv output of a training Conv+BN in x's dtype and layout; the backward recomputes it the same way. fp32 on
-// this backend's own kernels: ATen's (oneDNN) ran S1's 1x1 training convs at 66% of the FMA peak where the inference
-// GEMMs reach about 90%, and its 3 -> 16 stem conv at 27 GFLOP/s against 166 (AMD Zen 5, one thread, 2026-12-04).
-// Rounded differently from the reference's, it can flip a ReLU mask by an ulp: the lock-step test allows that in a
-// few of its 30 steps (the reference on ATen's other fp32 conv does it in one). bf16 on ATen's, as the reference's
-// (its bf16 1x1 convs run near the pair kernels' rate); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
-at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
-  const auto fmt = activation_format(x);
-  if (own_fp32_conv(x, weight, stride, padding, groups))
-    return conv_bias_act(x.contiguous(fmt), weight, std::nullopt, stride, padding, groups, false, std::nullopt);
-  const int64_t out_w = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
-  if (x.scalar_type() == at::kBFloat16 && onednn_bf16_conv_wrong(stride, out_w))
-    return at::conv2d(x.contiguous(fmt).to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, 1, groups)
-        .to(at::kBFloat16)
-        .contiguous(fmt);
-  return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
-}
 
 // The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices of T (float, or bf16 multiplied
 // as pairs), chunk by chunk of rows: the chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced
@@ -670,6 +646,31 @@ DenseConvShape kxk_conv_shape(const at::Tensor& x, const at::Tensor& weight, int
   const int64_t ow = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
   return {x.size(0), x.size(2), x.size(3), x.size(1), oh, ow, weight.size(0), weight.size(2), weight.size(3),
           stride, padding, groups};
+}
+
+// fp32 convs this backend's own kernels take (conv_bias_act, no bias): groups 1 and depthwise 3x3 with padding 1.
+bool own_fp32_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  if (x.scalar_type() != at::kFloat) return false;
+  return groups == 1 || (is_depthwise3x3(kxk_conv_shape(x, weight, stride, padding, groups)) && padding == 1 &&
+                         (stride == 1 || stride == 2));
+}
+
+// The raw conv output of a training Conv+BN in x's dtype and layout; the backward recomputes it the same way. fp32 on
+// this backend's own kernels: ATen's (oneDNN) ran S1's 1x1 training convs at 66% of the FMA peak where the inference
+// GEMMs reach about 90%, and its 3 -> 16 stem conv at 27 GFLOP/s against 166 (AMD Zen 5, one thread, 2026-12-04).
+// Rounded differently from the reference's, it can flip a ReLU mask by an ulp: the lock-step test allows that in a
+// few of its 30 steps (the reference on ATen's other fp32 conv does it in one). bf16 on ATen's, as the reference's
+// (its bf16 1x1 convs run near the pair kernels' rate); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
+at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  const auto fmt = activation_format(x);
+  if (own_fp32_conv(x, weight, stride, padding, groups))
+    return conv_bias_act(x, weight, std::nullopt, stride, padding, groups, false, std::nullopt);
+  const int64_t out_w = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
+  if (x.scalar_type() == at::kBFloat16 && onednn_bf16_conv_wrong(stride, out_w))
+    return at::conv2d(x.contiguous(fmt).to(at::kFloat), weight.to(at::kFloat), {}, stride, padding, 1, groups)
+        .to(at::kBFloat16)
+        .contiguous(fmt);
+  return at::conv2d(x.contiguous(fmt), weight, {}, stride, padding, 1, groups).contiguous(fmt);
 }
 
 

@@ -136,7 +136,7 @@ def _conv_cases(training):
         (f"conv-{tag}-dw3x3s2-wide", conv_case(1, 48, 48, 3, 21, 3, 2, 48, False, True, training)),
         (f"conv-{tag}-1x1-relu", conv_case(2, 224, 448, 7, 7, 1, 1, 1, True, False, training)),
         (f"conv-{tag}-1x1-residual", conv_case(2, 320, 320, 4, 4, 1, 1, 1, False, True, training)),
-        # 288 values per channel: the cpp backend's backward (and bf16 forward) sums in fp32 blocks from 256 on.
+        # 288 values per channel: the cpp backend's forward statistics and backward sums in fp32 blocks from 256 on.
         (f"conv-{tag}-1x1-many-values", conv_case(2, 96, 64, 12, 12, 1, 1, 1, True, True, training)),
         (f"conv-{tag}-1x1-input-major-weight", conv_case(2, 48, 80, 5, 3, 1, 1, 1, True, True, training, input_major=True)),
     ]
