@@ -35,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("peak_gflops", &k::peak_gflops, "One core's measured peak: 'fp32_fma' or 'bf16_dot' (0: none here)");
   m.def("release_cached_outputs", &k::release_cached_outputs, "Free the cached output blocks; returns the bytes");
   m.def("cached_output_bytes", &k::cached_output_bytes, "Bytes of output blocks cached for reuse");
+  m.def("idle_output_allocations", &k::idle_output_allocations,
+        "Allocations after which a cached block no call took is freed (on the next miss)");
   m.def("set_output_cache_limit", &k::set_output_cache_limit,
         "Most bytes of output blocks kept for reuse (0: none); frees blocks over it, returns the previous limit");
   m.def("derived_weight_count", &k::derived_weight_count, "Packed weight copies remembered for reuse");

@@ -92,7 +92,7 @@ at::Tensor bias_as_float(const std::optional<at::Tensor>& bias, int64_t n, const
 namespace {
 
 constexpr size_t kReuseMinBytes = size_t(256) << 10, kDefaultMaxCachedMiB = 512, kMaxBlocksPerSize = 4;
-constexpr uint64_t kIdleAllocations = 64;
+constexpr uint64_t kIdleAllocations = 1024;
 
 size_t max_cached_bytes_from_env() {
   const char* off = std::getenv("SHVIT_CPU_OUTPUT_CACHE");
@@ -143,11 +143,11 @@ void trim_locked(OutputCache& cache, size_t limit) {
 }
 
 // On a miss (a size the cache has no block for), frees the blocks no call has taken for kIdleAllocations
-// allocations. A run whose sizes repeat (an inference loop) stops missing once warm and keeps its blocks; in a
-// training step, blocks of one stage's sizes freed in the forward sat there through the rest of the step (S1 bf16 at
-// batch 64, AMD Zen 5, 2026-12-04: 70 MiB of them at the step's peak). 64: live peak 282 -> 254 MiB there, fp32
-// batch 16 121 -> 111 MiB, speed 1.000x / 1.003x (bf16, in-process A/B) and 0.987x (fp32, within its 0.95..1.03
-// rounds); 16 saved more but cost bf16 1-2%.
+// allocations: sizes a run stopped using (another batch size, an image size, eval after training). A training step
+// takes every size again within a step, a few hundred allocations later (the forward's blocks wait for the backward
+// and the next step): 64 freed them on every step, and glibc returned their pages, whose faults then took 4% of S1's
+// fp32 step (two threads, batch 16: 111.6 -> 106.8 ms at 1024, 8,300 -> 1,200 faults per step; AMD Zen 5,
+// 2026-12-04). The blocks a step keeps cached are free, not live (see benchmarks/device.py's peak measures).
 void free_idle_locked(OutputCache& cache) {
   for (auto entry = cache.free_blocks.begin(); entry != cache.free_blocks.end();) {
     auto& blocks = entry->second;
@@ -246,6 +246,8 @@ int64_t release_cached_outputs() {
   trim_locked(cache, 0);
   return freed;
 }
+
+int64_t idle_output_allocations() { return static_cast<int64_t>(kIdleAllocations); }
 
 int64_t cached_output_bytes() {
   OutputCache& cache = output_cache();

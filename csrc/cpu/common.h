@@ -84,13 +84,15 @@ at::Tensor contiguous_matrix(const at::Tensor& m);
 // only 4 MiB and more cached, S1's 1.6-3.2 MB activations still took 1,500-2,700 faults per forward at ~1.8 us each
 // (Xeon 6/207 VM, 2026-12-01): the forward ran 4% faster without them. The cache holds
 // at most 4 blocks per size and 512 MiB in all (SHVIT_CPU_OUTPUT_CACHE_MB, or set_output_cache_limit; 0 or
-// SHVIT_CPU_OUTPUT_CACHE=0 turns it off). The outputs are ordinary resizable CPU tensors.
+// SHVIT_CPU_OUTPUT_CACHE=0 turns it off); a block no call took for idle_output_allocations() allocations is freed
+// on the next miss. The outputs are ordinary resizable CPU tensors.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
 // Frees the cached blocks (returns the bytes freed); the bytes cached now; sets the most bytes kept cached (freeing
 // blocks over it) and returns the previous limit.
 int64_t release_cached_outputs();
 int64_t cached_output_bytes();
 int64_t set_output_cache_limit(int64_t max_bytes);
+int64_t idle_output_allocations();
 
 // A tensor computed from weight w by make() (a packed, widened or transposed copy), remembered while w's storage
 // lives and its version is unchanged, so a constant weight is repacked once instead of on every call (S1's bf16
