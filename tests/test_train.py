@@ -98,10 +98,9 @@ def lockstep_step(model, x, labels, backend, dtype):
 
 # Steps of PARITY_STEPS the lock-step comparison lets miss the rule: a conv rounded differently but as accurately can
 # flip a ReLU mask by an ulp, and the gradients behind it then differ far more than rounding. The reference itself on
-# ATen's other fp32 conv (oneDNN off) missed it in one step of 30 (6 tensors, 4 by over 64x); the cpp backend, with
-# its own fp32 convs and attention, in none on the AVX-512 and AVX2 builds and in three on the plain build (1, 4 and
-# 57 tensors, each under 64x; AMD Zen 5, 2026-12-04). A wrong kernel misses it at every step
-# (test_lockstep_comparison_catches_a_wrong_kernel).
+# ATen's other fp32 conv (oneDNN off) missed it in one step of 30 (6 tensors, 4 by over 64x); the cpp backend's own
+# fp32 convs in one (AVX-512 and AVX2 builds: 1 tensor, 8x) or two (the plain build: 5 tensors, 8x; AMD Zen 5,
+# 2026-12-04). A wrong kernel misses it at every step (test_lockstep_comparison_catches_a_wrong_kernel).
 LOCKSTEP_MISSES = 3
 
 

@@ -1,20 +1,21 @@
 // shsa_train forward and backward: GroupNorm(1) with affine, the qkv 1x1 conv with BatchNorm batch statistics over
 // (B, tokens), attention, relu(cat[ya, x[:, P:]]).
 //
-// One image per task, as shsa_fused: GroupNorm, its affine and the qkv GEMM (project_image), then, after the batch
-// statistics, the normalised qkv, scores, softmax and v A^T, all in fp32 per-thread buffers, rounded to T where the
-// reference rounds (its GroupNorm output, xg, the conv output, qkv, scores, the softmax and ya). Until 2026-12-04 the
-// forward called the reference's ATen ops for those steps, to reproduce its bits for a lock-step test that failed on
-// any last-ulp difference (it now allows a few steps to miss, tests/test_train.py): 345-677 us per S1 stage-2 call
-// (16 x 256 x 7 x 7, fp32, one thread) where the inference kernel takes 156, and no faster on two threads.
-// BatchNorm's mean and variance: per-image fp64 sums combined in image order, two passes (exact variance to fp64
-// rounding), so the result does not depend on the thread count.
+// The forward reproduces the reference to the bit (fp32 and bf16): tests/test_train.py's lock-step parity, before it
+// let a few steps miss (2026-12-04), failed on ANY last-ulp difference in this op's output (a +-1 ulp change of 8% of
+// the reference's own outputs broke it in 2 of 3 seeds: gradients that are zero by construction, e.g. of BatchNorm
+// biases feeding the batch-normalised head on 1x1 maps, were compared noise against noise). So the steps whose
+// rounding depends on an ATen kernel's internal order -- the GroupNorm reductions, the qkv GEMM, the BatchNorm mean,
+// the attention GEMMs and softmax -- call those ATen ops on tensors laid out as the reference's are; the rest is
+// fused here: GroupNorm's normalise + affine (one pass, rounding where the reference rounds), the BatchNorm variance
+// (two-pass in fp64, which is torch.var's fp64 Welford result to the bit but for near-ties), normalise, and the
+// ReLU / concatenation epilogue.
 //
-// The backward takes raw = W xg from project_image as the forward does (for fp32, the forward's raw to the bit), so
-// r_hat is consistent with the forward's mean / var: with a few values per channel the BatchNorm backward cancels to
-// the last bit, and an ulp of difference there cost 5x the reference's error in grad qkv_weight. Then per image, in
-// fp32: attention backward (shared with shsa_fused), BatchNorm backward (its sums per image, fp64 across images in
-// image order), dW (per-chunk partials in chunk order), GroupNorm's affine and backward.
+// The backward computes raw = W xg exactly as the forward does (for fp32, the forward's raw to the bit), so r_hat is
+// consistent with the forward's mean / var: with a few values per channel the BatchNorm backward cancels to the last
+// bit, and an ulp of difference there cost 5x the reference's error in grad qkv_weight. Then per image, in fp32:
+// attention backward (shared with shsa_fused), BatchNorm backward (its sums per image, fp64 across images in image
+// order), dW (per-chunk partials in chunk order), GroupNorm's affine and backward.
 #include "ops.h"
 #include "shsa_core.h"
 
@@ -49,6 +50,15 @@ Shape check_train_args(const char* op, const at::Tensor& x, const at::Tensor& gn
 
 at::Tensor as_float_vector(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// Round fp32 values to T and back (no-op for fp32).
+template <typename T>
+inline fVec round_to(const fVec& v) {
+  if (std::is_same<T, float>::value) return v;
+  T tmp[kVec];
+  store_f(v, tmp);
+  return load_f(tmp);
+}
+
 // sum((v[t] - shift)^k) for k = 1 or 2 in fp64, over 8 lanes combined in a fixed order (vectorizes, no reassociation).
 template <int K>
 double sum_f64(const float* v, int64_t n, double shift) {
@@ -74,134 +84,107 @@ std::vector<double> combine(const std::vector<double>& parts, int64_t images, in
   return total;
 }
 
-// v[0, n) rounded to R's precision in place (nothing for float): where the reference's eager ops round to x's dtype.
-template <typename R>
-void round_in_place(float* v, int64_t n) {
-  if constexpr (!std::is_same_v<R, float>) {
-    int64_t i = 0;
-    for (; i + kVec <= n; i += kVec) round_to<R>(fVec::loadu(v + i)).store(v + i);
-    if (i < n) round_to<R>(fVec::loadu(v + i, n - i)).store(v + i, n - i);
-  }
-}
+// GroupNorm(1) of x[:, :P] and its affine as the reference computes them: its ATen ops for the statistics (same
+// views, same reductions), then one pass for xg = round(round((xa - mean) rstd) gn_w + gn_b), rounding to `dtype`
+// where the reference rounds. Everything (B, P, tokens) in the reference's layout: token-major per image for
+// channels_last input (tokens > 1), channel-major otherwise.
+struct GroupNormed {
+  at::Tensor centred, rstd, xg;  // xa - mean (fp32), 1/sigma (B, 1, 1) fp32, xg in dtype
+  bool token_major;
+};
 
-// One image's GroupNorm(1) of x_n[:P] and its affine, then the qkv conv before BatchNorm, channel-major fp32:
-// xn = (xa - mean) / sigma (P x tokens), xg = xn gn_w + gn_b, raw = W xg (R x tokens; W: R x P row-major fp32), each
-// rounded to R where the reference rounds (R = T in the forward; float in the backward, whose reference runs in fp32).
-// Statistics as the reference's, mean subtracted before squaring, summed in fp64. Returns 1/sigma.
-template <typename R, typename T>
-float project_image(const T* x_n, bool channels_last, const Shape& s, const float* gn_w, const float* gn_b,
-                    double eps, const float* w, float* xn, float* xg, float* raw) {
-  const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), count = p * n;
-  if (channels_last) {
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t ch = 0; ch < p; ++ch) xn[ch * n + t] = static_cast<float>(x_n[t * s.c + ch]);
-  } else {
-    at::vec::convert(x_n, xn, count);
-  }
-  // fp64 sums: a slice whose |mean| is far above its spread (1e4 against 100 in the tests) lost the backward's
-  // tolerance with fp32 ones on the plain build's narrower vectors.
-  const float mean = static_cast<float>(sum_f64<1>(xn, count, 0.0) / static_cast<double>(count));
-  at::vec::map([mean](const fVec& v) { return v - fVec(mean); }, xn, xn, count);
-  const float var = static_cast<float>(sum_f64<2>(xn, count, 0.0) / static_cast<double>(count));
-  const float rstd = 1.f / std::sqrt(var + static_cast<float>(eps));
-  at::vec::map([rstd](const fVec& v) { return round_to<R>(v * fVec(rstd)); }, xn, xn, count);
-  for (int64_t ch = 0; ch < p; ++ch) {
-    const fVec a(gn_w[ch]), b(gn_b[ch]);
-    at::vec::map([&](const fVec& v) { return round_to<R>(v * a + b); }, xg + ch * n, xn + ch * n, n);
-  }
-  MatB<float> xg_b;  // the brgemm micro-kernel (MKL's sgemm took a third of this op at SHViT's sizes)
-  xg_b.assign(xg, p, n, n);
-  matmul(r, w, p, xg_b, raw, n);
-  round_in_place<R>(raw, r * n);
-  return rstd;
+GroupNormed group_norm_affine(const at::Tensor& xc, const Shape& s, const at::Tensor& gn_w, const at::Tensor& gn_b,
+                              double eps, at::ScalarType dtype) {
+  const at::Tensor xf = xc.narrow(1, 0, s.p).reshape({s.batch, s.p, s.tokens}).to(at::kFloat);
+  GroupNormed g;
+  g.centred = xf - xf.mean({1, 2}, true);
+  g.rstd = at::rsqrt(g.centred.square().mean({1, 2}, true) + eps).contiguous();
+  g.token_major = s.tokens > 1 && g.centred.stride(1) == 1;
+  TORCH_INTERNAL_ASSERT(g.centred.is_non_overlapping_and_dense());
+  g.xg = at::empty_strided(g.centred.sizes(), g.centred.strides(), g.centred.options().dtype(dtype));
+  const int64_t n = s.tokens, p = s.p;
+  const float *cp = g.centred.data_ptr<float>(), *rp = g.rstd.data_ptr<float>();
+  const float *gw = gn_w.data_ptr<float>(), *gb = gn_b.data_ptr<float>();
+  SHVIT_DISPATCH_FLOAT_BF16(dtype, "shvit_shsa_group_norm", [&] {
+    using T = scalar_t;
+    T* xg = g.xg.data_ptr<T>();
+    at::parallel_for(0, s.batch, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* c = cp + i * p * n;
+        T* out = xg + i * p * n;
+        const fVec r(rp[i]);
+        // Runs of P channels (token-major) or of one channel's tokens (channel-major).
+        const int64_t runs = g.token_major ? n : p, len = g.token_major ? p : n;
+        for (int64_t j = 0; j < runs; ++j)
+          for (int64_t k = 0; k < len; k += kVec) {
+            const int64_t m = std::min(kVec, len - k);
+            const fVec w = g.token_major ? load_f(gw + k, m) : fVec(gw[j]);
+            const fVec b = g.token_major ? load_f(gb + k, m) : fVec(gb[j]);
+            const fVec xn = round_to<T>(load_f(c + j * len + k, m) * r);
+            store_f(xn * w + b, out + j * len + k, m);
+          }
+      }
+    });
+  });
+  return g;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------------
-struct AttendScratch {
-  Scratch<float> xn, xg, qkv, q_t, scores, attn_t, ya;  // each written in full before it is read
-  explicit AttendScratch(const Shape& s)
-      : xn(s.p * s.tokens), xg(s.p * s.tokens), qkv(s.rows_qkv() * s.tokens), q_t(s.tokens * s.qk),
-        scores(s.tokens * s.tokens), attn_t(s.tokens * s.tokens), ya(s.p * s.tokens) {}
-};
-
-// relu(cat[v softmax(scale q^T k)^T, x_n[P:]]) of one image from its qkv (R x tokens, channel-major fp32, already
-// rounded to T), rounding as the reference's attend does: q^T k and its product with the scale, the softmax, ya.
-template <typename T>
-void attend_image(const float* qkv, const T* x_n, bool channels_last, const Shape& s, AttendScratch& b, T* out_n) {
-  const int64_t n = s.tokens, p = s.p, qk = s.qk;
-  const float *q = qkv, *k = qkv + qk * n, *v = qkv + 2 * qk * n;
-  const float scale = static_cast<float>(std::pow(static_cast<double>(qk), -0.5));
-  float *q_t = b.q_t.data(), *scores = b.scores.data(), *attn_t = b.attn_t.data(), *ya = b.ya.data();
-  // Row-major operands for the micro-kernel: q^T and A^T are copied.
-  for (int64_t j = 0; j < qk; ++j)
-    for (int64_t t = 0; t < n; ++t) q_t[t * qk + j] = q[j * n + t];
-  MatB<float> operand;
-  operand.assign(k, qk, n, n);
-  matmul(n, q_t, qk, operand, scores, n);  // q^T k (queries x keys)
-  at::vec::map([scale](const fVec& x) { return round_to<T>(round_to<T>(x) * fVec(scale)); }, scores, scores, n * n);
-  shsa::softmax_rows(scores, n, n, 1.f);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t j = 0; j < n; ++j) attn_t[j * n + t] = static_cast<float>(static_cast<T>(scores[t * n + j]));
-  operand.assign(attn_t, n, n, n);
-  matmul(p, v, n, operand, ya, n);  // v A^T (P x tokens)
-  shsa::store_attended(ya, false, s, x_n, channels_last, out_n);
-}
-
 template <typename T>
 void shsa_train_forward(const at::Tensor& xc, bool channels_last, const Shape& s, const at::Tensor& qkv_weight,
                         const at::Tensor& gn_w, const at::Tensor& gn_b, const at::Tensor& bn_w,
                         const at::Tensor& bn_b, double gn_eps, double bn_eps, at::Tensor& out, at::Tensor& mean,
                         at::Tensor& var) {
-  const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), batch = s.batch, image = s.image();
-  const at::Tensor w = qkv_weight.reshape({r, p}).to(at::kFloat).contiguous();
-  const float *wp = w.data_ptr<float>(), *gw = gn_w.data_ptr<float>(), *gb = gn_b.data_ptr<float>();
-  const T* xp = xc.data_ptr<T>();
-  // (1) per image: raw = W xg, and its per-channel sum in fp64.
-  std::vector<float> raw_all(batch * r * n);
-  std::vector<double> parts(batch * r), sumsq(batch * r), mean64(r);
-  at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
-    MatmulThreadGuard guard;
-    AttendScratch b(s);
-    for (int64_t i = i0; i < i1; ++i) {
-      float* raw = raw_all.data() + i * r * n;
-      project_image<T>(xp + i * image, channels_last, s, gw, gb, gn_eps, wp, b.xn.data(), b.xg.data(), raw);
-      for (int64_t c = 0; c < r; ++c) parts[i * r + c] = sum_f64<1>(raw + c * n, n, 0.0);
-    }
-  });
-  // (2) the batch statistics: mean, then the centred squares per image, both combined in image order.
+  const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), qk = s.qk, batch = s.batch;
+  const GroupNormed g = group_norm_affine(xc, s, gn_w, gn_b, gn_eps, xc.scalar_type());
+  const at::Tensor raw = at::matmul(qkv_weight.reshape({r, p}), g.xg).to(at::kFloat).contiguous();  // (B, R, N)
+  mean = raw.mean({0, 2});
+  // var: sums per image, fp64 across images in image order; pass 1 the fp64 mean, pass 2 centred squares.
+  const float* rp = raw.data_ptr<float>();
+  std::vector<double> parts(batch * r), mean64(r), sumsq(batch * r);
+  auto per_image = [&](auto body) {
+    at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t c = 0; c < r; ++c) body(i, c, rp + (i * r + c) * n);
+    });
+  };
+  per_image([&](int64_t i, int64_t c, const float* row) { parts[i * r + c] = sum_f64<1>(row, n, 0.0); });
   const double count = static_cast<double>(batch * n);
   const std::vector<double> total = combine(parts, batch, r);
   for (int64_t c = 0; c < r; ++c) mean64[c] = total[c] / count;
-  at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t c = 0; c < r; ++c) sumsq[i * r + c] = sum_f64<2>(raw_all.data() + (i * r + c) * n, n, mean64[c]);
-  });
+  per_image([&](int64_t i, int64_t c, const float* row) { sumsq[i * r + c] = sum_f64<2>(row, n, mean64[c]); });
   const std::vector<double> sq = combine(sumsq, batch, r);
-  const float *bw = bn_w.data_ptr<float>(), *bb = bn_b.data_ptr<float>();
-  float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>();
+  const float *bw = bn_w.data_ptr<float>(), *bb = bn_b.data_ptr<float>(), *mp = mean.data_ptr<float>();
+  float* vp = var.data_ptr<float>();
   std::vector<float> scale(r), shift(r);
   for (int64_t c = 0; c < r; ++c) {
-    mp[c] = static_cast<float>(mean64[c]);
     vp[c] = static_cast<float>(sq[c] / count);
     scale[c] = bw[c] * (1.f / std::sqrt(vp[c] + static_cast<float>(bn_eps)));
     shift[c] = bb[c] - mp[c] * scale[c];
   }
-  // (3) per image: qkv = raw scale + shift in T, then the attention and the output.
+  // qkv = round(raw scale + shift), (B, R, N) in T.
+  at::Tensor qkv = at::empty({batch, r, n}, xc.options());
+  T* qp = qkv.data_ptr<T>();
+  per_image([&](int64_t i, int64_t c, const float* row) {
+    const fVec a(scale[c]), b(shift[c]);
+    T* dst = qp + (i * r + c) * n;
+    for (int64_t t = 0; t < n; t += kVec) {
+      const int64_t m = std::min(kVec, n - t);
+      store_f(load_f(row + t, m) * a + b, dst + t, m);
+    }
+  });
+  // Attention through the reference's ATen ops (their GEMM and softmax rounding).
+  const at::Tensor q = qkv.narrow(1, 0, qk), k = qkv.narrow(1, qk, qk), v = qkv.narrow(1, 2 * qk, p);
+  const at::Tensor scores = at::matmul(q.transpose(1, 2), k) * std::pow(static_cast<double>(qk), -0.5);
+  const at::Tensor attn = at::_softmax(scores.to(at::kFloat), -1, false).to(xc.scalar_type());
+  const at::Tensor ya = at::matmul(v, attn.transpose(1, 2)).contiguous();  // (B, P, N)
+  const T *yp = ya.data_ptr<T>(), *xp = xc.data_ptr<T>();
   T* op_ = out.data_ptr<T>();
   at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
-    MatmulThreadGuard guard;
-    AttendScratch b(s);
-    float* qkv = b.qkv.data();
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* raw = raw_all.data() + i * r * n;
-      for (int64_t c = 0; c < r; ++c) {
-        const fVec a(scale[c]), sh(shift[c]);
-        at::vec::map([&](const fVec& v) { return round_to<T>(v * a + sh); }, qkv + c * n, raw + c * n, n);
-      }
-      attend_image(qkv, xp + i * image, channels_last, s, b, op_ + i * image);
-    }
+    for (int64_t i = i0; i < i1; ++i)
+      shsa::store_attended(yp + i * p * n, false, s, xp + i * s.image(), channels_last, op_ + i * s.image());
   });
 }
 
@@ -214,26 +197,28 @@ struct BackwardParams {
 
 template <typename T>
 void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channels_last, const Shape& s,
-                              const float* gn_b, double gn_eps, const BackwardParams& prm, T* gx, float* dw_parts,
-                              int64_t chunks, std::vector<double>& g_bn, std::vector<double>& g_gn) {
+                              const GroupNormed& gn, const at::Tensor& raw, const BackwardParams& prm, T* gx,
+                              float* dw_parts, int64_t chunks, std::vector<double>& g_bn, std::vector<double>& g_gn) {
   const int64_t n = s.tokens, p = s.p, r = s.rows_qkv(), batch = s.batch, image = s.image();
-  // Kept between the passes, per image: xn and xg (P x tokens), raw, r_hat and g_qkv (R x tokens), 1/sigma.
-  std::vector<float> xn_all(batch * p * n), xg_all(batch * p * n), raw_all(batch * r * n), r_hat_all(batch * r * n),
-      g_all(batch * r * n), rstd(batch);
+  const float *centred = gn.centred.data_ptr<float>(), *rstd = gn.rstd.data_ptr<float>();
+  const float *xg_all = gn.xg.data_ptr<float>(), *raw_all = raw.data_ptr<float>();
+  // Kept between the passes, per image: xn (P x tokens), r_hat and g_qkv (R x tokens).
+  std::vector<float> xn_all(batch * p * n), r_hat_all(batch * r * n), g_all(batch * r * n);
   std::vector<double> parts(batch * 3 * r);  // per image: sum(g_qkv), sum(g_qkv r_hat), sum(r_hat)
 
-  // (A) xn, raw (as the forward's), r_hat, qkv; attention backward; BatchNorm's sums.
+  // (A) xn, r_hat, qkv; attention backward; BatchNorm's sums.
   at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
     MatmulThreadGuard guard;
     std::vector<float> qkv(r * n);
     shsa::AttendBackScratch scratch(s);
     for (int64_t i = i0; i < i1; ++i) {
       float *xn = xn_all.data() + i * p * n, *r_hat = r_hat_all.data() + i * r * n, *g = g_all.data() + i * r * n;
-      rstd[i] = project_image<float>(x + i * image, channels_last, s, prm.gw, gn_b, gn_eps, prm.w, xn,
-                                     xg_all.data() + i * p * n, raw_all.data() + i * r * n);
+      const float* c_i = centred + i * p * n;
+      for (int64_t ch = 0; ch < p; ++ch)
+        for (int64_t t = 0; t < n; ++t) xn[ch * n + t] = c_i[gn.token_major ? t * p + ch : ch * n + t] * rstd[i];
       for (int64_t c = 0; c < r; ++c) {
         const fVec m(prm.mean[c]), is(prm.invstd[c]), a(prm.bw[c]), b(prm.bb[c]);
-        at::vec::map([&](const fVec& v) { return (v - m) * is; }, r_hat + c * n, raw_all.data() + (i * r + c) * n, n);
+        at::vec::map([&](const fVec& v) { return (v - m) * is; }, r_hat + c * n, raw_all + (i * r + c) * n, n);
         at::vec::map([&](const fVec& v) { return v * a + b; }, qkv.data() + c * n, r_hat + c * n, n);
       }
       shsa::attend_backward_image(qkv.data(), go + i * image, out + i * image, channels_last, s, scratch, g,
@@ -267,12 +252,12 @@ void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channe
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     MatmulThreadGuard guard;
     MatB<float> g_kn, xg_kn;
-    std::vector<float> g_xg(p * n), xg_t(n * p);
+    std::vector<float> g_xg(p * n), xg_t(gn.token_major ? 0 : n * p);
     for (int64_t k = k0; k < k1; ++k) {
       float* dw = dw_parts + k * r * p;
       for (int64_t i = k * batch / chunks; i < (k + 1) * batch / chunks; ++i) {
         const float *xn = xn_all.data() + i * p * n, *r_hat = r_hat_all.data() + i * r * n;
-        const float* xg = xg_all.data() + i * p * n;
+        const float* xg = xg_all + i * p * n;
         float* g = g_all.data() + i * r * n;
         for (int64_t c = 0; c < r; ++c) {
           const fVec a(coef[c]), mg(mean_g[c]), mgr(mean_gr[c]);
@@ -280,9 +265,10 @@ void shsa_train_backward_impl(const T* go, const T* x, const T* out, bool channe
                         r_hat + c * n, n);
         }
         // dW += g_raw xg^T and g_xg = W^T g_raw through the brgemm micro-kernel (xg^T: token-major xg).
-        for (int64_t ch = 0; ch < p; ++ch)
-          for (int64_t t = 0; t < n; ++t) xg_t[t * p + ch] = xg[ch * n + t];
-        xg_kn.assign(xg_t.data(), n, p, p);
+        if (!gn.token_major)
+          for (int64_t ch = 0; ch < p; ++ch)
+            for (int64_t t = 0; t < n; ++t) xg_t[t * p + ch] = xg[ch * n + t];
+        xg_kn.assign(gn.token_major ? xg : xg_t.data(), n, p, p);
         matmul(r, g, n, xg_kn, dw, p, /*accumulate=*/true);
         g_kn.assign(g, r, n, n);
         matmul(p, prm.w_t, r, g_kn, g_xg.data(), n);
@@ -311,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shsa_train(const at::Tensor& x, c
   const auto fmt = activation_format(x);
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor out = at::empty_like(xc, xc.options().memory_format(fmt));
-  at::Tensor mean = at::empty({s.rows_qkv()}, x.options().dtype(at::kFloat)), var = at::empty_like(mean);
+  at::Tensor mean, var = at::empty({s.rows_qkv()}, x.options().dtype(at::kFloat));
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_shsa_train", [&] {
     shsa_train_forward<scalar_t>(xc, fmt == at::MemoryFormat::ChannelsLast, s, qkv_weight, as_float_vector(gn_weight),
                                  as_float_vector(gn_bias), as_float_vector(bn_weight), as_float_vector(bn_bias), gn_eps,
@@ -336,6 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor bw = as_float_vector(bn_weight), bb = as_float_vector(bn_bias), mean_f = as_float_vector(mean);
   const at::Tensor w = qkv_weight.reshape({r, p}).to(at::kFloat);
   // fp32 throughout, as the reference's backward; raw as the forward computes it (for fp32 input, its bits).
+  const GroupNormed gn = group_norm_affine(xc, s, gw, gb, gn_eps, at::kFloat);
+  const at::Tensor raw = at::matmul(w, gn.xg).contiguous();
   const at::Tensor invstd = at::rsqrt(as_float_vector(var) + bn_eps).contiguous();
   const at::Tensor wc = w.contiguous(), w_t = w.t().contiguous();
   const BackwardParams prm{wc.data_ptr<float>(), w_t.data_ptr<float>(),  gw.data_ptr<float>(),    bw.data_ptr<float>(),
@@ -346,8 +334,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<double> g_bn, g_gn;
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_shsa_train_backward", [&] {
     shsa_train_backward_impl(go.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(),
-                             fmt == at::MemoryFormat::ChannelsLast, s, gb.data_ptr<float>(), gn_eps, prm,
-                             grad_x.data_ptr<scalar_t>(), dw_parts.data_ptr<float>(), chunks, g_bn, g_gn);
+                             fmt == at::MemoryFormat::ChannelsLast, s, gn, raw, prm, grad_x.data_ptr<scalar_t>(),
+                             dw_parts.data_ptr<float>(), chunks, g_bn, g_gn);
   });
   return {grad_x,
           as_param_grad(g_gn, 0, p, gn_weight.scalar_type()),
