@@ -152,6 +152,19 @@ def test_paper_suite_tiny_run_and_render(tmp_path, monkeypatch):
         assert (tmp_path / "out" / path.split("/")[-1]).stat().st_size > 0, key
 
 
+def test_render_lists_the_session_folders_newest_first(tmp_path):
+    for folder, title in (("cpu_a_2026-12-01", "Older run"), ("cpu_b_2026-12-03b", "Newest run"),
+                          ("cpu_c_2026-12-03", "Middle run")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "NOTES.md").write_text(f"# {title}\n\nbody\n")
+    (tmp_path / "no_notes_2026-12-09").mkdir()  # a folder without notes is not a session's
+    lines = [line for line in render.session_index(str(tmp_path)) if line.startswith("- ")]
+    assert lines == ["- [`cpu_b_2026-12-03b/`](cpu_b_2026-12-03b/NOTES.md): Newest run",
+                     "- [`cpu_c_2026-12-03/`](cpu_c_2026-12-03/NOTES.md): Middle run",
+                     "- [`cpu_a_2026-12-01/`](cpu_a_2026-12-01/NOTES.md): Older run"]
+    assert render.session_index(str(tmp_path / "no_notes_2026-12-09")) == []
+
+
 def test_unknown_peer_is_an_error():
     with pytest.raises(ValueError, match="unknown"):
         paper_protocol.parse_peers("eager,warp-drive", torch.device("cpu"))
