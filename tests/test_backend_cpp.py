@@ -1142,7 +1142,8 @@ def test_large_outputs_reuse_released_blocks():
 @requires_cpp
 def test_blocks_no_call_takes_are_freed_on_a_miss():
     """A cached block no call has taken for idle_output_allocations() allocations is freed when a call needs a size
-    the cache lacks (sizes a run stopped using); blocks still in use stay, and a loop whose sizes repeat never misses."""
+    the cache lacks (sizes a run stopped using); blocks still in use stay, and a loop whose sizes repeat never
+    misses."""
     module = in_use()
     module.release_cached_outputs()
     idle = module.idle_output_allocations()
