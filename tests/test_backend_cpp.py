@@ -1266,9 +1266,11 @@ def test_packed_weights_of_freed_or_inference_weights_are_not_kept(dtype):
 @pytest.mark.parametrize("mode", ("brgemm", "aten"))
 @pytest.mark.parametrize("threads", (1, 2))
 def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
-    """The 1x1 channels_last conv gradients, on the micro-kernel GEMMs (row chunks of at most 512, per-thread partial
-    weight gradients) and on ATen's mm, against fp64 under the tolerance rule, alone and behind the Conv+BN backward;
-    a bad setting is a clear error for the backward only (the autotune key does not time or read it)."""
+    """The 1x1 channels_last conv gradients, on the micro-kernel GEMMs (row chunks of at most 512 and per-thread
+    partial weight gradients; on two threads over at most 512 rows per thread, dy and gx by rows, then gw by output
+    channels, odd row counts included) and on ATen's mm, against fp64 under the tolerance rule, alone and behind the
+    Conv+BN backward, with and without the input gradient; a bad setting is a clear error for the backward only (the
+    autotune key does not time or read it)."""
     monkeypatch.setenv("SHVIT_CPU_POINTWISE_GRADS", mode)
     module = in_use()
     assert cpp.pointwise_grads() == mode
@@ -1277,7 +1279,8 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for shape, cout in (((2, 48, 9, 7), 40), ((3, 24, 20, 21), 72)):  # 126 rows; 1,260 rows in 3 chunks
+        # 126 and 35 rows (split by channels on two threads); 1,260 rows in 3 chunks (partials)
+        for shape, cout in (((2, 48, 9, 7), 40), ((1, 40, 5, 7), 24), ((3, 24, 20, 21), 72)):
             x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
             w, b = torch.randn(cout, shape[1], 1, 1) / shape[1] ** 0.5, torch.randn(cout)
             out = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
@@ -1294,10 +1297,11 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
             # Conv+BN: on the micro-kernel path dy goes to the GEMMs chunk by chunk as the BatchNorm backward makes it.
             gamma, beta = torch.rand(cout) + 0.5, torch.randn(cout)
             bn_out, mean, var, y = conv_bn_train_reference(x, w, gamma, beta, 1, 0, 1, 1e-5, True, None, True)
-            for conv_output, dtype in ((None, torch.float32), (y, torch.float32), (None, torch.bfloat16)):
+            for conv_output, dtype, input_grad in ((None, torch.float32, True), (y, torch.float32, False),
+                                                   (None, torch.bfloat16, True), (None, torch.bfloat16, False)):
                 # bf16: in bf16 pairs on the micro-kernel where bf16 GEMMs multiply as pairs.
-                bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, 1, 0, 1, 1e-5, True, False, True,
-                       conv_output)
+                bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, 1, 0, 1, 1e-5, True, False,
+                       input_grad, conv_output)
                 _check_outputs(module.conv_bn_train_backward, exact_conv_output_reference, bwd, dtype, True,
                                f"{mode} {threads} threads {shape} {dtype} conv_bn_train_backward",
                                unavoidable_reference=rounded_conv_output_reference)

@@ -649,29 +649,38 @@ void MatB<BFloat16>::assign(const BFloat16* b, int64_t rows, int64_t cols, int64
     data = b, ld = ldb;
     return;
   }
-  storage.resize(rows * cols);
-  for (int64_t kk = 0; kk < rows; kk += 2) {
-    const BFloat16 *even = b + kk * ldb, *odd = even + ldb;
-    BFloat16* dst = storage.data() + kk * cols;
-    int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-    // 32 columns of the two rows at a time, interleaved by two word permutes (the scalar loop was 4% of a bf16 1x1
-    // conv backward on a Xeon, 2026-12-03).
-    const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
-                                           37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
-    for (; j + 32 <= cols; j += 32) {
-      const __m512i e = _mm512_loadu_si512(even + j), o = _mm512_loadu_si512(odd + j);
-      _mm512_storeu_si512(dst + 2 * j, _mm512_permutex2var_epi16(e, first, o));
-      _mm512_storeu_si512(dst + 2 * j + 32, _mm512_permutex2var_epi16(e, second, o));
-    }
-#endif
-    for (; j < cols; ++j) {
-      dst[2 * j] = even[j];
-      dst[2 * j + 1] = odd[j];
-    }
+  if (storage_size < rows * cols) {
+    storage.reset(new BFloat16[rows * cols]);
+    storage_size = rows * cols;
   }
-  data = storage.data(), ld = cols;
+  // Large copies (a 1x1 conv backward's whole x) split over the threads, as transpose_blocked does; nested in a
+  // parallel region, or small, this runs inline.
+  const int64_t pairs = rows / 2, grain = ceil_div(int64_t{16384}, std::max<int64_t>(cols, 1));
+  BFloat16* const out = storage.get();
+  at::parallel_for(0, pairs, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t kk = 2 * p0; kk < 2 * p1; kk += 2) {
+      const BFloat16 *even = b + kk * ldb, *odd = even + ldb;
+      BFloat16* dst = out + kk * cols;
+      int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      // 32 columns of the two rows at a time, interleaved by two word permutes (the scalar loop was 4% of a bf16 1x1
+      // conv backward on a Xeon, 2026-12-03).
+      const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                             38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+      const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+      for (; j + 32 <= cols; j += 32) {
+        const __m512i e = _mm512_loadu_si512(even + j), o = _mm512_loadu_si512(odd + j);
+        _mm512_storeu_si512(dst + 2 * j, _mm512_permutex2var_epi16(e, first, o));
+        _mm512_storeu_si512(dst + 2 * j + 32, _mm512_permutex2var_epi16(e, second, o));
+      }
+#endif
+      for (; j < cols; ++j) {
+        dst[2 * j] = even[j];
+        dst[2 * j + 1] = odd[j];
+      }
+    }
+  });
+  data = out, ld = cols;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
