@@ -229,6 +229,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
   return out;
 }
 
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+  if (t.scalar_type() == dtype && t.is_contiguous(format)) return t;
+  return empty_output(t.sizes(), t.options().dtype(dtype), format).copy_(t);
+}
+
 int64_t set_output_cache_limit(int64_t max_bytes) {
   TORCH_CHECK(max_bytes >= 0, "shvit cpp set_output_cache_limit: 'max_bytes' must be >= 0, got ", max_bytes);
   OutputCache& cache = output_cache();

@@ -87,6 +87,10 @@ at::Tensor contiguous_matrix(const at::Tensor& m);
 // SHVIT_CPU_OUTPUT_CACHE=0 turns it off); a block no call took for idle_output_allocations() allocations is freed
 // on the next miss. The outputs are ordinary resizable CPU tensors.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
+// t in `dtype` and memory format `format`: t itself where it is already, else a copy in an empty_output block. A
+// kernel's widened or narrowed activations are as large as its outputs, and fresh from at::empty they page-fault on
+// every call.
+at::Tensor converted(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format);
 // Frees the cached blocks (returns the bytes freed); the bytes cached now; sets the most bytes kept cached (freeing
 // blocks over it) and returns the previous limit.
 int64_t release_cached_outputs();

@@ -596,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_grads(const at::Tensor& dy, co
   at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options(), cl) : skipped_input_grad(x);
   const at::Tensor taps = weight.to(at::kFloat).reshape({c, 9}).t().contiguous();  // (9, C)
   std::vector<float> image_gw(s.batch * 9 * c);  // (N, 9, C)
-  const at::Tensor xc = x.contiguous(cl), dyc = dy.to(at::kFloat).contiguous(cl);
+  const at::Tensor xc = x.contiguous(cl), dyc = converted(dy, at::kFloat, cl);
   SHVIT_DISPATCH_FLOAT_BF16(x.scalar_type(), "shvit_depthwise_grads", [&] {
     using TX = scalar_t;
     depthwise_grads(dyc.data_ptr<float>(), xc.data_ptr<TX>(), taps.data_ptr<float>(), s,
@@ -669,20 +669,22 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   std::vector<std::pair<double, KxkGrads>> times;
   if (s.groups == 1) {
     times.emplace_back(median_of_five([&] {
-      std::get<0>(brgemm_dense_grads(dy, x.to(at::kFloat).contiguous(cl), w, s, true)).to(dtype);
+      converted(std::get<0>(brgemm_dense_grads(dy, converted(x, at::kFloat, cl), w, s, true)), dtype, cl);
     }), KxkGrads::kBrgemm);
   }
   times.emplace_back(median_of_five([&] {
-    std::get<0>(aten_conv_grads(dy, x.to(at::kFloat), w.to(at::kFloat), s.stride, s.pad, s.groups, true)).to(dtype);
+    const at::Tensor x32 = converted(x, at::kFloat, cl);
+    converted(std::get<0>(aten_conv_grads(dy, x32, w.to(at::kFloat), s.stride, s.pad, s.groups, true)), dtype, cl);
   }), KxkGrads::kAten);
   if (bf16_candidate) {
-    const at::Tensor dy16 = dy.to(at::kBFloat16);
+    const at::Tensor dy16 = converted(dy, at::kBFloat16, cl);
     times.emplace_back(median_of_five([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, true); }),
                        KxkGrads::kAtenBf16);
   }
   if (is_depthwise3x3(s)) {
-    times.emplace_back(median_of_five([&] { std::get<0>(depthwise_conv_grads(dy, x, w, s, true)).to(dtype); }),
-                       KxkGrads::kDepthwise);
+    times.emplace_back(
+        median_of_five([&] { converted(std::get<0>(depthwise_conv_grads(dy, x, w, s, true)), dtype, cl); }),
+        KxkGrads::kDepthwise);
   }
   const KxkGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
                                return a.first < b.first;
@@ -736,7 +738,7 @@ std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(dtype), cl) : skipped_input_grad(x);
   at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-  const at::Tensor x_rows = x.to(dtype).contiguous(cl);
+  const at::Tensor x_rows = converted(x, dtype, cl);
   const at::Tensor w_rows = contiguous_matrix(weight.to(dtype).reshape({cout, cin}));
   pointwise_grads_brgemm<T>(dy_rows, x_rows.data_ptr<T>(), w_rows.data_ptr<T>(), rows, cin, cout,
                             input_grad ? gx.data_ptr<T>() : nullptr, gw.data_ptr<float>());
@@ -758,7 +760,7 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     const at::Tensor dy_rows = dy.permute({0, 2, 3, 1}).reshape({rows, cout});
     if (pointwise_grads_path(at::kFloat) != PointwiseGrads::kAten)
       return pointwise_conv_grads<float>(rows_of(dy_rows.data_ptr<float>(), cout), x, weight, input_grad);
-    const at::Tensor x_rows = x.to(at::kFloat).permute({0, 2, 3, 1}).reshape({rows, cin});
+    const at::Tensor x_rows = converted(x, at::kFloat, fmt).permute({0, 2, 3, 1}).reshape({rows, cin});
     at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(at::kFloat), fmt) : skipped_input_grad(x);
     if (input_grad) {
       at::Tensor gx_rows = gx.permute({0, 2, 3, 1}).view({rows, cin});
@@ -771,17 +773,19 @@ std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Te
     const KxkGrads path = kxk_grads_path(s, x.scalar_type());
     if (path == KxkGrads::kBrgemm) {
       auto [dense_gx, gw] =
-          brgemm_dense_grads(dy.to(at::kFloat), x.to(at::kFloat).contiguous(fmt), weight, s, input_grad);
+          brgemm_dense_grads(converted(dy, at::kFloat, fmt), converted(x, at::kFloat, fmt), weight, s, input_grad);
       return {input_grad ? dense_gx : skipped_input_grad(x), gw};
     }
     if (path == KxkGrads::kDepthwise) return depthwise_conv_grads(dy, x, weight, s, input_grad);
     if (path == KxkGrads::kAtenBf16) {
-      auto [bf16_gx, gw] = aten_conv_grads(dy.to(at::kBFloat16), x, weight, stride, padding, groups, input_grad);
+      auto [bf16_gx, gw] =
+          aten_conv_grads(converted(dy, at::kBFloat16, fmt), x, weight, stride, padding, groups, input_grad);
       return {input_grad ? bf16_gx : skipped_input_grad(x), gw};
     }
   }
   auto [aten_gx, gw] =
-      aten_conv_grads(dy.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), stride, padding, groups, input_grad);
+      aten_conv_grads(converted(dy, at::kFloat, fmt), converted(x, at::kFloat, fmt), weight.to(at::kFloat), stride,
+                      padding, groups, input_grad);
   return {input_grad ? aten_gx : skipped_input_grad(x), gw};
 }
 
@@ -1087,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     }
   });
   if (!dy_in_chunks) std::tie(gx, gw) = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
-  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
+  return {converted(gx, x.scalar_type(), fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
 }
 
@@ -1128,9 +1132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_backwar
       v[0] = load_n(g_out + i, n);
     }, sums.data());
   });
-  auto [gx, gw] = conv_grads(g.to(at::kFloat), x.contiguous(fmt), weight, stride, padding, groups, true);
+  auto [gx, gw] = conv_grads(converted(g, at::kFloat, fmt), x.contiguous(fmt), weight, stride, padding, groups, true);
   const auto bias_dtype = (bias.has_value() && bias->defined()) ? bias->scalar_type() : weight.scalar_type();
-  return {gx.to(x.scalar_type()).contiguous(fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
+  return {converted(gx, x.scalar_type(), fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, 0, c, bias_dtype), g};
 }
 
