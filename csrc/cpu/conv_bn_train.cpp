@@ -232,15 +232,15 @@ inline bool onednn_bf16_conv_wrong(int64_t stride, int64_t out_w) { return strid
 // Rows per thread up to which a 1x1 conv's gradients split gw by output channels (pointwise_grads_by_channels).
 constexpr int64_t kSplitRowsPerThread = 512;
 
-// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices of T (float, or bf16 multiplied
-// as pairs), chunk by chunk of rows: the chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced
-// into the per-thread buffer, where they stay in cache for both GEMMs) give gx rows = dy W and, transposed, add
-// dy^T x to per-thread partial weight gradients, all accumulated in fp32. w: (cout, cin) row-major. gx (of T) may be
-// null.
 template <typename T, typename DyRows>
 void pointwise_grads_by_channels(DyRows dy_rows, const T* x, const T* w, int64_t rows, int64_t cin, int64_t cout,
                                  T* gx, float* gw);
 
+// The 1x1 channels_last gradients as micro-kernel GEMMs on (rows, channels) matrices of T (float, or bf16 multiplied
+// as pairs), chunk by chunk of rows: the chunk's dy rows (dy_rows(r0, n, buffer) returns them, in place or produced
+// into the per-thread buffer, where they stay in cache for both GEMMs) give gx rows = dy W and, transposed, add
+// dy^T x to per-thread partial weight gradients, all accumulated in fp32. w: (cout, cin) row-major. gx (of T) may be
+// null. On several threads with at most kSplitRowsPerThread rows each, pointwise_grads_by_channels instead.
 template <typename T, typename DyRows>
 void pointwise_grads_brgemm(DyRows dy_rows, const T* x, const T* w, int64_t rows, int64_t cin, int64_t cout,
                             T* gx, float* gw) {
