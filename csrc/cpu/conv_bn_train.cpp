@@ -651,9 +651,9 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl).to(dtype);
   const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
   const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
-  // The median of five calls after one untimed: the fastest of a few hid the page faults of the fp32 path's
-  // fresh multi-MiB copies, which most of its calls pay (S1's 512-channel stride-2 depthwise backward in bf16: 0.8 ms
-  // at best, 2.9 ms median; AMD Zen 5, 2026-12-04).
+  // The median of five calls after one untimed: the fastest of a few hid the page faults of fresh multi-MiB blocks
+  // (ATen's gradient outputs; then also the fp32 path's copies, now in reused blocks), which most calls pay (S1's
+  // 512-channel stride-2 depthwise backward in bf16: 0.8 ms at best, 2.9 ms median; AMD Zen 5, 2026-12-04).
   auto median_of_five = [&](auto&& fn) {
     fn();
     std::vector<double> times;
