@@ -338,6 +338,16 @@ def test_each_fp32_gemm_mode_matches_reference(mode):
             module.clear_derived_weights()
             module.conv_bias_act(x, _input_major(torch.randn(40, 24, 1, 1)), torch.randn(40), 1, 0, 1, True, None)
             assert module.derived_weight_count() == (1 if mode == "tiles" else 0), f"{variant} {mode}"
+            # A weight stored output-major, input-major or neither (a strided view) gives the same outputs: the
+            # panels (one panel and a bit) packed from each hold the same values.
+            for c_out in (40, 70):
+                w, b = torch.randn(c_out, 24, 1, 1), torch.randn(c_out)
+                strided = torch.empty(c_out, 48, 1, 1)[:, ::2]
+                strided.copy_(w)
+                expected = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
+                for label, weight in (("input-major", _input_major(w)), ("strided", strided)):
+                    got = module.conv_bias_act(x, weight, b, 1, 0, 1, True, None)
+                    assert torch.equal(got, expected), f"{variant} {mode} {label} weight, {c_out} channels"
             ran.append(variant)
         finally:
             module.set_fp32_gemm(previous)

@@ -251,10 +251,17 @@ void pointwise_grads_brgemm(DyRows dy_rows, const T* x, const T* w, int64_t rows
   const int64_t chunk = std::min(rows, ceil_div(ceil_div(rows, chunks), 16) * 16);
   MatB<T> wb;
   if (gx) wb.assign(w, cout, cin, cin);
-  std::vector<float> partial(threads * cout * cin, 0.f);
+  // Each thread's weight-gradient partial is written by its first chunk's product, not zeroed first: the thread with
+  // chunk 0 writes gw itself, the others blocks of their own, added after in thread order. (A zeroed partial per
+  // thread, copied to gw, was two weight-sized passes per call; a training step makes one per 1x1 conv.)
+  std::vector<Scratch<float>> partials;
+  for (int64_t t = 0; t < threads; ++t) partials.emplace_back(0);
+  std::vector<char> wrote(threads, 0);
   at::parallel_for(0, ceil_div(rows, chunk), 1, [&](int64_t c0, int64_t c1) {
     MatmulThreadGuard guard;
-    float* acc = partial.data() + at::get_thread_num() * cout * cin;
+    const int64_t t = at::get_thread_num();
+    if (c0 > 0) partials[t] = Scratch<float>(cout * cin), wrote[t] = 1;
+    float* acc = c0 == 0 ? gw : partials[t].data();
     Scratch<T> buffer(chunk * cout), dy_t(cout * chunk);
     // bf16 gx rows are rounded from the chunk's fp32 product while it is in cache (a whole fp32 gx converted after
     // was another pass over memory).
@@ -273,12 +280,14 @@ void pointwise_grads_brgemm(DyRows dy_rows, const T* x, const T* w, int64_t rows
       }
       transpose_matrix(dy, nr, cout, dy_t.data());
       xb.assign(x + r0 * cin, nr, cin, cin);
-      matmul(cout, dy_t.data(), nr, xb, acc, cin, true);
+      matmul(cout, dy_t.data(), nr, xb, acc, cin, /*accumulate=*/ch > c0);
     }
   });
-  std::copy_n(partial.data(), cout * cin, gw);
-  for (int64_t t = 1; t < threads; ++t)
-    for (int64_t i = 0; i < cout * cin; ++i) gw[i] += partial[t * cout * cin + i];
+  for (int64_t t = 0; t < threads; ++t) {
+    if (!wrote[t]) continue;
+    const float* partial = partials[t].data();
+    for (int64_t i = 0; i < cout * cin; ++i) gw[i] += partial[i];
+  }
 }
 
 // pointwise_grads_brgemm over few rows per thread: the per-thread weight-gradient partials (threads x cout x cin,
@@ -737,7 +746,8 @@ std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at
   const auto cl = at::MemoryFormat::ChannelsLast;
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   at::Tensor gx = input_grad ? empty_output(x.sizes(), x.options().dtype(dtype), cl) : skipped_input_grad(x);
-  at::Tensor gw = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  // A reused block: the gradient becomes the parameter's .grad, which zero_grad frees before the next step's.
+  at::Tensor gw = empty_output(weight.sizes(), weight.options().dtype(at::kFloat), at::MemoryFormat::Contiguous);
   const at::Tensor x_rows = converted(x, dtype, cl);
   const at::Tensor w_rows = contiguous_matrix(weight.to(dtype).reshape({cout, cin}));
   pointwise_grads_brgemm<T>(dy_rows, x_rows.data_ptr<T>(), w_rows.data_ptr<T>(), rows, cin, cout,
