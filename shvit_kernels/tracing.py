@@ -59,11 +59,9 @@ def inlining_reference() -> bool:
 def untraced_check(fn):
     """Decorator for argument checks: under ``torch.jit.trace`` they run with TracerWarnings silenced."""
 
-    # torch._C._is_tracing is what torch.jit.is_tracing returns outside TorchScript (these checks are never
-    # scripted), without its Python frame: nine checks run per training Conv+BN call.
     @functools.wraps(fn)
     def check(*args, **kwargs):
-        if not torch._C._is_tracing():
+        if not torch.jit.is_tracing():
             return fn(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
