@@ -711,8 +711,15 @@ DenseConvShape kxk_conv_shape(const at::Tensor& x, const at::Tensor& weight, int
           stride, padding, groups};
 }
 
-// fp32 convs this backend's own kernels take (conv_bias_act, no bias): groups 1 and depthwise 3x3 with padding 1.
-bool own_fp32_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+// Convs this backend's own kernels take (conv_bias_act, no bias): in fp32 groups 1 and depthwise 3x3 with padding
+// 1; in bf16 the channels_last 1x1 ones where they run on AMX tiles: six of S1's, each with a new autocast weight
+// as in training, took 0.84 ms on two threads against oneDNN's 1.08 (and its S1 bf16 training step 2-3% less time;
+// Intel Xeon family 6 model 167, 2026-12-05). On VDPBF16PS the pair kernels ran near oneDNN's rate (AMD Zen 5), so
+// there bf16 stays on ATen's.
+bool own_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
+  if (x.scalar_type() == at::kBFloat16)
+    return amx_usable() && is_pointwise(weight, stride, padding, groups) &&
+           activation_format(x) == at::MemoryFormat::ChannelsLast;
   if (x.scalar_type() != at::kFloat) return false;
   return groups == 1 || (is_depthwise3x3(kxk_conv_shape(x, weight, stride, padding, groups)) && padding == 1 &&
                          (stride == 1 || stride == 2));
@@ -722,11 +729,11 @@ bool own_fp32_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride
 // this backend's own kernels: ATen's (oneDNN) ran S1's 1x1 training convs at 66% of the FMA peak where the inference
 // GEMMs reach about 90%, and its 3 -> 16 stem conv at 27 GFLOP/s against 166 (AMD Zen 5, one thread, 2026-12-04).
 // Rounded differently from the reference's, it can flip a ReLU mask by an ulp: the lock-step test allows that in a
-// few of its 30 steps (the reference on ATen's other fp32 conv does it in one). bf16 on ATen's, as the reference's
-// (its bf16 1x1 convs run near the pair kernels' rate); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
+// few of its 30 steps (the reference on ATen's other fp32 conv does it in one). bf16 on ATen's, as the reference's,
+// but for the 1x1 convs on AMX tiles (own_conv); a bf16 conv oneDNN gets wrong runs in fp32, rounded once.
 at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding, int64_t groups) {
   const auto fmt = activation_format(x);
-  if (own_fp32_conv(x, weight, stride, padding, groups))
+  if (own_conv(x, weight, stride, padding, groups))
     return conv_bias_act(x, weight, std::nullopt, stride, padding, groups, false, std::nullopt);
   const int64_t out_w = (x.size(3) + 2 * padding - weight.size(3)) / stride + 1;
   if (x.scalar_type() == at::kBFloat16 && onednn_bf16_conv_wrong(stride, out_w))
