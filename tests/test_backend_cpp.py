@@ -356,6 +356,27 @@ def test_each_fp32_gemm_mode_matches_reference(mode):
         pytest.skip(f"no built variant runs the fp32 {mode} path here (built: {VARIANTS})")
 
 
+@requires_cpp
+def test_amx_blocks_from_each_weight_layout():
+    """bf16 1x1 convs on AMX tiles: the blocks packed in one pass from a weight stored output-major (a training
+    step's autocast copy), input-major (shvit.fuse's) or neither (a strided view) give identical outputs, for widths
+    ending mid-block (40, 70 channels) and K ending mid-chunk (70 = two 32-value chunks and a tail)."""
+    module = in_use()
+    if module.bf16_pair_unit() != "amx":
+        pytest.skip(f"the bf16 pair kernels run on {module.bf16_pair_unit()!r} here, not AMX tiles")
+    x = torch.randn(2, 70, 3, 5).contiguous(memory_format=torch.channels_last).bfloat16()
+    for c_out in (40, 70):
+        w, b = torch.randn(c_out, 70, 1, 1).bfloat16(), torch.randn(c_out).bfloat16()
+        strided = torch.empty(c_out, 140, 1, 1, dtype=torch.bfloat16)[:, ::2]
+        strided.copy_(w)
+        expected = module.conv_bias_act(x, w, b, 1, 0, 1, False, None)
+        reference = conv_bias_act_reference(x.float(), w.float(), b.float(), 1, 0, 1, False, None)
+        assert (expected.float() - reference).abs().max() <= 0.05 * reference.abs().max(), f"{c_out} channels"
+        for label, weight in (("input-major", _input_major(w)), ("strided", strided)):
+            got = module.conv_bias_act(x, weight, b, 1, 0, 1, False, None)
+            assert torch.equal(got, expected), f"{label} weight, {c_out} channels"
+
+
 @drawn_with_seed(7)
 def dense_block_cases():
     """Dense 3x3 convs whose channel blocks differ by plan: 112 channels (pairs 2+2+2+2, fours 4+3, threes 3+3+1),
