@@ -338,22 +338,27 @@ def test_each_fp32_gemm_mode_matches_reference(mode):
             module.clear_derived_weights()
             module.conv_bias_act(x, _input_major(torch.randn(40, 24, 1, 1)), torch.randn(40), 1, 0, 1, True, None)
             assert module.derived_weight_count() == (1 if mode == "tiles" else 0), f"{variant} {mode}"
-            # A weight stored output-major, input-major or neither (a strided view) gives the same outputs: the
-            # panels (one panel and a bit) packed from each hold the same values.
+            # The panels (one panel and a bit) packed from each weight layout hold the same values.
             for c_out in (40, 70):
-                w, b = torch.randn(c_out, 24, 1, 1), torch.randn(c_out)
-                strided = torch.empty(c_out, 48, 1, 1)[:, ::2]
-                strided.copy_(w)
-                expected = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
-                for label, weight in (("input-major", _input_major(w)), ("strided", strided)):
-                    got = module.conv_bias_act(x, weight, b, 1, 0, 1, True, None)
-                    assert torch.equal(got, expected), f"{variant} {mode} {label} weight, {c_out} channels"
+                _assert_same_for_each_weight_layout(module, x, torch.randn(c_out, 24, 1, 1), torch.randn(c_out),
+                                                    f"{variant} {mode}")
             ran.append(variant)
         finally:
             module.set_fp32_gemm(previous)
             module.clear_derived_weights()
     if not ran:
         pytest.skip(f"no built variant runs the fp32 {mode} path here (built: {VARIANTS})")
+
+
+def _assert_same_for_each_weight_layout(module, x, w, b, name):
+    """module's 1x1 conv_bias_act gives identical outputs with w stored output-major, input-major or neither (a
+    strided view)."""
+    strided = torch.empty(w.shape[0], 2 * w.shape[1], 1, 1, dtype=w.dtype)[:, ::2]
+    strided.copy_(w)
+    expected = module.conv_bias_act(x, w, b, 1, 0, 1, True, None)
+    for label, weight in (("input-major", _input_major(w)), ("strided", strided)):
+        got = module.conv_bias_act(x, weight, b, 1, 0, 1, True, None)
+        assert torch.equal(got, expected), f"{name}: {label} weight, {w.shape[0]} channels"
 
 
 @requires_cpp
@@ -364,17 +369,13 @@ def test_amx_blocks_from_each_weight_layout():
     module = in_use()
     if module.bf16_pair_unit() != "amx":
         pytest.skip(f"the bf16 pair kernels run on {module.bf16_pair_unit()!r} here, not AMX tiles")
-    x = torch.randn(2, 70, 3, 5).contiguous(memory_format=torch.channels_last).bfloat16()
+    x = torch.randn(2, 70, 3, 5)
     for c_out in (40, 70):
-        w, b = torch.randn(c_out, 70, 1, 1).bfloat16(), torch.randn(c_out).bfloat16()
-        strided = torch.empty(c_out, 140, 1, 1, dtype=torch.bfloat16)[:, ::2]
-        strided.copy_(w)
-        expected = module.conv_bias_act(x, w, b, 1, 0, 1, False, None)
-        reference = conv_bias_act_reference(x.float(), w.float(), b.float(), 1, 0, 1, False, None)
-        assert (expected.float() - reference).abs().max() <= 0.05 * reference.abs().max(), f"{c_out} channels"
-        for label, weight in (("input-major", _input_major(w)), ("strided", strided)):
-            got = module.conv_bias_act(x, weight, b, 1, 0, 1, False, None)
-            assert torch.equal(got, expected), f"{label} weight, {c_out} channels"
+        w, b = torch.randn(c_out, 70, 1, 1) / 70 ** 0.5, torch.randn(c_out)
+        _check_against_reference(module.conv_bias_act, conv_bias_act_reference, (x, w, b, 1, 0, 1, True, None),
+                                 torch.bfloat16, channels_last=True, name=f"amx 1x1 70->{c_out}")
+        _assert_same_for_each_weight_layout(module, x.contiguous(memory_format=torch.channels_last).bfloat16(),
+                                            w.bfloat16(), b.bfloat16(), "amx")
 
 
 @drawn_with_seed(7)

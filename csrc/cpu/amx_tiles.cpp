@@ -196,35 +196,6 @@ std::string bf16_pair_unit() {
   return amx_usable() ? "amx" : "avx512_bf16";
 }
 
-namespace {
-
-// amx_weight's blocks of a (n, k) bf16 1x1 weight, k even, in one pass: each block's VNNI pairs are the 32-bit
-// transpose of its 32 rows of w (k / 2 pairs each), zero past n and past k up to k_pad, in an empty_output block.
-// ATen's pad, permute and copy took 0.95 ms of 1.43 for six of S1's bf16 1x1 training convs on two threads, whose
-// autocast weights are new tensors on every step (Intel Xeon family 6 model 167, 2026-12-05).
-at::Tensor pointwise_amx_blocks(const at::Tensor& w, int64_t k_pad) {
-  const int64_t n = w.size(0), pairs = w.size(1) / 2, pairs_pad = k_pad / 2, blocks = ceil_div(n, kChannels);
-  const at::Tensor rows = w.stride(1) == 1 && w.stride(0) == w.size(1) ? w : w.contiguous();
-  at::Tensor packed = empty_output({blocks, 1, pairs_pad, kChannels, 2}, w.options(), at::MemoryFormat::Contiguous);
-  const float* src = reinterpret_cast<const float*>(rows.data_ptr<BFloat16>());
-  float* dst = reinterpret_cast<float*>(packed.data_ptr<BFloat16>());
-  const int64_t grain = std::max<int64_t>(1, int64_t{8192} / std::max<int64_t>(pairs, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kChannels, width = std::min(kChannels, n - n0);
-      float* block = dst + b * pairs_pad * kChannels;
-      at::vec::transpose_mxn<float>(src + n0 * pairs, pairs, block, kChannels, static_cast<int>(width),
-                                    static_cast<int>(pairs));
-      if (width < kChannels)
-        for (int64_t p = 0; p < pairs; ++p) std::fill(block + p * kChannels + width, block + (p + 1) * kChannels, 0.f);
-      std::fill(block + pairs * kChannels, block + pairs_pad * kChannels, 0.f);
-    }
-  });
-  return packed;
-}
-
-}  // namespace
-
 AmxWeight amx_weight(const at::Tensor& weight, int64_t c_pad, const float* bias) {
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && (weight.dim() == 4 || weight.dim() == 2),
               "amx_weight: expects a bf16 (n, c_in[, kh, kw]) weight, got ", weight.sizes());
@@ -236,7 +207,17 @@ AmxWeight amx_weight(const at::Tensor& weight, int64_t c_pad, const float* bias)
   w.n = weight.size(0), w.segments = kh, w.seg_k = kw * c_pad, w.seg_pad = ceil_div(w.seg_k, kChunk) * kChunk;
   const int64_t blocks = ceil_div(w.n, kChannels);
   w.blocks = derived_weight(weight, "amx blocks", [&] {
-    if (kh == 1 && kw == 1 && c_pad == c_in) return pointwise_amx_blocks(weight.reshape({w.n, c_in}), w.seg_pad);
+    if (kh == 1 && kw == 1 && c_pad == c_in) {
+      // A 1x1 weight's VNNI pairs are the 32-bit transpose of its rows, packed in one pass into a reused block:
+      // ATen's pad, permute and copy took 0.95 ms of 1.43 for six of S1's bf16 1x1 training convs on two threads,
+      // whose autocast weights are new tensors on every step (Intel Xeon family 6 model 167, 2026-12-05).
+      const at::Tensor rows = weight.reshape({w.n, c_in}).contiguous();
+      at::Tensor packed =
+          empty_output({blocks, 1, w.seg_pad / 2, kChannels, 2}, weight.options(), at::MemoryFormat::Contiguous);
+      pack_transposed_blocks(reinterpret_cast<const float*>(rows.data_ptr<BFloat16>()), w.n, c_in / 2, c_in / 2, 1,
+                             kChannels, w.seg_pad / 2, reinterpret_cast<float*>(packed.data_ptr<BFloat16>()));
+      return packed;
+    }
     // (n, c_in, kh, kw) -> (n, kh, kw * c_pad) kernel rows, zero-padded to (blocks * 32, kh, seg_pad), then VNNI pairs
     // of K per channel: (block, kh, seg_pad / 2, 32 channels, 2).
     const at::Tensor rows = at::constant_pad_nd(weight.reshape({w.n, c_in, kh, kw}), {0, 0, 0, 0, 0, c_pad - c_in})

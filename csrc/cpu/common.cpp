@@ -301,6 +301,29 @@ void transpose_matrix(const BFloat16* src, int64_t rows, int64_t cols, BFloat16*
   transpose_blocked(src, rows, cols, dst);
 }
 
+void pack_transposed_blocks(const float* src, int64_t n, int64_t m, int64_t ld_row, int64_t ld_col, int64_t width,
+                            int64_t m_pad, float* dst) {
+  TORCH_CHECK(ld_row == 1 || ld_col == 1, "pack_transposed_blocks: one stride must be 1, got ", ld_row, " and ",
+              ld_col);
+  const int64_t blocks = ceil_div(n, width);
+  const int64_t grain = std::max<int64_t>(1, int64_t{16384} / std::max<int64_t>(m * width / 64, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * width, cols = std::min(width, n - n0);
+      float* block = dst + b * m_pad * width;
+      if (ld_col == 1) {  // rows of the matrix: transposed in 16 x 16 blocks
+        at::vec::transpose_mxn<float>(src + n0 * ld_row, ld_row, block, width, static_cast<int>(cols),
+                                      static_cast<int>(m));
+      } else {  // its columns are contiguous: each block row is a copy
+        for (int64_t r = 0; r < m; ++r) std::copy_n(src + r * ld_col + n0, cols, block + r * width);
+      }
+      if (cols < width)
+        for (int64_t r = 0; r < m; ++r) std::fill(block + r * width + cols, block + (r + 1) * width, 0.f);
+      std::fill(block + m * width, block + m_pad * width, 0.f);
+    }
+  });
+}
+
 namespace {
 
 struct DerivedEntry {

@@ -74,6 +74,12 @@ at::Tensor transposed(const at::Tensor& m);
 // a parallel region).
 void transpose_matrix(const float* src, int64_t rows, int64_t cols, float* dst);
 void transpose_matrix(const BFloat16* src, int64_t rows, int64_t cols, BFloat16* dst);
+// The weight blocks the GEMM tiles read: for a (n x m) matrix of 32-bit values at src (row stride ld_row, column
+// stride ld_col, one of them 1), block b (width x m_pad at dst + b * m_pad * width, row-major) holds its rows
+// [b width, b width + width) transposed: element (r, j) = src(b width + j, r), zero past n and past m. fp32 panels
+// (width 64) and AMX's VNNI pair blocks (width 32, a bf16 pair per value) are both this; split between the threads.
+void pack_transposed_blocks(const float* src, int64_t n, int64_t m, int64_t ld_row, int64_t ld_col, int64_t width,
+                            int64_t m_pad, float* dst);
 // A 2-D tensor as a contiguous row-major matrix, blocked-transposing one stored transposed (an input-major 1x1
 // weight, which the NCHW kernels read as the A operand of W X).
 at::Tensor contiguous_matrix(const at::Tensor& m);

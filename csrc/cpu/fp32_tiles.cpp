@@ -176,45 +176,21 @@ bool f32_tiles_usable() {
   return faster;
 }
 
-namespace {
-
-// (n / 64 rounded up, k, 64) panels of a (n, k) fp32 weight with either stride 1 (the training layout, or the
-// input-major one shvit.fuse keeps), zero past n, in one pass over the panels split between the threads. ATen's
-// pad, transpose and copy took ~100 us per copy for a 640 x 320 weight, and a training step re-packs every weight
-// (five copies per Conv+BN forward: 13 ms of a one-thread S1 step; Intel Xeon family 6 model 167, 2026-12-04).
-at::Tensor pack_panels(const at::Tensor& w) {
-  const int64_t n = w.size(0), k = w.size(1), panels = ceil_div(n, kPanel);
-  // An empty_output block: derived_weight frees a weight's stale panels first, so a training step reuses them.
-  at::Tensor packed = empty_output({panels, k, kPanel}, w.options().dtype(at::kFloat), at::MemoryFormat::Contiguous);
-  const float* src = w.data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, int64_t{16384} / std::max<int64_t>(k, 1));
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanel, width = std::min(kPanel, n - n0);
-      float* panel = dst + p * k * kPanel;
-      if (w.stride(1) == 1) {  // rows of w: transposed in 16 x 16 blocks
-        at::vec::transpose_mxn<float>(src + n0 * w.stride(0), w.stride(0), panel, kPanel, static_cast<int>(width),
-                                      static_cast<int>(k));
-      } else {  // columns of w are contiguous: each panel row is a copy
-        for (int64_t kk = 0; kk < k; ++kk) std::copy_n(src + kk * w.stride(1) + n0, width, panel + kk * kPanel);
-      }
-      if (width < kPanel)
-        for (int64_t kk = 0; kk < k; ++kk) std::fill(panel + kk * kPanel + width, panel + (kk + 1) * kPanel, 0.f);
-    }
-  });
-  return packed;
-}
-
-}  // namespace
-
 F32Weight f32_weight(const at::Tensor& weight, const float* bias) {
   F32Weight w;
   w.n = weight.size(0), w.k = weight.numel() / w.n;
   const int64_t n_pad = ceil_div(w.n, kPanel) * kPanel;
   w.panels = derived_weight(weight, "fp32 panels", [&] {  // (n / 64 rounded up, k, 64), zero past n
     const at::Tensor matrix = weight.reshape({w.n, w.k}).to(at::kFloat);
-    if (matrix.stride(1) == 1 || matrix.stride(0) == 1) return pack_panels(matrix);
+    if (matrix.stride(1) == 1 || matrix.stride(0) == 1) {
+      // In one pass, in an empty_output block: derived_weight frees a weight's stale panels first, so a training step
+      // (which repacks every weight) reuses them. ATen's pad, transpose and copy took ~100 us per copy for a 640 x 320
+      // weight, five per Conv+BN forward: 13 ms of a one-thread S1 step (Intel Xeon family 6 model 167, 2026-12-04).
+      at::Tensor packed = empty_output({n_pad / kPanel, w.k, kPanel}, matrix.options(), at::MemoryFormat::Contiguous);
+      pack_transposed_blocks(matrix.data_ptr<float>(), w.n, w.k, matrix.stride(0), matrix.stride(1), kPanel, w.k,
+                             packed.data_ptr<float>());
+      return packed;
+    }
     return at::constant_pad_nd(matrix, {0, 0, 0, n_pad - w.n})
         .reshape({n_pad / kPanel, kPanel, w.k})
         .transpose(1, 2)
