@@ -388,8 +388,9 @@ at::Tensor derived_weight(const at::Tensor& w, const char* kind, const std::func
   const std::string key = derived_key(w, kind);
   DerivedWeights& cache = derived_weights();
   // Copies no longer valid (this one's stale version, freed weights' entries) are dropped before make() runs, so
-  // their blocks are free for it: a training step repacks every weight, and fresh blocks page-faulted (40% of a
-  // one-thread S1 forward after an optimizer step at 64 px; Intel Xeon family 6 model 167, 2026-12-04).
+  // their blocks are free for it: a training step repacks every weight, and fresh blocks page-faulted (40% of the
+  // samples of one-thread S1 forwards at 64 px, each after an in-place weight update; Intel Xeon family 6 model 167,
+  // 2026-12-04).
   std::vector<at::Tensor> dropped;
   {
     std::lock_guard<std::mutex> lock(cache.mutex);

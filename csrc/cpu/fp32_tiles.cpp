@@ -185,7 +185,8 @@ F32Weight f32_weight(const at::Tensor& weight, const float* bias) {
     if (matrix.stride(1) == 1 || matrix.stride(0) == 1) {
       // In one pass, in an empty_output block: derived_weight frees a weight's stale panels first, so a training step
       // (which repacks every weight) reuses them. ATen's pad, transpose and copy took ~100 us per copy for a 640 x 320
-      // weight, five per Conv+BN forward: 13 ms of a one-thread S1 step (Intel Xeon family 6 model 167, 2026-12-04).
+      // weight, five per Conv+BN forward (an S1 forward at 64 px, batch 2, after an in-place weight update: 27-29 ms,
+      // 14-15 with unchanged weights, 22 with this; one thread, Intel Xeon family 6 model 167, 2026-12-04).
       at::Tensor packed = empty_output({n_pad / kPanel, w.k, kPanel}, matrix.options(), at::MemoryFormat::Contiguous);
       pack_transposed_blocks(matrix.data_ptr<float>(), w.n, w.k, matrix.stride(0), matrix.stride(1), kPanel, w.k,
                              packed.data_ptr<float>());
