@@ -788,10 +788,12 @@ def test_conv_training_kernels_match_reference(dtype, channels_last, label, args
         _check_outputs(m.conv_bn_train_backward, exact_conv_output_reference, (*bwd, conv_output), dtype,
                        channels_last, f"conv_bn_train_backward {label} kept={conv_output is not None}",
                        unavoidable_reference=rounded_conv_output_reference)
-    # Without the input gradient: zeros in its place, every other output as before.
+    # Without the input gradient: an empty one in its place, every other output as before.
     cast = cast_args(bwd, dtype, channels_last, keep_fp32_vectors=True)
     full, skipped = m.conv_bn_train_backward(*cast, None), m.conv_bn_train_backward(*cast[:-1], False, None)
-    assert skipped[0].shape == full[0].shape and skipped[0].dtype == full[0].dtype and not skipped[0].any()
+    assert full[0].shape == x.shape and skipped[0].shape == (0,) and skipped[0].dtype == full[0].dtype
+    # The masked gradient (the residual's) only with a residual.
+    assert full[4].shape == ((0,) if res is None else out.shape)
     for a, b in zip(full[1:], skipped[1:]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     bias = torch.randn(w.shape[0])
@@ -1383,7 +1385,7 @@ def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):
             gamma, beta = torch.rand(cout) + 0.5, torch.randn(cout)
             args = (g, x, w, gamma, beta, beta * 0, gamma, out, stride, pad, 1, 1e-5, False, False)
             full, weight_only = module.conv_bn_train_backward(*args, True, None), module.conv_bn_train_backward(*args, False, None)
-            assert torch.equal(full[1], weight_only[1]) and not weight_only[0].any()
+            assert torch.equal(full[1], weight_only[1]) and weight_only[0].shape == (0,)
             bn_out, mean, var, _ = conv_bn_train_reference(x, w, gamma, beta, stride, pad, 1, 1e-5, True, None, True)
             bwd = (torch.randn_like(bn_out), x, w, gamma, beta, mean, var, bn_out, stride, pad, 1, 1e-5, True, False,
                    True, None)
@@ -1456,7 +1458,7 @@ def test_depthwise_conv_grads_kernel(monkeypatch, threads):
             args = (torch.randn_like(bn_out), x, w, gamma, beta, beta * 0, gamma, bn_out, stride, 1, c, 1e-5, False, False)
             torch.set_num_threads(threads)
             full, weight_only = module.conv_bn_train_backward(*args, True, None), module.conv_bn_train_backward(*args, False, None)
-            assert torch.equal(full[1], weight_only[1]) and not weight_only[0].any()
+            assert torch.equal(full[1], weight_only[1]) and weight_only[0].shape == (0,)
     finally:
         torch.set_num_threads(previous)
 

@@ -496,9 +496,10 @@ std::tuple<at::Tensor, at::Tensor> brgemm_dense_grads(const at::Tensor& dy, cons
   return {gx, gw_rows.permute({0, 3, 1, 2})};
 }
 
-// The input gradient nobody asked for (input_grad false): zeros in x's shape and layout, fp32.
+// The input gradient nobody asked for (input_grad false): empty, as the op's contract says (zeros of x's shape cost a
+// fill and, in bf16, a conversion).
 at::Tensor skipped_input_grad(const at::Tensor& x) {
-  return empty_output(x.sizes(), x.options().dtype(at::kFloat), activation_format(x)).zero_();
+  return at::empty({0}, x.options());
 }
 
 // A depthwise 3x3 conv (groups == channels, weight (C, 1, 3, 3)).
@@ -595,7 +596,7 @@ void depthwise_grads(const float* dy, const TX* x, const float* taps, const Dens
   });
 }
 
-// depthwise_grads on a channels_last conv from an fp32 dy: gx in x's dtype (fp32 zeros without input_grad), gw fp32
+// depthwise_grads on a channels_last conv from an fp32 dy: gx in x's dtype (empty without input_grad), gw fp32
 // (C, 1, 3, 3), the images' weight gradients added one after another in fp64.
 std::tuple<at::Tensor, at::Tensor> depthwise_conv_grads(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& weight, const DenseConvShape& s,
@@ -745,7 +746,7 @@ at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& weight, int64_t strid
 
 
 // A 1x1 channels_last conv's gradients on the micro-kernel GEMMs in T (see pointwise_grads_brgemm), dy rows of T
-// from dy_rows; gx in T (zeros in fp32 without input_grad), gw in fp32.
+// from dy_rows; gx in T (empty without input_grad), gw in fp32.
 template <typename T, typename DyRows>
 std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at::Tensor& x, const at::Tensor& weight,
                                                         bool input_grad) {
@@ -764,9 +765,9 @@ std::tuple<at::Tensor, at::Tensor> pointwise_conv_grads(DyRows dy_rows, const at
 
 // dL/dx and dL/dw of the conv from dL/dy (fp32, or bf16 for a kxk conv whose gradients run in bf16), accumulated
 // in fp32 (a kxk conv's bf16 path returns bf16); the caller casts. Without input_grad (a network's first
-// conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back as zeros. A 1x1 stride-1 conv in
+// conv: 40% of its backward on S1's stem) dL/dx is not computed and comes back empty. A 1x1 stride-1 conv in
 // channels_last is two GEMMs on the (pixels, channels) matrices: faster here than ATen's convolution_backward
-// (about 12% on S1's shapes). Input gradients (and the zeros) go to reused output blocks: a fresh multi-MiB one
+// (about 12% on S1's shapes). Input gradients go to reused output blocks: a fresh multi-MiB one
 // page-faults on every step.
 std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                               int64_t stride, int64_t padding, int64_t groups, bool input_grad) {
@@ -981,8 +982,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad,
     const std::optional<at::Tensor>& conv_output) {
   constexpr const char* op = "shvit cpp conv_bn_train_backward";
-  (void)has_residual;  // the residual only shapes the ReLU mask, which `out` already holds
-  check_conv_train_args(op, x, weight, stride, padding, groups);
+    check_conv_train_args(op, x, weight, stride, padding, groups);
   const int64_t c = weight.size(0);
   for (const NamedTensor& t : {NamedTensor{&bn_weight, "bn_weight"}, NamedTensor{&bn_bias, "bn_bias"},
                                NamedTensor{&mean, "mean"}, NamedTensor{&var, "var"}})
@@ -1002,7 +1002,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   const ChannelLayout l{fmt == at::MemoryFormat::ChannelsLast, y.size(0), c, y.size(2) * y.size(3)};
   const at::Tensor mean_f = mean.to(at::kFloat).contiguous();
   (void)var;  // recomputed in fp64 from y below
-  at::Tensor g = empty_output(go.sizes(), go.options(), fmt);
+  // The masked gradient is the residual's gradient; without a residual it is not written (the op returns it empty).
+  at::Tensor g = has_residual ? empty_output(go.sizes(), go.options(), fmt) : at::empty({0}, go.options());
   // A 1x1 channels_last conv on the micro-kernel GEMMs takes dy chunk by chunk as it is computed (still in cache);
   // else dy is one tensor, overwriting a recomputed y (this call's own buffer) when both have dy's dtype.
   const PointwiseGrads grads_path = is_pointwise(weight, stride, padding, groups) && l.channels_last
@@ -1092,7 +1093,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
                                      coef_d.data()}};
       run(params, [=](int64_t i, int64_t n, const fVec* pv, auto* dy_out) {
         const fVec gv = masked_grad(gp + i, outp + i, relu, n);
-        store_n(gv, g_out + i, n);
+        if (has_residual) store_n(gv, g_out + i, n);
         const fVec dev = (load_n(yp + i, n) - pv[0]) - pv[1];
         store_n(pv[2] * gv - pv[3] - pv[4] * dev, dy_out, n);
       });
@@ -1101,14 +1102,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
       const ChannelParams<5, double> params{{mean64.data(), invstd.data(), a.data(), b.data(), d.data()}};
       run(params, [=](int64_t i, int64_t n, const dVec* pv, auto* dy_out) {
         const fVec gv = masked_grad(gp + i, outp + i, relu, n);
-        store_n(gv, g_out + i, n);
+        if (has_residual) store_n(gv, g_out + i, n);
         const dVec x_hat = (widen(load_n(yp + i, n)) - pv[0]) * pv[1];
         store_n(narrow(pv[2] * (widen(gv) - pv[3] - x_hat * pv[4])), dy_out, n);
       });
     }
   });
   if (!dy_in_chunks) std::tie(gx, gw) = conv_grads(dy, x.contiguous(fmt), weight, stride, padding, groups, input_grad);
-  return {converted(gx, x.scalar_type(), fmt), gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
+  return {input_grad ? converted(gx, x.scalar_type(), fmt) : gx,
+          gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
 }
 

@@ -181,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bias_act_backward(const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& bn_weight, const Tensor& bn_bias,
     const Tensor& mean, const Tensor& var, const Tensor& out, int64_t stride, int64_t padding, int64_t groups,
-    double eps, bool relu, bool /*has_residual*/, bool input_grad) {
+    double eps, bool relu, bool has_residual, bool input_grad) {
   const std::string op = "shvit cuda conv_bn_train_backward";
   check_activation(op, x);
   const int64_t c = x.size(1);
@@ -192,7 +192,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
   Tensor grad_w = wsum.narrow(1, 0, 9).reshape(weight.sizes()).to(weight.scalar_type());
   Tensor grad_gamma = (sums[1] * at::rsqrt(var32 + eps)).to(bn_weight.scalar_type());
   Tensor grad_beta = sums[0].to(bn_bias.scalar_type());
-  if (!input_grad) grad_x.zero_();  // computed in the same pass as the others; the op's contract is zeros
+  // Computed in the same pass as the others; the op's contract is an empty tensor for a gradient not asked for.
+  if (!input_grad) grad_x = at::empty({0}, grad_x.options());
+  if (!has_residual) g = at::empty({0}, g.options());
   return {grad_x, grad_w, grad_gamma, grad_beta, g};
 }
 

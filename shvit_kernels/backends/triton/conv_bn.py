@@ -446,12 +446,12 @@ def conv_bn_train(x, weight, bn_weight, bn_bias, stride, padding, groups, eps, r
 
 
 def _conv_backward_from(gy, x, weight, stride, padding, groups, input_grad=True):
-    """(grad_x in x's dtype and layout, zeros when not input_grad; fp32 grad_w) from the conv-output gradient."""
+    """(grad_x in x's dtype and layout, empty when not input_grad; fp32 grad_w) from the conv-output gradient."""
     if input_grad:
         grad_x = empty_like_format(x.shape, x.dtype, x)
         launch_conv(gy, weight, grad_x, stride=stride, pad=padding, depthwise=groups != 1, transposed=True)
     else:
-        grad_x = torch.zeros_like(x)
+        grad_x = x.new_empty((0,))
     grad_w = launch_wgrad(x, gy, weight.shape, stride=stride, pad=padding, depthwise=groups != 1)
     return grad_x, grad_w
 
@@ -491,4 +491,5 @@ def conv_bn_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, o
         g, y, mean, invstd, a, sum_g / m, sum_gx / m, gy, m, co, oh, ow, *g.stride(), BM=EW_BM, BC=EW_BC,
         num_warps=4)
     grad_x, grad_w = _conv_backward_from(gy, x, weight.to(x.dtype), stride, padding, groups, input_grad)
+    g = g if has_residual else g.new_empty((0,))
     return grad_x, grad_w.to(weight.dtype), sum_gx.to(bn_weight.dtype), sum_g.to(bn_bias.dtype), g
