@@ -136,10 +136,12 @@ def profile(model_name: str, batch: int, threads: int, amp: str, iters: int, rou
     rows.append(dict(phase="optimizer", kind="AdamW step", backend="torch", calls=1,
                      ms=phases["optimizer"] / iters * 1e3))
     from benchmarks.device import probe
+    from shvit_kernels.backends import cpp
 
     return dict(model=model_name, img_size=size, batch=batch, threads=threads, amp=amp, device=str(device),
                 step_ms={k: statistics.median(v) for k, v in step_ms.items()}, step_ms_rounds=step_ms,
                 phases_ms_with_timers={k: v / iters * 1e3 for k, v in phases.items()}, rows=rows,
+                kxk_grads_paths=cpp.kxk_grads_choices() if device.type == "cpu" else [],
                 probe=probe(device, dtypes=(torch.bfloat16 if amp == "bf16" else torch.float32,)),
                 environment=bench.environment(device), load_average=os.getloadavg())
 
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
           f"load {r['load_average'][0]:.2f}")
     phases = ", ".join(f"{k} {v:.1f} ms" for k, v in r["phases_ms_with_timers"].items())
     print_ceiling_and_rows(r, lambda row: f"{row['phase']:9} {row['ms']:8.2f} ms", f"; phases with timers: {phases}")
+    if r["kxk_grads_paths"]:
+        print("  kxk Conv+BN gradient paths (timed at first use):\n    " + "\n    ".join(r["kxk_grads_paths"]))
     if args.output:
         write_json(args.output, r)
     return 0

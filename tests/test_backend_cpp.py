@@ -1351,6 +1351,26 @@ def test_pointwise_conv_grads_on_each_gemm_path(monkeypatch, mode, threads):
 
 
 @requires_cpp
+def test_kxk_gradient_paths_are_listed_once_timed(monkeypatch):
+    """Each depthwise or dense kxk Conv+BN gradient shape's timed path is listed, with the shape, dtype and thread
+    count it was timed for; a forced path is not timed, so it adds no line."""
+    module = in_use()
+    x = torch.randn(2, 5, 11, 9).contiguous(memory_format=torch.channels_last)  # a shape no other test uses
+    w, gamma, beta = torch.randn(6, 5, 3, 3) / 6, torch.rand(6) + 0.5, torch.randn(6)
+    out, mean, var, _ = module.conv_bn_train(x, w, gamma, beta, 2, 1, 1, 1e-5, True, None, False)
+    args = (torch.randn_like(out), x, w, gamma, beta, mean, var, out, 2, 1, 1, 1e-5, True, False, True, None)
+    label = f"batch 2 5x11x9 -> 6x6x5 k3x3 s2 g1 fp32 threads {torch.get_num_threads()}: "
+    monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", "brgemm")
+    module.conv_bn_train_backward(*args)
+    assert not [line for line in cpp.kxk_grads_choices() if line.startswith(label)]
+    monkeypatch.setenv("SHVIT_CPU_DENSE_GRADS", "auto")
+    module.conv_bn_train_backward(*args)
+    module.conv_bn_train_backward(*args)  # the second call reuses the choice
+    lines = [line for line in cpp.kxk_grads_choices() if line.startswith(label)]
+    assert len(lines) == 1 and lines[0][len(label):] in ("aten", "brgemm"), cpp.kxk_grads_choices()
+
+
+@requires_cpp
 @pytest.mark.parametrize("mode", ("brgemm", "aten", "aten_bf16"))
 @pytest.mark.parametrize("threads", (1, 2))
 def test_dense_conv_grads_on_each_path(monkeypatch, mode, threads):

@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_widened", &k::bf16_widened, "Whether bf16 GEMMs multiply in fp32 now ('auto' measured on first use)");
   m.def("pointwise_grads", &k::pointwise_grads, "1x1 Conv+BN gradient GEMMs: 'brgemm', 'brgemm_bf16' or 'aten'",
         py::arg("dtype") = "float32");
+  m.def("kxk_grads_choices", &k::kxk_grads_choices, "Each kxk Conv+BN gradient shape's timed path");
   m.def("fp32_gemm", &k::fp32_gemm, "fp32 channels_last 1x1 GEMMs: 'auto', 'tiles' or 'brgemm'");
   m.def("set_fp32_gemm", &k::set_fp32_gemm, "Set 'auto', 'tiles' or 'brgemm'; returns the previous mode");
   m.def("fp32_tiles_active", &k::f32_tiles_usable, "Whether fp32 1x1 GEMMs run on the tiles now ('auto' measured)");

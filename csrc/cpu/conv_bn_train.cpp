@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 
 // The forward's normalisation rounds step by step like the reference's eager ops (no fused multiply-add): given the
@@ -635,6 +636,17 @@ enum class KxkGrads { kAten, kBrgemm, kAtenBf16, kDepthwise };
 // A depthwise 3x3 conv also has depthwise_grads above. SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm:
 // the project's kernels, the micro-kernel GEMMs for groups 1 or depthwise_grads, else aten; aten_bf16: where the bf16
 // candidate exists, else aten; tests run each). Not in bf16 where oneDNN's bf16 conv is wrong (see conv_raw).
+// Each shape's choice, for kxk_grads_choices too.
+using KxkKey = std::array<int64_t, 15>;
+std::mutex& kxk_choices_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::map<KxkKey, KxkGrads>& kxk_choices() {
+  static std::map<KxkKey, KxkGrads> chosen;
+  return chosen;
+}
+
 KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const char* env = std::getenv("SHVIT_CPU_DENSE_GRADS");
   const std::string mode = env ? env : "auto";
@@ -647,16 +659,17 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   if (mode == "aten") return KxkGrads::kAten;
   if (mode == "aten_bf16") return bf16_candidate ? KxkGrads::kAtenBf16 : KxkGrads::kAten;
   if (s.groups > 1 && !is_depthwise3x3(s) && !bf16_candidate) return KxkGrads::kAten;  // the only candidate
-  const std::array<int64_t, 15> key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
+  const KxkKey key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
                                     s.groups, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
-  static std::mutex mutex;
-  static std::map<std::array<int64_t, 15>, KxkGrads> chosen;
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = chosen.find(key);
-    if (it != chosen.end()) return it->second;
+    std::lock_guard<std::mutex> lock(kxk_choices_mutex());
+    auto it = kxk_choices().find(key);
+    if (it != kxk_choices().end()) return it->second;
   }
   const auto cl = at::MemoryFormat::ChannelsLast;
+  // On the shape's own batch: timed on 4 of S4's 64 images (one thread), five of its nine shapes took another path,
+  // the first training step 2.7 s instead of 15.3 but the next ones 1,838 ms instead of 1,768 (Intel Xeon family 6
+  // model 167, 2026-12-05).
   // x and w in the call's dtype; dy in fp32 as the fp32 paths take it.
   const at::Tensor x = at::rand({s.batch, s.cin, s.h, s.w}).contiguous(cl).to(dtype);
   const at::Tensor dy = at::rand({s.batch, s.cout, s.oh, s.ow}).contiguous(cl);
@@ -699,8 +712,8 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const KxkGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
                                return a.first < b.first;
                              })->second;
-  std::lock_guard<std::mutex> lock(mutex);
-  return chosen.emplace(key, fastest).first->second;
+  std::lock_guard<std::mutex> lock(kxk_choices_mutex());
+  return kxk_choices().emplace(key, fastest).first->second;
 }
 
 // A channels_last conv's geometry, from arguments check_conv_train_args accepted.
@@ -1112,6 +1125,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
   return {input_grad ? converted(gx, x.scalar_type(), fmt) : gx,
           gw.to(weight.scalar_type()).contiguous(activation_format(weight)),
           as_param_grad(sums, c, c, bn_weight.scalar_type()), as_param_grad(sums, 0, c, bn_bias.scalar_type()), g};
+}
+
+std::vector<std::string> kxk_grads_choices() {
+  static const char* names[] = {"aten", "brgemm", "aten_bf16", "depthwise"};
+  std::lock_guard<std::mutex> lock(kxk_choices_mutex());
+  std::vector<std::string> out;
+  for (const auto& [k, v] : kxk_choices()) {
+    std::ostringstream line;
+    line << "batch " << k[0] << " " << k[3] << "x" << k[1] << "x" << k[2] << " -> " << k[6] << "x" << k[4] << "x" << k[5]
+         << " k" << k[7] << "x" << k[8] << " s" << k[9] << " g" << k[11] << (k[13] ? " bf16" : " fp32") << " threads "
+         << k[12] << ": " << names[static_cast<int>(v)];
+    out.push_back(line.str());
+  }
+  return out;
 }
 
 std::string pointwise_grads(const std::string& dtype) {

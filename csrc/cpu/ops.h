@@ -49,6 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // (the micro-kernel in fp32), "brgemm_bf16" (the micro-kernel on bf16 pairs) or "aten" (ATen's mm in fp32); fp32's
 // choice is measured once per process unless SHVIT_CPU_POINTWISE_GRADS forces one.
 std::string pointwise_grads(const std::string& dtype);
+// The path each kxk Conv+BN gradient shape timed fastest at its first call ("batch N CxHxW -> ... : path").
+std::vector<std::string> kxk_grads_choices();
 // What bf16 channels_last dense kxk convolutions (and 1x1 ones with even c_in) run on: "pairs" (register-blocked
 // VDPBF16PS, AVX512_BF16 with bf16 products "dot"), "rows" (a brgemm per kernel row; 3 input channels widened to
 // fp32; 1x1 on brgemm tiles) or "fp32" (widened).

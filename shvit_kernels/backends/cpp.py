@@ -102,6 +102,17 @@ def pointwise_grads(dtype: torch.dtype = torch.float32) -> Optional[str]:
     return str(_module.pointwise_grads(str(dtype).removeprefix("torch.")))
 
 
+def kxk_grads_choices() -> List[str]:
+    """The path each depthwise or dense kxk training Conv+BN gradient shape of this process took, timed at its first
+    call: ``"aten"`` (ATen's fp32 convolution backward), ``"aten_bf16"`` (its bf16 one), ``"brgemm"`` (the micro-kernel
+    GEMMs) or ``"depthwise"`` (this extension's depthwise kernel), one line per shape, dtype and thread count, e.g.
+    ``"batch 16 3x224x224 -> 16x112x112 k3x3 s2 g1 bf16 threads 2: aten_bf16"``. Empty before any such call or when the
+    backend is unavailable."""
+    if _module is None or not hasattr(_module, "kxk_grads_choices"):
+        return []
+    return [str(line) for line in _module.kxk_grads_choices()]
+
+
 def fp32_gemm() -> Optional[str]:
     """What fp32 channels_last 1x1 convolutions and FFN GEMMs run on: ``"tiles"`` (this extension's AVX-512 register
     tiles, bias / residual / ReLU applied in registers) or ``"brgemm"`` (oneDNN's micro-kernel, then an epilogue
