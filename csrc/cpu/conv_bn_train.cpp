@@ -1133,9 +1133,9 @@ std::vector<std::string> kxk_grads_choices() {
   std::vector<std::string> out;
   for (const auto& [k, v] : kxk_choices()) {
     std::ostringstream line;
-    line << "batch " << k[0] << " " << k[3] << "x" << k[1] << "x" << k[2] << " -> " << k[6] << "x" << k[4] << "x" << k[5]
-         << " k" << k[7] << "x" << k[8] << " s" << k[9] << " g" << k[11] << (k[13] ? " bf16" : " fp32") << " threads "
-         << k[12] << ": " << names[static_cast<int>(v)];
+    line << "batch " << k[0] << " " << k[3] << "x" << k[1] << "x" << k[2] << " -> " << k[6] << "x" << k[4] << "x"
+         << k[5] << " k" << k[7] << "x" << k[8] << " s" << k[9] << " g" << k[11] << (k[13] ? " bf16" : " fp32")
+         << " threads " << k[12] << ": " << names[static_cast<int>(v)];
     out.push_back(line.str());
   }
   return out;
