@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -676,42 +677,42 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
   // The median of five calls after one untimed: the fastest of a few hid the page faults of fresh multi-MiB blocks
   // (ATen's gradient outputs; then also the fp32 path's copies, now in reused blocks), which most calls pay (S1's
-  // 512-channel stride-2 depthwise backward in bf16: 0.8 ms at best, 2.9 ms median; AMD Zen 5, 2026-12-04).
-  auto median_of_five = [&](auto&& fn) {
+  // 512-channel stride-2 depthwise backward in bf16: 0.8 ms at best, 2.9 ms median; AMD Zen 5, 2026-12-04). A
+  // candidate whose first timed call takes over twice the best median so far stops there: it cannot win but by a
+  // later call twice as fast, and the full count cost seconds on large batches (S4's at 64 images, one thread).
+  double best = std::numeric_limits<double>::infinity();
+  KxkGrads fastest = KxkGrads::kAten;
+  auto time_candidate = [&](KxkGrads path, auto&& fn) {
     fn();
     std::vector<double> times;
     for (int rep = 0; rep < 5; ++rep) {
       const auto start = std::chrono::steady_clock::now();
       fn();
       times.push_back(seconds_since(start));
+      if (rep == 0 && times[0] > 2 * best) return;
     }
     std::nth_element(times.begin(), times.begin() + 2, times.end());
-    return times[2];
+    if (times[2] < best) best = times[2], fastest = path;
   };
-  // Both gradients; the fp32 paths' gx converted back to the call's dtype.
-  std::vector<std::pair<double, KxkGrads>> times;
-  if (s.groups == 1) {
-    times.emplace_back(median_of_five([&] {
-      converted(std::get<0>(brgemm_dense_grads(dy, converted(x, at::kFloat, cl), w, s, true)), dtype, cl);
-    }), KxkGrads::kBrgemm);
+  // Both gradients; the fp32 paths' gx converted back to the call's dtype. The usual winners first, so the others
+  // stop early.
+  if (is_depthwise3x3(s)) {
+    time_candidate(KxkGrads::kDepthwise,
+                   [&] { converted(std::get<0>(depthwise_conv_grads(dy, x, w, s, true)), dtype, cl); });
   }
-  times.emplace_back(median_of_five([&] {
-    const at::Tensor x32 = converted(x, at::kFloat, cl);
-    converted(std::get<0>(aten_conv_grads(dy, x32, w.to(at::kFloat), s.stride, s.pad, s.groups, true)), dtype, cl);
-  }), KxkGrads::kAten);
   if (bf16_candidate) {
     const at::Tensor dy16 = converted(dy, at::kBFloat16, cl);
-    times.emplace_back(median_of_five([&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, true); }),
-                       KxkGrads::kAtenBf16);
+    time_candidate(KxkGrads::kAtenBf16, [&] { aten_conv_grads(dy16, x, w, s.stride, s.pad, s.groups, true); });
   }
-  if (is_depthwise3x3(s)) {
-    times.emplace_back(
-        median_of_five([&] { converted(std::get<0>(depthwise_conv_grads(dy, x, w, s, true)), dtype, cl); }),
-        KxkGrads::kDepthwise);
+  if (s.groups == 1) {
+    time_candidate(KxkGrads::kBrgemm, [&] {
+      converted(std::get<0>(brgemm_dense_grads(dy, converted(x, at::kFloat, cl), w, s, true)), dtype, cl);
+    });
   }
-  const KxkGrads fastest = std::min_element(times.begin(), times.end(), [](const auto& a, const auto& b) {
-                               return a.first < b.first;
-                             })->second;
+  time_candidate(KxkGrads::kAten, [&] {
+    const at::Tensor x32 = converted(x, at::kFloat, cl);
+    converted(std::get<0>(aten_conv_grads(dy, x32, w.to(at::kFloat), s.stride, s.pad, s.groups, true)), dtype, cl);
+  });
   std::lock_guard<std::mutex> lock(kxk_choices_mutex());
   return kxk_choices().emplace(key, fastest).first->second;
 }
