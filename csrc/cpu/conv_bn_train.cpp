@@ -677,22 +677,25 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   const at::Tensor w = at::rand({s.cout, s.cin / s.groups, s.kh, s.kw}).to(dtype);
   // The median of five calls after one untimed: the fastest of a few hid the page faults of fresh multi-MiB blocks
   // (ATen's gradient outputs; then also the fp32 path's copies, now in reused blocks), which most calls pay (S1's
-  // 512-channel stride-2 depthwise backward in bf16: 0.8 ms at best, 2.9 ms median; AMD Zen 5, 2026-12-04). A
-  // candidate whose first timed call takes over twice the best median so far stops there: it cannot win but by a
-  // later call twice as fast, and the full count cost seconds on large batches (S4's at 64 images, one thread).
+  // 512-channel stride-2 depthwise backward in bf16: 0.8 ms at best, 2.9 ms median; AMD Zen 5, 2026-12-04); of
+  // three where a call takes over 20 ms (page faults weigh little there). A candidate whose first timed call takes
+  // over twice the best median so far stops there: it cannot win but by a later call twice as fast. Both because the
+  // full count cost seconds on large batches (S4's at 64 images, one thread).
   double best = std::numeric_limits<double>::infinity();
   KxkGrads fastest = KxkGrads::kAten;
   auto time_candidate = [&](KxkGrads path, auto&& fn) {
     fn();
     std::vector<double> times;
-    for (int rep = 0; rep < 5; ++rep) {
+    for (int rep = 0, reps = 5; rep < reps; ++rep) {
       const auto start = std::chrono::steady_clock::now();
       fn();
       times.push_back(seconds_since(start));
       if (rep == 0 && times[0] > 2 * best) return;
+      if (rep == 0 && times[0] > 0.02) reps = 3;
     }
-    std::nth_element(times.begin(), times.begin() + 2, times.end());
-    if (times[2] < best) best = times[2], fastest = path;
+    const size_t middle = times.size() / 2;
+    std::nth_element(times.begin(), times.begin() + middle, times.end());
+    if (times[middle] < best) best = times[middle], fastest = path;
   };
   // Both gradients; the fp32 paths' gx converted back to the call's dtype. The usual winners first, so the others
   // stop early.
