@@ -679,8 +679,8 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   // (ATen's gradient outputs; then also the fp32 path's copies, now in reused blocks), which most calls pay (S1's
   // 512-channel stride-2 depthwise backward in bf16: 0.8 ms at best, 2.9 ms median; AMD Zen 5, 2026-12-04); of
   // three where a call takes over 20 ms (page faults weigh little there). A candidate whose first timed call takes
-  // over twice the best median so far stops there: it cannot win but by a later call twice as fast. Both because the
-  // full count cost seconds on large batches (S4's at 64 images, one thread).
+  // over twice the best median so far stops there: it cannot win but by a later call twice as fast. (The full count
+  // cost seconds of the first step on large batches: 13 s for S4's 64 images on one thread.)
   double best = std::numeric_limits<double>::infinity();
   KxkGrads fastest = KxkGrads::kAten;
   auto time_candidate = [&](KxkGrads path, auto&& fn) {
@@ -999,7 +999,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
     int64_t padding, int64_t groups, double eps, bool relu, bool has_residual, bool input_grad,
     const std::optional<at::Tensor>& conv_output) {
   constexpr const char* op = "shvit cpp conv_bn_train_backward";
-    check_conv_train_args(op, x, weight, stride, padding, groups);
+  check_conv_train_args(op, x, weight, stride, padding, groups);
   const int64_t c = weight.size(0);
   for (const NamedTensor& t : {NamedTensor{&bn_weight, "bn_weight"}, NamedTensor{&bn_bias, "bn_bias"},
                                NamedTensor{&mean, "mean"}, NamedTensor{&var, "var"}})
