@@ -627,6 +627,16 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_grads(const at::Tensor& dy, co
 // Which gradients a kxk (dense or grouped, not 1x1) channels_last conv takes.
 enum class KxkGrads { kAten, kBrgemm, kAtenBf16, kDepthwise };
 
+// The name SHVIT_CPU_DENSE_GRADS gives the path.
+const char* kxk_grads_name(KxkGrads path) {
+  switch (path) {
+    case KxkGrads::kBrgemm: return "brgemm";
+    case KxkGrads::kAtenBf16: return "aten_bf16";
+    case KxkGrads::kDepthwise: return "depthwise";
+    default: return "aten";
+  }
+}
+
 // The micro-kernel ones above (groups 1) or ATen's in fp32, or for a bf16 conv where bf16 GEMMs multiply as pairs
 // ATen's in bf16 (oneDNN's pair or AMX kernels; dy rounded to bf16, as the reference's conv backward takes it).
 // oneDNN's fp32 backward ran S1's stride-2 stem convs at 26-230 GFLOP/s depending on the shape (AMD Zen 5,
@@ -637,7 +647,8 @@ enum class KxkGrads { kAten, kBrgemm, kAtenBf16, kDepthwise };
 // A depthwise 3x3 conv also has depthwise_grads above. SHVIT_CPU_DENSE_GRADS=brgemm|aten|aten_bf16 forces one (brgemm:
 // the project's kernels, the micro-kernel GEMMs for groups 1 or depthwise_grads, else aten; aten_bf16: where the bf16
 // candidate exists, else aten; tests run each). Not in bf16 where oneDNN's bf16 conv is wrong (see conv_raw).
-// Each shape's choice, for kxk_grads_choices too.
+// Each shape's choice, for kxk_grads_choices too. Key: batch, h, w, c_in, out h, out w, c_out, kh, kw, stride,
+// padding, groups, threads, bf16, whether the bf16 candidate exists.
 using KxkKey = std::array<int64_t, 15>;
 std::mutex& kxk_choices_mutex() {
   static std::mutex mutex;
@@ -661,7 +672,7 @@ KxkGrads kxk_grads_path(const DenseConvShape& s, at::ScalarType dtype) {
   if (mode == "aten_bf16") return bf16_candidate ? KxkGrads::kAtenBf16 : KxkGrads::kAten;
   if (s.groups > 1 && !is_depthwise3x3(s) && !bf16_candidate) return KxkGrads::kAten;  // the only candidate
   const KxkKey key{s.batch, s.h, s.w, s.cin, s.oh, s.ow, s.cout, s.kh, s.kw, s.stride, s.pad,
-                                    s.groups, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
+                   s.groups, at::get_num_threads(), dtype == at::kBFloat16, bf16_candidate};
   {
     std::lock_guard<std::mutex> lock(kxk_choices_mutex());
     auto it = kxk_choices().find(key);
@@ -1132,14 +1143,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_t
 }
 
 std::vector<std::string> kxk_grads_choices() {
-  static const char* names[] = {"aten", "brgemm", "aten_bf16", "depthwise"};
   std::lock_guard<std::mutex> lock(kxk_choices_mutex());
   std::vector<std::string> out;
   for (const auto& [k, v] : kxk_choices()) {
     std::ostringstream line;
     line << "batch " << k[0] << " " << k[3] << "x" << k[1] << "x" << k[2] << " -> " << k[6] << "x" << k[4] << "x"
          << k[5] << " k" << k[7] << "x" << k[8] << " s" << k[9] << " g" << k[11] << (k[13] ? " bf16" : " fp32")
-         << " threads " << k[12] << ": " << names[static_cast<int>(v)];
+         << " threads " << k[12] << ": " << kxk_grads_name(v);
     out.push_back(line.str());
   }
   return out;
