@@ -973,6 +973,38 @@ def test_conv_bn_train_normalises_as_the_reference(variant, threads, channels_la
 
 
 @requires_cpp
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_bn_train_statistics_do_not_depend_on_the_thread_count(variant, dtype):
+    """Maps of at most 256 pixels are one row task of the statistics passes; on two threads its channel blocks are
+    split between them. Each channel is still summed in the same order: the forward's out, mean and var and the
+    BatchNorm parameters' gradients are the same bits on one thread and on two (fp32 blocks from 256 values per
+    channel, fp64 sums below; a partial last channel block; 1x1 and depthwise)."""
+    module = cpp.load_variant(variant)
+    g = torch.Generator().manual_seed(11)
+    cases = {
+        "1x1 256 values": (torch.randn(4, 24, 8, 8, generator=g), torch.randn(40, 24, 1, 1, generator=g), 1, 0, 1),
+        "1x1 64 values": (torch.randn(4, 24, 4, 4, generator=g), torch.randn(72, 24, 1, 1, generator=g), 1, 0, 1),
+        "dw 256 values": (torch.randn(16, 56, 4, 4, generator=g), torch.randn(56, 1, 3, 3, generator=g), 1, 1, 56),
+    }
+    for label, (x, w, stride, pad, groups) in cases.items():
+        c = w.shape[0]
+        x, w = x.to(dtype).contiguous(memory_format=torch.channels_last), (w / w[0].numel() ** 0.5).to(dtype)
+        gamma, beta = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+        results = []
+        for threads in (1, 2):
+            with _num_threads(threads):
+                out, mean, var, y = module.conv_bn_train(x, w, gamma, beta, stride, pad, groups, 1e-5, True, None, True)
+                grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+                grad = grad.contiguous(memory_format=torch.channels_last)
+                grads = module.conv_bn_train_backward(grad, x, w, gamma, beta, mean, var, out, stride, pad, groups,
+                                                      1e-5, True, False, True, y)
+                results.append((out, mean, var, grads[2], grads[3]))
+        for name, one, two in zip(("out", "mean", "var", "grad bn_weight", "grad bn_bias"), *results):
+            assert torch.equal(one, two), f"{variant} {label} {dtype}: {name} differs between one and two threads"
+
+
+@requires_cpp
 @pytest.mark.parametrize("weight_layout", ("contiguous", "channels_last"))
 def test_conv_backward_outputs_need_no_layout_copy(weight_layout):
     """A model moved to channels_last has channels_last 3x3 weights; the backward kernels return each gradient in

@@ -113,12 +113,18 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
   // value) so that its pointers stay in registers.
   const int64_t blocks = ceil_div(l.c, kVec);
   constexpr int kParamVecs = P > 0 ? P : 1;  // per channel block
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  // Fewer tasks than threads (S1's 4 x 4 maps at batch 16 are one task): each task's channel blocks are also split
+  // between threads. A lane's sums are the same either way.
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = tasks >= threads ? 1 : std::min(blocks, ceil_div(threads, tasks));
+  const int64_t group_blocks = ceil_div(blocks, groups);
+  at::parallel_for(0, tasks * groups, 1, [&](int64_t q0, int64_t q1) {
     const F f = contrib;
     std::vector<AccVec> acc(K * blocks);
     std::vector<ParamVec> pv(kParamVecs * blocks);
     for (int64_t cb = 0; cb < blocks; ++cb) params.load(cb * kVec, std::min(kVec, l.c - cb * kVec), &pv[cb * kParamVecs]);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t t = q / groups, cb0 = (q % groups) * group_blocks, cb1 = std::min(blocks, cb0 + group_blocks);
       double* part = partial.data() + t * K * l.c;
       const int64_t r0 = t * kTaskRows, r1 = std::min(rows, r0 + kTaskRows);
       // fp64 sums run over the whole task as one block.
@@ -126,14 +132,14 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
         b1 = std::is_same_v<Acc, float> ? std::min(r1, b0 + kBlockRows) : r1;
         std::fill(acc.begin(), acc.end(), zero);
         for (int64_t r = b0; r < b1; ++r) {
-          for (int64_t cb = 0; cb < blocks; ++cb) {
+          for (int64_t cb = cb0; cb < cb1; ++cb) {
             AccVec v[K];
             f(r * l.c + cb * kVec, std::min(kVec, l.c - cb * kVec), &pv[cb * kParamVecs], v);
             for (int k = 0; k < K; ++k) acc[k * blocks + cb] = acc[k * blocks + cb] + v[k];  // lanes past m: unread
           }
         }
         for (int k = 0; k < K; ++k)
-          for (int64_t cb = 0; cb < blocks; ++cb) {
+          for (int64_t cb = cb0; cb < cb1; ++cb) {
             const int64_t c0 = cb * kVec, m = std::min(kVec, l.c - c0);
             Acc lanes[kVec];
             acc[k * blocks + cb].store(lanes, m);
