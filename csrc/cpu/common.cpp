@@ -306,7 +306,9 @@ void pack_transposed_blocks(const float* src, int64_t n, int64_t m, int64_t ld_r
   TORCH_CHECK(ld_row == 1 || ld_col == 1, "pack_transposed_blocks: one stride must be 1, got ", ld_row, " and ",
               ld_col);
   const int64_t blocks = ceil_div(n, width);
-  const int64_t grain = std::max<int64_t>(1, int64_t{16384} / std::max<int64_t>(m * width / 64, 1));
+  // At least 64 Ki values per thread: a training step repacks every weight, and with 1 Mi values per thread S1's
+  // packs ran on one thread of two (1.1% of its fp32 step's samples on the main thread, none on the other).
+  const int64_t grain = std::max<int64_t>(1, int64_t{65536} / std::max<int64_t>(m * width, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * width, cols = std::min(width, n - n0);
