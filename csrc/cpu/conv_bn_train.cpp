@@ -116,7 +116,7 @@ void reduce_per_channel(const ChannelLayout& l, const ChannelParams<P, S>& param
   // Fewer tasks than threads (S1's 4 x 4 maps at batch 16 are one task): each task's channel blocks are also split
   // between threads. A lane's sums are the same either way.
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = tasks >= threads ? 1 : std::min(blocks, ceil_div(threads, tasks));
+  const int64_t groups = tasks == 0 || tasks >= threads ? 1 : std::min(blocks, ceil_div(threads, tasks));
   const int64_t group_blocks = ceil_div(blocks, groups);
   at::parallel_for(0, tasks * groups, 1, [&](int64_t q0, int64_t q1) {
     const F f = contrib;
