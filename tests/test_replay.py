@@ -68,6 +68,11 @@ def test_replay_follows_in_place_weight_changes_and_replaced_modules(fused_s1):
     with torch.inference_mode():
         got = fused_s1(x)
     assert torch.equal(got, module_path(fused_s1, x))
+    conv = fused_s1.blocks1[1].conv
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5)  # a new parameter object under the same name
+    with torch.inference_mode():
+        got = fused_s1(x)
+    assert torch.equal(got, module_path(fused_s1, x))
 
 
 def test_hooks_see_every_call_while_they_are_set(fused_s1):
