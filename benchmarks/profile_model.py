@@ -65,6 +65,8 @@ def flops(op: str, args) -> int:
         return total
     if op == "squeeze_excite":  # its two products on the pooled map
         return 2 * n * (args[1].numel() + args[3].numel())
+    if op == "pooled_linear":  # the head's product on the pooled map
+        return 2 * n * args[1].numel()
     if op == "shsa_fused":
         qkv_weight, qk_dim = args[1], args[3]
         p_dim = qkv_weight.shape[1]

@@ -1,8 +1,8 @@
 """shvit_kernels: fused SHViT ops as PyTorch custom ops, with per-call backend dispatch.
 
 Functional API (all differentiable, torch.compile-able, autocast-aware):
-    conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, squeeze_excite, patch_embed, fold_bn, fold_shsa,
-    sync_batch_norm
+    conv_bn, conv_bias_act, ffn, ffn_fused, shsa, shsa_fused, squeeze_excite, patch_embed, pooled_linear, fold_bn,
+    fold_shsa, sync_batch_norm
 Backend control:
     use_backend(name) / prefer_backend(name) (context managers), set_backend(name), env SHVIT_KERNELS_BACKEND
 Looking in: the ``shvit_kernels.dispatch`` module (usable_backends, explain, observe, record, backend_table).
@@ -34,6 +34,7 @@ from .ops.ffn import ffn, ffn_fused
 from .ops.shsa import fold_shsa, shsa, shsa_fused
 from .ops.squeeze_excite import squeeze_excite
 from .ops.patch_embed import patch_embed
+from .ops.pooled_linear import pooled_linear
 from .ops.sync_batch_norm import sync_batch_norm
 from .tracing import inline_reference
 from . import backends as _backends  # registers the compiled / Triton kernels that are present
@@ -77,6 +78,7 @@ __all__ = [
     "inline_reference",
     "keep_conv_outputs",
     "patch_embed",
+    "pooled_linear",
     "prefer_backend",
     "recompute_cheap_tensors",
     "replay",

@@ -12,7 +12,7 @@ choices.
 Modes (``set_autotune``, the ``autotune`` context manager, or ``SHVIT_KERNELS_AUTOTUNE``):
 
 * ``"inference"`` (default): the inference ops a fused model runs (conv_bias_act, ffn_fused, shsa_fused,
-  squeeze_excite, patch_embed);
+  squeeze_excite, patch_embed, pooled_linear);
 * ``"all"`` (``True``, env ``1``/``all``): every op, training ops and backwards included;
 * ``"off"`` (``False``, env ``0``/``off``): the fixed order with its measured-slower rules.
 
@@ -45,7 +45,8 @@ from ._env import EnvSetting
 ENV_VAR = "SHVIT_KERNELS_AUTOTUNE"
 CACHE_DIR_ENV_VAR = "SHVIT_KERNELS_CACHE_DIR"
 MODES = ("off", "inference", "all")
-INFERENCE_OPS = frozenset({"conv_bias_act", "ffn_fused", "shsa_fused", "squeeze_excite", "patch_embed"})
+INFERENCE_OPS = frozenset({"conv_bias_act", "ffn_fused", "shsa_fused", "squeeze_excite", "patch_embed",
+                           "pooled_linear"})
 # Per candidate: a warm-up call, then interleaved rounds of one timed call each until MIN_SECONDS per candidate
 # have passed (at least MIN_REPS rounds, at most MAX_REPS).
 MIN_REPS, MAX_REPS, MIN_SECONDS = 3, 25, 0.02

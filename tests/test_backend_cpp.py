@@ -32,6 +32,7 @@ from shvit_kernels.ops.conv_bn import (
 )
 from shvit_kernels.ops.ffn import ffn_fused_backward_reference, ffn_fused_reference
 from shvit_kernels.ops.patch_embed import patch_embed_reference
+from shvit_kernels.ops.pooled_linear import pooled_linear_reference
 from shvit_kernels.ops.squeeze_excite import squeeze_excite_reference
 from shvit_kernels.ops.shsa import (
     shsa_fused_backward_reference,
@@ -198,6 +199,16 @@ def squeeze_excite_cases():
     return out
 
 
+@drawn_with_seed(6)
+def pooled_linear_cases():
+    out = []
+    # S1's head (fewer images), channels and outputs that are no whole vector, a 1x1 map and one 17-pixel plane.
+    for b, c, k, hw in ((3, 320, 1000, (4, 4)), (2, 37, 11, (3, 5)), (4, 20, 5, (1, 1)), (2, 24, 33, (1, 17))):
+        args = (torch.randn(b, c, *hw) * 2 + 0.5, torch.randn(k, c) / c ** 0.5, torch.randn(k))
+        out.append((f"pooled_linear C{c} K{k} {hw}", args))
+    return out
+
+
 @drawn_with_seed(5)
 def patch_embed_cases():
     out = []
@@ -224,6 +235,7 @@ OP_CASES = (
     + [("shsa_fused", shsa_fused_reference, label, args) for label, args in shsa_cases()]
     + [("squeeze_excite", squeeze_excite_reference, label, args) for label, args in squeeze_excite_cases()]
     + [("patch_embed", patch_embed_reference, label, args) for label, args in patch_embed_cases()]
+    + [("pooled_linear", pooled_linear_reference, label, args) for label, args in pooled_linear_cases()]
 )
 
 

@@ -184,11 +184,11 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_backend_registration_and_reasons():
-    # squeeze_excite and patch_embed have no Triton kernels: the fused model calls them on the CPU only;
+    # squeeze_excite, patch_embed and pooled_linear have no Triton kernels: the fused model calls them on the CPU only;
     # conv_bn_train_output (a backward's elementwise recomputation) runs torch's own ops there.
     without = {op for op in dispatch.ops() if dispatch.kernel("triton", op) is None}
     assert without == {"squeeze_excite", "squeeze_excite_backward", "patch_embed", "patch_embed_backward",
-                       "conv_bn_train_output"}
+                       "pooled_linear", "pooled_linear_backward", "conv_bn_train_output"}
     if not torch.cuda.is_available():
         assert dispatch.unavailable_reasons("triton") == ["no CUDA device"]
     x = torch.randn(1, 8, 4, 4)

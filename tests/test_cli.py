@@ -53,7 +53,9 @@ def test_tune_fills_the_cache_and_info_lists_it(tmp_path):
     assert "signatures tuned" in out and str(tmp_path) in out
     (cache,) = tmp_path.glob("autotune-*.json")
     choices = json.loads(cache.read_text())["choices"]
-    assert choices and all(k.split()[0] in ("conv_bias_act", "ffn_fused", "shsa_fused", "squeeze_excite", "patch_embed", "model_input_layout") for k in choices)
+    ops = ("conv_bias_act", "ffn_fused", "shsa_fused", "squeeze_excite", "patch_embed", "pooled_linear",
+           "model_input_layout")
+    assert choices and all(k.split()[0] in ops for k in choices)
     info = shvit_cli("info", env=env).stdout
     assert f"{len(choices)} tuned signatures" in info
     assert all(k in info for k in choices)

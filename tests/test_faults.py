@@ -275,3 +275,24 @@ def test_squeeze_excite_without_biases_uses_zero_biases():
     x, w1, w2 = torch.randn(2, 8, 3, 3), torch.randn(4, 8, 1, 1), torch.randn(8, 4, 1, 1)
     torch.testing.assert_close(K.squeeze_excite(x, w1, None, w2, None),
                                K.squeeze_excite(x, w1, torch.zeros(4), w2, torch.zeros(8)))
+
+
+@pytest.mark.parametrize("field,bad,message", [
+    ("x", torch.randn(2, 8), r"'x' must be a 4-D tensor"),
+    ("x", torch.randn(0, 8, 3, 3), r"'x' must not be empty"),
+    ("weight", torch.randn(5, 7), r"'weight' must have shape \(\*, 8\)"),
+    ("weight", torch.randn(5, 8, 1, 1), r"'weight' must be a 2-D tensor"),
+    ("weight", torch.randn(5, 8).double(), r"'weight' has dtype torch.float64 but 'x' has torch.float32"),
+    ("bias", torch.randn(4), r"'bias' must have shape \(5\)"),
+])
+def test_pooled_linear_bad_arguments_are_clear_errors(field, bad, message):
+    args = dict(x=torch.randn(2, 8, 3, 3), weight=torch.randn(5, 8), bias=torch.randn(5))
+    args[field] = bad
+    with pytest.raises((ValueError, TypeError), match=message):
+        K.pooled_linear(**args)
+
+
+def test_pooled_linear_without_bias_uses_a_zero_bias():
+    x, w = torch.randn(2, 8, 3, 3), torch.randn(5, 8)
+    torch.testing.assert_close(K.pooled_linear(x, w), K.pooled_linear(x, w, torch.zeros(5)))
+    torch.testing.assert_close(K.pooled_linear(x, w), x.mean((2, 3)) @ w.t())

@@ -15,7 +15,8 @@ import shvit_kernels as K
 from helpers import NOT_DIFFERENTIABLE, compare_backend
 from shvit_kernels import dispatch
 from shvit_kernels.testing import assert_close_to_fp64
-from shvit_kernels.testing.cases import CASES, LONG_SHSA_CASE, conv_case, ffn_case, patch_embed_case, shsa_case, squeeze_excite_case
+from shvit_kernels.testing.cases import (CASES, LONG_SHSA_CASE, conv_case, ffn_case, patch_embed_case,
+                                         pooled_linear_case, shsa_case, squeeze_excite_case)
 
 def _backend_params():
     """(backend, device) pairs whose kernels can run in this process."""
@@ -135,6 +136,7 @@ GRADCHECK_CASES = [
     ("shsa-eval", shsa_case(1, 6, 5, 2, 2, False)),
     ("squeeze-excite", squeeze_excite_case(2, 6, 3, 2, 3)),
     ("patch-embed", patch_embed_case(2, 2, (3, 4, 3, 5), 9, 8)),
+    ("pooled-linear", pooled_linear_case(2, 6, 3, 2, 5)),
 ]
 
 

@@ -12,7 +12,8 @@ import torch
 import shvit_kernels as K
 from helpers import run
 from shvit_kernels import dispatch
-from shvit_kernels.testing.cases import conv_case, ffn_case, patch_embed_case, shsa_case, squeeze_excite_case
+from shvit_kernels.testing.cases import (conv_case, ffn_case, patch_embed_case, pooled_linear_case, shsa_case,
+                                         squeeze_excite_case)
 
 SMALL_CASES = [
     ("conv-infer-stem", conv_case(2, 3, 8, 8, 8, 3, 2, 1, True, False, None)),
@@ -25,6 +26,7 @@ SMALL_CASES = [
     ("squeeze-excite", squeeze_excite_case(2, 12, 3, 4, 5)),
     ("patch-embed", patch_embed_case(2, 3, (4, 6, 8, 10), 17, 16)),
     ("patch-embed-out-channels-last", patch_embed_case(2, 3, (4, 6, 8, 10), 17, 16, out_channels_last=True)),
+    ("pooled-linear", pooled_linear_case(2, 12, 3, 4, 7)),
 ]
 
 
@@ -92,7 +94,8 @@ def test_autocast_bf16(name, build):
 def test_channels_last_in_channels_last_out(name, build):
     fn, tensors = build(torch.float32, "cpu", True)
     out = fn(**{k: v.clone() for k, v in tensors.items()})
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    # A map comes back channels_last; pooled_linear's (N, K) result contiguous.
+    assert out.is_contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out.is_contiguous()
     same_nchw = fn(**{k: v.contiguous() for k, v in tensors.items()})
     # NCHW in, NCHW out, unless the call asks for channels_last (patch_embed's out_channels_last)
     if getattr(fn, "keywords", {}).get("out_channels_last"):

@@ -53,6 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn_fused", &k::ffn_fused, "shvit::ffn_fused forward");
   m.def("ffn_fused_backward", &k::ffn_fused_backward, "shvit::ffn_fused_backward");
   m.def("squeeze_excite", &k::squeeze_excite, "shvit::squeeze_excite forward");
+  m.def("pooled_linear", &k::pooled_linear, "shvit::pooled_linear forward");
   m.def("shsa_fused", &k::shsa_fused, "shvit::shsa_fused forward");
   m.def("shsa_fused_backward", &k::shsa_fused_backward, "shvit::shsa_fused_backward");
   m.def("shsa_train", &k::shsa_train, "shvit::shsa_train forward");

@@ -259,6 +259,30 @@ inline void epilogue_run(const float* acc, const float* bias_run, float bias_con
   }
 }
 
+// Channel sums of one image (c channels of `plane` pixels, channels_last or NCHW) in fp32, for the pooling ops.
+template <typename T>
+inline void channel_sums(const T* x, bool channels_last, int64_t c, int64_t plane, float* sums) {
+  if (channels_last) {
+    std::fill(sums, sums + c, 0.f);
+    for (int64_t p = 0; p < plane; ++p) {
+      const T* px = x + p * c;
+      int64_t i = 0;
+      for (; i + kVec <= c; i += kVec) store_f(load_f(sums + i) + load_f(px + i), sums + i);
+      if (i < c) store_f(load_f(sums + i, c - i) + load_f(px + i, c - i), sums + i, c - i);
+    }
+    return;
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const T* px = x + ch * plane;
+    fVec acc(0.f);
+    int64_t i = 0;
+    for (; i + kVec <= plane; i += kVec) acc = acc + load_f(px + i);
+    float total = sum_lanes(acc);
+    for (; i < plane; ++i) total += static_cast<float>(px[i]);
+    sums[ch] = total;
+  }
+}
+
 // out[i] = max(in[i], 0) for a contiguous run, rounded to out's dtype (exact when in has out's dtype).
 template <typename I, typename T>
 inline void relu_copy(const I* in, T* out, int64_t n) {

@@ -46,30 +46,6 @@ void squeeze_excite_image(const T* x, bool channels_last, int64_t c, int64_t pla
   }
 }
 
-// Channel sums of one image, fp32 (per channel over the plane: at most a few thousand values).
-template <typename T>
-void channel_sums(const T* x, bool channels_last, int64_t c, int64_t plane, float* sums) {
-  if (channels_last) {
-    std::fill(sums, sums + c, 0.f);
-    for (int64_t p = 0; p < plane; ++p) {
-      const T* px = x + p * c;
-      int64_t i = 0;
-      for (; i + kVec <= c; i += kVec) store_f(load_f(sums + i) + load_f(px + i), sums + i);
-      if (i < c) store_f(load_f(sums + i, c - i) + load_f(px + i, c - i), sums + i, c - i);
-    }
-    return;
-  }
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const T* px = x + ch * plane;
-    fVec acc(0.f);
-    int64_t i = 0;
-    for (; i + kVec <= plane; i += kVec) acc = acc + load_f(px + i);
-    float total = sum_lanes(acc);
-    for (; i < plane; ++i) total += static_cast<float>(px[i]);
-    sums[ch] = total;
-  }
-}
-
 }  // namespace
 
 at::Tensor squeeze_excite(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,

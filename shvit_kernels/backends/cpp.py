@@ -372,6 +372,7 @@ NOT_SUPPORTED = {
     "shsa_fused_backward": dtype_reasons,
     "squeeze_excite": dtype_reasons,
     "patch_embed": dtype_reasons,
+    "pooled_linear": dtype_reasons,
     "shsa_train": dtype_reasons,
     "shsa_train_backward": dtype_reasons,
 }

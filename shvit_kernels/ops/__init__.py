@@ -32,6 +32,8 @@ patch_embed               patch_embed (+ ``_backward``)                    cpp (
                                                                            forward); CUDA runs the reference
 squeeze_excite            squeeze_excite (+ ``_backward``)                 cpp (csrc/cpu/squeeze_excite.cpp,
                                                                            forward); CUDA runs the reference
+pooled_linear             pooled_linear (+ ``_backward``)                  cpp (csrc/cpu/pooled_linear.cpp,
+                                                                           forward); CUDA runs the reference
 sync_batch_norm           (none: a torch.autograd.Function)                -
 ========================  ===============================================  =====================================
 """

@@ -110,6 +110,18 @@ def squeeze_excite_case(b, c, h, w, reduced):
     return build
 
 
+def pooled_linear_case(b, c, h, w, k):
+    def build(dtype, device, channels_last):
+        t = dict(
+            x=_act(b, c, h, w, dtype, device, channels_last),
+            weight=_t(k, c, dtype=dtype, device=device, scale=c ** -0.5),
+            bias=_t(k, dtype=dtype, device=device, scale=0.1),
+        )
+        return K.pooled_linear, t
+
+    return build
+
+
 def patch_embed_case(b, c_in, widths, h, w, out_channels_last=False):
     def build(dtype, device, channels_last):
         t = dict(x=_act(b, c_in, h, w, dtype, device, channels_last))
@@ -162,6 +174,8 @@ CASES = (
         ("ffn-input-major-weights", ffn_case(2, 24, 6, 5, input_major=True)),
         ("squeeze-excite-s1-stage1", squeeze_excite_case(3, 512, 7, 7, 128)),
         ("squeeze-excite-odd", squeeze_excite_case(2, 37, 3, 5, 9)),
+        ("pooled-linear-s1-head", pooled_linear_case(3, 320, 4, 4, 1000)),
+        ("pooled-linear-odd", pooled_linear_case(2, 37, 3, 5, 11)),
         ("patch-embed-s1-widths", patch_embed_case(3, 3, (16, 32, 64, 128), 48, 40)),
         ("patch-embed-odd", patch_embed_case(2, 5, (6, 10, 14, 18), 19, 13)),
         ("patch-embed-out-channels-last", patch_embed_case(3, 3, (16, 32, 64, 128), 48, 40, out_channels_last=True)),
