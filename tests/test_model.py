@@ -173,7 +173,8 @@ def test_reset_classifier():
 # --------------------------------------------------------------------------------------------------------
 # Every compute step goes through the op library
 # --------------------------------------------------------------------------------------------------------
-OPS = ("conv_bn", "conv_bias_act", "ffn", "ffn_fused", "shsa", "shsa_fused", "squeeze_excite", "patch_embed")
+OPS = ("conv_bn", "conv_bias_act", "ffn", "ffn_fused", "shsa", "shsa_fused", "squeeze_excite", "patch_embed",
+       "pooled_linear")
 
 
 @pytest.fixture
@@ -221,10 +222,17 @@ def test_fused_forward_runs_on_the_fused_ops(op_calls):
     assert len(op_calls["shsa_fused"]) == _count(model, SHSA)
     assert len(op_calls["squeeze_excite"]) == _count(model, SqueezeExcite)
     assert len(op_calls["patch_embed"]) == 1  # the stem's four convs
-    # The head is one more 1x1 conv_bias_act call.
-    expected_convs = _count(model, Conv2d_BN) - 4 - 2 * _count(model, FFN) - _count(model, SHSA) + _count(model, BN_Linear)
+    assert len(op_calls["pooled_linear"]) == _count(model, BN_Linear) == 1  # the pooling and the head
+    expected_convs = _count(model, Conv2d_BN) - 4 - 2 * _count(model, FFN) - _count(model, SHSA)
     assert len(op_calls["conv_bias_act"]) == expected_convs
     assert not op_calls["conv_bn"] and not op_calls["ffn"] and not op_calls["shsa"]
+    # With a hook on the head, the head module is called on the pooled map (one more 1x1 conv_bias_act call).
+    seen = []
+    fused.head.register_forward_hook(lambda *_: seen.append(1))
+    with torch.no_grad():
+        fused(torch.randn(1, 3, 64, 64))
+    assert seen == [1] and len(op_calls["pooled_linear"]) == 1
+    assert len(op_calls["conv_bias_act"]) == 2 * expected_convs + 1
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
