@@ -475,13 +475,15 @@ class SHViT(nn.Module):
             raise ValueError(f"input_layout must be 'auto', 'channels_last' or 'as_given', got {layout!r}")
         device_type = x.device.type
         if (
-            shvit_kernels.autotune.mode() == "off"
+            # Compiling first: Dynamo cannot trace the environment read behind autotune.mode() (a graph break
+            # under fullgraph=True whenever SHVIT_KERNELS_AUTOTUNE was set).
+            torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or shvit_kernels.autotune.mode() == "off"
             # Timed under a forced backend the choice would hold for automatic dispatch too (S1 at batch 1: the
             # reference's near-equal times cached NCHW, 2.9x slower on the cpp kernels; Intel Xeon, 2026-12-01).
             or shvit_kernels.dispatch.forced_backend() is not None
             or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
             or shvit_kernels.tracing.inlining_reference()  # counting or exporting: timing runs would be recorded
             or (device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         ):

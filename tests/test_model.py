@@ -578,3 +578,20 @@ def test_counting_flops_does_not_count_the_layout_tuning(tuning_on):
             fused(x)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("kind", ["fused", "unfused-eval", "unfused-train"])
+def test_whole_model_compiles_without_graph_breaks(kind):
+    """torch.compile(fullgraph=True) takes the whole model (a break would raise): the fused forward with its
+    pooled head, and training through the Conv+BN ops' autograd."""
+    torch._dynamo.reset()
+    model = randomize_norms(shvit.create_model("shvit_s1", num_classes=10, depth=(1, 1, 1)))
+    model = model.fuse() if kind == "fused" else model.train(kind == "unfused-train")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64)
+    if kind == "unfused-train":
+        compiled(x).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        return
+    with torch.no_grad():
+        assert max_rel_err(compiled(x), model(x)) <= 1e-6
