@@ -4,7 +4,7 @@
 // residual and ReLU are applied before it leaves them, so no pass over the accumulators follows the GEMM. Rows of A
 // are read in place, one value broadcast per row and k. Tried on S1/S4 shapes (Intel Xeon family 6 model 167,
 // 2026-12-03): 14 x 32 and 8 x 48 tiles ran slower than 6 x 64 on most shapes; blocking K (128 or 192: the B block
-// in L1, C reloaded) and software prefetch of B were slower or no faster.
+// in L1, C reloaded) and software prefetch of B on every tile were slower or no faster (but see kPrefetchAhead).
 #include "common.h"
 
 #include <atomic>
@@ -24,7 +24,15 @@ constexpr int64_t kGroupBytes = int64_t(1) << 20;
 #if defined(CPU_CAPABILITY_AVX512)
 // Rows of A are addressed three per base pointer (base + {0, 1, 2} * lda): with one pointer per row, 14-row tiles
 // ran out of general registers and the compiler reloaded the pointers from the stack on every k.
-template <int MR, int NV>
+// The first row tile of each panel group reads the group's panels from memory (the weights are cold: every other
+// kernel of the forward ran since this weight's last call); it requests each panel row 2 KiB ahead, which the hardware
+// prefetchers did not cover. In-process A/B on the fused forward (one thread unless said, Intel Xeon family 6 model
+// 167, 2026-12-05): S1 batch 1 8.83 -> 8.35 and 9.52 -> 8.87 ms (two threads 6.58 -> 6.13), S4 batch 1 27.7 -> 26.3,
+// S1 batch 16 67.0 -> 66.3 and 66.4 -> 66.4, S4 batch 16 259 -> 255. 1-2 KiB ahead was best of 1-16 KiB; on every
+// tile (B then comes from L2) batch 1 gained a little more but batch 16 lost 1%.
+constexpr int64_t kPrefetchAhead = 512;  // floats: two panel rows of k
+
+template <int MR, int NV, bool kPrefetch>
 inline __attribute__((always_inline)) void tile(const float* a, int64_t lda, const float* panel, int64_t k,
                                                 const float* bias, const float* residual, int64_t ld, bool relu,
                                                 float* out, __mmask16 last_mask) {
@@ -38,6 +46,8 @@ inline __attribute__((always_inline)) void tile(const float* a, int64_t lda, con
   const float* b = panel;
 #pragma GCC unroll 2
   while (base[0] < end) {
+    if constexpr (kPrefetch)
+      for (int v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchAhead + 16 * v), _MM_HINT_T0);
     __m512 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
     for (int i = 0; i < MR; ++i) {
@@ -59,16 +69,16 @@ inline __attribute__((always_inline)) void tile(const float* a, int64_t lda, con
   }
 }
 
-template <int NV>
+template <int NV, bool kPrefetch>
 void tile_rows(int mr, const float* a, int64_t lda, const float* panel, int64_t k, const float* bias,
                const float* residual, int64_t ld, bool relu, float* out, __mmask16 last_mask) {
   switch (mr) {
-    case 1: return tile<1, NV>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
-    case 2: return tile<2, NV>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
-    case 3: return tile<3, NV>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
-    case 4: return tile<4, NV>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
-    case 5: return tile<5, NV>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
-    case 6: return tile<6, NV>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
+    case 1: return tile<1, NV, kPrefetch>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
+    case 2: return tile<2, NV, kPrefetch>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
+    case 3: return tile<3, NV, kPrefetch>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
+    case 4: return tile<4, NV, kPrefetch>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
+    case 5: return tile<5, NV, kPrefetch>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
+    case 6: return tile<6, NV, kPrefetch>(a, lda, panel, k, bias, residual, ld, relu, out, last_mask);
   }
   TORCH_CHECK(false, "fp32 tiles: ", mr, " rows per tile, expected 1..", kTileRows);
 }
@@ -86,7 +96,14 @@ void rows_times_panels(const float* a, int64_t rows, int64_t lda, const float* p
       for (int64_t j = g0; j < g1; ++j) {
         const int64_t cols = std::min(kPanel, n - j * kPanel), rem = cols % 16;
         const __mmask16 last_mask = rem == 0 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1);
-        const auto run = cols > 48 ? tile_rows<4> : cols > 32 ? tile_rows<3> : cols > 16 ? tile_rows<2> : tile_rows<1>;
+        const auto run = i0 == 0 ? (cols > 48   ? tile_rows<4, true>
+                                    : cols > 32 ? tile_rows<3, true>
+                                    : cols > 16 ? tile_rows<2, true>
+                                                : tile_rows<1, true>)
+                                 : (cols > 48   ? tile_rows<4, false>
+                                    : cols > 32 ? tile_rows<3, false>
+                                    : cols > 16 ? tile_rows<2, false>
+                                                : tile_rows<1, false>);
         run(mr, a + i0 * lda, lda, panels + j * k * kPanel, k, bias + j * kPanel,
             residual ? residual + i0 * n + j * kPanel : nullptr, n, relu, out + i0 * n + j * kPanel, last_mask);
       }
