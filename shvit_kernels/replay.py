@@ -92,6 +92,10 @@ class KernelChain:
             kernel = dispatch.kernel(call.backend, call.op)
             if not call.direct or call.device_type != "cpu" or kernel is None:
                 return None
+            # A backend's compiled function where it offers one and the call passed every argument.
+            compiled = getattr(kernel, "compiled", None)
+            if compiled is not None and len(call.args) == len(dispatch.op_arguments(call.op)):
+                kernel = compiled()
             template, slots = list(call.args), []
             for pos, a in enumerate(call.args):
                 if not isinstance(a, torch.Tensor):

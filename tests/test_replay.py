@@ -47,6 +47,11 @@ def test_fused_forward_replays_its_kernels_with_the_same_result(fused_s1, monkey
     assert torch.equal(first, expected) and torch.equal(second, expected)
     (chain,) = chains(fused_s1)
     assert chain is not None and len(chain) > 40
+    if not dispatch.unavailable_reasons("cpp"):  # cpp steps call the compiled function, without its Python wrapper
+        from shvit_kernels.backends import cpp
+        kernels = [step[0] for step in chain._steps]
+        assert not any(k.__name__.startswith("cpp_") for k in kernels)
+        assert sum(k is getattr(cpp._module, k.__name__, None) for k in kernels) > 30
     # a new input with the same signature: still the module path's answer
     y = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
