@@ -390,7 +390,7 @@ def _kernel(name: str):
 
     run.__name__ = f"cpp_{name}"
     # The compiled function itself, for a caller that passes every argument (a replayed kernel chain): without the
-    # two Python calls above, which cost S1's replayed batch-1 forward about 0.15 ms of 7 (Intel Xeon 6/167).
+    # two Python calls above, which cost S1's replayed batch-1 forward 0.11-0.14 ms of 7 (Intel Xeon 6/167).
     run.compiled = lambda: getattr(_module, name)
     return run
 
